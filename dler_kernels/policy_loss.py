@@ -1,0 +1,128 @@
+"""Public API of the logits path: ``policy_loss`` and ``token_logprobs``.
+
+Semantics: ``dler_kernels.reference`` (module docstring). These functions check their
+arguments, then dispatch: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) to the
+fused Triton kernel, other tensors to the plain-torch reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import reference as ref
+from ._validate import check_choice, check_number, check_targets, check_tensor
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable w.r.t. logits
+    per_token_loss: torch.Tensor  # [N] float32, 0 on masked rows (detached)
+    logprobs: torch.Tensor  # [N] float32 log-prob of each target at the temperature (detached)
+    entropy: torch.Tensor  # [N] float32 entropy of each row's distribution (detached)
+    metrics: dict[str, torch.Tensor]  # 0-d tensors; see reference.policy_metrics_ref
+
+
+def _check_logits(logits) -> int:
+    check_tensor("logits", logits, ndim=2, kind="float")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must be contiguous in the vocab dimension (stride(-1) == 1); call .contiguous()")
+    return logits.shape[0]
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+):
+    """Log-prob of each target under ``softmax(logits / temperature)``, in float32, without gradient.
+
+    ``logits`` [N, V], ``targets`` [N]; a negative target marks a padding row (log-prob 0).
+    Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with ``return_entropy``.
+    """
+    n = _check_logits(logits)
+    check_tensor("targets", targets, ndim=1, kind="int", device=logits.device, length=n)
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_targets(targets, targets >= 0, logits.shape[1])
+    with torch.no_grad():
+        out = ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    if return_entropy:
+        return out[0].float(), out[1].float()
+    return out.float()
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float | None = 10.0,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    normalizer: float | None = None,
+    norm_length: float | None = None,
+    inplace_grad: bool = False,
+) -> PolicyLossOutput:
+    """Clipped policy-gradient loss with dual clip, KL to a reference and an entropy bonus.
+
+    Packed inputs: ``logits`` [N, V]; ``targets``, ``old_logprobs``, ``advantages``, ``mask``
+    (and ``ref_logprobs``, ``seq_ids``) [N]. ``normalizer`` replaces the local denominator
+    (token count for ``token-mean``, sequence count for ``seq-mean-*``) with a global one, so
+    that gradient accumulation and data parallelism equal one big batch. ``norm_length`` is the
+    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length).
+    """
+    n = _check_logits(logits)
+    dev = logits.device
+    check_tensor("targets", targets, ndim=1, kind="int", device=dev, length=n)
+    check_tensor("old_logprobs", old_logprobs, ndim=1, kind="float", device=dev, length=n)
+    check_tensor("advantages", advantages, ndim=1, kind="float", device=dev, length=n)
+    check_tensor("mask", mask, ndim=1, kind="mask", device=dev, length=n)
+    check_choice("loss_agg", loss_agg, ref.LOSS_AGGS)
+    check_choice("kl_type", kl_type, ref.KL_TYPES)
+    check_number("eps_low", eps_low, low=0.0, high=1.0)
+    check_number("eps_high", eps_high, low=0.0)
+    check_number("clip_c", clip_c, low=1.0, low_open=True, allow_none=True)
+    check_number("beta", beta, low=0.0)
+    check_number("entropy_coef", entropy_coef)
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_number("normalizer", normalizer, low=0.0, low_open=True, allow_none=True)
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("ref_logprobs is required when beta != 0 (the KL term needs the reference log-probs)")
+        check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", device=dev, length=n)
+    if loss_agg != "token-mean":
+        if seq_ids is None:
+            raise ValueError(f"seq_ids is required for loss_agg={loss_agg!r} (one sequence id per token)")
+        check_tensor("seq_ids", seq_ids, ndim=1, kind="int", device=dev, length=n)
+    if loss_agg == "seq-mean-token-sum-norm":
+        if norm_length is None:
+            raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
+        check_number("norm_length", norm_length, low=0.0, low_open=True)
+    valid = mask.bool()
+    check_targets(targets, valid, logits.shape[1])
+
+    options = dict(
+        ref_logprobs=ref_logprobs,
+        seq_ids=seq_ids,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        clip_c=clip_c,
+        beta=beta,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        loss_agg=loss_agg,
+        normalizer=normalizer,
+        norm_length=norm_length,
+    )
+    loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
+        logits, targets, old_logprobs, advantages, valid, **options
+    )
+    return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)

@@ -1,0 +1,287 @@
+r"""Plain-torch reference implementations: the specification, the CPU fallback and the test oracle.
+
+Everything is computed in float32 (or float64 when the inputs are float64), written
+for clarity, and differentiable by autograd. The fused kernels must agree with these
+functions; where they differ, these are right.
+
+Packed layout: ``N`` tokens in one dimension, ``logits`` ``[N, V]``, every
+per-token tensor ``[N]``; ``seq_ids`` ``[N]`` says which response each token
+belongs to (needed only by the sequence-level aggregations).
+
+Policy loss, per valid token (``mask`` true), with :math:`z = \text{logits} / T`:
+
+.. math::
+    \log p &= \log\operatorname{softmax}(z)[\text{target}] \\
+    r &= \exp(\operatorname{clamp}(\log p - \log p_{old}, -20, 20)) \\
+    \ell_{pg} &= \max(-A r,\; -A \operatorname{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})) \\
+    \ell_{pg} &\leftarrow \min(\ell_{pg}, -c A) \quad \text{if } A < 0 \text{ and dual clip } c \text{ is set} \\
+    \ell &= \ell_{pg} + \beta\,\mathrm{KL}(\log p, \log p_{ref}) - \eta\, H(\operatorname{softmax}(z))
+
+KL estimators (``kl_type``): ``k1`` = logp - ref; ``k2``/``mse`` = 0.5 (logp - ref)^2;
+``k3``/``low_var_kl`` = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10]
+(the inner clamp keeps exp finite so that the outer clamp's zero gradient never meets an inf).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl")
+ADVANTAGE_METHODS = ("grpo", "dr_grpo", "dler")
+WEIGHTINGS = ("token", "sample")
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_logprobs_ref(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+):
+    """Log-prob of each target under ``softmax(logits / temperature)`` (and the entropy of that distribution).
+
+    Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0.
+    """
+    z = logits.to(_compute_dtype(logits)) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = targets >= 0
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    logp = logp_all.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str) -> torch.Tensor:
+    if kl_type == "k1":
+        return logp - ref_logp
+    if kl_type in ("k2", "mse"):
+        return 0.5 * (logp - ref_logp) ** 2
+    if kl_type in ("k3", "low_var_kl"):
+        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.clamp(torch.exp(d) - d - 1.0, -KL_CLAMP, KL_CLAMP)
+    raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
+
+
+def _denominator(count: torch.Tensor, normalizer: float | None) -> torch.Tensor:
+    """The count itself (at least 1, so that an empty batch gives loss 0), or the caller's global one."""
+    if normalizer is None:
+        return torch.clamp(count, min=1.0)
+    return torch.full_like(count, float(normalizer))
+
+
+def aggregate_ref(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_agg: str,
+    *,
+    seq_ids: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    norm_length: float | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss (already zero where ``mask`` is false) to a scalar.
+
+    ``token-mean``: sum / (``normalizer`` or the number of valid tokens).
+    ``seq-mean-*``: per sequence (by ``seq_ids``, counting only sequences with a valid token) the
+    token mean, the token sum, or the token sum / ``norm_length``; then the mean over sequences,
+    whose count ``normalizer`` overrides (the global count under accumulation / data parallelism).
+    No valid token at all gives 0.
+    """
+    dtype = per_token.dtype
+    maskf = mask.to(dtype)
+    if loss_agg == "token-mean":
+        return per_token.sum() / _denominator(maskf.sum(), normalizer)
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if seq_ids is None:
+        raise ValueError(f"loss_agg={loss_agg!r} needs seq_ids (one sequence id per token)")
+    _, seq = torch.unique(seq_ids, return_inverse=True)
+    n_seq = int(seq.max().item()) + 1 if seq.numel() else 0
+    seq_sum = per_token.new_zeros(n_seq).index_add(0, seq, per_token)
+    seq_count = per_token.new_zeros(n_seq).index_add(0, seq, maskf)
+    has_tokens = seq_count > 0
+    if loss_agg == "seq-mean-token-mean":
+        seq_loss = seq_sum / torch.clamp(seq_count, min=1.0)
+    elif loss_agg == "seq-mean-token-sum":
+        seq_loss = seq_sum
+    else:
+        if norm_length is None:
+            raise ValueError("loss_agg='seq-mean-token-sum-norm' needs norm_length (the constant max response length)")
+        seq_loss = seq_sum / norm_length
+    n_valid_seq = has_tokens.to(dtype).sum()
+    return torch.where(has_tokens, seq_loss, torch.zeros_like(seq_loss)).sum() / _denominator(n_valid_seq, normalizer)
+
+
+def policy_loss_ref(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float | None = 10.0,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    normalizer: float | None = None,
+    norm_length: float | None = None,
+):
+    """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
+
+    ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
+    contribute nothing, whatever their logits and targets hold.
+    """
+    dtype = _compute_dtype(logits)
+    valid = mask.bool()
+    # Masked rows are replaced by zeros so that their content (even inf/nan) cannot leak into
+    # the loss or the gradient.
+    logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    targets = torch.where(valid, targets, torch.zeros_like(targets))
+    logp, entropy = token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    old = old_logprobs.to(dtype)
+    adv = advantages.to(dtype)
+
+    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)
+    if clip_c is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -clip_c * adv), pg)
+    per_token = pg
+    kl = None
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs ref_logprobs")
+        kl = kl_penalty_ref(logp, ref_logprobs.to(dtype), kl_type)
+        per_token = per_token + beta * kl
+    if entropy_coef != 0.0:
+        per_token = per_token - entropy_coef * entropy
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    loss = aggregate_ref(per_token, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
+
+    with torch.no_grad():
+        metrics = policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token)
+    return loss, per_token.detach(), logp.detach(), entropy.detach(), metrics
+
+
+def policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token):
+    """Token means over valid tokens of: clip fractions, approx KL to old (mean of old - logp, as
+    verl's ppo_kl), entropy; ratio min / max; counts of valid and of non-finite tokens."""
+    dtype = logp.dtype
+    n = valid.sum()
+    nf = torch.clamp(n.to(dtype), min=1.0)
+    ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    low = valid & (adv < 0) & (ratio < 1.0 - eps_low)
+    high = valid & (adv > 0) & (ratio > 1.0 + eps_high)
+    if clip_c is not None:
+        pg_clip = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high))
+        dual = valid & (adv < 0) & (pg_clip > -clip_c * adv)
+    else:
+        dual = torch.zeros_like(valid)
+    inf = logp.new_tensor(float("inf"))
+    metrics = {
+        "clip_frac_low": low.to(dtype).sum() / nf,
+        "clip_frac_high": high.to(dtype).sum() / nf,
+        "clip_frac_dual": dual.to(dtype).sum() / nf,
+        "approx_kl": torch.where(valid, old - logp, 0.0).sum() / nf,
+        "entropy": torch.where(valid, entropy, 0.0).sum() / nf,
+        "ratio_min": torch.where(valid, ratio, inf).min() if ratio.numel() else inf,
+        "ratio_max": torch.where(valid, ratio, -inf).max() if ratio.numel() else -inf,
+        "num_tokens": n.to(dtype),
+        "num_nonfinite": (valid & ~torch.isfinite(per_token)).to(dtype).sum(),
+    }
+    if kl is not None:
+        metrics["kl_ref"] = torch.where(valid, kl, 0.0).sum() / nf
+    return metrics
+
+
+def compute_advantages_ref(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    method: str = "dler",
+    correctness: torch.Tensor | None = None,
+    token_counts: torch.Tensor | None = None,
+    weighting: str = "token",
+    eps: float = 1e-6,
+    dynamic_sampling: bool = True,
+):
+    """Per-response advantages. Returns ``(values, keep, stats)``.
+
+    ``keep``: with ``dynamic_sampling`` the responses of groups whose ``correctness`` (default:
+    ``rewards``) has zero spread are dropped (False); values of dropped responses are 0 and
+    every statistic is computed over kept groups only.
+
+    * ``grpo``: (R - mean_g R) / (std_g R + eps), std unbiased (0 for a group of one).
+    * ``dr_grpo``: R - mean_g R.
+    * ``dler``: A = R - mean_g R, then (A - mean_b A) / (std_b A + eps) over the kept batch,
+      weighted by ``token_counts`` (``weighting='token'``: every response token counts once) or
+      per response (``'sample'``); the variance carries Bessel's correction (weights summing to W
+      are treated as W observations), as the released code's whitening does.
+    """
+    if method not in ADVANTAGE_METHODS:
+        raise ValueError(f"method must be one of {ADVANTAGE_METHODS}, got {method!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(dtype)
+    c = (correctness if correctness is not None else rewards).to(dtype)
+    _, g = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(g.max().item()) + 1 if g.numel() else 0
+
+    def group_sum(x):
+        return x.new_zeros(n_groups).index_add(0, g, x)
+
+    size = group_sum(torch.ones_like(r))
+    c_max = c.new_full((n_groups,), -float("inf")).scatter_reduce(0, g, c, "amax")
+    c_min = c.new_full((n_groups,), float("inf")).scatter_reduce(0, g, c, "amin")
+    group_keep = (c_max > c_min) if dynamic_sampling else torch.ones_like(c_max, dtype=torch.bool)
+    keep = group_keep[g]
+
+    mean_g = group_sum(r) / size
+    centered = r - mean_g[g]
+    if method == "grpo":
+        var_g = group_sum(centered**2) / torch.clamp(size - 1.0, min=1.0)
+        values = centered / (var_g.sqrt()[g] + eps)
+    elif method == "dr_grpo":
+        values = centered
+    else:
+        if weighting == "token":
+            if token_counts is None:
+                raise ValueError("weighting='token' needs token_counts (response lengths)")
+            w = token_counts.to(dtype)
+        else:
+            w = torch.ones_like(r)
+        w = torch.where(keep, w, torch.zeros_like(w))
+        total = w.sum()
+        mean_b = (w * centered).sum() / torch.clamp(total, min=1.0)
+        var_b = (w * (centered - mean_b) ** 2).sum() / torch.clamp(total - 1.0, min=1.0)
+        values = (centered - mean_b) / (var_b.sqrt() + eps)
+    values = torch.where(keep, values, torch.zeros_like(values))
+
+    keptf = keep.to(dtype)
+    n_kept = keptf.sum()
+    stats = {
+        "num_groups": r.new_tensor(float(n_groups)),
+        "num_kept_groups": group_keep.to(dtype).sum(),
+        "num_kept": n_kept,
+        "reward_mean": (r * keptf).sum() / torch.clamp(n_kept, min=1.0),
+        "advantage_mean": (values * keptf).sum() / torch.clamp(n_kept, min=1.0),
+    }
+    if method == "dler":
+        stats["batch_mean"] = mean_b
+        stats["batch_std"] = var_b.sqrt()
+    return values, keep, stats

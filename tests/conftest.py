@@ -1,0 +1,53 @@
+import os
+
+# Triton decides at kernel-definition time whether to interpret: set before anything imports
+# dler_kernels, so that the Triton kernels run on the CPU in this suite.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """A private DLER_CACHE for the session: tests build their models from scratch."""
+    path = tmp_path_factory.mktemp("dler-cache")
+    old = os.environ.get("DLER_CACHE")
+    os.environ["DLER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DLER_CACHE", None)
+    else:
+        os.environ["DLER_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache) -> Path:
+    from trainer.models import prepare_smollm2
+
+    return prepare_smollm2(out=model_cache / "smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(model_cache) -> Path:
+    from trainer.models import build_tiny_model
+
+    return build_tiny_model("llama", out=model_cache / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(model_cache) -> Path:
+    from trainer.models import build_tiny_model
+
+    return build_tiny_model("qwen2", out=model_cache / "tiny-qwen2")

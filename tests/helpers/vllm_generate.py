@@ -1,0 +1,22 @@
+"""Run in a subprocess by the tests: start a real vLLM engine, sample, print JSON on the last line.
+
+A separate process gives each engine a clean start and returns its memory when it exits.
+usage: python vllm_generate.py MODEL_DIR '{"prompts": [...], "n": 2, "max_tokens": 8, ...}'
+"""
+
+import json
+import sys
+from dataclasses import asdict
+
+from trainer.rollout import VLLMEngine, chat_prompts
+
+if __name__ == "__main__":
+    model_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+    engine = VLLMEngine(
+        model_dir, max_model_len=spec.pop("max_model_len", 512), dtype=spec.pop("dtype", "auto"), seed=0
+    )
+    prompts = spec.pop("prompts")
+    if spec.pop("chat", False):
+        prompts = chat_prompts(model_dir, prompts)
+    groups = engine.generate(prompts, **spec)
+    print(json.dumps({"prompts": prompts, "groups": [[asdict(s) for s in g] for g in groups]}))

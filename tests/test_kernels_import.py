@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import dler_kernels
+
+
+def test_import_without_triton_falls_back_to_reference():
+    # sys.modules["triton"] = None makes `import triton` raise ImportError, as on a machine without it.
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import dler_kernels
+        assert dler_kernels.HAS_TRITON is False
+        x = torch.randn(5, 11, dtype=torch.float64)
+        t = torch.tensor([0, 3, 10, 7, 1])
+        assert dler_kernels.backend_for(x) == "reference"
+        lp = dler_kernels.token_logprobs(x, t)
+        expected = torch.log_softmax(x, -1).gather(-1, t[:, None])[:, 0]
+        assert torch.allclose(lp.double(), expected, atol=1e-6), (lp, expected)
+        print("no-triton", dler_kernels.available_backends()["triton"])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1")
+    )
+    assert out.returncode == 0, out.stderr
+    assert "triton not installed" in out.stdout
+
+
+def test_backends_report_is_honest():
+    states = dler_kernels.available_backends()
+    assert states["reference"].startswith("yes")
+    assert states["triton"].startswith("yes") == dler_kernels.HAS_TRITON
+    cpu = torch.zeros(1)
+    expected = "triton" if dler_kernels.HAS_TRITON else "reference"  # conftest sets TRITON_INTERPRET=1
+    assert dler_kernels.backend_for(cpu) == expected
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "dler_kernels.info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "reference" in out.stdout and "triton" in out.stdout

