@@ -27,8 +27,23 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+BACKENDS = ("reference", "triton")
+
+
 def backend_for(tensor: torch.Tensor) -> str:
-    """'triton' or 'reference' for an op whose main input is ``tensor``."""
+    """'triton' or 'reference' for an op whose main input is ``tensor``.
+
+    ``DLER_BACKEND=reference|triton`` forces one (triton on a CPU tensor needs TRITON_INTERPRET=1).
+    """
+    forced = os.environ.get("DLER_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+        if forced == "triton" and not HAS_TRITON:
+            raise ValueError("DLER_BACKEND=triton but triton is not installed")
+        if forced == "triton" and not tensor.is_cuda and not triton_interpret():
+            raise ValueError("DLER_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1")
+        return forced
     if HAS_TRITON and (tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpret())):
         return "triton"
     return "reference"

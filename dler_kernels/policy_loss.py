@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference as ref
+from ._backend import backend_for
 from ._validate import check_choice, check_number, check_targets, check_tensor
 
 
@@ -43,10 +44,13 @@ def token_logprobs(
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, logits.shape[1])
     with torch.no_grad():
-        out = ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)
-    if return_entropy:
-        return out[0].float(), out[1].float()
-    return out.float()
+        if backend_for(logits) == "triton":
+            from .triton_policy_loss import triton_token_logprobs
+
+            logp, entropy = triton_token_logprobs(logits, targets, temperature)
+        else:
+            logp, entropy = ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    return (logp.float(), entropy.float()) if return_entropy else logp.float()
 
 
 def policy_loss(
@@ -122,6 +126,14 @@ def policy_loss(
         normalizer=normalizer,
         norm_length=norm_length,
     )
+    if backend_for(logits) == "triton":
+        from .triton_policy_loss import triton_policy_loss
+
+        return PolicyLossOutput(
+            *triton_policy_loss(
+                logits, targets, old_logprobs, advantages, valid, inplace_grad=inplace_grad, **options
+            )
+        )  # fmt: skip
     loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
         logits, targets, old_logprobs, advantages, valid, **options
     )

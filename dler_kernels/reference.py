@@ -141,7 +141,7 @@ def policy_loss_ref(
     """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
 
     ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
-    contribute nothing, whatever their logits and targets hold.
+    contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
     """
     dtype = _compute_dtype(logits)
     valid = mask.bool()
@@ -150,6 +150,8 @@ def policy_loss_ref(
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp, entropy = token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
 

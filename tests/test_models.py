@@ -148,9 +148,11 @@ def test_tiny_model_loads_and_is_small(arch, tiny_llama_dir, tiny_qwen2_dir):
 def test_tiny_model_is_deterministic_in_its_seed(tmp_path, tiny_llama_dir):
     again = models.build_tiny_model("llama", out=tmp_path / "again", seed=0)
     other = models.build_tiny_model("llama", out=tmp_path / "other", seed=1)
-    with safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as a, safe_open(
-        str(again / "model.safetensors"), "pt"
-    ) as b, safe_open(str(other / "model.safetensors"), "pt") as c:
+    with (
+        safe_open(str(tiny_llama_dir / "model.safetensors"), "pt") as a,
+        safe_open(str(again / "model.safetensors"), "pt") as b,
+        safe_open(str(other / "model.safetensors"), "pt") as c,
+    ):
         name = "model.layers.0.mlp.up_proj.weight"
         assert torch.equal(a.get_tensor(name), b.get_tensor(name))
         assert not torch.equal(a.get_tensor(name), c.get_tensor(name))

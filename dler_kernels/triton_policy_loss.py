@@ -1,0 +1,292 @@
+r"""Fused Triton kernel of the logits path: policy loss, log-probs, entropy, KL and d(loss)/d(logits).
+
+One program per token row. Sweep 1 reads the row once in tiles of ``BLOCK_V`` and carries the
+online softmax statistics (running max ``m``, :math:`s = \sum e^{z-m}`, :math:`t = \sum e^{z-m} z`),
+from which :math:`\mathrm{lse} = m + \log s`, the target log-prob and the entropy
+:math:`H = \mathrm{lse} - t / s` follow. The per-token loss and its derivatives w.r.t. the
+log-prob (``g``) and the entropy (``-entropy_coef``) are scalars; sweep 2 writes the gradient
+
+.. math::
+    \frac{\partial L}{\partial \text{logits}_j} = \frac{w}{T}\Big[g\,(\delta_{j,y} - p_j)
+        - \eta\, p_j (\log p_j + H)\Big]
+
+(in place over the logits when asked), where ``w`` is the token's weight in the aggregation.
+The backward pass only multiplies the stored gradient by the incoming scalar. All arithmetic is
+float32 whatever the logits dtype. Masked rows are never read; their gradient row is zero.
+
+The aggregation weights ``w`` (``loss_agg``, ``normalizer``) are computed by torch on [N]
+vectors before the launch, so the kernel does not depend on N: no recompilation per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+
+KL_CODES = {None: 0, "k1": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+
+
+def _block_v(vocab: int) -> int:
+    return min(triton.next_power_of_2(max(vocab, 16)), 4096 if torch.cuda.is_available() else 16384)
+
+
+@triton.jit
+def _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
+    """(max, sum exp(z - max), sum exp(z - max) * z) of z = row * inv_temp, in float32."""
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        scale = tl.exp(m - m_new)
+        e = tl.where(in_row, tl.exp(z - m_new), 0.0)
+        s = s * scale + tl.sum(e, axis=0)
+        t = t * scale + tl.sum(e * tl.where(in_row, z, 0.0), axis=0)  # padded lanes: 0 * 0, not 0 * -inf
+        m = m_new
+    return m, s, t
+
+
+@triton.jit
+def _policy_loss_kernel(
+    logits_ptr,
+    logits_stride,
+    grad_ptr,
+    grad_stride,
+    targets_ptr,
+    valid_ptr,
+    old_ptr,
+    adv_ptr,
+    ref_ptr,
+    weight_ptr,
+    logp_out,
+    entropy_out,
+    loss_out,
+    kl_out,
+    V,
+    inv_temp,
+    eps_low,
+    eps_high,
+    clip_c,
+    beta,
+    entropy_coef,
+    HAS_DUAL: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    offs = tl.arange(0, BLOCK_V)
+    valid = tl.load(valid_ptr + row) != 0
+    if valid:
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
+        m, s, t = _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V)
+        lse = m + tl.log(s)
+        logp = z_target - lse
+        entropy = lse - t / s
+        tl.store(logp_out + row, logp)
+        tl.store(entropy_out + row, entropy)
+        if COMPUTE_LOSS:
+            old = tl.load(old_ptr + row).to(tl.float32)
+            adv = tl.load(adv_ptr + row).to(tl.float32)
+            # Importance ratio with the log-ratio clamped to +-20 (no gradient outside).
+            d = logp - old
+            ratio = tl.exp(tl.minimum(tl.maximum(d, -20.0), 20.0))
+            dratio = tl.where((d >= -20.0) & (d <= 20.0), ratio, 0.0)
+            pg_unclipped = -adv * ratio
+            pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+            pg = tl.maximum(pg_unclipped, pg_clipped)
+            # Inside the clip range both branches are equal and share the gradient -A; outside it the
+            # clipped branch wins only when it is constant.
+            dpg = tl.where(pg_unclipped >= pg_clipped, -adv, 0.0)
+            if HAS_DUAL:
+                dual = (adv < 0.0) & (pg > -clip_c * adv)
+                pg = tl.where(dual, -clip_c * adv, pg)
+                dpg = tl.where(dual, 0.0, dpg)
+            g = dpg * dratio
+            loss = pg
+            if KL_TYPE != 0:
+                ref_lp = tl.load(ref_ptr + row).to(tl.float32)
+                if KL_TYPE == 1:
+                    kl = logp - ref_lp
+                    dkl = 1.0
+                elif KL_TYPE == 2:
+                    kl = 0.5 * (logp - ref_lp) * (logp - ref_lp)
+                    dkl = logp - ref_lp
+                else:
+                    dd = ref_lp - logp
+                    ddc = tl.minimum(tl.maximum(dd, -20.0), 20.0)
+                    e = tl.exp(ddc)
+                    kl_raw = e - ddc - 1.0
+                    kl = tl.minimum(tl.maximum(kl_raw, -10.0), 10.0)
+                    inside = (dd >= -20.0) & (dd <= 20.0) & (kl_raw >= -10.0) & (kl_raw <= 10.0)
+                    dkl = tl.where(inside, 1.0 - e, 0.0)
+                tl.store(kl_out + row, kl)
+                loss += beta * kl
+                g += beta * dkl
+            loss -= entropy_coef * entropy
+            tl.store(loss_out + row, loss)
+            if WRITE_GRAD:
+                w = tl.load(weight_ptr + row).to(tl.float32) * inv_temp
+                grad_row = grad_ptr + row * grad_stride
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    in_row = cols < V
+                    z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temp
+                    logp_j = z - lse
+                    p = tl.exp(logp_j)
+                    grad = -p * (g - entropy_coef * (logp_j + entropy))
+                    grad = tl.where(cols == target, grad + g, grad) * w
+                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+    else:
+        tl.store(logp_out + row, 0.0)
+        tl.store(entropy_out + row, 0.0)
+        if COMPUTE_LOSS:
+            tl.store(loss_out + row, 0.0)
+            if KL_TYPE != 0:
+                tl.store(kl_out + row, 0.0)
+            if WRITE_GRAD:
+                grad_row = grad_ptr + row * grad_stride
+                zero = tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    tl.store(grad_row + cols, zero, mask=cols < V)
+
+
+def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length):
+    """d(loss)/d(per-token loss) for each token: the aggregation as a weighted sum."""
+    vf = valid.to(torch.float32)
+    if loss_agg == "token-mean":
+        denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
+        return vf / denom
+    _, seq = torch.unique(seq_ids, return_inverse=True)
+    counts = torch.zeros(int(seq.max()) + 1 if seq.numel() else 0, device=vf.device).index_add(0, seq, vf)
+    n_seq = torch.clamp((counts > 0).to(torch.float32).sum(), min=1.0) if normalizer is None else float(normalizer)
+    if loss_agg == "seq-mean-token-mean":
+        per_token = 1.0 / torch.clamp(counts[seq], min=1.0)
+    elif loss_agg == "seq-mean-token-sum":
+        per_token = torch.ones_like(vf)
+    else:
+        per_token = torch.full_like(vf, 1.0 / norm_length)
+    return vf * per_token / n_seq
+
+
+def _launch(
+    logits,
+    targets,
+    valid,
+    *,
+    old=None,
+    adv=None,
+    ref_lp=None,
+    weights=None,
+    grad=None,
+    temperature=1.0,
+    eps_low=0.2,
+    eps_high=0.28,
+    clip_c=None,
+    beta=0.0,
+    kl_type=None,
+    entropy_coef=0.0,
+    compute_loss=False,
+):
+    n, vocab = logits.shape
+    dev = logits.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    logp, entropy = torch.empty(n, **f32), torch.empty(n, **f32)
+    loss = torch.empty(n, **f32) if compute_loss else logp
+    kl_code = KL_CODES[kl_type] if compute_loss and beta != 0.0 else 0
+    kl = torch.empty(n, **f32) if kl_code else logp
+    dummy = logp  # pointer arguments the constexpr flags make the kernel ignore
+    if n == 0:
+        return logp, entropy, loss, (kl if kl_code else None)
+    block_v = _block_v(vocab)
+    _policy_loss_kernel[(n,)](
+        logits, logits.stride(0),
+        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+        targets, valid.to(torch.int8),
+        old if old is not None else dummy, adv if adv is not None else dummy,
+        ref_lp if ref_lp is not None else dummy, weights if weights is not None else dummy,
+        logp, entropy, loss, kl,
+        vocab, 1.0 / temperature, eps_low, eps_high, clip_c if clip_c is not None else 0.0, beta, entropy_coef,
+        HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None,
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )  # fmt: skip
+    return logp, entropy, loss, (kl if kl_code else None)
+
+
+def triton_token_logprobs(logits, targets, temperature=1.0):
+    """(logprobs, entropy) in float32; rows whose target is negative get 0 for both."""
+    valid = targets >= 0
+    logp, entropy, _, _ = _launch(logits, torch.where(valid, targets, 0), valid, temperature=temperature)
+    return logp, entropy
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    """Forward runs the kernel (which also writes the gradient); backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, valid, old, adv, ref_lp, weights, inplace_grad, opts):
+        grad = logits if inplace_grad else torch.empty_like(logits)
+        logp, entropy, per_token, kl = _launch(
+            logits, targets, valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights, grad=grad,
+            compute_loss=True, **opts,
+        )  # fmt: skip
+        loss = (per_token * weights).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(per_token, logp, entropy)
+        return loss, per_token, logp, entropy, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (grad,) = ctx.saved_tensors
+        if grad_loss.item() != 1.0:  # the usual case, loss.backward(), needs no extra pass over N x V
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def triton_policy_loss(
+    logits,
+    targets,
+    old_logprobs,
+    advantages,
+    valid,
+    *,
+    ref_logprobs,
+    seq_ids,
+    eps_low,
+    eps_high,
+    clip_c,
+    beta,
+    kl_type,
+    entropy_coef,
+    temperature,
+    loss_agg,
+    normalizer,
+    norm_length,
+    inplace_grad,
+):
+    """Arguments already validated by ``policy_loss``. Returns the fields of ``PolicyLossOutput``."""
+    targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
+    weights = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
+    opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
+                kl_type=kl_type if beta != 0.0 else None, entropy_coef=entropy_coef)  # fmt: skip
+    loss, per_token, logp, entropy, kl = _FusedPolicyLoss.apply(
+        logits, targets.contiguous(), valid, old_logprobs.contiguous(), advantages.contiguous(),
+        ref_logprobs.contiguous() if (ref_logprobs is not None and beta != 0.0) else None, weights,
+        inplace_grad, opts,
+    )  # fmt: skip
+    with torch.no_grad():
+        metrics = ref.policy_metrics_ref(
+            logp, old_logprobs.float(), advantages.float(), entropy, valid, eps_low, eps_high, clip_c, kl, per_token
+        )
+    return loss, per_token, logp, entropy, metrics

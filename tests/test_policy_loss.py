@@ -1,0 +1,334 @@
+"""The logits path (fused Triton kernel through the interpreter, and the reference backend) against
+float64 autograd of the reference.
+
+Tolerances (issue 3): log-prob abs <= 1e-5, loss rel <= 1e-5, gradient rel <= 1e-4 in float32
+arithmetic. A bf16/fp16 gradient is additionally rounded once to its storage dtype (autograd
+requires the dtype of the logits), so for those the bound per element is that rounding
+(2^-8 relative for bf16, 2^-11 for fp16, i.e. one ulp) plus 1e-4 of the gradient's scale; the
+float32 accumulation itself is checked at 1e-4 with a float32 gradient buffer.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import dler_kernels
+from dler_kernels import policy_loss, reference, token_logprobs
+from dler_kernels.reference import KL_TYPES, LOSS_AGGS
+
+BACKENDS = ["triton", "reference"] if dler_kernels.HAS_TRITON else ["reference"]
+# Relative error of one rounding to the storage dtype: half the spacing for round-to-nearest.
+# Triton's interpreter (checked with triton 3.9) truncates float32 -> bfloat16 stores, even with
+# fp_downcast_rounding="rtne", so there the bound is a full spacing; compiled Triton rounds to nearest.
+ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+INTERPRETER_ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DLER_BACKEND", request.param)
+    return request.param
+
+
+def make_inputs(n, v, dtype=torch.float32, seed=0, masked_frac=0.25, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():
+        exact = reference.token_logprobs_ref(logits.double(), targets).float()
+    # old log-probs near the current ones, so that ratios fall on both sides of the clip range
+    old = exact + 0.4 * torch.randn(n, generator=g)
+    ref_lp = exact + 0.3 * torch.randn(n, generator=g)
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) >= masked_frac
+    seq_ids = torch.arange(n) // 3
+    return dict(logits=logits, targets=targets, old_logprobs=old, advantages=adv, mask=mask), dict(
+        ref_logprobs=ref_lp, seq_ids=seq_ids
+    )
+
+
+def oracle(tensors, extra, **opts):
+    """float64 reference on the same (already rounded) inputs, with its autograd gradient."""
+    x = tensors["logits"].double().requires_grad_(True)
+    ref_lp = extra["ref_logprobs"].double()
+    loss, per_token, logp, ent, metrics = reference.policy_loss_ref(
+        x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
+        ref_logprobs=ref_lp, seq_ids=extra["seq_ids"], **opts,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), per_token, logp, ent, metrics, x.grad
+
+
+def run(tensors, extra, inplace_grad=False, **opts):
+    x = tensors["logits"].clone().requires_grad_(True)
+    args = {**tensors, "logits": x}
+    if inplace_grad:
+        args["logits"] = tensors["logits"].clone()  # in place: the buffer becomes the gradient
+        out = policy_loss(**args, **extra, inplace_grad=True, **opts)
+        return out, None
+    out = policy_loss(**args, **extra, **opts)
+    out.loss.backward()
+    return out, x.grad
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_against_oracle(out, grad, tensors, extra, opts, backend_used):
+    loss64, pt64, lp64, ent64, m64, grad64 = oracle(tensors, extra, **opts)
+    assert torch.isfinite(out.loss)
+    # Relative to the same aggregation of |per-token loss|: the loss is a sum of signed terms whose
+    # float32 rounding scales with sum |term| (a near-cancelling batch makes |loss| itself tiny).
+    scale = reference.aggregate_ref(
+        pt64.abs(), tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
+        normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
+    ).item()  # fmt: skip
+    assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
+    assert (out.logprobs.double() - lp64).abs().max() <= 1e-5
+    assert (out.entropy.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    dtype = tensors["logits"].dtype
+    if dtype == torch.float32:
+        assert rel(grad, grad64) <= 1e-4
+    else:
+        interpreted = backend_used == "triton" and not tensors["logits"].is_cuda
+        rounding = (INTERPRETER_ROUNDING if interpreted else ROUNDING)[dtype]
+        bound = rounding * grad64.abs() + 1e-4 * grad64.abs().max()
+        assert bool(((grad.double() - grad64).abs() <= bound).all()), rel(grad, grad64)
+    for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite"):
+        assert out.metrics[key].item() == pytest.approx(m64[key].item(), abs=1e-6), key
+
+
+# Each shape gets a different option set, so that together they cover every choice.
+SHAPES = [(1, 1), (3, 7), (17, 1000), (5, 4097), (2, 49152), (6, 33)]
+OPTION_SETS = [
+    dict(loss_agg="token-mean", kl_type="k3", beta=0.05, clip_c=10.0, entropy_coef=0.0, temperature=1.0),
+    dict(loss_agg="seq-mean-token-mean", kl_type="k1", beta=0.1, clip_c=None, entropy_coef=0.01, temperature=0.6),
+    dict(loss_agg="seq-mean-token-sum", kl_type="k2", beta=0.2, clip_c=3.0, entropy_coef=-0.02, temperature=1.3),
+    dict(loss_agg="seq-mean-token-sum-norm", kl_type="low_var_kl", beta=0.0, clip_c=2.0, entropy_coef=0.005,
+         temperature=0.9, norm_length=64.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_matches_float64(backend, shape, dtype):
+    n, v = shape
+    opts = OPTION_SETS[(SHAPES.index(shape) + [torch.float32, torch.bfloat16, torch.float16].index(dtype)) % 4]
+    tensors, extra = make_inputs(n, v, dtype, seed=n * 1000 + v)
+    out, grad = run(tensors, extra, **opts)
+    check_against_oracle(out, grad, tensors, extra, opts, backend)
+
+
+@pytest.mark.parametrize(
+    "loss_agg,kl_type,clip_c,entropy_coef", list(itertools.product(LOSS_AGGS, KL_TYPES, [10.0, None], [0.0, 0.01]))
+)
+def test_every_option_combination(backend, loss_agg, kl_type, clip_c, entropy_coef):
+    tensors, extra = make_inputs(10, 37, seed=7)
+    opts = dict(loss_agg=loss_agg, kl_type=kl_type, clip_c=clip_c, entropy_coef=entropy_coef, beta=0.1,
+                temperature=0.8, norm_length=40.0)  # fmt: skip
+    out, grad = run(tensors, extra, **opts)
+    check_against_oracle(out, grad, tensors, extra, opts, backend)
+
+
+@pytest.mark.skipif(not dler_kernels.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_kernel_accumulates_in_float32_for_half_inputs(dtype):
+    from dler_kernels.triton_policy_loss import _launch, aggregation_weights
+
+    tensors, extra = make_inputs(9, 1000, dtype, seed=3)
+    valid = tensors["mask"]
+    weights = aggregation_weights(valid, "token-mean", None, None, None)
+    grad = torch.empty(tensors["logits"].shape, dtype=torch.float32)
+    _launch(tensors["logits"], torch.where(valid, tensors["targets"], 0), valid, old=tensors["old_logprobs"],
+            adv=tensors["advantages"], weights=weights, grad=grad, compute_loss=True, clip_c=10.0)  # fmt: skip
+    *_, grad64 = oracle(tensors, extra, loss_agg="token-mean")
+    assert rel(grad, grad64) <= 1e-4
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_all_rows_masked(backend, loss_agg):
+    tensors, extra = make_inputs(6, 50, seed=1)
+    tensors["mask"] = torch.zeros(6, dtype=torch.bool)
+    out, grad = run(tensors, extra, loss_agg=loss_agg, beta=0.1, entropy_coef=0.01, norm_length=10.0)
+    assert out.loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert torch.isfinite(out.per_token_loss).all() and out.metrics["num_tokens"].item() == 0
+
+
+def test_masked_rows_are_never_read(backend):
+    tensors, extra = make_inputs(8, 64, seed=2)
+    mask = tensors["mask"]
+    poisoned = {**tensors, "logits": tensors["logits"].clone(), "targets": tensors["targets"].clone()}
+    poisoned["logits"][~mask] = float("nan")
+    poisoned["targets"][~mask] = -100
+    out, grad = run(poisoned, extra, loss_agg="seq-mean-token-mean", entropy_coef=0.01)
+    clean, clean_grad = run(tensors, extra, loss_agg="seq-mean-token-mean", entropy_coef=0.01)
+    assert out.loss.item() == pytest.approx(clean.loss.item(), rel=1e-6)
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    torch.testing.assert_close(grad[mask], clean_grad[mask])
+    assert torch.equal(out.logprobs[~mask], torch.zeros(int((~mask).sum())))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_gradient_equals_out_of_place(backend, dtype):
+    tensors, extra = make_inputs(7, 300, dtype, seed=4)
+    opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7)
+    out, grad = run(tensors, extra, **opts)
+    buffer = tensors["logits"].clone().requires_grad_(False)
+    out_ip = policy_loss(**{**tensors, "logits": buffer}, **extra, inplace_grad=True, **opts)
+    assert out_ip.loss.item() == out.loss.item()
+    if backend == "triton":
+        assert torch.equal(buffer, grad)  # the logits buffer now holds the gradient
+
+
+def test_backward_scales_the_stored_gradient(backend):
+    tensors, extra = make_inputs(5, 20, seed=5)
+    out, grad = run(tensors, extra)
+    x = tensors["logits"].clone().requires_grad_(True)
+    (3.0 * policy_loss(**{**tensors, "logits": x}, **extra).loss).backward()
+    torch.testing.assert_close(x.grad, 3.0 * grad)
+
+
+def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
+    tensors, extra = make_inputs(12, 40, seed=6)
+    full, full_grad = run(tensors, extra, loss_agg="token-mean")
+    total = int(tensors["mask"].sum())
+    halves, grads = [], []
+    for rows in (slice(0, 5), slice(5, 12)):
+        part = {k: t[rows] for k, t in tensors.items()}
+        part_extra = {k: t[rows] for k, t in extra.items()}
+        out, grad = run(part, part_extra, loss_agg="token-mean", normalizer=total)
+        halves.append(out.loss)
+        grads.append(grad)
+    assert sum(halves).item() == pytest.approx(full.loss.item(), rel=1e-6)
+    torch.testing.assert_close(torch.cat(grads), full_grad)
+
+
+def test_seq_normalizer_counts_sequences(backend):
+    tensors, extra = make_inputs(9, 30, seed=8, masked_frac=0.0)
+    out, _ = run(tensors, extra, loss_agg="seq-mean-token-sum", normalizer=6)
+    local, _ = run(tensors, extra, loss_agg="seq-mean-token-sum")  # 3 sequences here
+    assert out.loss.item() == pytest.approx(local.loss.item() * 3 / 6, rel=1e-6)
+
+
+def test_nonfinite_logits_give_nonfinite_loss_and_a_metric(backend):
+    tensors, extra = make_inputs(4, 16, seed=9, masked_frac=0.0)
+    tensors["logits"][2, 5] = float("inf")
+    out = policy_loss(**tensors, **extra)
+    assert not torch.isfinite(out.loss)
+    assert out.metrics["num_nonfinite"].item() >= 1
+
+
+def test_clip_metrics_on_a_known_case(backend):
+    logits = torch.zeros(4, 8)  # uniform: log-prob = -log 8 for every target
+    lp = -torch.log(torch.tensor(8.0))
+    old = torch.stack([lp - 0.7, lp + 0.7, lp, lp + 3.0])  # ratios 2.01, 0.50, 1, 20.1
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    out = policy_loss(logits, torch.zeros(4, dtype=torch.long), old, adv, torch.ones(4, dtype=torch.bool), clip_c=3.0)
+    m = out.metrics
+    assert m["clip_frac_high"].item() == 0.25  # row 0: ratio 2 > 1.28 with A > 0
+    assert m["clip_frac_low"].item() == 0.5  # rows 1 and 3: ratio < 0.8 with A < 0
+    assert m["clip_frac_dual"].item() == 0.0  # row 1: loss 0.8 < 3; row 3's ratio is low, loss 0.8 too
+    assert m["ratio_max"].item() == pytest.approx(2.0138, rel=1e-4)
+    assert m["num_tokens"].item() == 4
+    out = policy_loss(logits, torch.zeros(4, dtype=torch.long), lp - torch.tensor([0, 0, 0, 2.0]), adv,
+                      torch.ones(4, dtype=torch.bool), clip_c=3.0)  # fmt: skip
+    assert out.metrics["clip_frac_dual"].item() == 0.25  # row 3: ratio 7.4, A=-1, loss 7.4 > 3
+    assert out.per_token_loss[3].item() == pytest.approx(3.0)
+
+
+def test_reference_gradient_passes_gradcheck():
+    tensors, extra = make_inputs(4, 6, torch.float64, seed=11)
+
+    def f(x):
+        return reference.policy_loss_ref(
+            x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
+            ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], beta=0.1, entropy_coef=0.02,
+            temperature=0.7, loss_agg="seq-mean-token-mean",
+        )[0]  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (tensors["logits"].clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- token_logprobs
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (13, 4097), (2, 49152)], ids=lambda s: f"N{s[0]}-V{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_token_logprobs_matches_float64(backend, shape, dtype):
+    n, v = shape
+    logits = (torch.randn(n, v) * 4).to(dtype)
+    targets = torch.randint(0, v, (n,))
+    targets[0] = -100  # a padding row
+    lp, ent = token_logprobs(logits, targets, temperature=0.8, return_entropy=True)
+    lp64, ent64 = reference.token_logprobs_ref(logits.double(), targets, temperature=0.8, return_entropy=True)
+    assert lp.dtype == torch.float32 and (lp.double() - lp64).abs().max() <= 1e-5
+    assert (ent.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    assert lp[0].item() == 0.0 and ent[0].item() == 0.0
+    assert torch.equal(token_logprobs(logits, targets, temperature=0.8), lp)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _good():
+    tensors, extra = make_inputs(4, 10, seed=0)
+    return {**tensors, **extra}
+
+
+BAD_INPUTS = [
+    ("logits", lambda a: a.update(logits=a["logits"][0]), "logits must be 2-D"),
+    ("logits", lambda a: a.update(logits=a["logits"].long()), "logits must be float"),
+    ("logits", lambda a: a.update(logits=a["logits"].t().contiguous().t()), "contiguous"),
+    ("targets", lambda a: a.update(targets=a["targets"].float()), "targets must be an integer"),
+    ("targets", lambda a: a.update(targets=a["targets"][:3]), "targets must have 4 entries"),
+    ("targets", lambda a: a.update(targets=torch.tensor([0, 1, 2, 10]), mask=torch.ones(4, dtype=torch.bool)),
+     "targets must lie in [0, 10)"),
+    ("old_logprobs", lambda a: a.update(old_logprobs=a["old_logprobs"][:, None]), "old_logprobs must be 1-D"),
+    ("advantages", lambda a: a.update(advantages=a["advantages"].long()), "advantages must be float"),
+    ("mask", lambda a: a.update(mask=a["mask"][:2]), "mask must have 4 entries"),
+    ("loss_agg", lambda a: a.update(loss_agg="mean"), "loss_agg must be one of"),
+    ("kl_type", lambda a: a.update(kl_type="k4"), "kl_type must be one of"),
+    ("eps_low", lambda a: a.update(eps_low=1.5), "eps_low must be < 1"),
+    ("eps_high", lambda a: a.update(eps_high=-0.1), "eps_high must be >= 0"),
+    ("clip_c", lambda a: a.update(clip_c=0.5), "clip_c must be > 1"),
+    ("temperature", lambda a: a.update(temperature=0.0), "temperature must be > 0"),
+    ("beta", lambda a: a.update(beta=0.1, ref_logprobs=None), "ref_logprobs is required"),
+    ("seq_ids", lambda a: a.update(loss_agg="seq-mean-token-mean", seq_ids=None), "seq_ids is required"),
+    ("norm_length", lambda a: a.update(loss_agg="seq-mean-token-sum-norm"), "norm_length is required"),
+    ("normalizer", lambda a: a.update(normalizer=0), "normalizer must be > 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(name, mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=name) as info:
+        policy_loss(**args)
+    assert message in str(info.value)
+
+
+def test_token_logprobs_bad_input():
+    with pytest.raises(ValueError, match="targets must lie in"):
+        token_logprobs(torch.randn(3, 5), torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(torch.randn(3, 5), torch.tensor([0, 4, 1]), temperature=-1.0)
+
+
+@pytest.mark.gpu
+def test_no_recompilation_for_a_new_number_of_tokens():
+    from dler_kernels.triton_policy_loss import _policy_loss_kernel
+
+    for n in (17, 1000, 4099):
+        tensors, extra = make_inputs(n, 4097, torch.bfloat16, seed=n)
+        tensors = {k: t.cuda() for k, t in tensors.items()}
+        policy_loss(**tensors, ref_logprobs=extra["ref_logprobs"].cuda(), seq_ids=extra["seq_ids"].cuda())
+        if n == 17:
+            compiled = sum(len(c) for c in _policy_loss_kernel.device_caches.values()) if hasattr(
+                _policy_loss_kernel, "device_caches") else len(_policy_loss_kernel.cache)  # fmt: skip
+    after = sum(len(c) for c in _policy_loss_kernel.device_caches.values()) if hasattr(
+        _policy_loss_kernel, "device_caches") else len(_policy_loss_kernel.cache)  # fmt: skip
+    assert after == compiled
