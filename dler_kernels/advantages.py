@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference as ref
+from ._backend import backend_for
 from ._validate import check_choice, check_number, check_tensor
 
 
@@ -51,9 +52,7 @@ def compute_advantages(
             raise ValueError("token_counts must be >= 0 (response lengths in tokens)")
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite")
-    values, keep, stats = ref.compute_advantages_ref(
-        rewards,
-        group_ids,
+    options = dict(
         method=method,
         correctness=correctness,
         token_counts=token_counts,
@@ -61,4 +60,9 @@ def compute_advantages(
         eps=eps,
         dynamic_sampling=dynamic_sampling,
     )
+    if backend_for(rewards) == "triton":
+        from .triton_advantages import triton_advantages
+
+        return Advantages(*triton_advantages(rewards, group_ids, **options))
+    values, keep, stats = ref.compute_advantages_ref(rewards, group_ids, **options)
     return Advantages(values.float(), keep, stats)
