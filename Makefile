@@ -19,7 +19,7 @@ STAMP := $(VENV)/.dler-installed
 QUIET_PIP := sed -u '/^WARNING: Location/d'
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest bench/ --benchmark-only -p no:cacheprovider
+	$(BIN)/python bench/bench_policy_loss.py $(if $(CUDA),,--n 512 --vocab 49152 --dtype fp32 --repeats 3)
 
 lint: setup
 	$(BIN)/ruff check dler_kernels trainer tests bench

@@ -332,3 +332,32 @@ def test_no_recompilation_for_a_new_number_of_tokens():
     after = sum(len(c) for c in _policy_loss_kernel.device_caches.values()) if hasattr(
         _policy_loss_kernel, "device_caches") else len(_policy_loss_kernel.cache)  # fmt: skip
     assert after == compiled
+
+
+def test_tensor_on_another_device_is_named():
+    args = _good()
+    args["advantages"] = args["advantages"].to("meta")
+    with pytest.raises(ValueError, match="advantages must be on cpu like logits"):
+        policy_loss(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+def test_allocates_nothing_of_size_n_by_v_but_the_gradient(inplace):
+    n, v = 4096, 32000
+    tensors, extra = make_inputs(n, v, torch.bfloat16, seed=0)
+    tensors = {k: t.cuda() for k, t in tensors.items()}
+    extra = {k: t.cuda() for k, t in extra.items()}
+    logits_bytes = tensors["logits"].numel() * tensors["logits"].element_size()
+    if not inplace:
+        tensors["logits"].requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = policy_loss(**tensors, **extra, inplace_grad=inplace)
+    if not inplace:
+        out.loss.backward()
+    torch.cuda.synchronize()
+    extra_bytes = torch.cuda.max_memory_allocated() - base
+    allowed = (0 if inplace else logits_bytes) + 0.01 * logits_bytes  # [N] vectors are ~1e-4 of N x V
+    assert extra_bytes <= allowed, (extra_bytes, logits_bytes)
