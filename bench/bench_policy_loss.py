@@ -144,7 +144,8 @@ def main():
         rows.append(dict(impl=name, ms=ms, gbps=nominal_bytes / ms / 1e6, peak_bytes=peak))
         del x
     eager_ms = next((r["ms"] for r in rows if r["impl"] == "eager reference"), None)
-    header = f"{'implementation':30s} {'median ms':>10s} {'GB/s':>8s} {'% copy BW':>10s} {'peak / logits':>14s} {'vs eager':>9s}"
+    columns = ("median ms", 10), ("GB/s", 8), ("% copy BW", 10), ("peak / logits", 14), ("vs eager", 9)
+    header = f"{'implementation':30s} " + " ".join(f"{name:>{width}s}" for name, width in columns)
     print(header)
     print("-" * len(header))
     for r in rows:
