@@ -274,16 +274,22 @@ def compute_advantages_ref(
         values = (centered - mean_b) / (var_b.sqrt() + eps)
     values = torch.where(keep, values, torch.zeros_like(values))
 
-    keptf = keep.to(dtype)
-    n_kept = keptf.sum()
-    stats = {
-        "num_groups": r.new_tensor(float(n_groups)),
-        "num_kept_groups": group_keep.to(dtype).sum(),
-        "num_kept": n_kept,
-        "reward_mean": (r * keptf).sum() / torch.clamp(n_kept, min=1.0),
-        "advantage_mean": (values * keptf).sum() / torch.clamp(n_kept, min=1.0),
-    }
+    stats = advantage_stats(r, values, keep, group_keep)
     if method == "dler":
         stats["batch_mean"] = mean_b
         stats["batch_std"] = var_b.sqrt()
     return values, keep, stats
+
+
+def advantage_stats(rewards, values, keep, group_keep):
+    """Summary of an advantage computation: groups, kept groups and responses, mean reward and
+    mean advantage over the kept responses."""
+    keptf = keep.to(values.dtype)
+    n_kept = keptf.sum()
+    return {
+        "num_groups": values.new_tensor(float(group_keep.numel())),
+        "num_kept_groups": group_keep.to(values.dtype).sum(),
+        "num_kept": n_kept,
+        "reward_mean": (rewards.to(values.dtype) * keptf).sum() / torch.clamp(n_kept, min=1.0),
+        "advantage_mean": (values * keptf).sum() / torch.clamp(n_kept, min=1.0),
+    }

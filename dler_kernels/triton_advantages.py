@@ -16,7 +16,24 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import advantage_stats
+
 METHOD_CODES = {"grpo": 0, "dr_grpo": 1, "dler": 2}
+
+
+@triton.jit
+def _centered_and_keep(i, B, rewards_ptr, group_ptr, sum_ptr, size_ptr, cmax_ptr, cmin_ptr, DYNAMIC: tl.constexpr):
+    """For responses ``i``: group index, group size, R - mean_g R, and whether dynamic sampling keeps it
+    (needs phase 1's group sums)."""
+    m = i < B
+    g = tl.load(group_ptr + i, mask=m, other=0)
+    r = tl.load(rewards_ptr + i, mask=m, other=0.0).to(tl.float32)
+    size = tl.load(size_ptr + g, mask=m, other=1.0)
+    centered = r - tl.load(sum_ptr + g, mask=m, other=0.0) / size
+    keep = m
+    if DYNAMIC:
+        keep = keep & (tl.load(cmax_ptr + g, mask=m, other=0.0) > tl.load(cmin_ptr + g, mask=m, other=0.0))
+    return g, size, centered, keep
 
 
 @triton.jit
@@ -54,11 +71,10 @@ def _advantages_kernel(
     if METHOD == 0:
         for start in range(0, B, BLOCK):
             i = start + offs
-            m = i < B
-            g = tl.load(group_ptr + i, mask=m, other=0)
-            r = tl.load(rewards_ptr + i, mask=m, other=0.0).to(tl.float32)
-            centered = r - tl.load(sum_ptr + g, mask=m, other=0.0) / tl.load(size_ptr + g, mask=m, other=1.0)
-            tl.atomic_add(sq_ptr + g, centered * centered, mask=m)
+            g, size, centered, keep = _centered_and_keep(
+                i, B, rewards_ptr, group_ptr, sum_ptr, size_ptr, cmax_ptr, cmin_ptr, False
+            )
+            tl.atomic_add(sq_ptr + g, centered * centered, mask=i < B)
         tl.debug_barrier()
     mean_b = 0.0
     std_b = 0.0
@@ -67,52 +83,38 @@ def _advantages_kernel(
         total_wx = 0.0
         for start in range(0, B, BLOCK):
             i = start + offs
-            m = i < B
-            g = tl.load(group_ptr + i, mask=m, other=0)
-            r = tl.load(rewards_ptr + i, mask=m, other=0.0).to(tl.float32)
-            centered = r - tl.load(sum_ptr + g, mask=m, other=0.0) / tl.load(size_ptr + g, mask=m, other=1.0)
-            keep = m
-            if DYNAMIC:
-                keep = keep & (tl.load(cmax_ptr + g, mask=m, other=0.0) > tl.load(cmin_ptr + g, mask=m, other=0.0))
-            w = tl.where(keep, tl.load(weight_ptr + i, mask=m, other=0.0).to(tl.float32), 0.0)
+            g, size, centered, keep = _centered_and_keep(
+                i, B, rewards_ptr, group_ptr, sum_ptr, size_ptr, cmax_ptr, cmin_ptr, DYNAMIC
+            )
+            w = tl.where(keep, tl.load(weight_ptr + i, mask=i < B, other=0.0).to(tl.float32), 0.0)
             total_w += tl.sum(w, axis=0)
             total_wx += tl.sum(w * centered, axis=0)
         mean_b = total_wx / tl.maximum(total_w, 1.0)
         total_wsq = 0.0
         for start in range(0, B, BLOCK):
             i = start + offs
-            m = i < B
-            g = tl.load(group_ptr + i, mask=m, other=0)
-            r = tl.load(rewards_ptr + i, mask=m, other=0.0).to(tl.float32)
-            centered = r - tl.load(sum_ptr + g, mask=m, other=0.0) / tl.load(size_ptr + g, mask=m, other=1.0)
-            keep = m
-            if DYNAMIC:
-                keep = keep & (tl.load(cmax_ptr + g, mask=m, other=0.0) > tl.load(cmin_ptr + g, mask=m, other=0.0))
-            w = tl.where(keep, tl.load(weight_ptr + i, mask=m, other=0.0).to(tl.float32), 0.0)
-            d = centered - mean_b
-            total_wsq += tl.sum(w * d * d, axis=0)
+            g, size, centered, keep = _centered_and_keep(
+                i, B, rewards_ptr, group_ptr, sum_ptr, size_ptr, cmax_ptr, cmin_ptr, DYNAMIC
+            )
+            w = tl.where(keep, tl.load(weight_ptr + i, mask=i < B, other=0.0).to(tl.float32), 0.0)
+            total_wsq += tl.sum(w * (centered - mean_b) * (centered - mean_b), axis=0)
         std_b = tl.sqrt(total_wsq / tl.maximum(total_w - 1.0, 1.0))
         tl.store(batch_stats_ptr, mean_b)
         tl.store(batch_stats_ptr + 1, std_b)
     for start in range(0, B, BLOCK):
         i = start + offs
-        m = i < B
-        g = tl.load(group_ptr + i, mask=m, other=0)
-        r = tl.load(rewards_ptr + i, mask=m, other=0.0).to(tl.float32)
-        size = tl.load(size_ptr + g, mask=m, other=1.0)
-        centered = r - tl.load(sum_ptr + g, mask=m, other=0.0) / size
+        g, size, centered, keep = _centered_and_keep(
+            i, B, rewards_ptr, group_ptr, sum_ptr, size_ptr, cmax_ptr, cmin_ptr, DYNAMIC
+        )
         if METHOD == 0:
-            std_g = tl.sqrt(tl.load(sq_ptr + g, mask=m, other=0.0) / tl.maximum(size - 1.0, 1.0))
+            std_g = tl.sqrt(tl.load(sq_ptr + g, mask=i < B, other=0.0) / tl.maximum(size - 1.0, 1.0))
             value = centered / (std_g + eps)
         elif METHOD == 1:
             value = centered
         else:
             value = (centered - mean_b) / (std_b + eps)
-        keep = m
-        if DYNAMIC:
-            keep = keep & (tl.load(cmax_ptr + g, mask=m, other=0.0) > tl.load(cmin_ptr + g, mask=m, other=0.0))
-        tl.store(values_ptr + i, tl.where(keep, value, 0.0), mask=m)
-        tl.store(keep_ptr + i, keep.to(tl.int8), mask=m)
+        tl.store(values_ptr + i, tl.where(keep, value, 0.0), mask=i < B)
+        tl.store(keep_ptr + i, keep.to(tl.int8), mask=i < B)
 
 
 def triton_advantages(rewards, group_ids, *, method, correctness, token_counts, weighting, eps, dynamic_sampling):
@@ -140,16 +142,10 @@ def triton_advantages(rewards, group_ids, *, method, correctness, token_counts, 
             METHOD=METHOD_CODES[method], DYNAMIC=dynamic_sampling, BLOCK=1024,
         )  # fmt: skip
     keep = keep.bool()
-    group_keep = cmax[:n_groups] > cmin[:n_groups] if dynamic_sampling else torch.ones(n_groups, dtype=torch.bool)
-    keptf = keep.to(torch.float32)
-    n_kept = keptf.sum()
-    stats = {
-        "num_groups": torch.tensor(float(n_groups), **f32),
-        "num_kept_groups": group_keep.to(torch.float32).sum(),
-        "num_kept": n_kept,
-        "reward_mean": (rewards.to(torch.float32) * keptf).sum() / torch.clamp(n_kept, min=1.0),
-        "advantage_mean": (values * keptf).sum() / torch.clamp(n_kept, min=1.0),
-    }
+    group_keep = (
+        cmax[:n_groups] > cmin[:n_groups] if dynamic_sampling else torch.ones(n_groups, dtype=torch.bool, device=dev)
+    )
+    stats = advantage_stats(rewards, values, keep, group_keep)
     if method == "dler":
         stats["batch_mean"], stats["batch_std"] = batch_stats[0], batch_stats[1]
     return values, keep, stats
