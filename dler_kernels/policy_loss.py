@@ -48,8 +48,10 @@ def token_logprobs(
             from .triton_policy_loss import triton_token_logprobs
 
             logp, entropy = triton_token_logprobs(logits, targets, temperature)
-        else:
+        elif return_entropy:
             logp, entropy = ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+        else:  # the reference's entropy is another pass over N x V: skip it when not asked for
+            logp = ref.token_logprobs_ref(logits, targets, temperature=temperature)
     return (logp.float(), entropy.float()) if return_entropy else logp.float()
 
 

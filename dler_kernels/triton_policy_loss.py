@@ -279,10 +279,10 @@ def triton_policy_loss(
     targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
     weights = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
     opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
-                kl_type=kl_type if beta != 0.0 else None, entropy_coef=entropy_coef)  # fmt: skip
+                kl_type=kl_type, entropy_coef=entropy_coef)  # fmt: skip
     loss, per_token, logp, entropy, kl = _FusedPolicyLoss.apply(
         logits, targets.contiguous(), valid, old_logprobs.contiguous(), advantages.contiguous(),
-        ref_logprobs.contiguous() if (ref_logprobs is not None and beta != 0.0) else None, weights,
+        ref_logprobs.contiguous() if ref_logprobs is not None else None, weights,  # read only when beta != 0
         inplace_grad, opts,
     )  # fmt: skip
     with torch.no_grad():
