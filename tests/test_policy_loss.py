@@ -60,14 +60,9 @@ def oracle(tensors, extra, **opts):
     return loss.detach(), per_token, logp, ent, metrics, x.grad
 
 
-def run(tensors, extra, inplace_grad=False, **opts):
+def run(tensors, extra, **opts):
     x = tensors["logits"].clone().requires_grad_(True)
-    args = {**tensors, "logits": x}
-    if inplace_grad:
-        args["logits"] = tensors["logits"].clone()  # in place: the buffer becomes the gradient
-        out = policy_loss(**args, **extra, inplace_grad=True, **opts)
-        return out, None
-    out = policy_loss(**args, **extra, **opts)
+    out = policy_loss(**{**tensors, "logits": x}, **extra, **opts)
     out.loss.backward()
     return out, x.grad
 
@@ -176,7 +171,7 @@ def test_inplace_gradient_equals_out_of_place(backend, dtype):
     tensors, extra = make_inputs(7, 300, dtype, seed=4)
     opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7)
     out, grad = run(tensors, extra, **opts)
-    buffer = tensors["logits"].clone().requires_grad_(False)
+    buffer = tensors["logits"].clone()
     out_ip = policy_loss(**{**tensors, "logits": buffer}, **extra, inplace_grad=True, **opts)
     assert out_ip.loss.item() == out.loss.item()
     if backend == "triton":
