@@ -1,0 +1,191 @@
+"""Rewards: correctness times a length penalty, with per-prompt budgets (DA-DLER).
+
+Every length penalty is a pure, vectorised function over one group (the G responses of a
+prompt) with the same signature::
+
+    penalty(correct [G] float in {0,1}, lengths [G] int, truncated [G] bool, budget int, cfg) -> rewards [G]
+
+``budget`` is the group's length budget L: the configured ``length_budget``, or the prompt's own
+budget under DA-DLER, so every penalty composes with difficulty-aware budgets and with any
+advantage method. A response is *truncated* when the engine cut it at ``max_tokens``.
+Semantics: ``DESIGN.md`` section 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LengthPenaltyConfig:
+    """Which penalty, and its parameters. ``length_budget`` is L for every penalty (DLER: 4000)."""
+
+    name: str = "truncation"
+    length_budget: int = 4000
+    truncation_coef: float = 0.0  # DLER paper: 0; the released code used 0.1
+    overlong_buffer: int = 1000  # DAPO L_c (L_max is length_budget)
+    cosine_correct: tuple[float, float] = (2.0, 1.0)  # (r0, rL) for correct responses
+    cosine_wrong: tuple[float, float] = (-10.0, 0.0)  # (r0, rL) for wrong responses
+    cosine_exceed: float = -10.0
+    l1_alpha: float = 0.0003
+    l1_delta: float = 0.5
+    laser_bonus: float = 0.5
+
+    def __post_init__(self):
+        if self.name not in LENGTH_PENALTIES:
+            raise ValueError(f"length penalty name must be one of {sorted(LENGTH_PENALTIES)}, got {self.name!r}")
+        if self.length_budget < 1:
+            raise ValueError(f"length_budget must be >= 1 token, got {self.length_budget}")
+        if not 0 <= self.truncation_coef <= 1:
+            raise ValueError(f"truncation_coef must be in [0, 1], got {self.truncation_coef}")
+        if self.name == "overlong" and not 0 < self.overlong_buffer <= self.length_budget:
+            raise ValueError(
+                f"overlong_buffer must be in (0, length_budget={self.length_budget}], got {self.overlong_buffer}"
+            )
+
+
+def _finished_within(lengths: np.ndarray, truncated: np.ndarray, budget: int) -> np.ndarray:
+    return ~truncated & (lengths <= budget)
+
+
+def truncation(correct, lengths, truncated, budget, cfg):
+    """DLER: R if the response ended by itself within L tokens, else ``truncation_coef * R``."""
+    return np.where(_finished_within(lengths, truncated, budget), correct, cfg.truncation_coef * correct)
+
+
+def overlong(correct, lengths, truncated, budget, cfg):
+    """DAPO soft overlong punishment, added to R: 0 up to L-L_c, linear down to -1 at L, -1 beyond.
+    A function of the length alone, as in DAPO (which samples up to L, so truncated means |o| = L)."""
+    soft = budget - cfg.overlong_buffer
+    return correct + np.clip((soft - lengths) / cfg.overlong_buffer, -1.0, 0.0)
+
+
+def _eta(t: np.ndarray, start: float, end: float, budget: int) -> np.ndarray:
+    return end + 0.5 * (start - end) * (1 + np.cos(np.pi * t / budget))
+
+
+def cosine(correct, lengths, truncated, budget, cfg):
+    """Yeo et al. 2025: cosine in the length from r0 (at 0 tokens) to rL (at L), separate for
+    correct and wrong; an exceeded (truncated or over L) response gets ``cosine_exceed``."""
+    right = _eta(lengths, *cfg.cosine_correct, budget)
+    wrong = _eta(lengths, *cfg.cosine_wrong, budget)
+    exceeded = truncated | (lengths > budget)
+    return np.where(exceeded, cfg.cosine_exceed, np.where(correct > 0, right, wrong))
+
+
+def l1_max(correct, lengths, truncated, budget, cfg):
+    """L1-Max / LCPO (Aggarwal & Welleck 2025): R * clip(alpha (n_gold - |o|) + delta, 0, 1), n_gold = L."""
+    return correct * np.clip(cfg.l1_alpha * (budget - lengths) + cfg.l1_delta, 0.0, 1.0)
+
+
+def kimi(correct, lengths, truncated, budget, cfg):
+    """Kimi k1.5: lambda = 0.5 - (|o|-min)/(max-min) over the group (0 when all lengths are equal);
+    correct responses get +lambda, wrong ones min(0, lambda)."""
+    lo, hi = lengths.min(), lengths.max()
+    lam = np.zeros_like(correct) if hi == lo else 0.5 - (lengths - lo) / (hi - lo)
+    return correct + np.where(correct > 0, lam, np.minimum(0.0, lam))
+
+
+def laser(correct, lengths, truncated, budget, cfg):
+    """LASER step reward (Liu et al. 2025): ``laser_bonus`` added for a correct response of at most
+    the target length L tokens."""
+    return correct + cfg.laser_bonus * correct * (lengths <= budget)
+
+
+def no_penalty(correct, lengths, truncated, budget, cfg):
+    return correct.copy()
+
+
+PenaltyFn = Callable[[np.ndarray, np.ndarray, np.ndarray, int, LengthPenaltyConfig], np.ndarray]
+LENGTH_PENALTIES: dict[str, PenaltyFn] = {
+    "truncation": truncation,
+    "overlong": overlong,
+    "cosine": cosine,
+    "l1_max": l1_max,
+    "kimi": kimi,
+    "laser": laser,
+    "none": no_penalty,
+}
+
+
+def apply_length_penalty(
+    cfg: LengthPenaltyConfig,
+    correct: Sequence[float],
+    lengths: Sequence[int],
+    truncated: Sequence[bool],
+    budget: int | None = None,
+) -> np.ndarray:
+    """Rewards of one group: ``cfg.name``'s penalty with the group's budget (default ``cfg.length_budget``)."""
+    c = np.asarray(correct, dtype=np.float64)
+    n = np.asarray(lengths, dtype=np.float64)
+    t = np.asarray(truncated, dtype=bool)
+    if not (c.shape == n.shape == t.shape) or c.ndim != 1:
+        raise ValueError(f"correct, lengths, truncated must be 1-D of one length, got {c.shape}, {n.shape}, {t.shape}")
+    if c.size == 0:
+        raise ValueError("a group needs at least one response")
+    if ((c != 0) & (c != 1)).any():
+        raise ValueError("correct must hold 0 or 1 per response")
+    if (n < 0).any():
+        raise ValueError("lengths must be >= 0 tokens")
+    budget = cfg.length_budget if budget is None else int(budget)
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 token, got {budget}")
+    return LENGTH_PENALTIES[cfg.name](c, n, t, budget, cfg)
+
+
+@dataclass
+class DifficultyBudgets:
+    """DA-DLER: a prompt's budget from its group's correctness ratio c.
+
+    ``thresholds`` d_1 < ... < d_k and ``budgets`` l_0..l_k: the budget is l_j where j is the
+    number of thresholds with c >= d_j, so a harder prompt (lower c) keeps a longer budget.
+    Paper: thresholds (0.5,), budgets (4000, 2000). ``source`` "current" judges a prompt by this
+    step's group; "previous" by the group seen the last time it was drawn (the current group
+    for a prompt never seen before). The record persists across steps and into checkpoints.
+    """
+
+    thresholds: tuple[float, ...] = (0.5,)
+    budgets: tuple[int, ...] = (4000, 2000)
+    source: str = "current"
+    record: dict[str, tuple[float, int]] = field(default_factory=dict)  # prompt id -> (ratio, step seen)
+
+    def __post_init__(self):
+        self.thresholds = tuple(float(x) for x in self.thresholds)
+        self.budgets = tuple(int(x) for x in self.budgets)
+        if len(self.budgets) != len(self.thresholds) + 1:
+            raise ValueError(
+                f"budgets needs one entry more than thresholds (got {len(self.budgets)} budgets for "
+                f"{len(self.thresholds)} thresholds)"
+            )
+        if any(not 0 < d <= 1 for d in self.thresholds) or list(self.thresholds) != sorted(set(self.thresholds)):
+            raise ValueError(f"thresholds must be strictly increasing in (0, 1], got {self.thresholds}")
+        if any(b < 1 for b in self.budgets):
+            raise ValueError(f"budgets must be >= 1 token, got {self.budgets}")
+        if self.source not in ("current", "previous"):
+            raise ValueError(f"source must be 'current' or 'previous', got {self.source!r}")
+
+    @property
+    def max_budget(self) -> int:
+        """What rollouts must generate up to."""
+        return max(self.budgets)
+
+    def budget_for_ratio(self, ratio: float) -> int:
+        return self.budgets[sum(ratio >= d for d in self.thresholds)]
+
+    def observe(self, prompt_id: str, correct: Sequence[float], step: int) -> int:
+        """Record this step's group of ``prompt_id`` and return the budget its penalty uses."""
+        ratio = float(np.mean(correct)) if len(correct) else 0.0
+        previous = self.record.get(prompt_id)
+        self.record[prompt_id] = (ratio, step)
+        if self.source == "previous" and previous is not None:
+            ratio = previous[0]
+        return self.budget_for_ratio(ratio)
+
+    def state_dict(self) -> dict:
+        return {"record": {k: list(v) for k, v in self.record.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.record = {k: (float(r), int(s)) for k, (r, s) in state["record"].items()}
