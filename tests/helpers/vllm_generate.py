@@ -2,6 +2,7 @@
 
 A separate process gives each engine a clean start and returns its memory when it exits.
 usage: python vllm_generate.py MODEL_DIR '{"prompts": [...], "n": 2, "max_tokens": 8, ...}'
+       python vllm_generate.py MODEL_DIR '{"calls": [{...}, {...}], "dtype": ...}'  (one engine, several calls)
 """
 
 import json
@@ -10,13 +11,24 @@ from dataclasses import asdict
 
 from trainer.rollout import VLLMEngine, chat_prompts
 
-if __name__ == "__main__":
-    model_dir, spec = sys.argv[1], json.loads(sys.argv[2])
-    engine = VLLMEngine(
-        model_dir, max_model_len=spec.pop("max_model_len", 512), dtype=spec.pop("dtype", "auto"), seed=0
-    )
+
+def run(engine, model_dir, spec):
     prompts = spec.pop("prompts")
     if spec.pop("chat", False):
         prompts = chat_prompts(model_dir, prompts)
     groups = engine.generate(prompts, **spec)
-    print(json.dumps({"prompts": prompts, "groups": [[asdict(s) for s in g] for g in groups]}))
+    return {"prompts": prompts, "groups": [[asdict(s) for s in g] for g in groups]}
+
+
+if __name__ == "__main__":
+    model_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+    engine = VLLMEngine(
+        model_dir,
+        max_model_len=spec.pop("max_model_len", 512),
+        dtype=spec.pop("dtype", "auto"),
+        gpu_memory_utilization=spec.pop("gpu_memory_utilization", None),
+        seed=0,
+    )
+    calls = spec.pop("calls", None)
+    result = [run(engine, model_dir, c) for c in calls] if calls is not None else run(engine, model_dir, spec)
+    print(json.dumps(result))
