@@ -1,0 +1,222 @@
+"""Dynamic sampling: the batch is filled exactly, only zero-spread groups are dropped, the round
+cap stops it. A scripted engine makes every group's correctness known in advance; the answer
+checker is the real one. The same sampler on the real vLLM engine: tests/test_rollout.py."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from trainer.answers import AnswerChecker
+from trainer.data import Example, PromptStream
+from trainer.rewards import DifficultyBudgets, LengthPenaltyConfig
+from trainer.rollout import Sample
+from trainer.sampling import DynamicSampler, RolloutBatch, SamplingConfig, SamplingWarning
+
+
+class ScriptedEngine:
+    """Answers prompt [i] with the pattern script[i]: 'R' a right answer, 'W' a wrong one, 'T' a
+    right answer cut by max_tokens. Response i of a group has 10 * (i + 1) tokens."""
+
+    def __init__(self, script: dict[int, str], golds: dict[int, str]):
+        self.script, self.golds, self.calls = script, golds, []
+
+    def generate(self, prompts, *, n, max_tokens, temperature, top_p, seed):
+        self.calls.append({"prompts": [p[0] for p in prompts], "n": n, "max_tokens": max_tokens, "seed": seed})
+        groups = []
+        for (i,) in prompts:
+            pattern = self.script[i]
+            assert len(pattern) == n
+            group = []
+            for j, kind in enumerate(pattern):
+                answer = self.golds[i] if kind in "RT" else "-1"
+                length = 10 * (j + 1)
+                group.append(Sample([5] * length, f"so \\boxed{{{answer}}}", "length" if kind == "T" else "stop", []))
+            groups.append(group)
+        return groups
+
+    def update_weights(self, named_tensors):
+        raise NotImplementedError
+
+    def sleep(self):
+        pass
+
+    def wake_up(self, tags=None):
+        pass
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with AnswerChecker(mode="exact") as c:
+        yield c
+
+
+def make_sampler(checker, script, *, penalty=None, budgets=None, seed=0, **config):
+    examples = [Example(f"q{i}", str(i + 100), f"id{i}", "test") for i in range(len(script))]
+    engine = ScriptedEngine(dict(enumerate(script)), {i: str(i + 100) for i in range(len(script))})
+    stream = PromptStream(examples, seed=seed, shuffle=False)
+    prompt_ids = lambda exs: [[int(e.id[2:])] for e in exs]
+    penalty = penalty or LengthPenaltyConfig(name="truncation", length_budget=100)
+    sampler = DynamicSampler(engine, stream, prompt_ids, checker, penalty, SamplingConfig(**config), budgets)
+    return sampler, engine
+
+
+def test_fills_the_batch_exactly_and_drops_only_zero_spread_groups(checker):
+    script = ["RRRR", "RWRW", "WWWW", "RRRW", "WWWW", "RRRR", "WRWW", "RWWW", "RRWW", "RRRR", "WWWR", "RWRR"]
+    sampler, engine = make_sampler(checker, script, prompts_per_step=4, samples_per_prompt=4, max_rounds=10)
+    batch, stats = sampler.collect(step=0)
+    assert len(batch) == 4
+    assert [g.example.id for g in batch] == ["id1", "id3", "id6", "id7"]  # stream order, spread only
+    generated = [i for call in engine.calls for i in call["prompts"]]
+    dropped = set(generated) - {int(g.example.id[2:]) for g in batch}
+    assert all(len(set(script[i])) == 1 for i in dropped)  # every dropped group had zero spread
+    # round 1 asks for 4 prompts (2 kept), round 2 for 2 / 0.5 = 4 (2 more kept): 8 generated
+    assert [len(c["prompts"]) for c in engine.calls] == [4, 4] and stats.rounds == 2
+    assert stats.prompts_generated == 8 and stats.groups_with_spread == 4 and stats.kept_fraction == 0.5
+    assert stats.groups_all_correct == 2 and stats.groups_all_wrong == 2
+    assert len({c["seed"] for c in engine.calls}) == 2  # each round samples afresh
+    assert not stats.capped
+
+
+def test_cuts_to_exactly_the_target_when_a_round_overshoots(checker):
+    script = ["RWRW"] * 10
+    sampler, engine = make_sampler(checker, script, prompts_per_step=3, samples_per_prompt=4, oversample=2.0)
+    batch, stats = sampler.collect(step=0)
+    assert [len(c["prompts"]) for c in engine.calls] == [6]
+    assert len(batch) == 3 and stats.groups_with_spread == 6
+    assert sampler.stream.position == 6  # the extra prompts were drawn and are not drawn again
+
+
+def test_stops_at_the_round_cap_with_a_warning(checker):
+    script = ["WWWW"] * 30 + ["RWWW"] * 2
+    sampler, engine = make_sampler(
+        checker, script, prompts_per_step=4, samples_per_prompt=4, max_rounds=3, max_prompts_per_round=8
+    )
+    with pytest.warns(SamplingWarning, match=r"only 0 of 4 prompts have a correctness spread after 3 rounds"):
+        batch, stats = sampler.collect(step=0)
+    assert batch == [] and stats.capped and stats.rounds == 3 and len(engine.calls) == 3
+    # with nothing kept, later rounds grow to the per-round cap
+    assert [len(c["prompts"]) for c in engine.calls] == [4, 8, 8]
+    assert stats.groups_all_wrong == 20 and stats.accuracy == 0.0
+
+
+def test_partial_batch_at_the_cap(checker):
+    script = ["RWWW", "WWWW", "WWWW", "WWWW", "RRRR", "WWWW", "WWWW", "WWWW"]
+    sampler, _ = make_sampler(checker, script, prompts_per_step=4, samples_per_prompt=4, max_rounds=1)
+    with pytest.warns(SamplingWarning, match="only 1 of 4"):
+        batch, stats = sampler.collect(step=0)
+    assert [g.example.id for g in batch] == ["id0"] and stats.capped
+
+
+def test_without_dynamic_sampling_every_group_is_kept(checker):
+    script = ["WWWW", "RRRR", "RWRW", "WWWW"]
+    sampler, engine = make_sampler(checker, script, prompts_per_step=4, samples_per_prompt=4, dynamic_sampling=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch, stats = sampler.collect(step=0)
+    assert len(batch) == 4 and len(engine.calls) == 1 and stats.groups_with_spread == 1
+
+
+def test_statistics_and_rewards_of_the_batch(checker):
+    # lengths 10, 20, 30, 40; budget 25: responses 3 and 4 of a group exceed it
+    script = ["RTWR", "RRRW"]
+    sampler, engine = make_sampler(
+        checker,
+        script,
+        penalty=LengthPenaltyConfig(name="truncation", length_budget=25, truncation_coef=0.1),
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        max_tokens=50,
+    )
+    batch, stats = sampler.collect(step=0)
+    assert engine.calls[0]["max_tokens"] == 50
+    np.testing.assert_array_equal(batch[0].correct, [1, 1, 0, 1])  # 'T' is right but truncated
+    np.testing.assert_array_equal(batch[0].truncated, [False, True, False, False])
+    np.testing.assert_allclose(batch[0].rewards, [1, 0.1, 0, 0.1])
+    np.testing.assert_allclose(batch[1].rewards, [1, 1, 0.1, 0])
+    assert stats.samples == 8 and stats.accuracy == 6 / 8 and stats.mean_length == 25.0
+    assert stats.truncation_rate == 1 / 8 and stats.generated_tokens == 200
+    assert stats.mean_reward == pytest.approx((1.2 + 2.1) / 8)
+    flat = RolloutBatch.from_groups(batch)
+    assert len(flat) == 8 and flat.group_ids.tolist() == [0] * 4 + [1] * 4
+    np.testing.assert_allclose(flat.rewards, np.concatenate([g.rewards for g in batch]))
+    assert flat.lengths.tolist() == [10, 20, 30, 40] * 2 and flat.prompt_ids[5] == [1]
+    assert stats.as_dict()["kept_fraction"] == 1.0
+
+
+def test_da_dler_budgets_in_the_sampler(checker):
+    # paper setting scaled down: c >= 0.5 -> budget 20, else 35; rollouts go to the larger budget
+    budgets = DifficultyBudgets(thresholds=(0.5,), budgets=(35, 20))
+    script = ["RRRW", "RWWW"]
+    sampler, engine = make_sampler(
+        checker,
+        script,
+        penalty=LengthPenaltyConfig(name="truncation"),
+        budgets=budgets,
+        prompts_per_step=2,
+        samples_per_prompt=4,
+    )
+    batch, stats = sampler.collect(step=7)
+    assert engine.calls[0]["max_tokens"] == 35
+    assert [g.budget for g in batch] == [20, 35]
+    np.testing.assert_allclose(batch[0].rewards, [1, 1, 0, 0])  # easy: 30 and 40 tokens exceed 20
+    np.testing.assert_allclose(batch[1].rewards, [1, 0, 0, 0])
+    assert budgets.record == {"id0": (0.75, 7), "id1": (0.25, 7)}
+    assert stats.budgets == {20: 1, 35: 1}
+
+
+def test_sampler_settings_are_checked(checker):
+    with pytest.raises(ValueError, match="max_tokens .* must be >= the largest DA-DLER budget"):
+        make_sampler(checker, ["RW"], budgets=DifficultyBudgets(), samples_per_prompt=2, max_tokens=100)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        SamplingConfig(samples_per_prompt=1)
+    with pytest.raises(ValueError, match="prompts_per_step must be >= 1"):
+        SamplingConfig(prompts_per_step=0)
+    with pytest.raises(ValueError, match="oversample must be >= 1"):
+        SamplingConfig(oversample=0.5)
+    with pytest.raises(ValueError, match="max_prompts_per_round"):
+        SamplingConfig(prompts_per_step=8, max_prompts_per_round=4)
+
+
+@pytest.mark.vllm
+def test_dynamic_sampling_on_the_real_engine(smollm2_dir):
+    """SmolLM2 on single-digit sums (right ~6% of the time at T=1, so most groups have no spread):
+    the sampler must draw several rounds and still return exactly the target."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from trainer.rewards import apply_length_penalty
+
+    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
+    spec = {
+        "difficulty": 1,
+        "budgets": [32, 16],
+        "sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": 1.0, "max_rounds": 6},
+    }
+    helper = Path(__file__).parent / "helpers" / "vllm_dynamic_sampling.py"
+    out = subprocess.run(
+        [sys.executable, str(helper), str(smollm2_dir), json.dumps(spec)], capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    stats, groups = res["stats"], res["groups"]
+    assert len(groups) == 2 and not stats["capped"] and res["warnings"] == []
+    assert stats["rounds"] >= 2  # one round of 2 prompts is not enough at this accuracy
+    assert stats["samples"] == 4 * stats["prompts_generated"] == 4 * res["stream_position"]
+    assert (
+        stats["groups_with_spread"] + stats["groups_all_correct"] + stats["groups_all_wrong"]
+        == stats["prompts_generated"]
+    )
+    assert res["rescored"] == [c for g in groups for c in g["correct"]]
+    for g in groups:
+        assert 0 < sum(g["correct"]) < 4  # spread
+        assert g["lengths"] == g["token_counts"] and all(n <= 32 for n in g["lengths"])
+        assert g["truncated"] == [f == "length" for f in g["finish"]]
+        assert g["budget"] == (16 if np.mean(g["correct"]) >= 0.5 else 32)
+        assert res["record"][g["id"]] == [np.mean(g["correct"]), 0]
+        expected = apply_length_penalty(
+            LengthPenaltyConfig(name="truncation"), g["correct"], g["lengths"], g["truncated"], g["budget"]
+        )
+        np.testing.assert_allclose(g["rewards"], expected)

@@ -1,0 +1,258 @@
+"""Dynamic sampling: generate, score and filter groups until the step's batch is full.
+
+One call of ``DynamicSampler.collect`` turns "the next prompts of the data stream" into exactly
+``prompts_per_step`` scored groups that carry a learning signal (DAPO / DLER dynamic sampling):
+groups whose correctness has zero spread (all right or all wrong, judged before any length
+penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .data import Example, PromptStream
+from .rewards import DifficultyBudgets, LengthPenaltyConfig, apply_length_penalty
+from .rollout import RolloutEngine, Sample
+
+
+class Scorer(Protocol):
+    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]: ...
+
+
+class SamplingWarning(UserWarning):
+    """The round cap ended dynamic sampling with fewer prompts than asked for."""
+
+
+@dataclass
+class SamplingConfig:
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    max_tokens: int | None = None  # default: the largest length budget (DA-DLER: max of its budgets)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    dynamic_sampling: bool = True
+    max_rounds: int = 4
+    # Round 1 asks for ceil(prompts_per_step * oversample) prompts; later rounds size themselves
+    # from the kept fraction seen so far, within max_prompts_per_round.
+    oversample: float = 1.0
+    max_prompts_per_round: int | None = None
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "samples_per_prompt", "max_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError("dynamic_sampling needs samples_per_prompt >= 2 (a group of one has no spread)")
+        if self.oversample < 1:
+            raise ValueError(f"oversample must be >= 1, got {self.oversample}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_prompts_per_round is not None and self.max_prompts_per_round < self.prompts_per_step:
+            raise ValueError(
+                f"max_prompts_per_round ({self.max_prompts_per_round}) must be >= prompts_per_step "
+                f"({self.prompts_per_step})"
+            )
+
+
+@dataclass
+class ScoredGroup:
+    """One prompt's responses with everything the update needs."""
+
+    example: Example
+    prompt_ids: list[int]
+    samples: list[Sample]
+    correct: np.ndarray  # [G] 0/1, before any length penalty
+    rewards: np.ndarray  # [G] after the length penalty
+    lengths: np.ndarray  # [G] response tokens
+    truncated: np.ndarray  # [G] cut by max_tokens
+    budget: int  # the length budget the penalty used (DA-DLER: the prompt's own)
+
+    @property
+    def has_spread(self) -> bool:
+        return bool(self.correct.min() != self.correct.max())
+
+
+@dataclass
+class SamplingStats:
+    rounds: int = 0
+    prompts_generated: int = 0
+    groups_with_spread: int = 0  # among all generated, before the cut to prompts_per_step
+    groups_all_correct: int = 0
+    groups_all_wrong: int = 0
+    samples: int = 0
+    accuracy: float = 0.0  # over every generated response, not only the kept ones
+    mean_length: float = 0.0
+    truncation_rate: float = 0.0
+    mean_reward: float = 0.0  # over the returned batch
+    budgets: dict[int, int] = field(default_factory=dict)  # budget -> prompts (DA-DLER)
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+    capped: bool = False
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.groups_with_spread / self.prompts_generated if self.prompts_generated else 0.0
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "budgets"}
+        out["kept_fraction"] = self.kept_fraction
+        out["budgets"] = {str(k): v for k, v in sorted(self.budgets.items())}
+        return out
+
+
+class DynamicSampler:
+    """Draws prompts from ``stream``, samples ``samples_per_prompt`` responses each with ``engine``,
+    scores them (``scorer`` for correctness, the length penalty for the reward, DA-DLER budgets
+    when ``budgets`` is given) and keeps groups with spread until the batch is full."""
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        stream: PromptStream,
+        prompt_ids: Callable[[Sequence[Example]], list[list[int]]],
+        scorer: Scorer,
+        penalty: LengthPenaltyConfig,
+        config: SamplingConfig,
+        budgets: DifficultyBudgets | None = None,
+    ):
+        self.engine, self.stream, self.prompt_ids, self.scorer = engine, stream, prompt_ids, scorer
+        self.penalty, self.config, self.budgets = penalty, config, budgets
+        largest = budgets.max_budget if budgets is not None else penalty.length_budget
+        self.max_tokens = config.max_tokens if config.max_tokens is not None else largest
+        if budgets is not None and self.max_tokens < largest:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must be >= the largest DA-DLER budget ({largest}): "
+                "rollouts generate up to the largest budget and the penalty applies each prompt's own"
+            )
+
+    def collect(self, step: int, seed: int = 0) -> tuple[list[ScoredGroup], SamplingStats]:
+        cfg, stats = self.config, SamplingStats()
+        target, kept, generated = cfg.prompts_per_step, [], []
+        while len(kept) < target and stats.rounds < cfg.max_rounds:
+            ask = self._round_size(target - len(kept), stats)
+            groups = self._generate_and_score(self.stream.take(ask), step, seed + 7919 * stats.rounds, stats)
+            stats.rounds += 1
+            generated += groups
+            kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]
+            if not cfg.dynamic_sampling:
+                break
+        if len(kept) < target:
+            stats.capped = True
+            warnings.warn(
+                f"dynamic sampling: only {len(kept)} of {target} prompts have a correctness spread after "
+                f"{stats.rounds} rounds ({stats.prompts_generated} prompts generated: "
+                f"{stats.groups_all_correct} all correct, {stats.groups_all_wrong} all wrong); training on "
+                f"{len(kept)}. Raise max_rounds or oversample, or use data of a difficulty that suits the model.",
+                SamplingWarning,
+                stacklevel=2,
+            )
+        batch = kept[:target]
+        self._summarise(generated, batch, stats)
+        return batch, stats
+
+    def _round_size(self, missing: int, stats: SamplingStats) -> int:
+        cfg = self.config
+        if stats.rounds == 0 or not cfg.dynamic_sampling:
+            ask = math.ceil(missing * cfg.oversample)
+        else:
+            # Expect the kept fraction seen so far; never below 1/8 so one unlucky round
+            # does not make the next one explode.
+            frac = max(stats.kept_fraction, 0.125)
+            ask = math.ceil(missing / frac)
+        if cfg.max_prompts_per_round is not None:
+            ask = min(ask, cfg.max_prompts_per_round)
+        return max(ask, missing)
+
+    def _generate_and_score(self, examples, step: int, seed: int, stats: SamplingStats) -> list[ScoredGroup]:
+        cfg = self.config
+        prompts = self.prompt_ids(examples)
+        start = time.perf_counter()
+        outputs = self.engine.generate(
+            prompts,
+            n=cfg.samples_per_prompt,
+            max_tokens=self.max_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed,
+        )
+        stats.generate_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        texts = [s.text for group in outputs for s in group]
+        golds = [ex.answer for ex, group in zip(examples, outputs) for _ in group]
+        correct = np.asarray(self.scorer.score(texts, golds), dtype=np.float64)
+        groups, offset = [], 0
+        for ex, ids, samples in zip(examples, prompts, outputs):
+            c = correct[offset : offset + len(samples)]
+            offset += len(samples)
+            groups.append(self._score_group(ex, ids, samples, c, step))
+        stats.score_seconds += time.perf_counter() - start
+        stats.prompts_generated += len(groups)
+        stats.groups_with_spread += sum(g.has_spread for g in groups)
+        return groups
+
+    def _score_group(self, example: Example, ids: list[int], samples: list[Sample], correct, step) -> ScoredGroup:
+        lengths = np.array([len(s.token_ids) for s in samples])
+        truncated = np.array([s.finish_reason == "length" for s in samples])
+        if self.budgets is not None:
+            budget = self.budgets.observe(example.id, correct, step)
+        else:
+            budget = self.penalty.length_budget
+        rewards = apply_length_penalty(self.penalty, correct, lengths, truncated, budget)
+        return ScoredGroup(example, list(ids), samples, correct, rewards, lengths, truncated, budget)
+
+    @staticmethod
+    def _summarise(generated: list[ScoredGroup], batch: list[ScoredGroup], stats: SamplingStats) -> None:
+        if generated:
+            correct = np.concatenate([g.correct for g in generated])
+            lengths = np.concatenate([g.lengths for g in generated])
+            truncated = np.concatenate([g.truncated for g in generated])
+            stats.samples = int(correct.size)
+            stats.accuracy = float(correct.mean())
+            stats.mean_length = float(lengths.mean())
+            stats.truncation_rate = float(truncated.mean())
+            stats.generated_tokens = int(lengths.sum())
+            stats.groups_all_correct = sum(bool(g.correct.min() == 1) for g in generated)
+            stats.groups_all_wrong = sum(bool(g.correct.max() == 0) for g in generated)
+        if batch:
+            stats.mean_reward = float(np.concatenate([g.rewards for g in batch]).mean())
+        for g in batch:
+            stats.budgets[g.budget] = stats.budgets.get(g.budget, 0) + 1
+
+
+@dataclass
+class RolloutBatch:
+    """The kept groups flattened to one row per response: what advantages and the update read."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    sampling_logprobs: list[list[float]]
+    rewards: np.ndarray  # [B] float
+    correct: np.ndarray  # [B] 0/1
+    group_ids: np.ndarray  # [B] int, index of the group in the batch
+    lengths: np.ndarray  # [B] int
+    truncated: np.ndarray  # [B] bool
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[ScoredGroup]) -> RolloutBatch:
+        rows = [(gi, g, s) for gi, g in enumerate(groups) for s in g.samples]
+        return cls(
+            prompt_ids=[g.prompt_ids for _, g, _ in rows],
+            response_ids=[s.token_ids for _, _, s in rows],
+            sampling_logprobs=[s.logprobs for _, _, s in rows],
+            rewards=np.concatenate([g.rewards for g in groups]) if groups else np.zeros(0),
+            correct=np.concatenate([g.correct for g in groups]) if groups else np.zeros(0),
+            group_ids=np.array([gi for gi, _, _ in rows], dtype=np.int64),
+            lengths=np.concatenate([g.lengths for g in groups]) if groups else np.zeros(0, dtype=np.int64),
+            truncated=np.concatenate([g.truncated for g in groups]) if groups else np.zeros(0, dtype=bool),
+        )
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
