@@ -27,11 +27,17 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .models import resolve_model
-    from .rollout import VLLMEngine, chat_prompts
+    from .rollout import chat_prompts, make_engine
 
     model_dir = resolve_model(args.model)
     prompts = args.prompt or ["What is 3 + 4?"]
-    engine = VLLMEngine(model_dir, max_model_len=args.max_model_len, seed=args.seed)
+    if args.engine == "vllm":
+        options = dict(max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    else:
+        options = {}
+    if args.dtype is not None:
+        options["dtype"] = args.dtype
+    engine = make_engine(args.engine, model_dir, seed=args.seed, **options)
     texts = chat_prompts(model_dir, prompts)
     start = time.perf_counter()
     groups = engine.generate(
@@ -52,7 +58,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     n_samples = sum(len(g) for g in groups)
     print(
         f"\n{n_samples} samples, {total} generated tokens in {elapsed:.1f} s "
-        f"({total / elapsed:.1f} tokens/s) with vLLM on {engine.device_name}; model {model_dir}"
+        f"({total / elapsed:.1f} tokens/s) with {args.engine} on {engine.device_name}; model {model_dir}"
     )
     return 0
 
@@ -81,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        help="sample responses with vLLM and report lengths, finish reasons and throughput",
-        description="Apply the model's chat template to each --prompt and sample -n responses with vLLM.",
+        help="sample responses (vLLM or transformers) and report lengths, finish reasons and throughput",
+        description="Apply the model's chat template to each --prompt and sample -n responses.",
     )
     p.add_argument("--model", default="smollm2", help="model folder or alias: smollm2, tiny-llama, tiny-qwen2")
     p.add_argument("--prompt", action="append", help="a question (repeatable)")
@@ -92,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
+    p.add_argument("--dtype", default=None, help="vllm: auto (default) or float32/bfloat16; hf: float32 (default)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vllm: fraction of GPU memory (CPU: of host memory, default 0.15) for weights and KV cache",
+    )
     p.set_defaults(func=_cmd_generate)
     return parser
 
