@@ -185,3 +185,12 @@ def test_vllm_weight_sync_is_real_smollm2(smollm2_dir):
     res = _vllm("vllm_weight_sync.py", smollm2_dir, **spec)
     _check_weight_sync(res, bound=1e-3)
     assert res["sync"]["tensors"] == 273
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_sampling_of_a_large_batch(tiny_llama_dir):
+    """Regression: vLLM 0.32 on a CPU crashed ("CPU Generator does not use offset") once a batch of
+    seeded requests exceeded one step's token budget; the engine disables chunked prefill there."""
+    prompts = [f"What is {i} + {i}? Think it through." for i in range(64)]
+    res = _vllm("vllm_generate.py", tiny_llama_dir, prompts=prompts, chat=True, n=8, max_tokens=4, seed=1)
+    assert len(res["groups"]) == 64 and all(len(g) == 8 for g in res["groups"])

@@ -167,6 +167,7 @@ class VLLMEngine:
     (~9 GiB here) reserved for weights and KV cache: 0.1-0.2 suits models up to SmolLM2.
     ``dtype="auto"`` lets vLLM choose, and on a CPU it downcasts float32 models to bfloat16;
     pass ``"float32"`` where log-probs must match the trainer's float32 forward closely.
+    ``engine_args`` go to ``vllm.LLM`` as they are (e.g. ``max_num_seqs``).
     """
 
     def __init__(
@@ -181,6 +182,7 @@ class VLLMEngine:
         enable_sleep_mode: bool | None = None,
         sleep_level: int = 1,
         bucket_bytes: int = 256 << 20,
+        engine_args: dict | None = None,
     ):
         try:
             import vllm
@@ -205,7 +207,11 @@ class VLLMEngine:
         self.sleep_mode = self.on_cuda if enable_sleep_mode is None else (enable_sleep_mode and self.on_cuda)
         self.sleep_level, self.bucket_bytes, self.asleep = sleep_level, bucket_bytes, False
         self.device_name = torch.cuda.get_device_name() if self.on_cuda else "CPU"
-        kwargs = {}
+        kwargs = {} if self.on_cuda else {"enable_chunked_prefill": False}
+        # vLLM 0.32 on a CPU crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split across steps, which happens as soon as a batch of prompts exceeds one
+        # step's token budget: whole prefills avoid it.
+        kwargs.update(engine_args or {})
         if tensor_parallel_size > 1:
             if "RANK" not in os.environ:
                 raise UserError(
