@@ -1,0 +1,131 @@
+"""The policy update on packed micro-batches equals the per-sequence computation and one big batch."""
+
+import pytest
+import torch
+
+from dler_kernels import reference as ref
+from trainer.policy import LossSettings, Packed, UpdateRow, accumulate_gradients, compute_logprobs, plan_micro_batches
+
+
+def test_plan_keeps_order_and_respects_the_budget():
+    assert plan_micro_batches([3, 4, 2, 7, 1, 1], 7) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_micro_batches([10, 1], 5) == [[0], [1]]  # a long row gets a micro-batch of its own
+    assert plan_micro_batches([], 5) == []
+    with pytest.raises(ValueError, match="token_budget must be >= 1"):
+        plan_micro_batches([1], 0)
+
+
+def test_packing_positions_and_targets():
+    rows = [UpdateRow([1, 2], [3, 4, 5], 0.5), UpdateRow([6], [7], -1.0)]
+    p = Packed.of(rows, torch.device("cpu"))
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert p.loss_positions.tolist() == [1, 2, 3, 5]  # each predicts the next token
+    assert p.targets.tolist() == [3, 4, 5, 7] and p.seq_ids.tolist() == [0, 0, 0, 1]
+    assert p.advantages.tolist() == [0.5, 0.5, 0.5, -1.0]
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        Packed.of([UpdateRow([], [1], 0.0)], torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():  # larger weights than the init, so that ratios and clipping are exercised
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.1)
+    return m
+
+
+def make_rows(seed, n=6):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        p, r = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(0, 9, (1,), generator=gen))
+        ids = torch.randint(0, 49152, (p + r,), generator=gen).tolist()
+        rows.append(UpdateRow(ids[:p], ids[p:], float(torch.randn(1, generator=gen))))
+    return rows
+
+
+def per_sequence_loss(model, rows, loss: LossSettings, old):
+    """The specification: each sequence in its own forward (no packing), the reference loss."""
+    logits, targets, seq, adv = [], [], [], []
+    for i, row in enumerate(rows):
+        if not row.response_ids:
+            continue
+        ids = torch.tensor([row.prompt_ids + row.response_ids])
+        out = model(input_ids=ids).logits[0, len(row.prompt_ids) - 1 : -1]
+        logits.append(out)
+        targets += row.response_ids
+        seq += [i] * len(row.response_ids)
+        adv += [row.advantage] * len(row.response_ids)
+    logits = torch.cat(logits)
+    targets = torch.tensor(targets)
+    return ref.policy_loss_ref(
+        logits,
+        targets,
+        old,
+        torch.tensor(adv),
+        torch.ones_like(targets, dtype=torch.bool),
+        seq_ids=torch.tensor(seq),
+        **loss.__dict__,
+    )[0]
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg):
+    rows = make_rows(1)
+    settings = LossSettings(loss_agg=loss_agg, temperature=0.8)
+    compute_logprobs(model, rows, token_budget=10**6, temperature=0.8, field="old_logprobs")
+    # perturb the "old" policy so that ratios differ from 1 and both clips engage
+    gen = torch.Generator().manual_seed(2)
+    for r in rows:
+        r.old_logprobs = r.old_logprobs + 0.3 * torch.randn(r.old_logprobs.shape, generator=gen)
+    old = torch.cat([r.old_logprobs for r in rows])
+
+    model.zero_grad(set_to_none=True)
+    expected = per_sequence_loss(model, rows, settings, old)
+    expected.backward()
+    want = grads(model)
+
+    for budget in (10**6, 12, 1):  # one micro-batch, a few, one per sequence
+        model.zero_grad(set_to_none=True)
+        metrics = accumulate_gradients(model, rows, settings, token_budget=budget)
+        # float32 throughout; packing changes only summation order: measured ~1e-7
+        assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-6)
+        got = grads(model)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics["tokens"] == sum(len(r.response_ids) for r in rows)
+
+
+def test_old_logprobs_match_an_unpacked_forward(model):
+    rows = make_rows(3)
+    compute_logprobs(model, rows, token_budget=8, temperature=0.7, field="old_logprobs")
+    for row in rows:
+        assert row.old_logprobs.shape == (len(row.response_ids),)
+        if not row.response_ids:
+            continue
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row.prompt_ids + row.response_ids])).logits[0]
+        want = torch.log_softmax(logits[len(row.prompt_ids) - 1 : -1] / 0.7, -1)
+        want = want.gather(-1, torch.tensor(row.response_ids)[:, None])[:, 0]
+        torch.testing.assert_close(row.old_logprobs, want, rtol=0, atol=1e-5)
+
+
+def test_update_needs_old_logprobs(model):
+    with pytest.raises(ValueError, match="old_logprobs missing"):
+        accumulate_gradients(model, make_rows(4), LossSettings(), token_budget=64)
+    rows = make_rows(4)
+    for r in rows:
+        r.old_logprobs = torch.zeros(len(r.response_ids))
+    with pytest.raises(ValueError, match="ref_logprobs missing while beta > 0"):
+        accumulate_gradients(model, rows, LossSettings(beta=0.1), token_budget=64)

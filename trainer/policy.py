@@ -1,0 +1,224 @@
+"""The policy update: packed micro-batches, the loss through ``dler_kernels``, FSDP2, AdamW.
+
+One optimizer step consumes a *mini-batch* of responses. It is split into *micro-batches* by a
+token budget; each micro-batch is a few whole sequences packed into one row without padding
+(position ids restart per sequence, so transformers builds a block-diagonal causal mask).
+Only the positions that predict response tokens get logits (``logits_to_keep``), and the loss
+is normalised by the *global* count of the mini-batch (tokens for ``token-mean``, sequences for
+``seq-mean-*``) summed over micro-batches and ranks, so accumulation and data parallelism give
+the gradient of one big batch exactly. FSDP2 is told to sum gradients (divide factor 1) for the
+same reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import dler_kernels as dk
+
+
+@dataclass
+class UpdateRow:
+    """One response as the update sees it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    old_logprobs: torch.Tensor | None = None  # [len(response_ids)], filled by compute_logprobs
+    ref_logprobs: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Consecutive runs of rows whose total length fits ``token_budget`` (a row longer than the
+    budget gets a micro-batch of its own). In order, so the plan is deterministic."""
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    plan, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > token_budget:
+            plan.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        plan.append(current)
+    return plan
+
+
+@dataclass
+class Packed:
+    """Sequences packed into one row, and the positions whose next token is a response token."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    loss_positions: torch.Tensor  # [N] indices into T
+    targets: torch.Tensor  # [N] the response tokens
+    seq_ids: torch.Tensor  # [N] which row of the micro-batch each token belongs to
+    advantages: torch.Tensor  # [N]
+    rows: list[UpdateRow]
+
+    @classmethod
+    def of(cls, rows: Sequence[UpdateRow], device: torch.device) -> Packed:
+        ids, pos, loss_pos, seq, adv = [], [], [], [], []
+        start = 0
+        for r, row in enumerate(rows):
+            p, n = len(row.prompt_ids), len(row.response_ids)
+            if p < 1:
+                raise ValueError("every row needs at least one prompt token (the first response token is predicted)")
+            ids += row.prompt_ids + row.response_ids
+            pos += range(p + n)
+            # position t predicts token t + 1: response token j sits at start + p + j
+            loss_pos += range(start + p - 1, start + p + n - 1)
+            seq += [r] * n
+            adv += [row.advantage] * n
+            start += p + n
+
+        def tensor(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=tensor(ids)[None],
+            position_ids=tensor(pos)[None],
+            loss_positions=tensor(loss_pos),
+            targets=tensor([t for row in rows for t in row.response_ids]),
+            seq_ids=tensor(seq),
+            advantages=tensor(adv, torch.float32),
+            rows=list(rows),
+        )
+
+    def response_logits(self, model) -> torch.Tensor:
+        """[N, V] logits of the response positions only: the rest of the T x V never exists."""
+        out = model(
+            input_ids=self.input_ids,
+            position_ids=self.position_ids,
+            logits_to_keep=self.loss_positions,
+            use_cache=False,
+        )
+        return out.logits[0]
+
+
+def _world_reduce(x: float, device: torch.device, op=None) -> float:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+        return float(t.item())
+    return float(x)
+
+
+@torch.no_grad()
+def compute_logprobs(model, rows: Sequence[UpdateRow], *, token_budget: int, temperature: float, field: str) -> None:
+    """Fill ``row.<field>`` (``old_logprobs`` or ``ref_logprobs``) with the model's log-probs of each
+    response token at ``temperature``, with the no-grad kernel (no autograd graph, no N x V kept)."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for plan in plan_micro_batches([r.tokens for r in rows], token_budget):
+            packed = Packed.of([rows[i] for i in plan], device)
+            logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
+            for row, part in zip(packed.rows, logp.split([len(r.response_ids) for r in packed.rows])):
+                setattr(row, field, part.cpu())
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model) -> torch.device:
+    p = next(model.parameters())
+    return p.device if not hasattr(p, "device_mesh") else p.to_local().device
+
+
+@dataclass
+class LossSettings:
+    """The keyword arguments of ``dler_kernels.policy_loss`` that a run fixes."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    clip_c: float | None = 10.0
+    beta: float = 0.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    loss_agg: str = "token-mean"
+    norm_length: float | None = None
+
+
+def accumulate_gradients(
+    model, rows: Sequence[UpdateRow], loss: LossSettings, *, token_budget: int
+) -> dict[str, float]:
+    """Forward + backward of one mini-batch over its micro-batches; gradients accumulate in
+    ``.grad``. Returns the mini-batch's loss and metrics (token-weighted means over ranks)."""
+    device = _device_of(model)
+    if any(r.old_logprobs is None for r in rows):
+        raise ValueError("old_logprobs missing: call compute_logprobs(..., field='old_logprobs') before the update")
+    if loss.beta > 0 and any(r.ref_logprobs is None for r in rows):
+        raise ValueError("ref_logprobs missing while beta > 0: compute them with the reference model first")
+    tokens = sum(len(r.response_ids) for r in rows)
+    # as the kernel counts: tokens, or sequences that have at least one token
+    count = tokens if loss.loss_agg == "token-mean" else sum(1 for r in rows if r.response_ids)
+    normalizer = _world_reduce(count, device)
+    if normalizer == 0:  # only empty responses anywhere: nothing to learn from, on every rank alike
+        return {}
+    totals: dict[str, float] = {}
+    for plan in plan_micro_batches([r.tokens for r in rows], token_budget):
+        packed = Packed.of([rows[i] for i in plan], device)
+        old = torch.cat([rows[i].old_logprobs for i in plan]).to(device)
+        ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if loss.beta > 0 else None
+        logits = packed.response_logits(model)
+        out = dk.policy_loss(
+            logits,
+            packed.targets,
+            old,
+            packed.advantages,
+            torch.ones_like(packed.targets, dtype=torch.bool),
+            ref_logprobs=ref,
+            seq_ids=packed.seq_ids,
+            normalizer=normalizer,
+            **loss.__dict__,
+        )
+        out.loss.backward()
+        n = float(packed.targets.numel())
+        _add(totals, "loss", float(out.loss.detach()))  # already globally normalised: sums to the batch loss
+        _add(totals, "tokens", n)
+        for key in TOKEN_MEAN_METRICS:
+            if key in out.metrics:
+                _add(totals, key, float(out.metrics[key]) * n)
+        _add(totals, "num_nonfinite", float(out.metrics["num_nonfinite"]))
+        totals["ratio_max"] = max(totals.get("ratio_max", -math.inf), float(out.metrics["ratio_max"]))
+        totals["ratio_min"] = min(totals.get("ratio_min", math.inf), float(out.metrics["ratio_min"]))
+    return _reduce_metrics(totals, device)
+
+
+# The kernel's per-call token means; weighted by tokens here to give the mini-batch's means.
+TOKEN_MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "entropy", "kl_ref")
+
+
+def _add(totals: dict, key: str, value: float) -> None:
+    totals[key] = totals.get(key, 0.0) + value
+
+
+def _reduce_metrics(totals: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = ["loss", "tokens", "num_nonfinite"] + [k for k in TOKEN_MEAN_METRICS if k in totals]
+    world = {k: _world_reduce(totals.get(k, 0.0), device, dist.ReduceOp.SUM) for k in keys}
+    tokens = max(world["tokens"], 1.0)
+    out = {"loss": world["loss"], "tokens": world["tokens"], "num_nonfinite": world["num_nonfinite"]}
+    out.update({k: world[k] / tokens for k in TOKEN_MEAN_METRICS if k in world})
+    out["ratio_max"] = _world_reduce(totals.get("ratio_max", -math.inf), device, dist.ReduceOp.MAX)
+    out["ratio_min"] = _world_reduce(totals.get("ratio_min", math.inf), device, dist.ReduceOp.MIN)
+    return out
+
+
+def full_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint-named full tensors, one at a time (an all-gather each under FSDP2: every rank
+    must iterate), for the rollout engine or a checkpoint."""
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        yield name, (t.detach().to(dtype) if dtype is not None else t.detach())
