@@ -13,8 +13,9 @@ same reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -136,34 +137,22 @@ def _device_of(model) -> torch.device:
     return p.device if not hasattr(p, "device_mesh") else p.to_local().device
 
 
-@dataclass
-class LossSettings:
-    """The keyword arguments of ``dler_kernels.policy_loss`` that a run fixes."""
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    clip_c: float | None = 10.0
-    beta: float = 0.0
-    kl_type: str = "k3"
-    entropy_coef: float = 0.0
-    temperature: float = 1.0
-    loss_agg: str = "token-mean"
-    norm_length: float | None = None
-
-
 def accumulate_gradients(
-    model, rows: Sequence[UpdateRow], loss: LossSettings, *, token_budget: int
+    model, rows: Sequence[UpdateRow], loss: Mapping[str, Any], *, token_budget: int
 ) -> dict[str, float]:
     """Forward + backward of one mini-batch over its micro-batches; gradients accumulate in
-    ``.grad``. Returns the mini-batch's loss and metrics (token-weighted means over ranks)."""
+    ``.grad``. ``loss`` holds the keyword arguments of ``dler_kernels.policy_loss`` that a run
+    fixes (``TrainConfig.policy_loss_kwargs()``). Returns the mini-batch's loss and metrics
+    (token-weighted means over ranks)."""
+    beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = _device_of(model)
     if any(r.old_logprobs is None for r in rows):
         raise ValueError("old_logprobs missing: call compute_logprobs(..., field='old_logprobs') before the update")
-    if loss.beta > 0 and any(r.ref_logprobs is None for r in rows):
+    if beta > 0 and any(r.ref_logprobs is None for r in rows):
         raise ValueError("ref_logprobs missing while beta > 0: compute them with the reference model first")
     tokens = sum(len(r.response_ids) for r in rows)
     # as the kernel counts: tokens, or sequences that have at least one token
-    count = tokens if loss.loss_agg == "token-mean" else sum(1 for r in rows if r.response_ids)
+    count = tokens if loss_agg == "token-mean" else sum(1 for r in rows if r.response_ids)
     normalizer = _world_reduce(count, device)
     if normalizer == 0:  # only empty responses anywhere: nothing to learn from, on every rank alike
         return {}
@@ -171,7 +160,7 @@ def accumulate_gradients(
     for plan in plan_micro_batches([r.tokens for r in rows], token_budget):
         packed = Packed.of([rows[i] for i in plan], device)
         old = torch.cat([rows[i].old_logprobs for i in plan]).to(device)
-        ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if loss.beta > 0 else None
+        ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if beta > 0 else None
         logits = packed.response_logits(model)
         out = dk.policy_loss(
             logits,
@@ -182,7 +171,7 @@ def accumulate_gradients(
             ref_logprobs=ref,
             seq_ids=packed.seq_ids,
             normalizer=normalizer,
-            **loss.__dict__,
+            **loss,
         )
         out.loss.backward()
         n = float(packed.targets.numel())
