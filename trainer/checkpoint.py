@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .chunking import chunks_by_size, nbytes
 from .fsutil import COMPLETE_MARKER, UserError, atomic_directory, is_complete
 
 logger = logging.getLogger("trainer.checkpoint")
@@ -489,30 +490,13 @@ def _hf_tensors(model, weights: dict) -> dict:
     return {name: t.contiguous() for name, t in weights.items() if name not in aliases}
 
 
-def _plan_shards(tensors: dict, max_bytes: int) -> list[list[str]]:
-    """Tensor names grouped in order into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
 def _write_safetensors(folder: Path, tensors: dict, max_bytes: int) -> None:
     """``model.safetensors``, or HF-style numbered shards plus ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
     metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-    shards = _plan_shards(tensors, max_bytes)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    shards = list(chunks_by_size(tensors, lambda name: nbytes(tensors[name]), max_bytes))
+    total = sum(nbytes(t) for t in tensors.values())
     if len(shards) <= 1:
         logger.info("writing %s/%s (%d tensors, %s)", MODEL_DIR, SAFE_WEIGHTS, len(tensors), _human(total))
         save_file(tensors, str(folder / SAFE_WEIGHTS), metadata=metadata)
@@ -521,7 +505,7 @@ def _write_safetensors(folder: Path, tensors: dict, max_bytes: int) -> None:
     for i, names in enumerate(shards, 1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         shard = {name: tensors[name] for name in names}
-        size = sum(t.numel() * t.element_size() for t in shard.values())
+        size = sum(nbytes(t) for t in shard.values())
         logger.info("writing %s/%s (%d tensors, %s)", MODEL_DIR, filename, len(shard), _human(size))
         save_file(shard, str(folder / filename), metadata=metadata)
         weight_map.update(dict.fromkeys(names, filename))

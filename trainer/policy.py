@@ -22,6 +22,8 @@ import torch.distributed as dist
 
 import dler_kernels as dk
 
+from .chunking import chunks_by_size
+
 
 @dataclass
 class UpdateRow:
@@ -43,16 +45,7 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     budget gets a micro-batch of its own). In order, so the plan is deterministic."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be >= 1, got {token_budget}")
-    plan, current, used = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and used + n > token_budget:
-            plan.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        plan.append(current)
-    return plan
+    return list(chunks_by_size(range(len(lengths)), lengths.__getitem__, token_budget))
 
 
 @dataclass
@@ -133,8 +126,7 @@ def compute_logprobs(model, rows: Sequence[UpdateRow], *, token_budget: int, tem
 
 
 def _device_of(model) -> torch.device:
-    p = next(model.parameters())
-    return p.device if not hasattr(p, "device_mesh") else p.to_local().device
+    return next(model.parameters()).device  # a DTensor reports its local shard's device
 
 
 def accumulate_gradients(

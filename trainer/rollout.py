@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .chunking import chunks_by_size, nbytes
 from .fsutil import UserError
 
 
@@ -115,6 +116,16 @@ class CheckpointLayout:
         if tuple(shape) != self.shapes[name]:
             raise ValueError(f"update_weights: tensor {name!r} has shape {tuple(shape)}, expected {self.shapes[name]}")
 
+    def check_whole(self, named: NamedTensors | Mapping) -> NamedTensors:
+        """A dict or list is checked entirely before anything is loaded, so a bad update is refused
+        while the old weights are still whole; a lazy stream is returned as it is (checked as it flows)."""
+        if isinstance(named, Mapping):
+            named = list(named.items())
+        if isinstance(named, Sequence):
+            for name, tensor in named:
+                self.check(name, tuple(tensor.shape))
+        return named
+
     def with_tied_head(self, named: NamedTensors) -> Iterator[tuple[str, object]]:
         """The stream, plus ``lm_head.weight`` right after the embedding for tied models (unless
         the caller sent it), each checked against the folder's layout."""
@@ -141,18 +152,6 @@ def _read_config(model_dir: Path) -> dict:
 def _last_line(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return lines[-1].rstrip(".") if lines else ""
-
-
-def _buckets(named: Iterable[tuple[str, object]], bucket_bytes: int) -> Iterator[list[tuple[str, object]]]:
-    bucket, size = [], 0
-    for name, tensor in named:
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
 
 
 class VLLMEngine:
@@ -289,22 +288,17 @@ class VLLMEngine:
         import torch
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
-        if isinstance(named_tensors, Mapping):
-            named_tensors = list(named_tensors.items())
-        if isinstance(named_tensors, Sequence):
-            # Materialised input: check it whole, so a bad update is refused before the engine
-            # has dropped a single old tensor.
-            for name, tensor in named_tensors:
-                self.layout.check(name, tuple(tensor.shape))
+        named_tensors = self.layout.check_whole(named_tensors)
         count, size = 0, 0
 
         def stream():
             nonlocal count, size
-            for bucket in _buckets(self.layout.with_tied_head(named_tensors), self.bucket_bytes):
+            tensors = self.layout.with_tied_head(named_tensors)
+            for bucket in chunks_by_size(tensors, lambda item: nbytes(item[1]), self.bucket_bytes):
                 moved = [(name, t.detach().to(device, non_blocking=True)) for name, t in bucket]
                 for name, t in moved:
                     count += 1
-                    size += t.numel() * t.element_size()
+                    size += nbytes(t)
                     yield name, t
 
         start = time.perf_counter()
@@ -335,8 +329,7 @@ class VLLMEngine:
         weights, updates them, then wakes the KV cache, so peak memory never holds both plus the
         policy's gradients."""
         if self.sleep_mode and self.asleep:
-            fully_awake = self.llm.wake_up(list(tags) if tags is not None else None)
-            self.asleep = not fully_awake if fully_awake is not None else tags is not None
+            self.asleep = not self.llm.wake_up(list(tags) if tags is not None else None)
         else:
             self.asleep = False
 
@@ -448,11 +441,7 @@ class HFEngine:
         import torch
 
         params = dict(self.model.named_parameters())
-        if isinstance(named_tensors, Mapping):
-            named_tensors = list(named_tensors.items())
-        if isinstance(named_tensors, Sequence):
-            for name, tensor in named_tensors:
-                self.layout.check(name, tuple(tensor.shape))
+        named_tensors = self.layout.check_whole(named_tensors)
         start, count, size = time.perf_counter(), 0, 0
         with torch.no_grad():
             for name, tensor in named_tensors:
@@ -462,7 +451,7 @@ class HFEngine:
                     continue
                 target.copy_(tensor)
                 count += 1
-                size += tensor.numel() * tensor.element_size()
+                size += nbytes(tensor)
         return WeightSyncStats(count, size, time.perf_counter() - start)
 
     def sleep(self) -> None:
