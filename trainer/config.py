@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from dler_kernels._validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
 from .data import TEMPLATES, FieldMap
@@ -78,17 +79,6 @@ DEVICES = ("auto", "cpu", "cuda")
 _BUDGET_FREE_PENALTIES = ("none", "kimi")
 
 
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _check_min(name: str, value: float | None, low: float, *, open_: bool = False) -> None:
-    """``value >= low`` (``> low`` with ``open_``); None passes (the field is optional)."""
-    if value is not None and (value < low or (open_ and value == low)):
-        raise ValueError(f"{name} must be {'>' if open_ else '>='} {low:g}; got {value!r}")
-
-
 # ------------------------------------------------------------------------------------------------ sections
 
 
@@ -106,8 +96,8 @@ class ModelConfig:
     def __post_init__(self):
         if not self.path:
             raise ValueError("path must name a model (an alias, a folder or a hub id)")
-        _check_choice("dtype", self.dtype, POLICY_DTYPES)
-        _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        check_choice("dtype", self.dtype, POLICY_DTYPES)
+        check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -130,10 +120,10 @@ class DataConfig:
     def __post_init__(self):
         if not self.train:
             raise ValueError("train must name a data set (a file, a datasets folder, or builtin:NAME)")
-        _check_choice("on_bad_row", self.on_bad_row, ("skip", "error"))
-        _check_choice("template", self.template, tuple(TEMPLATES))
-        _check_min("limit", self.limit, 1)
-        _check_min("max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_choice("on_bad_row", self.on_bad_row, ("skip", "error"))
+        check_choice("template", self.template, tuple(TEMPLATES))
+        check_number("limit", self.limit, low=1, allow_none=True)
+        check_number("max_prompt_tokens", self.max_prompt_tokens, low=1, allow_none=True)
 
 
 @dataclass
@@ -152,13 +142,13 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        _check_choice("engine", self.engine, ENGINES)
-        _check_choice("dtype", self.dtype, ENGINE_DTYPES)
+        check_choice("engine", self.engine, ENGINES)
+        check_choice("dtype", self.dtype, ENGINE_DTYPES)
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] or null; got {self.gpu_memory_utilization}")
-        _check_min("max_model_len", self.max_model_len, 1)
-        _check_min("tensor_parallel_size", self.tensor_parallel_size, 1)
-        _check_min("sampling.temperature", self.sampling.temperature, 0.0, open_=True)
+        check_number("max_model_len", self.max_model_len, low=1, allow_none=True)
+        check_number("tensor_parallel_size", self.tensor_parallel_size, low=1, allow_none=True)
+        check_number("sampling.temperature", self.sampling.temperature, low=0.0, low_open=True, allow_none=True)
         if not 0 < self.sampling.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1]; got {self.sampling.top_p}")
 
@@ -199,9 +189,9 @@ class RewardConfig:
     da_dler: DADLERConfig = field(default_factory=DADLERConfig)
 
     def __post_init__(self):
-        _check_choice("checker", self.checker, CHECKER_MODES)
-        _check_min("timeout_s", self.timeout_s, 0.0, open_=True)
-        _check_min("workers", self.workers, 1)
+        check_choice("checker", self.checker, CHECKER_MODES)
+        check_number("timeout_s", self.timeout_s, low=0.0, low_open=True, allow_none=True)
+        check_number("workers", self.workers, low=1, allow_none=True)
 
     def checker_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``AnswerChecker``."""
@@ -253,20 +243,20 @@ class AlgorithmConfig:
     use_fused_linear: bool = True
 
     def __post_init__(self):
-        _check_choice("advantage", self.advantage, ADVANTAGE_METHODS)
-        _check_choice("weighting", self.weighting, WEIGHTINGS)
-        _check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
-        _check_choice("kl_type", self.kl_type, KL_TYPES)
-        _check_min("eps", self.eps, 0.0, open_=True)
+        check_choice("advantage", self.advantage, ADVANTAGE_METHODS)
+        check_choice("weighting", self.weighting, WEIGHTINGS)
+        check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        check_choice("kl_type", self.kl_type, KL_TYPES)
+        check_number("eps", self.eps, low=0.0, low_open=True, allow_none=True)
         if not 0 <= self.eps_low <= 1:
             raise ValueError(f"eps_low must be in [0, 1]; got {self.eps_low}")
-        _check_min("eps_high", self.eps_high, 0.0)
-        _check_min("clip_c", self.clip_c, 1.0, open_=True)
-        _check_min("beta", self.beta, 0.0)
-        _check_min("temperature", self.temperature, 0.0, open_=True)
-        _check_min("norm_length", self.norm_length, 0.0, open_=True)
+        check_number("eps_high", self.eps_high, low=0.0, allow_none=True)
+        check_number("clip_c", self.clip_c, low=1.0, low_open=True, allow_none=True)
+        check_number("beta", self.beta, low=0.0, allow_none=True)
+        check_number("temperature", self.temperature, low=0.0, low_open=True, allow_none=True)
+        check_number("norm_length", self.norm_length, low=0.0, low_open=True, allow_none=True)
         for name in ("mini_batch_prompts", "epochs_per_step", "micro_batch_tokens"):
-            _check_min(name, getattr(self, name), 1)
+            check_number(name, getattr(self, name), low=1, allow_none=True)
 
 
 @dataclass
@@ -285,16 +275,16 @@ class OptimConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        _check_min("lr", self.lr, 0.0, open_=True)
-        _check_min("weight_decay", self.weight_decay, 0.0)
+        check_number("lr", self.lr, low=0.0, low_open=True, allow_none=True)
+        check_number("weight_decay", self.weight_decay, low=0.0, allow_none=True)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1); got {list(self.betas)}")
-        _check_min("eps", self.eps, 0.0, open_=True)
-        _check_min("warmup_steps", self.warmup_steps, 0)
-        _check_choice("schedule", self.schedule, SCHEDULES)
+        check_number("eps", self.eps, low=0.0, low_open=True, allow_none=True)
+        check_number("warmup_steps", self.warmup_steps, low=0, allow_none=True)
+        check_choice("schedule", self.schedule, SCHEDULES)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio}")
-        _check_min("grad_clip", self.grad_clip, 0.0, open_=True)
+        check_number("grad_clip", self.grad_clip, low=0.0, low_open=True, allow_none=True)
 
 
 @dataclass
@@ -310,8 +300,8 @@ class FSDPConfig:
     reshard_after_forward: bool = True
 
     def __post_init__(self):
-        _check_choice("param_dtype", self.param_dtype, POLICY_DTYPES)
-        _check_choice("reduce_dtype", self.reduce_dtype, POLICY_DTYPES)
+        check_choice("param_dtype", self.param_dtype, POLICY_DTYPES)
+        check_choice("reduce_dtype", self.reduce_dtype, POLICY_DTYPES)
 
     def active(self, world_size: int) -> bool:
         """Whether to shard with ``world_size`` processes."""
@@ -335,12 +325,12 @@ class EvalConfig:
     max_tokens: int | None = None
 
     def __post_init__(self):
-        _check_min("limit", self.limit, 1)
-        _check_min("samples_per_prompt", self.samples_per_prompt, 1)
-        _check_min("temperature", self.temperature, 0.0)
+        check_number("limit", self.limit, low=1, allow_none=True)
+        check_number("samples_per_prompt", self.samples_per_prompt, low=1, allow_none=True)
+        check_number("temperature", self.temperature, low=0.0, allow_none=True)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        _check_min("max_tokens", self.max_tokens, 1)
+        check_number("max_tokens", self.max_tokens, low=1, allow_none=True)
 
 
 @dataclass
@@ -363,12 +353,12 @@ class RunConfig:
     def __post_init__(self):
         if not self.out:
             raise ValueError("out must name the run's output folder")
-        _check_min("steps", self.steps, 1)
+        check_number("steps", self.steps, low=1, allow_none=True)
         for name in ("save_every", "eval_every"):
-            _check_min(name, getattr(self, name), 0)
+            check_number(name, getattr(self, name), low=0, allow_none=True)
         for name in ("keep_checkpoints", "log_every"):
-            _check_min(name, getattr(self, name), 1)
-        _check_choice("device", self.device, DEVICES)
+            check_number(name, getattr(self, name), low=1, allow_none=True)
+        check_choice("device", self.device, DEVICES)
 
 
 # ------------------------------------------------------------------------------------------------ the root
