@@ -63,6 +63,49 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+
+    if args.list_presets:
+        for name in config_mod.list_presets():
+            print(name)
+        return 0
+    preset, overrides = _split_train_args(args.args)
+    if args.resume is not None:
+        if preset is not None:
+            raise UserError(
+                f"--resume continues the run with the config saved in {args.resume}; drop {preset!r} "
+                "(key=value overrides are still accepted)"
+            )
+        from .train import load_run_config
+
+        cfg = load_run_config(args.resume, overrides)
+    else:
+        cfg = config_mod.load_config(preset, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    print(config_mod.describe(cfg), flush=True)
+    from .train import train
+
+    summary = train(cfg, resume=args.resume is not None, progress=not args.no_progress)
+    return 0 if summary["finished"] else 130
+
+
+def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """An optional preset name or YAML path first, then key=value overrides."""
+    if items and "=" not in items[0]:
+        preset, overrides = items[0], items[1:]
+    else:
+        preset, overrides = None, list(items)
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise UserError(f"expected key=value overrides after the preset, got {bad[0]!r} (e.g. optim.lr=1e-6)")
+    return preset, overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dler",
@@ -107,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="vllm: fraction of GPU memory (CPU: of host memory, default 0.15) for weights and KV cache",
     )
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "train",
+        help="RL training with length penalties (DLER); with no arguments, the CPU demo",
+        description="Train with a preset (configs/NAME.yaml; default toy-cpu, the CPU demo) or a YAML file, "
+        "with section.key=value overrides, e.g. `dler train smollm2 optim.lr=1e-6 run.steps=50`. The resolved "
+        "config, metrics.jsonl, checkpoints, summary.json and curves.png go to run.out. Under torchrun every "
+        "process runs this same command.",
+    )
+    p.add_argument("args", nargs="*", metavar="PRESET|key=value", help="a preset or YAML file, then overrides")
+    p.add_argument("--resume", type=Path, default=None, metavar="OUT", help="continue the run in folder OUT")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step table remains)")
+    p.set_defaults(func=_cmd_train)
     return parser
 
 

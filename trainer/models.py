@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,18 +193,51 @@ def build_tiny_model(
     return out
 
 
-MODEL_ALIASES = ("smollm2", "tiny-llama", "tiny-qwen2")
+MODEL_ALIASES = ("smollm2", "tiny-llama", "tiny-qwen2", "demo-verbose-arith")
+
+
+# "org/name" as the Hugging Face hub spells repository ids (one slash, no path syntax around it).
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+# Weights in formats the trainer does not load: not worth downloading next to the safetensors.
+_HUB_IGNORE = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "original/*"]
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """A model folder from an alias (prepared on first use) or a path to a HF folder."""
+    """A model folder from an alias (prepared on first use), a path to a HF folder, or a hub id
+    ("org/name" that is not an existing path), downloaded into the Hugging Face cache."""
     if name_or_path == "smollm2":
         return prepare_smollm2()
     if name_or_path in ("tiny-llama", "tiny-qwen2"):
         return build_tiny_model(name_or_path.removeprefix("tiny-"))
+    if name_or_path == "demo-verbose-arith":
+        from .demo import warm_start
+
+        return warm_start()
     path = Path(name_or_path).expanduser()
+    if not path.exists() and _HUB_ID.fullmatch(name_or_path):
+        return _download(name_or_path)
     if not (path / "config.json").is_file():
         raise UserError(
             f"model {name_or_path!r} is neither an alias ({', '.join(MODEL_ALIASES)}) nor a folder with a config.json"
         )
     return path
+
+
+def _download(repo_id: str) -> Path:
+    """The hub snapshot of ``repo_id`` (from the cache when it is there, e.g. under HF_HUB_OFFLINE=1)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo_id, ignore_patterns=_HUB_IGNORE))
+    except Exception as e:  # no internet, unknown repo, gated model, missing package: all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"could not download model {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            f"there is no local folder of that name either: download the model on a machine with internet "
+            f"and pass its local folder as model.path"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"hub model {repo_id!r} (downloaded to {folder}) has no config.json: it is not a transformers model"
+        )
+    return folder

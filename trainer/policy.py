@@ -48,6 +48,20 @@ def plan_micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[i
     return list(chunks_by_size(range(len(lengths)), lengths.__getitem__, token_budget))
 
 
+def _synced_plan(rows: Sequence[UpdateRow], token_budget: int, device: torch.device) -> list[list[int] | None]:
+    """The micro-batch plan, padded with ``None`` (a dummy forward) up to the largest plan of any rank.
+
+    Under FSDP2 every forward all-gathers parameters, so every rank must run the same number of
+    forwards; ranks with fewer tokens run dummy ones whose loss is multiplied by zero."""
+    plan: list[list[int] | None] = list(plan_micro_batches([r.tokens for r in rows], token_budget))
+    most = int(_world_reduce(len(plan), device, dist.ReduceOp.MAX))
+    return plan + [None] * (most - len(plan))
+
+
+# One token predicting itself: the cheapest forward that takes part in FSDP's collectives.
+_DUMMY_ROW = UpdateRow(prompt_ids=[0], response_ids=[0], advantage=0.0, old_logprobs=torch.zeros(1))
+
+
 @dataclass
 class Packed:
     """Sequences packed into one row, and the positions whose next token is a response token."""
@@ -116,7 +130,10 @@ def compute_logprobs(model, rows: Sequence[UpdateRow], *, token_budget: int, tem
     was_training = model.training
     model.eval()
     try:
-        for plan in plan_micro_batches([r.tokens for r in rows], token_budget):
+        for plan in _synced_plan(rows, token_budget, device):
+            if plan is None:
+                Packed.of([_DUMMY_ROW], device).response_logits(model)
+                continue
             packed = Packed.of([rows[i] for i in plan], device)
             logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
             for row, part in zip(packed.rows, logp.split([len(r.response_ids) for r in packed.rows])):
@@ -149,7 +166,10 @@ def accumulate_gradients(
     if normalizer == 0:  # only empty responses anywhere: nothing to learn from, on every rank alike
         return {}
     totals: dict[str, float] = {}
-    for plan in plan_micro_batches([r.tokens for r in rows], token_budget):
+    for plan in _synced_plan(rows, token_budget, device):
+        if plan is None:
+            (Packed.of([_DUMMY_ROW], device).response_logits(model).sum() * 0.0).backward()
+            continue
         packed = Packed.of([rows[i] for i in plan], device)
         old = torch.cat([rows[i].old_logprobs for i in plan]).to(device)
         ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if beta > 0 else None

@@ -89,6 +89,8 @@ class SamplingStats:
     samples: int = 0
     accuracy: float = 0.0  # over every generated response, not only the kept ones
     mean_length: float = 0.0
+    p50_length: float = 0.0
+    p90_length: float = 0.0
     truncation_rate: float = 0.0
     mean_reward: float = 0.0  # over the returned batch
     budgets: dict[int, int] = field(default_factory=dict)  # budget -> prompts (DA-DLER)
@@ -96,13 +98,14 @@ class SamplingStats:
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
     capped: bool = False
+    lengths: list[int] = field(default_factory=list)  # of every generated response (not in as_dict)
 
     @property
     def kept_fraction(self) -> float:
         return self.groups_with_spread / self.prompts_generated if self.prompts_generated else 0.0
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "budgets"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("budgets", "lengths")}
         out["kept_fraction"] = self.kept_fraction
         out["budgets"] = {str(k): v for k, v in sorted(self.budgets.items())}
         return out
@@ -217,6 +220,8 @@ class DynamicSampler:
             stats.samples = int(correct.size)
             stats.accuracy = float(correct.mean())
             stats.mean_length = float(lengths.mean())
+            stats.p50_length, stats.p90_length = (float(q) for q in np.percentile(lengths, [50, 90]))
+            stats.lengths = lengths.tolist()
             stats.truncation_rate = float(truncated.mean())
             stats.generated_tokens = int(lengths.sum())
             stats.groups_all_correct = sum(bool(g.correct.min() == 1) for g in generated)
