@@ -36,10 +36,12 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	$(BIN)/python -c "import torch, transformers, dler_kernels, trainer; print('torch', torch.__version__, '| transformers', transformers.__version__, '| kernels:', dler_kernels.available_backends())"
 	touch $(STAMP)
 
+# The CPU demo: DLER on the warm-started verbose-arithmetic policy, then plain GRPO on the same policy
+# for comparison. Each run prints its before/after table; runs/demo/ is replaced on every call.
 demo: setup
-	$(BIN)/dler prepare-model smollm2
-	$(BIN)/dler generate --model smollm2 -n 4 --max-tokens 96 \
-		--prompt "What is 3 + 4?" --prompt "What is 12 * 5? Answer with a number."
+	rm -rf runs/demo
+	$(BIN)/dler train run.out=runs/demo/dler
+	$(BIN)/dler train toy-cpu-grpo run.out=runs/demo/grpo --no-progress
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -9,7 +9,6 @@ usage: python train_e2e.py MODEL_DIR OUT
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 
