@@ -20,7 +20,8 @@ forward. Loss settings are DLER's: eps_low 0.2, eps_high 0.28, clip_c 10, token-
 
 Timed per step, with the device synchronised at each boundary:
   fwd+bwd    ``accumulate_gradients(model, rows, loss, token_budget=--micro-batch-tokens)``
-  optimizer  ``clip_grad_norm_(1.0)``, ``AdamW.step()``, ``zero_grad()``
+  optimizer  ``trainer.optim.clip_gradients`` (max norm 1.0), then ``step()`` and ``zero_grad()`` of
+             ``trainer.optim.build_optimizer`` (fused AdamW) with the trainer's default OptimConfig
 The table gives medians over ``--steps`` steps after ``--warmup`` untimed ones.
 
 Model FLOPs of one step (the work the update must do; recomputation under gradient checkpointing
@@ -64,6 +65,8 @@ import time
 
 import torch
 
+from trainer.config import OptimConfig
+from trainer.optim import build_optimizer, clip_gradients
 from trainer.policy import UpdateRow, accumulate_gradients, compute_logprobs
 
 CONFIGS = {
@@ -220,6 +223,8 @@ def max_rss_bytes() -> int:
 
 def run(args) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float32
     )
@@ -245,7 +250,8 @@ def run(args) -> dict:
     else:
         mode = "fp32"
         ctx = contextlib.nullcontext
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    optim_cfg = OptimConfig()  # the trainer's defaults: lr 1e-6, weight decay 0.01, grad clip 1.0
+    optimizer = build_optimizer(model, optim_cfg)  # fused AdamW where the device has it
 
     rows = make_rows(args.sequences, args.seq_len, args.prompt_len, config.vocab_size)
     fill_old_logprobs(model, rows, args.old_logprobs, config.vocab_size, args.micro_batch_tokens, ctx)
@@ -260,7 +266,7 @@ def run(args) -> dict:
             metrics = accumulate_gradients(model, rows, LOSS, token_budget=args.micro_batch_tokens)
         sync()
         t1 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clip_gradients(model, optim_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -386,6 +392,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for the MFU, overriding the lookup")
     p.add_argument("--cpu-peak-n", type=int, default=2048, help="CPU: size of the matmul that measures the peak")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is present")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's own)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu

@@ -3,7 +3,8 @@
     make bench          # or: .venv/bin/python -m pytest bench/ --benchmark-only
 
 One round is ``trainer.policy.accumulate_gradients`` over a mini-batch of 4 sequences x 64 tokens
-(16 prompt) in micro-batches of <= 128 tokens, alone and followed by the AdamW step. Tokens per
+(16 prompt) in micro-batches of <= 128 tokens, alone and followed by the trainer's
+gradient clipping and (fused) AdamW step. Tokens per
 round and model FLOPs per round (bench_train_step.py's formula) are in each result's extra_info.
 Throughput and MFU on a real model: bench_train_step.py.
 """
@@ -14,6 +15,8 @@ import pytest
 import torch
 from bench_train_step import LOSS, build_model, fill_old_logprobs, make_rows, model_config, param_counts, step_flops
 
+from trainer.config import OptimConfig
+from trainer.optim import build_optimizer, clip_gradients
 from trainer.policy import accumulate_gradients
 
 SEQUENCES, SEQ_LEN, PROMPT_LEN, MICRO_BATCH_TOKENS = 4, 64, 16, 128
@@ -33,6 +36,7 @@ def _step(model, rows, optimizer=None):
     def step():
         accumulate_gradients(model, rows, LOSS, token_budget=MICRO_BATCH_TOKENS)
         if optimizer is not None:
+            clip_gradients(model, 1.0)
             optimizer.step()
         model.zero_grad(set_to_none=True)
 
@@ -50,6 +54,6 @@ def test_fwd_bwd(benchmark, setup):
 def test_fwd_bwd_adamw(benchmark, setup):
     model, rows, extra = setup
     benchmark.extra_info.update(extra)
-    step = _step(model, rows, torch.optim.AdamW(model.parameters(), lr=1e-6))
+    step = _step(model, rows, build_optimizer(model, OptimConfig()))
     step()  # the optimizer state is created outside the timing
     benchmark(step)

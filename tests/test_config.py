@@ -51,11 +51,11 @@ def test_every_preset_loads_and_is_documented(preset):
 def test_default_preset_is_the_cpu_demo():
     cfg = load_config()
     assert cfg == load_config("toy-cpu")
-    assert cfg.model.path == "smollm2"
+    assert cfg.model.path == "demo-verbose-arith"
     assert cfg.data.train.startswith("builtin:toy-arith")
-    assert (cfg.rollout.engine, cfg.rollout.dtype, cfg.rollout.gpu_memory_utilization) == ("vllm", "bfloat16", 0.15)
+    assert (cfg.rollout.engine, cfg.rollout.dtype, cfg.rollout.gpu_memory_utilization) == ("vllm", "float32", 0.1)
     assert cfg.fsdp.enabled is False and cfg.run.device == "cpu"
-    assert (cfg.reward.checker, cfg.reward.fallback_last_number, cfg.data.template) == ("exact", True, "plain")
+    assert (cfg.reward.checker, cfg.reward.fallback_last_number, cfg.data.template) == ("exact", False, "plain")
     assert cfg.reward.penalty.name == "truncation"
     assert cfg.reward.penalty.length_budget <= cfg.max_response_tokens <= 192
 
@@ -131,7 +131,7 @@ def test_overrides_of_each_type():
 def test_override_of_a_section_merges_into_it():
     cfg = load_config("toy-cpu", ["reward.penalty={name: overlong, overlong_buffer: 32}"])
     assert (cfg.reward.penalty.name, cfg.reward.penalty.overlong_buffer) == ("overlong", 32)
-    assert cfg.reward.penalty.length_budget == 128  # kept from the preset
+    assert cfg.reward.penalty.length_budget == 80  # kept from the preset
 
 
 def test_later_override_wins():
@@ -212,7 +212,7 @@ def test_inheritance_by_name_and_relative_path(tmp_path):
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.optim.lr, cfg.run.steps) == (2e-5, 9)
     assert cfg.model == load_config("toy-cpu").model  # from the grandparent
-    assert cfg.rollout.sampling.max_tokens == 128  # a nested key the children never touched
+    assert cfg.rollout.sampling.max_tokens == 80  # a nested key the children never touched
 
 
 def test_inheritance_cycle_is_an_error(tmp_path):
@@ -263,10 +263,10 @@ def test_temperature_mismatch_names_both():
 
 
 def test_mini_batch_must_divide_the_batch():
-    with pytest.raises(UserError, match=r"prompts_per_step \(4\) must be a multiple of algorithm.mini_batch_prompts"):
+    with pytest.raises(UserError, match=r"prompts_per_step \(8\) must be a multiple of algorithm.mini_batch_prompts"):
         load_config("toy-cpu", ["algorithm.mini_batch_prompts=3"])
     with pytest.raises(UserError, match="larger than the batch"):
-        load_config("toy-cpu", ["algorithm.mini_batch_prompts=8"])
+        load_config("toy-cpu", ["algorithm.mini_batch_prompts=16"])
 
 
 def test_impossible_lengths():
@@ -318,7 +318,7 @@ def test_derived_arguments_fit_the_components():
     assert cfg.engine_kwargs()["max_model_len"] == 1024 + 4000
     assert cfg.policy_loss_kwargs()["norm_length"] is None
     norm = load_config("toy-cpu", ["algorithm.loss_agg=seq-mean-token-sum-norm"]).policy_loss_kwargs()
-    assert norm["norm_length"] == 128.0
+    assert norm["norm_length"] == 80.0
     assert cfg.fsdp.active(1) is True and load_config("smollm2").fsdp.active(1) is False
 
 
@@ -328,4 +328,4 @@ def test_describe_mentions_model_data_and_penalty():
     assert cfg.model.path in text and cfg.data.train in text
     assert "truncation penalty" in text and "[4000, 2000]" in text
     assert len(text.splitlines()) <= 10
-    assert "budget 128" in describe(load_config("toy-cpu"))
+    assert "budget 80" in describe(load_config("toy-cpu"))

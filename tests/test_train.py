@@ -202,3 +202,15 @@ def test_end_to_end_with_vllm(demo_model, tmp_path):
     assert last.name == "step-00000002"
     model = AutoModelForCausalLM.from_pretrained(last / "model")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_missing_logger_package_is_a_clear_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    from trainer.train import _open_loggers
+
+    cfg = load_config("toy-cpu", ["run.tensorboard=true"])
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        _open_loggers(cfg, tmp_path)

@@ -149,6 +149,7 @@ class Trainer:
         self.out = Path(cfg.run.out).expanduser().absolute()
         self._check_world(env.world_size)
         self._check_out_folder(resume)
+        self.loggers = _open_loggers(cfg, self.out) if env.is_main else []
         torch.manual_seed(cfg.run.seed)
 
         # Cheap checks first: model folder, tokenizer, data.
@@ -559,6 +560,9 @@ class Trainer:
             return
         with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        for write in self.loggers:
+            write(record["step"], scalars)
         step = record["step"]
         if step == self.start_step + 1 or (step - self.start_step) % 20 == 1:
             self._say(TABLE_HEADER)
@@ -570,6 +574,33 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------ metrics helpers
+
+
+def _open_loggers(cfg: TrainConfig, out: Path) -> list:
+    """Writers of per-step scalars besides metrics.jsonl: TensorBoard (OUT/tensorboard) and W&B, if asked.
+    A missing package is a UserError at start, not a crash at the first step."""
+    loggers = []
+    if cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("run.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+        def tensorboard(step: int, scalars: dict[str, float]) -> None:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step)
+            writer.flush()
+
+        loggers.append(tensorboard)
+    if cfg.run.wandb_project:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError(f"run.wandb_project={cfg.run.wandb_project!r} needs wandb: pip install wandb") from None
+        run = wandb.init(project=cfg.run.wandb_project, dir=str(out), config=config_mod.to_dict(cfg), resume="allow")
+        loggers.append(lambda step, scalars: run.log(scalars, step=step))
+    return loggers
 
 
 def _accumulate(totals: dict[str, float], metrics: dict[str, float], grad_norm: float) -> None:
