@@ -9,7 +9,9 @@ micro-batches, the ``dler_kernels.policy_loss`` loss) and the optimizer step, on
 The model is built from its config with random weights (nothing is downloaded). Master weights are
 fp32; on CUDA the compute is bf16: ``torch.autocast`` by default, or with ``--fsdp`` FSDP2
 ``fully_shard`` (every decoder layer, then the root) with ``MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32)`` on a 1-process group. On the CPU everything is fp32.
+reduce_dtype=fp32)`` on a 1-process group. On the CPU everything is fp32. ``--fsdp`` is the closer
+match to the trainer, whose bf16 compute comes from FSDP2 (``trainer.fsdp``); the autocast context
+here also covers the backward, since ``accumulate_gradients`` runs forward and backward in one call.
 
 One step is one mini-batch of ``--sequences`` rows, each ``--seq-len`` tokens (``--prompt-len``
 prompt tokens then response tokens, uniform random ids), with random advantages N(0, 1). The old

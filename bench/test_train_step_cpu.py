@@ -3,16 +3,15 @@
     make bench          # or: .venv/bin/python -m pytest bench/ --benchmark-only
 
 One round is ``trainer.policy.accumulate_gradients`` over a mini-batch of 4 sequences x 64 tokens
-(16 prompt) in micro-batches of <= 128 tokens, alone and followed by the trainer's
-gradient clipping and (fused) AdamW step. Tokens per
-round and model FLOPs per round (bench_train_step.py's formula) are in each result's extra_info.
+(16 prompt) in micro-batches of <= 128 tokens, alone and followed by the trainer's gradient
+clipping and (fused) AdamW step. Tokens per round and model FLOPs per round (bench_train_step.py's
+formula) are in each result's extra_info.
 Throughput and MFU on a real model: bench_train_step.py.
 """
 
 import contextlib
 
 import pytest
-import torch
 from bench_train_step import LOSS, build_model, fill_old_logprobs, make_rows, model_config, param_counts, step_flops
 
 from trainer.config import OptimConfig

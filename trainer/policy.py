@@ -123,10 +123,18 @@ def _world_reduce(x: float, device: torch.device, op=None) -> float:
 
 
 @torch.no_grad()
-def compute_logprobs(model, rows: Sequence[UpdateRow], *, token_budget: int, temperature: float, field: str) -> None:
+def compute_logprobs(
+    model,
+    rows: Sequence[UpdateRow],
+    *,
+    token_budget: int,
+    temperature: float,
+    field: str,
+    device: torch.device | None = None,
+) -> None:
     """Fill ``row.<field>`` (``old_logprobs`` or ``ref_logprobs``) with the model's log-probs of each
     response token at ``temperature``, with the no-grad kernel (no autograd graph, no N x V kept)."""
-    device = _device_of(model)
+    device = device or _device_of(model)
     was_training = model.training
     model.eval()
     try:
@@ -143,18 +151,25 @@ def compute_logprobs(model, rows: Sequence[UpdateRow], *, token_budget: int, tem
 
 
 def _device_of(model) -> torch.device:
+    """Where the inputs go when the caller does not say. Pass ``device`` explicitly under FSDP2 CPU
+    offload: the parameters then live on the CPU while the forward runs on the GPU."""
     return next(model.parameters()).device  # a DTensor reports its local shard's device
 
 
 def accumulate_gradients(
-    model, rows: Sequence[UpdateRow], loss: Mapping[str, Any], *, token_budget: int
+    model,
+    rows: Sequence[UpdateRow],
+    loss: Mapping[str, Any],
+    *,
+    token_budget: int,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Forward + backward of one mini-batch over its micro-batches; gradients accumulate in
     ``.grad``. ``loss`` holds the keyword arguments of ``dler_kernels.policy_loss`` that a run
     fixes (``TrainConfig.policy_loss_kwargs()``). Returns the mini-batch's loss and metrics
     (token-weighted means over ranks)."""
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
-    device = _device_of(model)
+    device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):
         raise ValueError("old_logprobs missing: call compute_logprobs(..., field='old_logprobs') before the update")
     if beta > 0 and any(r.ref_logprobs is None for r in rows):

@@ -287,11 +287,21 @@ class Trainer:
         started = time.perf_counter()
         a = self.cfg.algorithm
         compute_logprobs(
-            self.policy, rows, token_budget=a.micro_batch_tokens, temperature=a.temperature, field="old_logprobs"
+            self.policy,
+            rows,
+            token_budget=a.micro_batch_tokens,
+            temperature=a.temperature,
+            field="old_logprobs",
+            device=self.env.device,
         )
         if self.reference is not None:
             compute_logprobs(
-                self.reference, rows, token_budget=a.micro_batch_tokens, temperature=a.temperature, field="ref_logprobs"
+                self.reference,
+                rows,
+                token_budget=a.micro_batch_tokens,
+                temperature=a.temperature,
+                field="ref_logprobs",
+                device=self.env.device,
             )
         return time.perf_counter() - started
 
@@ -315,7 +325,9 @@ class Trainer:
             random.Random(self._seed(step) * 31 + epoch).shuffle(order)
             for m in range(n_mini):
                 mini = [row for g in order[m * local_mini : (m + 1) * local_mini] for row in groups[g]]
-                metrics = accumulate_gradients(self.policy, mini, loss_kwargs, token_budget=a.micro_batch_tokens)
+                metrics = accumulate_gradients(
+                    self.policy, mini, loss_kwargs, token_budget=a.micro_batch_tokens, device=self.env.device
+                )
                 grad_norm = clip_gradients(self.policy, cfg.optim.grad_clip)
                 if metrics and math.isfinite(grad_norm):
                     self.optimizer.step()
