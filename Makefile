@@ -49,6 +49,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m pytest bench/ --benchmark-only -p no:cacheprovider
 	$(BIN)/python bench/bench_policy_loss.py $(if $(CUDA),,--n 512 --vocab 49152 --dtype fp32 --repeats 3)
+	$(BIN)/python bench/bench_train_step.py $(if $(CUDA),--fsdp,--model-config tiny)
 
 lint: setup
 	$(BIN)/ruff check dler_kernels trainer tests bench
