@@ -206,9 +206,9 @@ def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
 
 def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None, *, progress: bool = True) -> Path:
     """The warm-started demo policy as a HF folder (built once, then reused from the cache)."""
-    from safetensors.torch import save_file
+    import torch
 
-    from .models import cache_dir
+    from .models import _save_state_dict, cache_dir
     from .policy import UpdateRow
 
     out = Path(out).expanduser() if out is not None else cache_dir() / f"demo-verbose-arith-{cfg.key()}"
@@ -230,8 +230,7 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
     model = _build_model(cfg, tokenizer)
     with atomic_directory(out, overwrite=True) as tmp:
         losses = _sft(model, rows, cfg, progress)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_state_dict(model, tmp, torch.float32)  # the tied head is stored once, as the embedding
         model.config.dtype = "float32"
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)

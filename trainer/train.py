@@ -44,9 +44,9 @@ import dler_kernels as dk
 
 from . import config as config_mod
 from .answers import AnswerChecker
-from .checkpoint import CheckpointManager, find_checkpoint
+from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, CheckpointManager
 from .config import TrainConfig
-from .data import Example, PromptStream, build_prompts, load_examples
+from .data import Example, Prompt, PromptStream, build_prompts, load_examples
 from .fsdp import DistEnv, check_weights, destroy_distributed, init_distributed, load_policy
 from .fsutil import UserError
 from .models import resolve_model
@@ -158,10 +158,10 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        self.prompt_ids = {p.example.id: p.token_ids for p in self._prompts(cfg.data.train, cfg.data.limit)}
-        examples = [ex for ex in self._examples if ex.id in self.prompt_ids]
-        self.stream = PromptStream(examples, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        self.eval_prompts = self._eval_prompts()
+        prompts = self._load_prompts(cfg.data.train, cfg.data.limit)
+        self.prompt_ids = {p.example.id: p.token_ids for p in prompts}
+        self.stream = PromptStream([p.example for p in prompts], seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.eval_prompts = self._load_prompts(cfg.eval.data, cfg.eval.limit) if cfg.eval.data is not None else []
         self.checker = AnswerChecker(**cfg.reward.checker_kwargs())
         self.budgets = cfg.reward.da_dler.make_budgets()
 
@@ -286,23 +286,16 @@ class Trainer:
         reference's when the KL term is on; both with the no-grad kernel."""
         started = time.perf_counter()
         a = self.cfg.algorithm
-        compute_logprobs(
-            self.policy,
-            rows,
-            token_budget=a.micro_batch_tokens,
-            temperature=a.temperature,
-            field="old_logprobs",
-            device=self.env.device,
-        )
-        if self.reference is not None:
-            compute_logprobs(
-                self.reference,
-                rows,
-                token_budget=a.micro_batch_tokens,
-                temperature=a.temperature,
-                field="ref_logprobs",
-                device=self.env.device,
-            )
+        for model, field in ((self.policy, "old_logprobs"), (self.reference, "ref_logprobs")):
+            if model is not None:
+                compute_logprobs(
+                    model,
+                    rows,
+                    token_budget=a.micro_batch_tokens,
+                    temperature=a.temperature,
+                    field=field,
+                    device=self.env.device,
+                )
         return time.perf_counter() - started
 
     def update(self, rows: list[UpdateRow], step: int) -> tuple[dict[str, float], float]:
@@ -355,16 +348,19 @@ class Trainer:
 
     def record(self, step, sampling: SamplingStats, advantages, update, timings, rows) -> dict[str, Any]:
         """One line of OUT/metrics.jsonl: rollout statistics over every generated response of every rank."""
-        parts = _gather(sampling.as_dict())
+        everyone = _gather(
+            (sampling.as_dict(), sampling.lengths, [len(r.response_ids) for r in rows], sum(r.tokens for r in rows))
+        )
+        parts = [part[0] for part in everyone]
         samples = sum(p["samples"] for p in parts)
 
         def mean(key: str) -> float:
             return sum(p[key] * p["samples"] for p in parts) / samples if samples else 0.0
 
-        lengths = np.asarray([n for p in _gather([len(r.response_ids) for r in rows]) for n in p])
-        p50, p90 = _percentiles(np.asarray([n for p in _gather(sampling.lengths) for n in p]))
+        p50, p90 = _percentiles(np.asarray([n for part in everyone for n in part[1]]))
+        lengths = np.asarray([n for part in everyone for n in part[2]])
+        update_tokens = sum(part[3] for part in everyone)
         generated = sum(p["generated_tokens"] for p in parts)
-        update_tokens = sum(_gather(sum(r.tokens for r in rows)))
         record: dict[str, Any] = {
             "step": step,
             "accuracy": mean("accuracy"),
@@ -401,8 +397,6 @@ class Trainer:
         e = self.cfg.eval
         started = time.perf_counter()
         mine = self.eval_prompts[self.env.rank :: self.env.world_size]
-        if self.env.device.type == "cuda" and getattr(self.engine, "asleep", False):
-            self.engine.wake_up()
         outputs = (
             self.engine.generate(
                 [p.token_ids for p in mine],
@@ -472,7 +466,7 @@ class Trainer:
         if self.env.is_main:
             _truncate_metrics(self.out / METRICS_FILE, self.start_step)
         self._say(f"resumed from {path} at step {self.start_step}")
-        return find_checkpoint(path) / "model"
+        return path / MODEL_DIR
 
     def _start_fresh(self) -> None:
         if self.env.is_main:
@@ -513,27 +507,17 @@ class Trainer:
     def _check_out_folder(self, resume: bool) -> None:
         if resume:
             return
-        if (self.out / "checkpoints").exists() or (self.out / METRICS_FILE).exists():
+        if (self.out / CHECKPOINTS_DIR).exists() or (self.out / METRICS_FILE).exists():
             raise UserError(
                 f"{self.out} already holds a run: continue it with `dler train --resume {self.out}`, or set "
                 "run.out to another folder"
             )
 
-    def _prompts(self, spec: str, limit: int | None):
+    def _load_prompts(self, spec: str, limit: int | None) -> list[Prompt]:
+        """Training or held-out prompts, read and encoded with ``data``'s fields and template."""
         d = self.cfg.data
-        self._examples = load_examples(
-            spec, fields=d.fields, on_bad_row=d.on_bad_row, split=d.split, limit=limit, seed=d.seed
-        )
-        return build_prompts(
-            self.tokenizer, self._examples, template=d.template, chat=d.chat, max_prompt_tokens=d.max_prompt_tokens
-        )
-
-    def _eval_prompts(self):
-        e, d = self.cfg.eval, self.cfg.data
-        if e.data is None:
-            return []
         examples = load_examples(
-            e.data, fields=d.fields, on_bad_row=d.on_bad_row, split=d.split, limit=e.limit, seed=d.seed
+            spec, fields=d.fields, on_bad_row=d.on_bad_row, split=d.split, limit=limit, seed=d.seed
         )
         return build_prompts(
             self.tokenizer, examples, template=d.template, chat=d.chat, max_prompt_tokens=d.max_prompt_tokens
