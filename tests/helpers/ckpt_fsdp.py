@@ -133,6 +133,9 @@ def worker(rank: int, model_dir: str, out: str) -> None:
             errors=errors,
         )
         (out / "result.json").write_text(json.dumps(result))
+    # Both ranks leave together: once, under load, rank 0 aborted in gloo's teardown
+    # ("terminate called without an active exception") while rank 1 was still finishing.
+    dist.barrier()
     dist.destroy_process_group()
 
 
