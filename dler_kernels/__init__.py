@@ -6,6 +6,7 @@ references in ``dler_kernels.reference``. ``python -m dler_kernels.info`` lists 
 
 from ._backend import HAS_TRITON, available_backends, backend_for
 from .advantages import Advantages, compute_advantages
+from .linear_policy_loss import linear_policy_loss, linear_token_logprobs
 from .policy_loss import PolicyLossOutput, policy_loss, token_logprobs
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "available_backends",
     "backend_for",
     "compute_advantages",
+    "linear_policy_loss",
+    "linear_token_logprobs",
     "policy_loss",
     "token_logprobs",
 ]

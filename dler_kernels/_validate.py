@@ -10,7 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor(name: str, t, *, ndim: int, kind: str, device: torch.device | None = None, length: int | None = None):
+def check_tensor(
+    name: str, t, *, ndim: int, kind: str, device: torch.device | None = None, length: int | None = None, like="logits"
+):
     """``kind``: 'float', 'int' or 'mask' (bool, integer or float 0/1)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -23,7 +25,7 @@ def check_tensor(name: str, t, *, ndim: int, kind: str, device: torch.device | N
     if kind == "mask" and t.is_complex():
         raise ValueError(f"{name} must be bool (or 0/1 numbers), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like logits, got {t.device}")
+        raise ValueError(f"{name} must be on {device} like {like}, got {t.device}")
     if length is not None and t.shape[0] != length:
         raise ValueError(f"{name} must have {length} entries (one per token), got shape {tuple(t.shape)}")
     return t
@@ -45,7 +47,7 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, allow
         raise ValueError(f"{name} must be < {high}, got {value}")
 
 
-def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int) -> None:
+def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int, what: str = "logits") -> None:
     """Targets of valid rows lie in [0, vocab); masked rows may hold anything (e.g. -100)."""
     t = targets if valid is None else targets[valid]
     if t.numel() == 0:
@@ -53,4 +55,4 @@ def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int)
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"targets must lie in [0, {vocab}) (the vocab size of logits) on valid rows, found {bad}")
+        raise ValueError(f"targets must lie in [0, {vocab}) (the vocab size of {what}) on valid rows, found {bad}")

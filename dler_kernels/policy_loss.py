@@ -31,6 +31,42 @@ def _check_logits(logits) -> int:
     return logits.shape[0]
 
 
+def _check_loss_options(
+    n, vocab, dev, targets, old_logprobs, advantages, mask, *, ref_logprobs, seq_ids, eps_low, eps_high, clip_c,
+    beta, kl_type, entropy_coef, temperature, loss_agg, normalizer, norm_length, what="logits",
+) -> torch.Tensor:  # fmt: skip
+    """The checks shared by ``policy_loss`` and ``linear_policy_loss``; returns the bool mask."""
+    like = dict(device=dev, length=n, like=what)
+    check_tensor("targets", targets, ndim=1, kind="int", **like)
+    check_tensor("old_logprobs", old_logprobs, ndim=1, kind="float", **like)
+    check_tensor("advantages", advantages, ndim=1, kind="float", **like)
+    check_tensor("mask", mask, ndim=1, kind="mask", **like)
+    check_choice("loss_agg", loss_agg, ref.LOSS_AGGS)
+    check_choice("kl_type", kl_type, ref.KL_TYPES)
+    check_number("eps_low", eps_low, low=0.0, high=1.0)
+    check_number("eps_high", eps_high, low=0.0)
+    check_number("clip_c", clip_c, low=1.0, low_open=True, allow_none=True)
+    check_number("beta", beta, low=0.0)
+    check_number("entropy_coef", entropy_coef)
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_number("normalizer", normalizer, low=0.0, low_open=True, allow_none=True)
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("ref_logprobs is required when beta != 0 (the KL term needs the reference log-probs)")
+        check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", **like)
+    if loss_agg != "token-mean":
+        if seq_ids is None:
+            raise ValueError(f"seq_ids is required for loss_agg={loss_agg!r} (one sequence id per token)")
+        check_tensor("seq_ids", seq_ids, ndim=1, kind="int", **like)
+    if loss_agg == "seq-mean-token-sum-norm":
+        if norm_length is None:
+            raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
+        check_number("norm_length", norm_length, low=0.0, low_open=True)
+    valid = mask.bool()
+    check_targets(targets, valid, vocab, what="weight" if what == "hidden" else what)
+    return valid
+
+
 def token_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
 ):
@@ -85,34 +121,12 @@ def policy_loss(
     constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length).
     """
     n = _check_logits(logits)
-    dev = logits.device
-    check_tensor("targets", targets, ndim=1, kind="int", device=dev, length=n)
-    check_tensor("old_logprobs", old_logprobs, ndim=1, kind="float", device=dev, length=n)
-    check_tensor("advantages", advantages, ndim=1, kind="float", device=dev, length=n)
-    check_tensor("mask", mask, ndim=1, kind="mask", device=dev, length=n)
-    check_choice("loss_agg", loss_agg, ref.LOSS_AGGS)
-    check_choice("kl_type", kl_type, ref.KL_TYPES)
-    check_number("eps_low", eps_low, low=0.0, high=1.0)
-    check_number("eps_high", eps_high, low=0.0)
-    check_number("clip_c", clip_c, low=1.0, low_open=True, allow_none=True)
-    check_number("beta", beta, low=0.0)
-    check_number("entropy_coef", entropy_coef)
-    check_number("temperature", temperature, low=0.0, low_open=True)
-    check_number("normalizer", normalizer, low=0.0, low_open=True, allow_none=True)
-    if beta != 0.0:
-        if ref_logprobs is None:
-            raise ValueError("ref_logprobs is required when beta != 0 (the KL term needs the reference log-probs)")
-        check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", device=dev, length=n)
-    if loss_agg != "token-mean":
-        if seq_ids is None:
-            raise ValueError(f"seq_ids is required for loss_agg={loss_agg!r} (one sequence id per token)")
-        check_tensor("seq_ids", seq_ids, ndim=1, kind="int", device=dev, length=n)
-    if loss_agg == "seq-mean-token-sum-norm":
-        if norm_length is None:
-            raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
-        check_number("norm_length", norm_length, low=0.0, low_open=True)
-    valid = mask.bool()
-    check_targets(targets, valid, logits.shape[1])
+    valid = _check_loss_options(
+        n, logits.shape[1], logits.device, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+        seq_ids=seq_ids, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
+        entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg, normalizer=normalizer,
+        norm_length=norm_length,
+    )  # fmt: skip
 
     options = dict(
         ref_logprobs=ref_logprobs,

@@ -118,15 +118,14 @@ def aggregate_ref(
     return torch.where(has_tokens, seq_loss, torch.zeros_like(seq_loss)).sum() / _denominator(n_valid_seq, normalizer)
 
 
-def policy_loss_ref(
+def per_token_loss_ref(
     logits: torch.Tensor,
     targets: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
+    valid: torch.Tensor,
     *,
     ref_logprobs: torch.Tensor | None = None,
-    seq_ids: torch.Tensor | None = None,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     clip_c: float | None = 10.0,
@@ -134,17 +133,11 @@ def policy_loss_ref(
     kl_type: str = "k3",
     entropy_coef: float = 0.0,
     temperature: float = 1.0,
-    loss_agg: str = "token-mean",
-    normalizer: float | None = None,
-    norm_length: float | None = None,
 ):
-    """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
-
-    ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
-    contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
-    """
+    """The per-token loss of the module docstring before aggregation: ``(per_token, logp, entropy, kl)``,
+    0 on rows where ``valid`` (bool) is false; ``kl`` is None when ``beta == 0``. Differentiable
+    w.r.t. ``logits``; the fused-linear path applies it chunk by chunk."""
     dtype = _compute_dtype(logits)
-    valid = mask.bool()
     # Masked rows are replaced by zeros so that their content (even inf/nan) cannot leak into
     # the loss or the gradient.
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
@@ -172,6 +165,43 @@ def policy_loss_ref(
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * entropy
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    return per_token, logp, entropy, kl
+
+
+def policy_loss_ref(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float | None = 10.0,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    normalizer: float | None = None,
+    norm_length: float | None = None,
+):
+    """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
+
+    ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
+    contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
+    """
+    valid = mask.bool()
+    per_token, logp, entropy, kl = per_token_loss_ref(
+        logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, eps_low=eps_low,
+        eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
+        temperature=temperature,
+    )  # fmt: skip
+    dtype = per_token.dtype
+    old = old_logprobs.to(dtype)
+    adv = advantages.to(dtype)
     loss = aggregate_ref(per_token, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
 
     with torch.no_grad():
@@ -293,3 +323,21 @@ def advantage_stats(rewards, values, keep, group_keep):
         "reward_mean": (rewards.to(values.dtype) * keptf).sum() / torch.clamp(n_kept, min=1.0),
         "advantage_mean": (values * keptf).sum() / torch.clamp(n_kept, min=1.0),
     }
+
+
+def linear_logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits the fused-linear path never materialises: ``hidden @ weight.T (+ bias)``, [N, V],
+    in the inputs' dtype (as an ``nn.Linear`` LM head produces them)."""
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def linear_policy_loss_ref(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, **options):
+    """``policy_loss_ref`` on ``linear_logits_ref(hidden, weight, bias)``: the specification of
+    ``dler_kernels.linear_policy_loss``. Differentiable w.r.t. hidden, weight and bias."""
+    return policy_loss_ref(linear_logits_ref(hidden, weight, bias), targets, old_logprobs, advantages, mask, **options)
+
+
+def linear_token_logprobs_ref(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False):
+    """``token_logprobs_ref`` on ``linear_logits_ref(hidden, weight, bias)``."""
+    logits = linear_logits_ref(hidden, weight, bias)
+    return token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)

@@ -54,6 +54,19 @@ def _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _grad_tile(z_ptr, grad_ptr, cols, in_row, target, lse, entropy, dlogp, dent, inv_temp):
+    r"""Writes d(loss)/d(logits) for the columns ``cols`` of one row:
+    :math:`\frac{1}{T}[a(\delta_{j,y} - p_j) - c\,p_j(\log p_j + H)]` with ``a = dlogp`` (the
+    derivative of the aggregated loss w.r.t. the row's log-prob) and ``c = dent`` (w.r.t. its entropy)."""
+    z = tl.load(z_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temp
+    logp_j = z - lse
+    p = tl.exp(logp_j)
+    grad = -p * (dlogp + dent * (logp_j + entropy))
+    grad = tl.where(cols == target, grad + dlogp, grad) * inv_temp
+    tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _policy_loss_kernel(
     logits_ptr,
     logits_stride,
@@ -69,6 +82,9 @@ def _policy_loss_kernel(
     entropy_out,
     loss_out,
     kl_out,
+    lse_out,
+    dlogp_out,
+    dent_out,
     V,
     inv_temp,
     eps_low,
@@ -80,6 +96,7 @@ def _policy_loss_kernel(
     KL_TYPE: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    STORE_ROW_STATE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -135,18 +152,18 @@ def _policy_loss_kernel(
                 g += beta * dkl
             loss -= entropy_coef * entropy
             tl.store(loss_out + row, loss)
+            w = tl.load(weight_ptr + row).to(tl.float32)
+            dlogp = g * w
+            dent = -entropy_coef * w
+            if STORE_ROW_STATE:  # what a later pass over other logits of this row needs (fused-linear path)
+                tl.store(lse_out + row, lse)
+                tl.store(dlogp_out + row, dlogp)
+                tl.store(dent_out + row, dent)
             if WRITE_GRAD:
-                w = tl.load(weight_ptr + row).to(tl.float32) * inv_temp
                 grad_row = grad_ptr + row * grad_stride
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
-                    in_row = cols < V
-                    z = tl.load(row_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temp
-                    logp_j = z - lse
-                    p = tl.exp(logp_j)
-                    grad = -p * (g - entropy_coef * (logp_j + entropy))
-                    grad = tl.where(cols == target, grad + g, grad) * w
-                    tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+                    _grad_tile(row_ptr, grad_row, cols, cols < V, target, lse, entropy, dlogp, dent, inv_temp)
     else:
         tl.store(logp_out + row, 0.0)
         tl.store(entropy_out + row, 0.0)
@@ -154,6 +171,10 @@ def _policy_loss_kernel(
             tl.store(loss_out + row, 0.0)
             if KL_TYPE != 0:
                 tl.store(kl_out + row, 0.0)
+            if STORE_ROW_STATE:
+                tl.store(lse_out + row, 0.0)
+                tl.store(dlogp_out + row, 0.0)
+                tl.store(dent_out + row, 0.0)
             if WRITE_GRAD:
                 grad_row = grad_ptr + row * grad_stride
                 zero = tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty)
@@ -198,7 +219,10 @@ def _launch(
     kl_type=None,
     entropy_coef=0.0,
     compute_loss=False,
+    row_state=None,
 ):
+    """Runs the kernel over the rows of ``logits``; ``row_state`` (compute_loss only): three float32
+    [N] buffers that receive each row's log-sum-exp, d(loss)/d(log-prob) and d(loss)/d(entropy)."""
     n, vocab = logits.shape
     dev = logits.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -216,12 +240,61 @@ def _launch(
         targets, valid.to(torch.int8),
         old if old is not None else dummy, adv if adv is not None else dummy,
         ref_lp if ref_lp is not None else dummy, weights if weights is not None else dummy,
-        logp, entropy, loss, kl,
+        logp, entropy, loss, kl, *(row_state if row_state is not None else (dummy, dummy, dummy)),
         vocab, 1.0 / temperature, eps_low, eps_high, clip_c if clip_c is not None else 0.0, beta, entropy_coef,
         HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None,
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        STORE_ROW_STATE=row_state is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
     )  # fmt: skip
     return logp, entropy, loss, (kl if kl_code else None)
+
+
+@triton.jit
+def _slab_grad_kernel(
+    z_ptr,
+    z_stride,
+    targets_ptr,
+    valid_ptr,
+    lse_ptr,
+    entropy_ptr,
+    dlogp_ptr,
+    dent_ptr,
+    col0,
+    W,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    """Overwrites a [N, W] slab of logits (vocab columns col0 .. col0 + W) with their gradient, from
+    the per-row state an earlier full-vocab pass stored. Masked rows are not read; they get 0."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = z_ptr + row * z_stride
+    offs = tl.arange(0, BLOCK_V)
+    if tl.load(valid_ptr + row) != 0:
+        target = tl.load(targets_ptr + row).to(tl.int64) - col0
+        lse = tl.load(lse_ptr + row)
+        entropy = tl.load(entropy_ptr + row)
+        dlogp = tl.load(dlogp_ptr + row)
+        dent = tl.load(dent_ptr + row)
+        for start in range(0, W, BLOCK_V):
+            cols = start + offs
+            _grad_tile(row_ptr, row_ptr, cols, cols < W, target, lse, entropy, dlogp, dent, inv_temp)
+    else:
+        zero = tl.zeros((BLOCK_V,), tl.float32).to(z_ptr.dtype.element_ty)
+        for start in range(0, W, BLOCK_V):
+            cols = start + offs
+            tl.store(row_ptr + cols, zero, mask=cols < W)
+
+
+def slab_grad_(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temperature):
+    """In place: ``slab`` [N, W] (logits of vocab columns col0 ..) becomes d(loss)/d(those logits)."""
+    n, width = slab.shape
+    if n == 0 or width == 0:
+        return slab
+    block_v = _block_v(width)
+    _slab_grad_kernel[(n,)](
+        slab, slab.stride(0), targets, valid_i8, lse, entropy, dlogp, dent, col0, width, 1.0 / temperature,
+        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )  # fmt: skip
+    return slab
 
 
 def triton_token_logprobs(logits, targets, temperature=1.0):

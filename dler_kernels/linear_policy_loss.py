@@ -1,0 +1,360 @@
+r"""Fused-linear path: the policy loss (and log-probs) from hidden states and the LM head weight,
+without ever holding the [N, V] logits.
+
+Semantics: exactly ``policy_loss(hidden @ weight.T + bias, ...)`` (``reference.linear_policy_loss_ref``).
+
+How (one design for every backend; only the per-slab arithmetic differs):
+
+* **Row pass.** The tokens are cut into chunks of ``chunk_size`` rows. For each chunk the logits
+  ``Z_c = X_c W^T (+ b)`` are one tensor-core matmul (cuBLAS through ``torch.mm``) into a reusable
+  buffer; the fused row kernel of the logits path reads each row, computes the log-prob, entropy,
+  KL and the per-token loss, and overwrites ``Z_c`` with ``dZ_c = d(loss)/d(Z_c)``. Then
+  ``dX_c = dZ_c W`` is one matmul over the whole vocabulary (float32 accumulation inside the matmul,
+  one rounding to the output dtype), and ``db += colsum(dZ_c)`` in float32.
+* **Weight gradient.** ``dW = dZ^T X`` sums over all N tokens. For float32/float64 weights it is
+  accumulated chunk by chunk straight into the float32 output (``addmm_``): no extra memory.
+  For bf16/fp16 weights accumulating chunk by chunk would round the running sum to 16 bits once per
+  chunk, and a float32 accumulator would cost ``4 V H`` bytes (0.9 GB at V=151936, H=1536, more
+  than the logits budget). So the row pass also stores three floats per row (log-sum-exp,
+  d(loss)/d(log-prob), d(loss)/d(entropy)) and a **vocab pass** recomputes the logits of ``Vs``
+  vocab columns for all N rows, turns them into their gradient from that row state
+  (``slab_grad_``), and writes ``dW[v0:v1] = dZ_s^T X`` with one matmul over all N tokens: float32
+  accumulation, one rounding, the same as autograd through ``F.linear``. This costs one more
+  matmul (4 instead of 3); a frozen weight (``requires_grad=False``) skips it.
+
+Memory bound: besides inputs, outputs, gradients and O(N) float32 vectors, one buffer of
+``chunk_size * V`` elements in the hidden dtype, reused by both passes (the vocab pass uses
+``Vs = chunk_size * V // N`` columns). The default ``chunk_size`` keeps it at
+``DEFAULT_SLAB_ELEMENTS = 2**26`` (128 MiB in bf16; 2.7% of the bf16 logits at N=16384, V=151936).
+No [N, V] tensor exists at any point.
+
+The whole gradient is computed in the forward call when autograd will need it (as in the logits
+path); backward only scales the stored gradients by the incoming one.
+
+Backends: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) run the row and slab
+arithmetic in the Triton kernels; other tensors run it in plain torch (the reference's per-token
+formulas, differentiated by autograd on one chunk at a time), with the same chunking and the same
+memory bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from ._backend import backend_for
+from ._validate import check_tensor
+from .policy_loss import PolicyLossOutput, _check_loss_options
+
+DEFAULT_SLAB_ELEMENTS = 1 << 26
+
+
+def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
+    check_tensor("hidden", hidden, ndim=2, kind="float")
+    check_tensor("weight", weight, ndim=2, kind="float")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on {hidden.device} like hidden, got {weight.device}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[1]} (the last dimension of hidden), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (the vocab size V), got shape (0, H)")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, kind="float")
+        if bias.device != hidden.device or bias.dtype != hidden.dtype:
+            raise ValueError(
+                f"bias must be {hidden.dtype} on {hidden.device} like hidden, got {bias.dtype} on {bias.device}"
+            )
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias must have {weight.shape[0]} entries (one per vocab row of weight), got {bias.shape[0]}"
+            )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
+    return hidden.shape[0], weight.shape[0]
+
+
+def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        chunk_size = max(16, DEFAULT_SLAB_ELEMENTS // vocab // 16 * 16)
+    return max(1, min(chunk_size, n))
+
+
+class _Slabs:
+    """One flat buffer, viewed as the logits of a row chunk [rows, V] or of a vocab slice [N, cols]."""
+
+    def __init__(self, hidden, weight, bias, rows):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.n, self.vocab = hidden.shape[0], weight.shape[0]
+        self.rows = rows
+        self.cols = max(1, min(self.vocab, rows * self.vocab // max(self.n, 1)))
+        numel = max(rows * self.vocab, self.n * self.cols)
+        self.buffer = torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
+
+    def row_chunks(self):
+        for r0 in range(0, self.n, self.rows):
+            r1 = min(r0 + self.rows, self.n)
+            z = self.buffer[: (r1 - r0) * self.vocab].view(r1 - r0, self.vocab)
+            x = self.hidden[r0:r1]
+            if self.bias is None:
+                torch.mm(x, self.weight.t(), out=z)
+            else:
+                torch.addmm(self.bias, x, self.weight.t(), out=z)
+            yield r0, r1, z
+
+    def vocab_slices(self):
+        for v0 in range(0, self.vocab, self.cols):
+            v1 = min(v0 + self.cols, self.vocab)
+            z = self.buffer[: self.n * (v1 - v0)].view(self.n, v1 - v0)
+            w = self.weight[v0:v1]
+            if self.bias is None:
+                torch.mm(self.hidden, w.t(), out=z)
+            else:
+                torch.addmm(self.bias[v0:v1], self.hidden, w.t(), out=z)
+            yield v0, v1, z
+
+
+# ---------------------------------------------------------------- per-slab arithmetic, two backends
+
+
+def _torch_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
+    """Plain torch on one row chunk: the reference's per-token formulas, differentiated by autograd.
+    Returns (per_token, logp, entropy, kl, row_state or None); overwrites z with dZ when want_grad."""
+    zc = z.detach().requires_grad_(want_grad)
+    with torch.enable_grad() if want_grad else torch.no_grad():
+        per_token, logp, entropy, kl = ref.per_token_loss_ref(zc, targets, old, adv, valid, ref_logprobs=ref_lp, **opts)
+        state = None
+        if want_grad:
+            wanted = [zc, logp] + ([entropy] if entropy.requires_grad else [])
+            grads = torch.autograd.grad((per_token * weights.to(per_token.dtype)).sum(), wanted, allow_unused=True)
+            if want_state:  # before z (which zc shares) is overwritten by the gradient
+                dlogp = grads[1] if grads[1] is not None else torch.zeros_like(logp)
+                dent = grads[2] if len(grads) > 2 and grads[2] is not None else torch.zeros_like(entropy)
+                zf = torch.where(valid.unsqueeze(-1), zc.detach(), 0).to(per_token.dtype)
+                state = (torch.logsumexp(zf / opts["temperature"], dim=-1), dlogp, dent)
+            z.copy_(grads[0])
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    return detach(per_token), detach(logp), detach(entropy), detach(kl), state
+
+
+def _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
+    """Plain torch version of ``triton_policy_loss.slab_grad_`` (the same formula)."""
+    dtype = lse.dtype
+    inv_t = 1.0 / temperature
+    zf = z.to(dtype) * inv_t
+    logp_j = zf - lse[:, None]
+    p = torch.exp(logp_j)
+    grad = -p * (dlogp[:, None] + dent[:, None] * (logp_j + entropy[:, None]))
+    local = targets - col0
+    hit = (local >= 0) & (local < z.shape[1]) & valid
+    grad[hit, local[hit]] += dlogp[hit]
+    grad = torch.where(valid[:, None], grad * inv_t, 0)
+    z.copy_(grad)
+    return z
+
+
+def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
+    from .triton_policy_loss import _launch
+
+    n = z.shape[0]
+    state = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3)) if want_state else None
+    logp, entropy, per_token, kl = _launch(
+        z, torch.where(valid, targets, 0), valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights,
+        grad=z if want_grad else None, compute_loss=True, row_state=state, **opts,
+    )  # fmt: skip
+    return per_token, logp, entropy, kl, state
+
+
+# ---------------------------------------------------------------- the two passes
+
+
+def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, triton,
+                  need_dx, need_dw, need_db):  # fmt: skip
+    n, vocab = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    per_token = torch.zeros(n, dtype=f32, device=dev)
+    logp = torch.zeros(n, dtype=f32, device=dev)
+    entropy = torch.zeros(n, dtype=f32, device=dev)
+    kl = torch.zeros(n, dtype=f32, device=dev) if opts["beta"] != 0.0 else None
+    want_grad = need_dx or need_dw or need_db
+    direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
+    vocab_pass = need_dw and not direct_dw
+    dx = torch.empty_like(hidden) if need_dx else None
+    dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
+    db = torch.zeros(vocab, dtype=f32, device=dev) if need_db else None
+    state = tuple(torch.zeros(n, dtype=f32, device=dev) for _ in range(3)) if vocab_pass else None
+    row_op = _triton_rows if triton else _torch_rows
+    slabs = _Slabs(hidden, weight, bias, rows)
+
+    for r0, r1, z in slabs.row_chunks():
+        sl = slice(r0, r1)
+        pt, lp, ent, k, st = row_op(
+            z, targets[sl], valid[sl], old[sl], adv[sl], None if ref_lp is None else ref_lp[sl], weights[sl],
+            opts, want_grad, vocab_pass,
+        )  # fmt: skip
+        per_token[sl], logp[sl], entropy[sl] = pt, lp, ent
+        if kl is not None:
+            kl[sl] = k
+        if st is not None:
+            for full, part in zip(state, st):
+                full[sl] = part
+        if not want_grad:
+            continue
+        # z now holds dZ for these rows.
+        if need_dx:
+            torch.mm(z, weight, out=dx[sl])
+        if direct_dw:
+            dw.addmm_(z.t(), hidden[sl])
+        if need_db:
+            db += z.sum(0, dtype=f32)
+
+    if vocab_pass:
+        valid_i8 = valid.to(torch.int8)
+        lse, dlogp, dent = state
+        for v0, v1, z in slabs.vocab_slices():
+            if triton:
+                from .triton_policy_loss import slab_grad_
+
+                slab_grad_(z, targets, valid_i8, lse, entropy, dlogp, dent, v0, opts["temperature"])
+            else:
+                _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, opts["temperature"])
+            torch.mm(z.t(), hidden, out=dw[v0:v1])
+    return per_token, logp, entropy, kl, dx, dw, (db.to(weight.dtype) if db is not None else None)
+
+
+class _LinearPolicyLoss(torch.autograd.Function):
+    """Forward runs both passes (gradients included when autograd needs them); backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, triton, needs):
+        per_token, logp, entropy, kl, dx, dw, db = _fused_linear(
+            hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, triton=triton,
+            need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
+        )  # fmt: skip
+        loss = (per_token * weights.to(per_token.dtype)).sum()
+        ctx.save_for_backward(dx, dw, db)
+        ctx.mark_non_differentiable(per_token, logp, entropy, *([kl] if kl is not None else []))
+        return loss, per_token, logp, entropy, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads = list(ctx.saved_tensors)
+        if grad_loss.item() != 1.0:  # loss.backward() needs no extra pass over the gradients
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return (*grads, *([None] * 10))
+
+
+def linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float | None = 10.0,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    normalizer: float | None = None,
+    norm_length: float | None = None,
+    chunk_size: int | None = None,
+) -> PolicyLossOutput:
+    """``policy_loss(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
+
+    ``hidden`` [N, H]; ``weight`` [V, H] (``lm_head.weight``, tied embeddings included) and ``bias``
+    [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``. ``loss`` is
+    differentiable w.r.t. hidden, weight and bias (gradients accumulated in float32, returned in
+    their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
+    elements (default: ``2**26 // V`` rows). Rows whose mask is false need finite hidden states
+    (as with ``F.linear``, their zero gradient still meets their hidden state in dW).
+    """
+    n, vocab = _check_linear(hidden, weight, bias, chunk_size)
+    dev = hidden.device
+    valid = _check_loss_options(
+        n, vocab, dev, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
+        eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
+        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, what="hidden",
+    )  # fmt: skip
+    from .triton_policy_loss import aggregation_weights  # plain torch on [N] vectors
+
+    triton = backend_for(hidden) == "triton"
+    weights = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
+    if hidden.dtype == torch.float64:
+        weights = weights.double()
+    opts = dict(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
+                entropy_coef=entropy_coef, temperature=temperature)  # fmt: skip
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
+        hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
+        advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
+        _rows_per_chunk(n, vocab, chunk_size), triton, needs,
+    )  # fmt: skip
+    with torch.no_grad():
+        metrics = ref.policy_metrics_ref(
+            logp, old_logprobs.to(logp.dtype), advantages.to(logp.dtype), entropy, valid, eps_low, eps_high, clip_c,
+            kl, per_token,
+        )  # fmt: skip
+    if hidden.dtype == torch.float64:
+        return PolicyLossOutput(loss, per_token, logp, entropy, metrics)
+    return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+):
+    """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits, no gradient.
+
+    A negative target marks a padding row (log-prob and entropy 0). Returns float32 ``logprobs``
+    [N], or ``(logprobs, entropy)`` with ``return_entropy``. Memory: one ``chunk_size * V`` buffer.
+    """
+    from ._validate import check_number, check_targets
+
+    n, vocab = _check_linear(hidden, weight, bias, chunk_size)
+    check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
+    check_number("temperature", temperature, low=0.0, low_open=True)
+    check_targets(targets, targets >= 0, vocab, what="weight")
+    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logp = torch.zeros(n, dtype=f32, device=hidden.device)
+    entropy = torch.zeros(n, dtype=f32, device=hidden.device)
+    triton = backend_for(hidden) == "triton"
+    with torch.no_grad():
+        for r0, r1, z in _Slabs(hidden, weight, bias, _rows_per_chunk(n, vocab, chunk_size)).row_chunks():
+            if triton:
+                from .triton_policy_loss import triton_token_logprobs
+
+                lp, ent = triton_token_logprobs(z, targets[r0:r1], temperature)
+            elif return_entropy:
+                lp, ent = ref.token_logprobs_ref(z, targets[r0:r1], temperature=temperature, return_entropy=True)
+            else:
+                lp, ent = ref.token_logprobs_ref(z, targets[r0:r1], temperature=temperature), None
+            logp[r0:r1] = lp
+            if return_entropy:
+                entropy[r0:r1] = ent
+    if f32 == torch.float32:
+        logp, entropy = logp.float(), entropy.float()
+    return (logp, entropy) if return_entropy else logp

@@ -1,0 +1,386 @@
+"""The fused-linear path (Triton kernels through the interpreter, and the plain-torch backend) against
+float64 autograd of the reference on the same logits, and against the logits path.
+
+The spec is ``policy_loss(F.linear(hidden, weight, bias), ...)`` with the logits in the inputs'
+dtype. The oracle therefore takes those logits (rounded to the input dtype, as any LM head makes
+them), continues in float64, and differentiates through the linear map in float64:
+dX64 = dZ64 W, dW64 = dZ64^T X, db64 = colsum(dZ64).
+
+Tolerances:
+* float32: loss rel <= 1e-5 of sum |per-token loss|, log-prob abs <= 1e-5 (as the logits path);
+  gradients rel (Frobenius) <= 1e-4: float32 arithmetic everywhere, sums over up to V terms.
+* bf16/fp16: the fused path, like autograd through the logits path, rounds dZ once to the input
+  dtype before the matmuls (relative rho: 2^-8 bf16, 2^-11 fp16; 2^-7 for bf16 stores in Triton's
+  interpreter, which truncates) and each gradient once more to its output dtype (r = 2^-8 / 2^-11).
+  Per element: |dX - dX64| <= rho (|dZ64| |W|) + r |dX64| + 1e-4 max|dX64|, likewise for dW
+  (|dZ64|^T |X|) and db (sum |dZ64|): the rounding of every term, bounded by the absolute sum.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dler_kernels
+from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss, reference
+from dler_kernels.reference import KL_TYPES, LOSS_AGGS
+
+BACKENDS = ["triton", "reference"] if dler_kernels.HAS_TRITON else ["reference"]
+GRAD_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+INTERPRETER_GRAD_ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+OUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DLER_BACKEND", request.param)
+    return request.param
+
+
+def make_inputs(n, h, v, dtype=torch.float32, seed=0, masked_frac=0.25, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(dtype)  # logits of scale ~2
+    bias = (0.5 * torch.randn(v, generator=g)).to(dtype) if with_bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():
+        exact = reference.token_logprobs_ref(F.linear(hidden, weight, bias).double(), targets).float()
+    tensors = dict(
+        hidden=hidden, weight=weight, targets=targets,
+        old_logprobs=exact + 0.4 * torch.randn(n, generator=g),  # ratios on both sides of the clip range
+        advantages=torch.randn(n, generator=g), mask=torch.rand(n, generator=g) >= masked_frac,
+    )  # fmt: skip
+    extra = dict(bias=bias, ref_logprobs=exact + 0.3 * torch.randn(n, generator=g), seq_ids=torch.arange(n) // 3)
+    return tensors, extra
+
+
+def oracle(tensors, extra, **opts):
+    """float64 from the input-dtype logits on: (loss, per_token, logp, entropy, metrics, dZ64, dX64, dW64, db64)."""
+    x, w, b = tensors["hidden"], tensors["weight"], extra["bias"]
+    logits64 = F.linear(x, w, b).double().requires_grad_(True)
+    loss, per_token, logp, ent, metrics = reference.policy_loss_ref(
+        logits64, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(),
+        tensors["mask"], ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], **opts,
+    )  # fmt: skip
+    loss.backward()
+    dz = logits64.grad
+    return loss.detach(), per_token, logp, ent, metrics, dz, dz @ w.double(), dz.t() @ x.double(), dz.sum(0)
+
+
+def run(tensors, extra, **opts):
+    leaves = {k: tensors[k].clone().requires_grad_(True) for k in ("hidden", "weight")}
+    bias = extra["bias"].clone().requires_grad_(True) if extra["bias"] is not None else None
+    out = linear_policy_loss(**{**tensors, **leaves}, **{**extra, "bias": bias}, **opts)
+    out.loss.backward()
+    return out, leaves["hidden"].grad, leaves["weight"].grad, (bias.grad if bias is not None else None)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_grad(name, got, want, abs_terms, dtype, backend_used):
+    assert got.dtype == dtype, f"{name} dtype {got.dtype}"
+    if dtype in (torch.float32, torch.float64):
+        assert rel(got, want) <= 1e-4, (name, rel(got, want))
+        return
+    rho = (INTERPRETER_GRAD_ROUNDING if backend_used == "triton" and not got.is_cuda else GRAD_ROUNDING)[dtype]
+    bound = rho * abs_terms + OUT_ROUNDING[dtype] * want.abs() + 1e-4 * want.abs().max()
+    err = (got.double() - want).abs()
+    assert bool((err <= bound).all()), (name, (err - bound).max().item(), rel(got, want))
+
+
+def check_against_oracle(out, grads, tensors, extra, opts, backend_used):
+    loss64, pt64, lp64, ent64, m64, dz, dx64, dw64, db64 = oracle(tensors, extra, **opts)
+    scale = reference.aggregate_ref(
+        pt64.abs(), tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
+        normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
+    ).item()  # fmt: skip
+    assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
+    assert (out.logprobs.double() - lp64).abs().max() <= 1e-5
+    assert (out.entropy.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    x, w = tensors["hidden"].double(), tensors["weight"].double()
+    dtype = tensors["hidden"].dtype
+    dx, dw, db = grads
+    check_grad("dhidden", dx, dx64, dz.abs() @ w.abs(), dtype, backend_used)
+    check_grad("dweight", dw, dw64, dz.abs().t() @ x.abs(), dtype, backend_used)
+    if extra["bias"] is not None:
+        check_grad("dbias", db, db64, dz.abs().sum(0), dtype, backend_used)
+    for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite"):
+        assert out.metrics[key].item() == pytest.approx(m64[key].item(), abs=1e-6), key
+
+
+# (N, H, V, chunk_size): odd sizes, one chunk, many chunks, a chunk of one row, vocab slices narrower than a row.
+SHAPES = [(1, 8, 1, None), (7, 16, 33, 3), (17, 24, 1000, 5), (5, 32, 4097, 2), (12, 8, 50, 1), (9, 40, 257, 4)]
+OPTION_SETS = [
+    dict(loss_agg="token-mean", kl_type="k3", beta=0.05, clip_c=10.0, entropy_coef=0.0, temperature=1.0),
+    dict(loss_agg="seq-mean-token-mean", kl_type="k1", beta=0.1, clip_c=None, entropy_coef=0.01, temperature=0.6),
+    dict(loss_agg="seq-mean-token-sum", kl_type="k2", beta=0.2, clip_c=3.0, entropy_coef=-0.02, temperature=1.3),
+    dict(loss_agg="seq-mean-token-sum-norm", kl_type="low_var_kl", beta=0.0, clip_c=2.0, entropy_coef=0.005,
+         temperature=0.9, norm_length=64.0),
+]  # fmt: skip
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-H{s[1]}-V{s[2]}-chunk{s[3]}")
+def test_matches_float64(backend, shape, dtype):
+    n, h, v, chunk = shape
+    i = SHAPES.index(shape) + DTYPES.index(dtype)
+    opts = OPTION_SETS[i % 4]
+    tensors, extra = make_inputs(n, h, v, dtype, seed=n * 1000 + v, with_bias=i % 2 == 0)
+    out, *grads = run(tensors, extra, chunk_size=chunk, **opts)
+    check_against_oracle(out, grads, tensors, extra, opts, backend)
+
+
+@pytest.mark.parametrize("clip_c", [10.0, None])
+@pytest.mark.parametrize("kl_type", KL_TYPES)
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_every_option_combination(backend, loss_agg, kl_type, clip_c):
+    tensors, extra = make_inputs(10, 12, 37, seed=7)
+    opts = dict(loss_agg=loss_agg, kl_type=kl_type, clip_c=clip_c, entropy_coef=0.01, beta=0.1, temperature=0.8,
+                norm_length=40.0)  # fmt: skip
+    out, *grads = run(tensors, extra, chunk_size=4, **opts)
+    check_against_oracle(out, grads, tensors, extra, opts, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_equals_the_logits_path_on_the_same_inputs(backend, dtype):
+    """Same backend, same inputs: the fused path and policy_loss(F.linear(...)) + autograd agree."""
+    tensors, extra = make_inputs(13, 20, 301, dtype, seed=21)
+    opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7, loss_agg="seq-mean-token-mean")
+    out, dx, dw, db = run(tensors, extra, chunk_size=4, **opts)
+    leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    logits = F.linear(*leaves)
+    rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
+    plain = policy_loss(logits, **rest, ref_logprobs=extra["ref_logprobs"], seq_ids=extra["seq_ids"], **opts)
+    plain.loss.backward()
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.entropy, plain.entropy, rtol=0, atol=1e-6)
+    for key in plain.metrics:
+        torch.testing.assert_close(out.metrics[key].float(), plain.metrics[key].float(), rtol=1e-6, atol=1e-7)
+    # The same dZ (bit for bit up to float32 summation order) meets the same matmuls; one output rounding apart.
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-4)
+    for ours, theirs in ((dx, leaves[0].grad), (dw, leaves[1].grad), (db, leaves[2].grad)):
+        torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+
+
+def test_chunk_size_does_not_change_the_result(backend):
+    tensors, extra = make_inputs(11, 16, 45, seed=3)
+    results = [run(tensors, extra, chunk_size=c, entropy_coef=0.01) for c in (1, 4, 11, 1000)]
+    base_out, *base_grads = results[0]
+    for out, *grads in results[1:]:
+        assert out.loss.item() == pytest.approx(base_out.loss.item(), rel=1e-6)
+        torch.testing.assert_close(out.logprobs, base_out.logprobs)
+        for a, b in zip(grads, base_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_all_rows_masked(backend, loss_agg):
+    tensors, extra = make_inputs(6, 8, 50, seed=1)
+    tensors["mask"] = torch.zeros(6, dtype=torch.bool)
+    out, dx, dw, db = run(tensors, extra, loss_agg=loss_agg, beta=0.1, entropy_coef=0.01, norm_length=10.0,
+                          chunk_size=4)  # fmt: skip
+    assert out.loss.item() == 0.0 and out.metrics["num_tokens"].item() == 0
+    for g in (dx, dw, db):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_rows_take_any_target_and_get_zero_gradient(backend, dtype):
+    tensors, extra = make_inputs(9, 16, 64, dtype, seed=2)
+    mask = tensors["mask"]
+    poisoned = {**tensors, "targets": tensors["targets"].masked_fill(~mask, -100)}
+    opts = dict(loss_agg="seq-mean-token-mean", entropy_coef=0.01, chunk_size=2)
+    out, dx, dw, db = run(poisoned, extra, **opts)
+    clean, cdx, cdw, cdb = run(tensors, extra, **opts)
+    assert out.loss.item() == clean.loss.item()
+    assert torch.equal(dx[~mask], torch.zeros_like(dx[~mask]))
+    assert torch.equal(dx, cdx) and torch.equal(dw, cdw) and torch.equal(db, cdb)
+    assert torch.equal(out.logprobs[~mask], torch.zeros(int((~mask).sum())))
+
+
+def test_backward_scales_the_stored_gradients(backend):
+    tensors, extra = make_inputs(5, 8, 20, seed=5)
+    out, dx, dw, db = run(tensors, extra)
+    x, w, b = (t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"]))
+    (3.0 * linear_policy_loss(**{**tensors, "hidden": x, "weight": w}, **{**extra, "bias": b}).loss).backward()
+    for scaled, plain in ((x.grad, dx), (w.grad, dw), (b.grad, db)):
+        torch.testing.assert_close(scaled, 3.0 * plain)
+
+
+def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
+    tensors, extra = make_inputs(12, 8, 40, seed=6)
+    full, fdx, fdw, fdb = run(tensors, extra)
+    total = int(tensors["mask"].sum())
+    w = tensors["weight"].clone().requires_grad_(True)
+    losses, dxs = [], []
+    for rows in (slice(0, 5), slice(5, 12)):
+        part = {k: (t[rows] if k != "weight" else w) for k, t in tensors.items()}
+        x = part["hidden"].clone().requires_grad_(True)
+        out = linear_policy_loss(**{**part, "hidden": x}, bias=extra["bias"], normalizer=total)
+        out.loss.backward()
+        losses.append(out.loss)
+        dxs.append(x.grad)
+    assert sum(losses).item() == pytest.approx(full.loss.item(), rel=1e-6)
+    torch.testing.assert_close(torch.cat(dxs), fdx)
+    torch.testing.assert_close(w.grad, fdw, rtol=1e-5, atol=1e-7)
+
+
+def test_only_the_needed_gradients_are_computed(backend, monkeypatch):
+    import sys
+
+    module = sys.modules["dler_kernels.linear_policy_loss"]
+    calls = []
+    real = module._fused_linear
+    monkeypatch.setattr(module, "_fused_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    tensors, extra = make_inputs(6, 8, 30, torch.bfloat16, seed=4)
+    frozen_head = {**tensors, "hidden": tensors["hidden"].clone().requires_grad_(True)}
+    out = linear_policy_loss(**frozen_head, bias=extra["bias"])  # weight and bias do not require grad
+    out.loss.backward()
+    assert frozen_head["hidden"].grad is not None
+    with torch.no_grad():
+        linear_policy_loss(**{**tensors, "weight": tensors["weight"].clone().requires_grad_(True)})
+    assert [(c["need_dx"], c["need_dw"], c["need_db"]) for c in calls] == [(True, False, False), (False, False, False)]
+
+
+def test_tied_embedding_gets_both_gradients(backend):
+    """lm_head.weight is the input embedding: autograd adds the loss's dW to the embedding's gradient."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(30, 12)
+    ids = torch.randint(0, 30, (9,))
+    tensors, extra = make_inputs(9, 12, 30, seed=8, with_bias=False)
+    rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
+
+    def grad_of(fn):
+        emb.zero_grad()
+        hidden = torch.tanh(emb(ids))
+        fn(hidden, emb.weight).backward()
+        return emb.weight.grad.clone()
+
+    fused = grad_of(lambda h, w: linear_policy_loss(h, w, **rest, chunk_size=4).loss)
+    plain = grad_of(lambda h, w: policy_loss(F.linear(h, w), **rest).loss)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_backend_passes_gradcheck(monkeypatch):
+    monkeypatch.setenv("DLER_BACKEND", "reference")
+    tensors, extra = make_inputs(5, 4, 6, torch.float64, seed=11)
+    rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
+
+    def f(x, w, b):
+        return linear_policy_loss(x, w, **rest, bias=b, ref_logprobs=extra["ref_logprobs"].double(),
+                                  seq_ids=extra["seq_ids"], beta=0.1, entropy_coef=0.02, temperature=0.7,
+                                  loss_agg="seq-mean-token-mean", chunk_size=2).loss  # fmt: skip
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"]))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- linear_token_logprobs
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1), (5, 8, 7), (13, 16, 4097), (3, 24, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_token_logprobs_matches_float64(backend, shape, dtype):
+    n, h, v = shape
+    tensors, extra = make_inputs(n, h, v, dtype, seed=v)
+    targets = tensors["targets"].clone()
+    targets[0] = -100  # a padding row
+    args = (tensors["hidden"], tensors["weight"], targets)
+    lp, ent = linear_token_logprobs(*args, bias=extra["bias"], temperature=0.8, return_entropy=True, chunk_size=2)
+    logits64 = F.linear(tensors["hidden"], tensors["weight"], extra["bias"]).double()
+    lp64, ent64 = reference.token_logprobs_ref(logits64, targets, temperature=0.8, return_entropy=True)
+    assert lp.dtype == torch.float32 and (lp.double() - lp64).abs().max() <= 1e-5
+    assert (ent.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    assert lp[0].item() == 0.0 and ent[0].item() == 0.0
+    assert torch.equal(linear_token_logprobs(*args, bias=extra["bias"], temperature=0.8, chunk_size=2), lp)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _good():
+    tensors, extra = make_inputs(4, 6, 10, seed=0)
+    return {**tensors, **extra}
+
+
+BAD_INPUTS = [
+    ("hidden", lambda a: a.update(hidden=a["hidden"][0]), "hidden must be 2-D"),
+    ("hidden", lambda a: a.update(hidden=a["hidden"].long()), "hidden must be float"),
+    ("weight", lambda a: a.update(weight=a["weight"][:, :5]), "weight must be [V, H] with H = 6"),
+    ("weight", lambda a: a.update(weight=a["weight"].double()), "weight must have the dtype of hidden"),
+    ("weight", lambda a: a.update(weight=a["weight"].to("meta")), "weight must be on cpu like hidden"),
+    ("weight", lambda a: a.update(weight=a["weight"][:0]), "at least one row"),
+    ("bias", lambda a: a.update(bias=a["bias"][:9]), "bias must have 10 entries"),
+    ("bias", lambda a: a.update(bias=a["bias"].half()), "bias must be torch.float32"),
+    ("targets", lambda a: a.update(targets=a["targets"][:3]), "targets must have 4 entries"),
+    ("targets", lambda a: a.update(targets=torch.tensor([0, 1, 2, 10]), mask=torch.ones(4, dtype=torch.bool)),
+     "(the vocab size of weight)"),
+    ("advantages", lambda a: a.update(advantages=a["advantages"].to("meta")), "advantages must be on cpu like hidden"),
+    ("loss_agg", lambda a: a.update(loss_agg="mean"), "loss_agg must be one of"),
+    ("beta", lambda a: a.update(beta=0.1, ref_logprobs=None), "ref_logprobs is required"),
+    ("chunk_size", lambda a: a.update(chunk_size=0), "chunk_size must be a positive int"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(name, mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=name) as info:
+        linear_policy_loss(**args)
+    assert message in str(info.value)
+
+
+def test_linear_token_logprobs_bad_input():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 5\)"):
+        linear_token_logprobs(x, w, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="weight must be \\[V, H\\] with H = 4"):
+        linear_token_logprobs(x, torch.randn(5, 3), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="temperature"):
+        linear_token_logprobs(x, w, torch.tensor([0, 4, 1]), temperature=0.0)
+
+
+# ---------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_memory_stays_within_one_chunk(dtype):
+    """Peak extra memory <= the chunk buffer + O(N) vectors + 1% of N x V: no [N, V] tensor."""
+    n, h, v, chunk = 4096, 1024, 32000, 128
+    tensors, extra = make_inputs(n, h, v, dtype, seed=0)
+    tensors = {k: t.cuda() for k, t in tensors.items()}
+    bias = extra["bias"].cuda().requires_grad_(True)
+    x, w = tensors.pop("hidden").requires_grad_(True), tensors.pop("weight").requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = linear_policy_loss(x, w, **tensors, bias=bias, chunk_size=chunk)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    esz = x.element_size()
+    grads = (x.numel() + w.numel() + v) * esz + v * 4  # the gradients themselves (+ the float32 bias sum)
+    extra_bytes = torch.cuda.max_memory_allocated() - base - grads
+    logits_bytes = n * v * esz
+    assert extra_bytes <= chunk * v * esz + 0.01 * logits_bytes, (extra_bytes, logits_bytes)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_the_logits_path():
+    tensors, extra = make_inputs(1000, 512, 32003, torch.bfloat16, seed=1)
+    tensors = {k: t.cuda() for k, t in tensors.items()}
+    extra = {k: (t.cuda() if t is not None else None) for k, t in extra.items()}
+    opts = dict(beta=0.05, entropy_coef=0.01, temperature=0.9)
+    out, dx, dw, db = run(tensors, extra, chunk_size=96, **opts)
+    leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
+    plain = policy_loss(F.linear(*leaves), **rest, ref_logprobs=extra["ref_logprobs"], **opts)
+    plain.loss.backward()
+    # cuBLAS may round a chunk's logits differently from the full matmul's (another kernel): one bf16 ulp.
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-2)
+    for ours, theirs in ((dx, leaves[0].grad), (dw, leaves[1].grad), (db, leaves[2].grad)):
+        assert rel(ours, theirs) <= 2e-2
