@@ -26,6 +26,8 @@ Memory bound: besides inputs, outputs, gradients and O(N) float32 vectors, one b
 ``chunk_size * V`` elements in the hidden dtype, reused by both passes (the vocab pass uses
 ``Vs = chunk_size * V // N`` columns). The default ``chunk_size`` keeps it at
 ``DEFAULT_SLAB_ELEMENTS = 2**26`` (128 MiB in bf16; 2.7% of the bf16 logits at N=16384, V=151936).
+The plain-torch backend holds about four float32 copies of a chunk: its default is
+``TORCH_SLAB_ELEMENTS = 2**20`` elements per chunk.
 No [N, V] tensor exists at any point.
 
 The whole gradient is computed in the forward call when autograd will need it (as in the logits
@@ -47,6 +49,10 @@ from ._validate import check_tensor
 from .policy_loss import PolicyLossOutput, _check_loss_options
 
 DEFAULT_SLAB_ELEMENTS = 1 << 26
+# The plain-torch backend holds about four float32 copies of a chunk (the buffer, log-probs,
+# probabilities, one temporary) and runs faster on chunks that stay in a CPU's cache: 2**20
+# (bench/bench_linear_policy_loss.py on the CPU, 2026-11-21: 16 rows beat 128 at V=32000).
+TORCH_SLAB_ELEMENTS = 1 << 20
 
 
 def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
@@ -78,9 +84,10 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
     return hidden.shape[0], weight.shape[0]
 
 
-def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None) -> int:
+def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None, triton: bool) -> int:
     if chunk_size is None:
-        chunk_size = max(16, DEFAULT_SLAB_ELEMENTS // vocab // 16 * 16)
+        budget = DEFAULT_SLAB_ELEMENTS if triton else TORCH_SLAB_ELEMENTS
+        chunk_size = max(16, budget // vocab // 16 * 16)
     return max(1, min(chunk_size, n))
 
 
@@ -122,22 +129,37 @@ class _Slabs:
 
 
 def _torch_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    """Plain torch on one row chunk: the reference's per-token formulas, differentiated by autograd.
-    Returns (per_token, logp, entropy, kl, row_state or None); overwrites z with dZ when want_grad."""
-    zc = z.detach().requires_grad_(want_grad)
-    with torch.enable_grad() if want_grad else torch.no_grad():
-        per_token, logp, entropy, kl = ref.per_token_loss_ref(zc, targets, old, adv, valid, ref_logprobs=ref_lp, **opts)
-        state = None
+    """Plain torch on one row chunk, the arithmetic of the Triton row kernel: log-softmax statistics,
+    then the reference's per-token loss on the [rows] vectors (log-prob, entropy), differentiated by
+    autograd there, then the gradient formula of ``_grad_tile`` over the chunk. Returns
+    (per_token, logp, entropy, kl, row_state or None); overwrites z with dZ when want_grad.
+    Working memory: two float32 copies of the chunk and one temporary."""
+    opts = dict(opts)
+    temperature = opts.pop("temperature")
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    logp_all = z.to(dtype, copy=True).masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(1.0 / temperature)
+    lse = torch.logsumexp(logp_all, dim=-1)
+    logp_all.sub_(lse.unsqueeze(-1))
+    p = torch.exp(logp_all)
+    tgt = torch.where(valid, targets, 0).unsqueeze(-1)
+    logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1), 0.0)
+    entropy = torch.where(valid, -(p * logp_all).sum(-1), 0.0)
+    with torch.enable_grad():
+        lp, ent = logp.requires_grad_(want_grad), entropy.requires_grad_(want_grad)
+        per_token, kl = ref.per_token_loss_from_logprobs(lp, ent, old, adv, valid, ref_logprobs=ref_lp, **opts)
         if want_grad:
-            wanted = [zc, logp] + ([entropy] if entropy.requires_grad else [])
-            grads = torch.autograd.grad((per_token * weights.to(per_token.dtype)).sum(), wanted, allow_unused=True)
-            if want_state:  # before z (which zc shares) is overwritten by the gradient
-                dlogp = grads[1] if grads[1] is not None else torch.zeros_like(logp)
-                dent = grads[2] if len(grads) > 2 and grads[2] is not None else torch.zeros_like(entropy)
-                zf = torch.where(valid.unsqueeze(-1), zc.detach(), 0).to(per_token.dtype)
-                state = (torch.logsumexp(zf / opts["temperature"], dim=-1), dlogp, dent)
-            z.copy_(grads[0])
+            loss = (per_token * weights.to(dtype)).sum()
+            dlogp, dent = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    if not want_grad:
+        return detach(per_token), detach(logp), detach(entropy), detach(kl), None
+    # dZ = [dlogp (onehot - p) - dent p (log p + H)] / T, built in the buffers above
+    logp_all.add_(entropy.detach().unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
+    p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
+    p.scatter_add_(1, tgt, dlogp.unsqueeze(-1))
+    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
+    z.copy_(p)
+    state = (lse, dlogp, dent) if want_state else None
     return detach(per_token), detach(logp), detach(entropy), detach(kl), state
 
 
@@ -278,7 +300,7 @@ def linear_policy_loss(
     [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``. ``loss`` is
     differentiable w.r.t. hidden, weight and bias (gradients accumulated in float32, returned in
     their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
-    elements (default: ``2**26 // V`` rows). Rows whose mask is false need finite hidden states
+    elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V`` (at least 16) on plain torch). Rows whose mask is false need finite hidden states
     (as with ``F.linear``, their zero gradient still meets their hidden state in dW).
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)
@@ -305,7 +327,7 @@ def linear_policy_loss(
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
         hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
-        _rows_per_chunk(n, vocab, chunk_size), triton, needs,
+        _rows_per_chunk(n, vocab, chunk_size, triton), triton, needs,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
@@ -343,7 +365,7 @@ def linear_token_logprobs(
     entropy = torch.zeros(n, dtype=f32, device=hidden.device)
     triton = backend_for(hidden) == "triton"
     with torch.no_grad():
-        for r0, r1, z in _Slabs(hidden, weight, bias, _rows_per_chunk(n, vocab, chunk_size)).row_chunks():
+        for r0, r1, z in _Slabs(hidden, weight, bias, _rows_per_chunk(n, vocab, chunk_size, triton)).row_chunks():
             if triton:
                 from .triton_policy_loss import triton_token_logprobs
 

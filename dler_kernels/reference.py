@@ -125,19 +125,12 @@ def per_token_loss_ref(
     advantages: torch.Tensor,
     valid: torch.Tensor,
     *,
-    ref_logprobs: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float | None = 10.0,
-    beta: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
     temperature: float = 1.0,
+    **options,
 ):
     """The per-token loss of the module docstring before aggregation: ``(per_token, logp, entropy, kl)``,
     0 on rows where ``valid`` (bool) is false; ``kl`` is None when ``beta == 0``. Differentiable
-    w.r.t. ``logits``; the fused-linear path applies it chunk by chunk."""
-    dtype = _compute_dtype(logits)
+    w.r.t. ``logits``. ``options``: those of ``per_token_loss_from_logprobs``."""
     # Masked rows are replaced by zeros so that their content (even inf/nan) cannot leak into
     # the loss or the gradient.
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
@@ -145,9 +138,31 @@ def per_token_loss_ref(
     logp, entropy = token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    per_token, kl = per_token_loss_from_logprobs(logp, entropy, old_logprobs, advantages, valid, **options)
+    return per_token, logp, entropy, kl
+
+
+def per_token_loss_from_logprobs(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    ref_logprobs: torch.Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float | None = 10.0,
+    beta: float = 0.0,
+    kl_type: str = "k3",
+    entropy_coef: float = 0.0,
+):
+    """``(per_token, kl)`` from each token's log-prob and entropy ([N] vectors): the loss depends on
+    the logits only through these two, which is what lets the fused kernels differentiate it row
+    by row (d loss / d logits = d loss / d logp * d logp / d logits + d loss / d H * d H / d logits)."""
+    dtype = logp.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
-
     log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
@@ -165,7 +180,7 @@ def per_token_loss_ref(
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * entropy
     per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-    return per_token, logp, entropy, kl
+    return per_token, kl
 
 
 def policy_loss_ref(

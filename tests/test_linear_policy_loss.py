@@ -155,8 +155,9 @@ def test_equals_the_logits_path_on_the_same_inputs(backend, dtype):
     plain = policy_loss(logits, **rest, ref_logprobs=extra["ref_logprobs"], seq_ids=extra["seq_ids"], **opts)
     plain.loss.backward()
     assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6, abs=1e-7)
-    torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.entropy, plain.entropy, rtol=0, atol=1e-6)
+    # float32 log-softmax by another summation order: a few ulps of values up to ~20
+    torch.testing.assert_close(out.logprobs, plain.logprobs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.entropy, plain.entropy, rtol=1e-6, atol=1e-6)
     for key in plain.metrics:
         torch.testing.assert_close(out.metrics[key].float(), plain.metrics[key].float(), rtol=1e-6, atol=1e-7)
     # The same dZ (bit for bit up to float32 summation order) meets the same matmuls; one output rounding apart.
