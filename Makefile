@@ -19,6 +19,8 @@ STAMP := $(VENV)/.dler-installed
 QUIET_PIP := sed -u '/^WARNING: Location/d'
 PYTEST_ARGS ?=
 
+COMMA := ,
+
 .PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
@@ -49,6 +51,7 @@ test: setup
 bench: setup
 	$(BIN)/python -m pytest bench/ --benchmark-only -p no:cacheprovider
 	$(BIN)/python bench/bench_policy_loss.py $(if $(CUDA),,--n 512 --vocab 49152 --dtype fp32 --repeats 3)
+	$(BIN)/python bench/bench_linear_policy_loss.py $(if $(CUDA),--chunk-sizes auto$(COMMA)1024$(COMMA)4096,--n 4096 --hidden 64 --vocab 32000 --dtype fp32 --seq-len 512 --chunk-sizes auto$(COMMA)16)
 	$(BIN)/python bench/bench_train_step.py $(if $(CUDA),--fsdp,--model-config tiny)
 
 lint: setup

@@ -300,7 +300,8 @@ def linear_policy_loss(
     [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``. ``loss`` is
     differentiable w.r.t. hidden, weight and bias (gradients accumulated in float32, returned in
     their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
-    elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V`` (at least 16) on plain torch). Rows whose mask is false need finite hidden states
+    elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V``, at least 16, on
+    plain torch). Rows whose mask is false need finite hidden states
     (as with ``F.linear``, their zero gradient still meets their hidden state in dW).
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)

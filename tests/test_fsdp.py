@@ -180,6 +180,16 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(two_ra
     assert_same(dist_result["checkpointed_grads"], dist_result["grads"][case["big_budget"]], atol=1e-7, rtol=1e-5)
 
 
+def test_fused_head_on_two_ranks_equals_the_logits_path(two_ranks, single, case):
+    """linear_policy_loss inside the sharded root's forward (tied head): the head's weight is the
+    unsharded one there, its gradient is reduce-scattered like any other."""
+    facts, dist_result = two_ranks
+    assert_same(dist_result["fused_grads"], dist_result["grads"][case["big_budget"]], atol=1e-6, rtol=1e-4)
+    for f in facts:
+        assert f["fused_loss"] == pytest.approx(single["loss"][case["big_budget"]], rel=1e-5, abs=1e-7)
+        assert f["fused_logprob_error"] < 1e-5
+
+
 def test_reference_model_is_sharded_frozen_and_scores_like_the_policy(two_ranks):
     facts, _ = two_ranks
     for f in facts:

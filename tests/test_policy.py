@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from dler_kernels import reference as ref
-from trainer.policy import Packed, UpdateRow, accumulate_gradients, compute_logprobs, plan_micro_batches
+from trainer.policy import (
+    Packed,
+    UpdateRow,
+    accumulate_gradients,
+    compute_logprobs,
+    fused_head_unsupported,
+    plan_micro_batches,
+)
 
 
 def test_plan_keeps_order_and_respects_the_budget():
@@ -79,8 +86,9 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg):
+def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg, fused_head):
     rows = make_rows(1)
     settings = dict(eps_low=0.2, eps_high=0.28, clip_c=10.0, loss_agg=loss_agg, temperature=0.8)
     compute_logprobs(model, rows, token_budget=10**6, temperature=0.8, field="old_logprobs")
@@ -97,7 +105,7 @@ def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg):
 
     for budget in (10**6, 12, 1):  # one micro-batch, a few, one per sequence
         model.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(model, rows, settings, token_budget=budget)
+        metrics = accumulate_gradients(model, rows, settings, token_budget=budget, fused_head=fused_head)
         # float32 throughout; packing changes only summation order: measured ~1e-7
         assert metrics["loss"] == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-6)
         got = grads(model)
@@ -107,9 +115,10 @@ def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg):
     assert metrics["tokens"] == sum(len(r.response_ids) for r in rows)
 
 
-def test_old_logprobs_match_an_unpacked_forward(model):
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
+def test_old_logprobs_match_an_unpacked_forward(model, fused_head):
     rows = make_rows(3)
-    compute_logprobs(model, rows, token_budget=8, temperature=0.7, field="old_logprobs")
+    compute_logprobs(model, rows, token_budget=8, temperature=0.7, field="old_logprobs", fused_head=fused_head)
     for row in rows:
         assert row.old_logprobs.shape == (len(row.response_ids),)
         if not row.response_ids:
@@ -129,3 +138,21 @@ def test_update_needs_old_logprobs(model):
         r.old_logprobs = torch.zeros(len(r.response_ids))
     with pytest.raises(ValueError, match="ref_logprobs missing while beta > 0"):
         accumulate_gradients(model, rows, {"beta": 0.1}, token_budget=64)
+
+
+def test_fused_head_leaves_the_model_as_it_was(model):
+    rows = make_rows(5)
+    compute_logprobs(model, rows, token_budget=8, temperature=1.0, field="old_logprobs", fused_head=True)
+    assert "forward" not in vars(model.lm_head)  # the swapped forward is gone
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)
+
+
+def test_fused_head_support_is_checked(model):
+    assert fused_head_unsupported(model) is None
+    model.config.final_logit_softcapping = 30.0
+    try:
+        assert "final_logit_softcapping=30.0" in fused_head_unsupported(model)
+    finally:
+        del model.config.final_logit_softcapping
+    assert "not an nn.Linear" in fused_head_unsupported(torch.nn.Linear(2, 2))

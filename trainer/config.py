@@ -220,8 +220,10 @@ class AlgorithmConfig:
     constant of ``seq-mean-token-sum-norm``) None means the max response length. One step's
     ``prompts_per_step`` prompts are split into mini-batches of ``mini_batch_prompts`` prompts, one optimizer
     step each, for ``epochs_per_step`` passes; a mini-batch runs in micro-batches of at most
-    ``micro_batch_tokens`` packed tokens. ``use_fused_linear`` asks for the fused LM-head path where it is
-    available (the logits path otherwise).
+    ``micro_batch_tokens`` packed tokens. ``use_fused_linear``: the loss and old/ref log-probs from the
+    hidden states and the LM head weight (``dler_kernels.linear_policy_loss``: no [tokens, vocab] logits),
+    for every model whose logits are the plain ``nn.Linear`` head's output; others (soft-capped or
+    scaled logits) warn and take the logits path.
     """
 
     advantage: str = "dler"

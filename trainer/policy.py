@@ -3,15 +3,19 @@
 One optimizer step consumes a *mini-batch* of responses. It is split into *micro-batches* by a
 token budget; each micro-batch is a few whole sequences packed into one row without padding
 (position ids restart per sequence, so transformers builds a block-diagonal causal mask).
-Only the positions that predict response tokens get logits (``logits_to_keep``), and the loss
-is normalised by the *global* count of the mini-batch (tokens for ``token-mean``, sequences for
-``seq-mean-*``) summed over micro-batches and ranks, so accumulation and data parallelism give
-the gradient of one big batch exactly. FSDP2 is told to sum gradients (divide factor 1) for the
-same reason.
+Only the positions that predict response tokens get logits (``logits_to_keep``); with
+``fused_head`` not even those: the LM head's forward is swapped, for the duration of one call, for
+``dler_kernels.linear_policy_loss`` (or ``linear_token_logprobs``) on the hidden states, so no
+[N, V] tensor is made and the head's weight is used where FSDP2 has it unsharded (inside the
+root's forward). The loss is normalised by the *global* count of the mini-batch (tokens for
+``token-mean``, sequences for ``seq-mean-*``) summed over micro-batches and ranks, so
+accumulation and data parallelism give the gradient of one big batch exactly. FSDP2 is told to
+sum gradients (divide factor 1) for the same reason.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -103,6 +107,30 @@ class Packed:
             rows=list(rows),
         )
 
+    def through_head(self, model, head_fn) -> torch.Tensor:
+        """Runs ``model`` with its LM head replaced by ``head_fn(hidden [N, H], weight, bias)`` at the
+        response positions; returns what ``head_fn`` returned (HF passes it through as ``logits``)."""
+        head = model.get_output_embeddings()
+
+        def forward(hidden):
+            weight, bias = head.weight, head.bias
+            if weight.dtype != hidden.dtype:  # e.g. fp32 master weights, bf16 activations: a differentiable cast
+                weight = weight.to(hidden.dtype)
+                bias = bias.to(hidden.dtype) if bias is not None else None
+            return head_fn(hidden[0], weight, bias)
+
+        head.forward = forward
+        try:
+            out = model(
+                input_ids=self.input_ids,
+                position_ids=self.position_ids,
+                logits_to_keep=self.loss_positions,
+                use_cache=False,
+            )
+        finally:
+            del head.forward
+        return out.logits
+
     def response_logits(self, model) -> torch.Tensor:
         """[N, V] logits of the response positions only: the rest of the T x V never exists."""
         out = model(
@@ -122,6 +150,23 @@ def _world_reduce(x: float, device: torch.device, op=None) -> float:
     return float(x)
 
 
+# Model configs whose logits are not the plain LM-head output (soft-capping, scaling).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_head_unsupported(model) -> str | None:
+    """Why ``fused_head`` cannot stand in for this model's logits, or None when it can."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output embedding is {type(head).__name__}, not an nn.Linear LM head"
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1.0):
+            return f"its config sets {name}={value}: the logits are not the LM head's output"
+    return None
+
+
 @torch.no_grad()
 def compute_logprobs(
     model,
@@ -131,9 +176,11 @@ def compute_logprobs(
     temperature: float,
     field: str,
     device: torch.device | None = None,
+    fused_head: bool = False,
 ) -> None:
     """Fill ``row.<field>`` (``old_logprobs`` or ``ref_logprobs``) with the model's log-probs of each
-    response token at ``temperature``, with the no-grad kernel (no autograd graph, no N x V kept)."""
+    response token at ``temperature``, with the no-grad kernel (no autograd graph, no N x V kept;
+    with ``fused_head`` no N x V at all)."""
     device = device or _device_of(model)
     was_training = model.training
     model.eval()
@@ -143,7 +190,11 @@ def compute_logprobs(
                 Packed.of([_DUMMY_ROW], device).response_logits(model)
                 continue
             packed = Packed.of([rows[i] for i in plan], device)
-            logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
+            if fused_head:
+                head = functools.partial(_logprob_head, targets=packed.targets, temperature=temperature)
+                logp = packed.through_head(model, head)
+            else:
+                logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
             for row, part in zip(packed.rows, logp.split([len(r.response_ids) for r in packed.rows])):
                 setattr(row, field, part.cpu())
     finally:
@@ -163,11 +214,13 @@ def accumulate_gradients(
     *,
     token_budget: int,
     device: torch.device | None = None,
+    fused_head: bool = False,
 ) -> dict[str, float]:
     """Forward + backward of one mini-batch over its micro-batches; gradients accumulate in
     ``.grad``. ``loss`` holds the keyword arguments of ``dler_kernels.policy_loss`` that a run
-    fixes (``TrainConfig.policy_loss_kwargs()``). Returns the mini-batch's loss and metrics
-    (token-weighted means over ranks)."""
+    fixes (``TrainConfig.policy_loss_kwargs()``). ``fused_head``: the loss from the hidden states
+    and the LM head weight (``dler_kernels.linear_policy_loss``, see ``fused_head_unsupported``).
+    Returns the mini-batch's loss and metrics (token-weighted means over ranks)."""
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):
@@ -188,19 +241,16 @@ def accumulate_gradients(
         packed = Packed.of([rows[i] for i in plan], device)
         old = torch.cat([rows[i].old_logprobs for i in plan]).to(device)
         ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if beta > 0 else None
-        logits = packed.response_logits(model)
-        out = dk.policy_loss(
-            logits,
-            packed.targets,
-            old,
-            packed.advantages,
-            torch.ones_like(packed.targets, dtype=torch.bool),
-            ref_logprobs=ref,
-            seq_ids=packed.seq_ids,
-            normalizer=normalizer,
-            **loss,
-        )
-        out.loss.backward()
+        mask = torch.ones_like(packed.targets, dtype=torch.bool)
+        kwargs = dict(ref_logprobs=ref, seq_ids=packed.seq_ids, normalizer=normalizer, **loss)
+        if fused_head:
+            outputs = []
+            head = functools.partial(_loss_head, packed=packed, old=old, mask=mask, kwargs=kwargs, outputs=outputs)
+            packed.through_head(model, head).sum().backward()
+            out = outputs[-1]
+        else:
+            out = dk.policy_loss(packed.response_logits(model), packed.targets, old, packed.advantages, mask, **kwargs)
+            out.loss.backward()
         n = float(packed.targets.numel())
         _add(totals, "loss", float(out.loss.detach()))  # already globally normalised: sums to the batch loss
         _add(totals, "tokens", n)
@@ -211,6 +261,18 @@ def accumulate_gradients(
         totals["ratio_max"] = max(totals.get("ratio_max", -math.inf), float(out.metrics["ratio_max"]))
         totals["ratio_min"] = min(totals.get("ratio_min", math.inf), float(out.metrics["ratio_min"]))
     return _reduce_metrics(totals, device)
+
+
+def _logprob_head(hidden, weight, bias, *, targets, temperature):
+    return dk.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
+
+
+def _loss_head(hidden, weight, bias, *, packed, old, mask, kwargs, outputs):
+    out = dk.linear_policy_loss(hidden, weight, packed.targets, old, packed.advantages, mask, bias=bias, **kwargs)
+    outputs.append(out)
+    # Returned as the model's output, so that FSDP2's backward hooks fire; a copy, not a view (FSDP2
+    # warns that an in-place op on a returned view would drop its hook).
+    return out.loss.reshape(1, 1, 1).clone()
 
 
 # The kernel's per-call token means; weighted by tokens here to give the mini-batch's means.

@@ -51,7 +51,7 @@ from .fsdp import DistEnv, check_weights, destroy_distributed, init_distributed,
 from .fsutil import UserError
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights
+from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
 from .rollout import make_engine
 from .sampling import DynamicSampler, RolloutBatch, SamplingStats, SamplingWarning, ScoredGroup
 
@@ -170,6 +170,13 @@ class Trainer:
         self.reference = (
             load_policy(self.model_dir, cfg.model, cfg.fsdp, env, trainable=False) if cfg.algorithm.beta > 0 else None
         )
+        self.fused_head = False
+        if cfg.algorithm.use_fused_linear:
+            reason = fused_head_unsupported(self.policy)
+            if reason:
+                warnings.warn(f"use_fused_linear: this model cannot take the fused LM-head path ({reason}); "
+                              "the logits path runs instead", stacklevel=2)  # fmt: skip
+            self.fused_head = reason is None
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
         self.checkpoints = CheckpointManager(self.out, keep=cfg.run.keep_checkpoints, source_model_dir=self.model_dir)
@@ -295,6 +302,7 @@ class Trainer:
                     temperature=a.temperature,
                     field=field,
                     device=self.env.device,
+                    fused_head=self.fused_head,
                 )
         return time.perf_counter() - started
 
@@ -319,7 +327,12 @@ class Trainer:
             for m in range(n_mini):
                 mini = [row for g in order[m * local_mini : (m + 1) * local_mini] for row in groups[g]]
                 metrics = accumulate_gradients(
-                    self.policy, mini, loss_kwargs, token_budget=a.micro_batch_tokens, device=self.env.device
+                    self.policy,
+                    mini,
+                    loss_kwargs,
+                    token_budget=a.micro_batch_tokens,
+                    device=self.env.device,
+                    fused_head=self.fused_head,
                 )
                 grad_norm = clip_gradients(self.policy, cfg.optim.grad_clip)
                 if metrics and math.isfinite(grad_norm):

@@ -112,9 +112,27 @@ def worker(rank: int, model_dir: str, out: str, port: str) -> None:
     accumulate_gradients(checkpointed, rows, case["loss"], token_budget=case["big_budget"])
     facts["checkpointed_layer_calls"] = calls[0]  # one micro-batch: forward + recompute
     result["checkpointed_grads"] = full_grads(checkpointed)
+    # The fused LM-head path on the sharded model (tied head, uneven micro-batch counts): the same
+    # gradients and old log-probs as the logits path.
+    checkpointed.zero_grad(set_to_none=True)
+    fused_loss = accumulate_gradients(
+        checkpointed, rows, case["loss"], token_budget=case["uneven_budget"], fused_head=True
+    )["loss"]
+    result["fused_grads"] = full_grads(checkpointed)
+    temperature = case["loss"]["temperature"]
+    fused_rows = [UpdateRow(r.prompt_ids, r.response_ids, r.advantage) for r in rows]
+    compute_logprobs(
+        checkpointed, fused_rows, token_budget=case["small_budget"], temperature=temperature, field="old_logprobs",
+        fused_head=True,
+    )  # fmt: skip
+    plain_rows = [UpdateRow(r.prompt_ids, r.response_ids, r.advantage) for r in rows]
+    compute_logprobs(checkpointed, plain_rows, token_budget=case["small_budget"], temperature=temperature,
+                     field="old_logprobs")  # fmt: skip
+    facts["fused_loss"] = fused_loss
+    errors = [(a.old_logprobs - b.old_logprobs).abs().max() for a, b in zip(fused_rows, plain_rows) if a.response_ids]
+    facts["fused_logprob_error"] = float(max(errors, default=0.0))
 
     reference = load_policy(model_dir, ModelConfig(path=str(model_dir)), FLOAT32, env, trainable=False)
-    temperature = case["loss"]["temperature"]
     compute_logprobs(reference, rows, token_budget=case["big_budget"], temperature=temperature, field="ref_logprobs")
     ref_error = max(float((row.ref_logprobs - want).abs().max()) for row, want in zip(rows, before_update))
     facts.update(
@@ -128,6 +146,9 @@ def worker(rank: int, model_dir: str, out: str, port: str) -> None:
     if rank == 0:
         torch.save(result, out / "result.pt")
         (out / "facts.json").write_text(json.dumps(everyone))
+    # Both ranks leave together: under load, the rank that left first once aborted in gloo's
+    # teardown ("terminate called without an active exception"), as in ckpt_fsdp.py.
+    dist.barrier()
     destroy_distributed()
 
 
