@@ -45,8 +45,8 @@ import torch
 
 from . import reference as ref
 from ._backend import backend_for
-from ._validate import check_tensor
-from .policy_loss import PolicyLossOutput, _check_loss_options
+from ._validate import check_number, check_targets, check_tensor
+from .policy_loss import PolicyLossOutput, _check_loss_options, _token_logprobs
 
 DEFAULT_SLAB_ELEMENTS = 1 << 26
 # The plain-torch backend holds about four float32 copies of a chunk (the buffer, log-probs,
@@ -153,30 +153,29 @@ def _torch_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, w
     detach = lambda t: None if t is None else t.detach()  # noqa: E731
     if not want_grad:
         return detach(per_token), detach(logp), detach(entropy), detach(kl), None
-    # dZ = [dlogp (onehot - p) - dent p (log p + H)] / T, built in the buffers above
-    logp_all.add_(entropy.detach().unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
-    p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
-    p.scatter_add_(1, tgt, dlogp.unsqueeze(-1))
-    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
-    z.copy_(p)
+    _write_grad_(z, logp_all, p, targets, valid, entropy.detach(), dlogp, dent, 0, temperature)
     state = (lse, dlogp, dent) if want_state else None
     return detach(per_token), detach(logp), detach(entropy), detach(kl), state
 
 
-def _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
-    """Plain torch version of ``triton_policy_loss.slab_grad_`` (the same formula)."""
-    dtype = lse.dtype
-    inv_t = 1.0 / temperature
-    zf = z.to(dtype) * inv_t
-    logp_j = zf - lse[:, None]
-    p = torch.exp(logp_j)
-    grad = -p * (dlogp[:, None] + dent[:, None] * (logp_j + entropy[:, None]))
+def _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, temperature):
+    """z <- d(loss)/d(z) for the vocab columns col0 .. col0 + width of each row, the formula of the
+    Triton ``_grad_tile``: [dlogp (onehot - p) - dent p (log p + H)] / T. ``logp_all`` (log p) and
+    ``p`` (float32 [rows, width]) are used up as the buffers it is built in; masked rows get 0."""
+    logp_all.add_(entropy.unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
+    p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
     local = targets - col0
-    hit = (local >= 0) & (local < z.shape[1]) & valid
-    grad[hit, local[hit]] += dlogp[hit]
-    grad = torch.where(valid[:, None], grad * inv_t, 0)
-    z.copy_(grad)
-    return z
+    hit = valid & (local >= 0) & (local < z.shape[1])
+    p[hit, local[hit]] += dlogp[hit]
+    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
+    z.copy_(p)
+
+
+def _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
+    """Plain torch version of ``triton_policy_loss.slab_grad_``: z (logits of the vocab columns
+    col0 ..) becomes their gradient, from the row state of the row pass."""
+    logp_all = z.to(lse.dtype, copy=True).mul_(1.0 / temperature).sub_(lse.unsqueeze(-1))
+    _write_grad_(z, logp_all, torch.exp(logp_all), targets, valid, entropy, dlogp, dent, col0, temperature)
 
 
 def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
@@ -311,10 +310,8 @@ def linear_policy_loss(
         eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
         temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, what="hidden",
     )  # fmt: skip
-    from .triton_policy_loss import aggregation_weights  # plain torch on [N] vectors
-
     triton = backend_for(hidden) == "triton"
-    weights = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
+    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
     if hidden.dtype == torch.float64:
         weights = weights.double()
     opts = dict(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
@@ -355,29 +352,17 @@ def linear_token_logprobs(
     A negative target marks a padding row (log-prob and entropy 0). Returns float32 ``logprobs``
     [N], or ``(logprobs, entropy)`` with ``return_entropy``. Memory: one ``chunk_size * V`` buffer.
     """
-    from ._validate import check_number, check_targets
-
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
-    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logp = torch.zeros(n, dtype=f32, device=hidden.device)
-    entropy = torch.zeros(n, dtype=f32, device=hidden.device)
-    triton = backend_for(hidden) == "triton"
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
+    rows = _rows_per_chunk(n, vocab, chunk_size, backend_for(hidden) == "triton")
     with torch.no_grad():
-        for r0, r1, z in _Slabs(hidden, weight, bias, _rows_per_chunk(n, vocab, chunk_size, triton)).row_chunks():
-            if triton:
-                from .triton_policy_loss import triton_token_logprobs
-
-                lp, ent = triton_token_logprobs(z, targets[r0:r1], temperature)
-            elif return_entropy:
-                lp, ent = ref.token_logprobs_ref(z, targets[r0:r1], temperature=temperature, return_entropy=True)
-            else:
-                lp, ent = ref.token_logprobs_ref(z, targets[r0:r1], temperature=temperature), None
+        for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
+            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, return_entropy)
             logp[r0:r1] = lp
             if return_entropy:
                 entropy[r0:r1] = ent
-    if f32 == torch.float32:
-        logp, entropy = logp.float(), entropy.float()
     return (logp, entropy) if return_entropy else logp

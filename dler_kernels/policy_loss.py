@@ -79,16 +79,21 @@ def token_logprobs(
     check_tensor("targets", targets, ndim=1, kind="int", device=logits.device, length=n)
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, logits.shape[1])
-    with torch.no_grad():
-        if backend_for(logits) == "triton":
-            from .triton_policy_loss import triton_token_logprobs
-
-            logp, entropy = triton_token_logprobs(logits, targets, temperature)
-        elif return_entropy:
-            logp, entropy = ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
-        else:  # the reference's entropy is another pass over N x V: skip it when not asked for
-            logp = ref.token_logprobs_ref(logits, targets, temperature=temperature)
+    logp, entropy = _token_logprobs(logits, targets, temperature, return_entropy)
     return (logp.float(), entropy.float()) if return_entropy else logp.float()
+
+
+@torch.no_grad()
+def _token_logprobs(logits, targets, temperature, return_entropy):
+    """``token_logprobs`` on checked arguments: (logp, entropy or None) in the backend's dtype."""
+    if backend_for(logits) == "triton":
+        from .triton_policy_loss import triton_token_logprobs
+
+        return triton_token_logprobs(logits, targets, temperature)
+    if return_entropy:
+        return ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    # the reference's entropy is another pass over N x V: skip it when not asked for
+    return ref.token_logprobs_ref(logits, targets, temperature=temperature), None
 
 
 def policy_loss(

@@ -118,6 +118,25 @@ def aggregate_ref(
     return torch.where(has_tokens, seq_loss, torch.zeros_like(seq_loss)).sum() / _denominator(n_valid_seq, normalizer)
 
 
+def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length):
+    """d(loss)/d(per-token loss) for each token: ``aggregate_ref`` as a weighted sum over [N] (what the
+    fused kernels use, so that they need not know N or the sequences)."""
+    vf = valid.to(torch.float32)
+    if loss_agg == "token-mean":
+        denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
+        return vf / denom
+    _, seq = torch.unique(seq_ids, return_inverse=True)
+    counts = torch.zeros(int(seq.max()) + 1 if seq.numel() else 0, device=vf.device).index_add(0, seq, vf)
+    n_seq = torch.clamp((counts > 0).to(torch.float32).sum(), min=1.0) if normalizer is None else float(normalizer)
+    if loss_agg == "seq-mean-token-mean":
+        per_token = 1.0 / torch.clamp(counts[seq], min=1.0)
+    elif loss_agg == "seq-mean-token-sum":
+        per_token = torch.ones_like(vf)
+    else:
+        per_token = torch.full_like(vf, 1.0 / norm_length)
+    return vf * per_token / n_seq
+
+
 def per_token_loss_ref(
     logits: torch.Tensor,
     targets: torch.Tensor,

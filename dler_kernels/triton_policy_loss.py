@@ -183,24 +183,6 @@ def _policy_loss_kernel(
                     tl.store(grad_row + cols, zero, mask=cols < V)
 
 
-def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length):
-    """d(loss)/d(per-token loss) for each token: the aggregation as a weighted sum."""
-    vf = valid.to(torch.float32)
-    if loss_agg == "token-mean":
-        denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
-        return vf / denom
-    _, seq = torch.unique(seq_ids, return_inverse=True)
-    counts = torch.zeros(int(seq.max()) + 1 if seq.numel() else 0, device=vf.device).index_add(0, seq, vf)
-    n_seq = torch.clamp((counts > 0).to(torch.float32).sum(), min=1.0) if normalizer is None else float(normalizer)
-    if loss_agg == "seq-mean-token-mean":
-        per_token = 1.0 / torch.clamp(counts[seq], min=1.0)
-    elif loss_agg == "seq-mean-token-sum":
-        per_token = torch.ones_like(vf)
-    else:
-        per_token = torch.full_like(vf, 1.0 / norm_length)
-    return vf * per_token / n_seq
-
-
 def _launch(
     logits,
     targets,
@@ -350,7 +332,7 @@ def triton_policy_loss(
 ):
     """Arguments already validated by ``policy_loss``. Returns the fields of ``PolicyLossOutput``."""
     targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
-    weights = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
+    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
     opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
                 kl_type=kl_type, entropy_coef=entropy_coef)  # fmt: skip
     loss, per_token, logp, entropy, kl = _FusedPolicyLoss.apply(

@@ -23,6 +23,13 @@ def test_import_without_triton_falls_back_to_reference():
         lp = dler_kernels.token_logprobs(x, t)
         expected = torch.log_softmax(x, -1).gather(-1, t[:, None])[:, 0]
         assert torch.allclose(lp.double(), expected, atol=1e-6), (lp, expected)
+        h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(11, 3, dtype=torch.float64)
+        out = dler_kernels.linear_policy_loss(h, w, t, expected, torch.randn(5, dtype=torch.float64),
+                                              torch.ones(5, dtype=torch.bool))
+        out.loss.backward()
+        assert h.grad is not None and torch.isfinite(h.grad).all()
+        assert torch.allclose(dler_kernels.linear_token_logprobs(h.detach(), w, t).double(), out.logprobs, atol=1e-6)
         print("no-triton", dler_kernels.available_backends()["triton"])
         """
     )

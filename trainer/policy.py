@@ -121,25 +121,22 @@ class Packed:
 
         head.forward = forward
         try:
-            out = model(
-                input_ids=self.input_ids,
-                position_ids=self.position_ids,
-                logits_to_keep=self.loss_positions,
-                use_cache=False,
-            )
+            return self._forward(model)
         finally:
             del head.forward
-        return out.logits
 
     def response_logits(self, model) -> torch.Tensor:
         """[N, V] logits of the response positions only: the rest of the T x V never exists."""
-        out = model(
+        return self._forward(model)[0]
+
+    def _forward(self, model) -> torch.Tensor:
+        """The model's output (``logits``) at the response positions of the packed row."""
+        return model(
             input_ids=self.input_ids,
             position_ids=self.position_ids,
             logits_to_keep=self.loss_positions,
             use_cache=False,
-        )
-        return out.logits[0]
+        ).logits
 
 
 def _world_reduce(x: float, device: torch.device, op=None) -> float:
