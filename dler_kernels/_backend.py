@@ -1,9 +1,19 @@
 """Which implementation runs a given call.
 
-CUDA tensors go to the Triton kernels; CPU tensors go to the plain-torch
-reference, except under ``TRITON_INTERPRET=1``, where the Triton kernels run on
-the CPU through Triton's interpreter (how CI tests them). Without triton
-installed everything falls back to the reference.
+Backends:
+
+* ``triton``: the fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+  (Triton's interpreter, how CI tests them).
+* ``cpu``: the C++ kernels of the extension ``dler_kernels._C`` for CPU tensors (``csrc/cpu``).
+* ``cuda``: the CUDA kernels of the extension for CUDA tensors (``csrc/cuda``), a second GPU
+  backend that cross-checks and competes with Triton.
+* ``reference``: plain torch (``dler_kernels.reference``), any device.
+
+Default: CUDA tensors go to Triton (else the extension, else the reference); CPU tensors to Triton
+under ``TRITON_INTERPRET=1``, else to the extension when it is built, else to the reference (with one
+warning that the extension is missing or stale). ``DLER_BACKEND=reference|triton|cpu|cuda`` or an
+op's ``backend=`` argument forces one; the environment variable applies only to ops that have that
+backend, an explicit argument must name one the op has.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ import os
 
 import torch
 
-try:  # triton is optional: CPU-only installs and machines without it use the reference
+from . import _ext
+
+try:  # triton is optional: CPU-only installs and machines without it use the other backends
     import triton  # noqa: F401
     import triton.language  # noqa: F401
 
@@ -22,31 +34,71 @@ except ImportError:
     HAS_TRITON = False
     TRITON_VERSION = None
 
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-BACKENDS = ("reference", "triton")
+def _check_forced(name: str, tensor: torch.Tensor, source: str) -> None:
+    if name == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{source}=triton but triton is not installed")
+        if not tensor.is_cuda and not triton_interpret():
+            raise ValueError(f"{source}=triton with CPU tensors needs TRITON_INTERPRET=1")
+    elif name in ("cpu", "cuda"):
+        if tensor.device.type != name:
+            raise ValueError(
+                f"{source}={name} runs the extension's {name.upper()} kernels, got {tensor.device} tensors"
+            )
+        if _ext.load() is None:
+            raise ValueError(f"{source}={name} but dler_kernels._C is {_ext.why_not()}; {_ext.REBUILD_HINT}")
+        if name == "cuda" and not _ext.has_cuda():
+            raise ValueError(f"{source}=cuda but dler_kernels._C was built without CUDA; {_ext.REBUILD_HINT}")
 
 
-def backend_for(tensor: torch.Tensor) -> str:
-    """'triton' or 'reference' for an op whose main input is ``tensor``.
+def backend_for(tensor: torch.Tensor, backend: str | None = None, supported=BACKENDS) -> str:
+    """The backend that runs an op whose main input is ``tensor``.
 
-    ``DLER_BACKEND=reference|triton`` forces one (triton on a CPU tensor needs TRITON_INTERPRET=1).
+    ``backend``: the op's argument (None: ``DLER_BACKEND`` or the default). ``supported``: the
+    backends that implement the op.
     """
+    if backend is not None:
+        if backend not in supported:
+            raise ValueError(f"backend must be one of {', '.join(supported)} for this op, got {backend!r}")
+        _check_forced(backend, tensor, "backend")
+        return backend
     forced = os.environ.get("DLER_BACKEND")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
-        if forced == "triton" and not HAS_TRITON:
-            raise ValueError("DLER_BACKEND=triton but triton is not installed")
-        if forced == "triton" and not tensor.is_cuda and not triton_interpret():
-            raise ValueError("DLER_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1")
-        return forced
-    if HAS_TRITON and (tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpret())):
+        if forced in supported:
+            _check_forced(forced, tensor, "DLER_BACKEND")
+            return forced
+    if tensor.is_cuda:
+        if HAS_TRITON and "triton" in supported:
+            return "triton"
+        if "cuda" in supported and _ext.has_cuda():
+            return "cuda"
+        return "reference"
+    if HAS_TRITON and triton_interpret() and "triton" in supported and tensor.device.type == "cpu":
         return "triton"
+    if tensor.device.type == "cpu" and "cpu" in supported:
+        if _ext.has_cpu():
+            return "cpu"
+        _ext.warn_fallback("cpu")
     return "reference"
+
+
+def usable_backends(device_type: str = "cpu") -> list[str]:
+    """The backends that can run ops on tensors of this device type here (tests iterate over these)."""
+    out = []
+    if HAS_TRITON and (device_type == "cuda" or triton_interpret()):
+        out.append("triton")
+    if device_type == "cpu" and _ext.has_cpu() or device_type == "cuda" and _ext.has_cuda():
+        out.append(device_type)
+    return out + ["reference"]
 
 
 def available_backends() -> dict[str, str]:
@@ -58,4 +110,5 @@ def available_backends() -> dict[str, str]:
             if not triton_interpret()
             else ", CPU tensors through the interpreter (TRITON_INTERPRET=1)"
         )
-    return {"reference": "yes (plain torch, any device)", "triton": triton_state}
+    cpu_state, cuda_state = _ext.status()
+    return {"reference": "yes (plain torch, any device)", "triton": triton_state, "cpu": cpu_state, "cuda": cuda_state}

@@ -60,7 +60,7 @@ def compute_advantages(
         eps=eps,
         dynamic_sampling=dynamic_sampling,
     )
-    if backend_for(rewards) == "triton":
+    if backend_for(rewards, supported=("reference", "triton")) == "triton":
         from .triton_advantages import triton_advantages
 
         return Advantages(*triton_advantages(rewards, group_ids, **options))

@@ -33,16 +33,18 @@ No [N, V] tensor exists at any point.
 The whole gradient is computed in the forward call when autograd will need it (as in the logits
 path); backward only scales the stored gradients by the incoming one.
 
-Backends: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) run the row and slab
-arithmetic in the Triton kernels; other tensors run it in plain torch (the reference's per-token
-formulas, differentiated by autograd on one chunk at a time), with the same chunking and the same
-memory bound.
+Backends (``dler_kernels._backend``): ``triton`` runs the row and slab arithmetic in the Triton
+kernels, ``cpu`` / ``cuda`` in the kernels of the extension ``dler_kernels._C`` (the same
+row sweep as the logits path, and ``slab_grad_``), ``reference`` in plain torch (the reference's
+per-token formulas, differentiated by autograd on one chunk at a time); all with the same chunking
+and the same memory bound.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _ext
 from . import reference as ref
 from ._backend import backend_for
 from ._validate import check_number, check_targets, check_tensor
@@ -84,9 +86,10 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
     return hidden.shape[0], weight.shape[0]
 
 
-def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None, triton: bool) -> int:
+def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
     if chunk_size is None:
-        budget = DEFAULT_SLAB_ELEMENTS if triton else TORCH_SLAB_ELEMENTS
+        # On a CPU a chunk that stays in cache is faster (the C++ kernels too: see TORCH_SLAB_ELEMENTS).
+        budget = TORCH_SLAB_ELEMENTS if backend in ("reference", "cpu") else DEFAULT_SLAB_ELEMENTS
         chunk_size = max(16, budget // vocab // 16 * 16)
     return max(1, min(chunk_size, n))
 
@@ -178,6 +181,12 @@ def _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temper
     _write_grad_(z, logp_all, torch.exp(logp_all), targets, valid, entropy, dlogp, dent, col0, temperature)
 
 
+def _ext_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
+    args = _ext.loss_args(targets, valid, old, adv, ref_lp, weights, **opts)
+    per_token, logp, entropy, kl, state = _ext.rows_(z, args, want_grad)
+    return per_token, logp, entropy, kl, state if want_state else None
+
+
 def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
     from .triton_policy_loss import _launch
 
@@ -193,7 +202,7 @@ def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, 
 # ---------------------------------------------------------------- the two passes
 
 
-def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, triton,
+def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
                   need_dx, need_dw, need_db):  # fmt: skip
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -209,7 +218,7 @@ def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weight
     dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
     db = torch.zeros(vocab, dtype=f32, device=dev) if need_db else None
     state = tuple(torch.zeros(n, dtype=f32, device=dev) for _ in range(3)) if vocab_pass else None
-    row_op = _triton_rows if triton else _torch_rows
+    row_op = {"triton": _triton_rows, "cpu": _ext_rows, "cuda": _ext_rows}.get(backend, _torch_rows)
     slabs = _Slabs(hidden, weight, bias, rows)
 
     for r0, r1, z in slabs.row_chunks():
@@ -238,10 +247,12 @@ def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weight
         valid_i8 = valid.to(torch.int8)
         lse, dlogp, dent = state
         for v0, v1, z in slabs.vocab_slices():
-            if triton:
+            if backend == "triton":
                 from .triton_policy_loss import slab_grad_
 
                 slab_grad_(z, targets, valid_i8, lse, entropy, dlogp, dent, v0, opts["temperature"])
+            elif backend in ("cpu", "cuda"):
+                _ext.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, opts["temperature"])
             else:
                 _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, opts["temperature"])
             torch.mm(z.t(), hidden, out=dw[v0:v1])
@@ -252,9 +263,9 @@ class _LinearPolicyLoss(torch.autograd.Function):
     """Forward runs both passes (gradients included when autograd needs them); backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, triton, needs):
+    def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, backend, needs):
         per_token, logp, entropy, kl, dx, dw, db = _fused_linear(
-            hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, triton=triton,
+            hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
         )  # fmt: skip
         loss = (per_token * weights.to(per_token.dtype)).sum()
@@ -292,6 +303,7 @@ def linear_policy_loss(
     normalizer: float | None = None,
     norm_length: float | None = None,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
@@ -301,7 +313,8 @@ def linear_policy_loss(
     their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
     elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V``, at least 16, on
     plain torch). Rows whose mask is false need finite hidden states
-    (as with ``F.linear``, their zero gradient still meets their hidden state in dW).
+    (as with ``F.linear``, their zero gradient still meets their hidden state in dW). ``backend``:
+    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)
     dev = hidden.device
@@ -310,10 +323,8 @@ def linear_policy_loss(
         eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
         temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, what="hidden",
     )  # fmt: skip
-    triton = backend_for(hidden) == "triton"
-    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
-    if hidden.dtype == torch.float64:
-        weights = weights.double()
+    backend = backend_for(hidden, backend)
+    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, ref._compute_dtype(hidden))
     opts = dict(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
                 entropy_coef=entropy_coef, temperature=temperature)  # fmt: skip
     grad_on = torch.is_grad_enabled()
@@ -325,7 +336,7 @@ def linear_policy_loss(
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
         hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
-        _rows_per_chunk(n, vocab, chunk_size, triton), triton, needs,
+        _rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
@@ -346,6 +357,7 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ):
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits, no gradient.
 
@@ -358,10 +370,11 @@ def linear_token_logprobs(
     check_targets(targets, targets >= 0, vocab, what="weight")
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
-    rows = _rows_per_chunk(n, vocab, chunk_size, backend_for(hidden) == "triton")
+    backend = backend_for(hidden, backend)
+    rows = _rows_per_chunk(n, vocab, chunk_size, backend)
     with torch.no_grad():
         for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
-            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, return_entropy)
+            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, return_entropy, backend)
             logp[r0:r1] = lp
             if return_entropy:
                 entropy[r0:r1] = ent

@@ -1,8 +1,9 @@
 """Public API of the logits path: ``policy_loss`` and ``token_logprobs``.
 
 Semantics: ``dler_kernels.reference`` (module docstring). These functions check their
-arguments, then dispatch: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) to the
-fused Triton kernel, other tensors to the plain-torch reference.
+arguments (the one validator of every backend), then dispatch (``dler_kernels._backend``): the
+fused Triton kernel, the C++/CUDA kernels of the extension ``dler_kernels._C``, or the plain-torch
+reference.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _ext
 from . import reference as ref
 from ._backend import backend_for
 from ._validate import check_choice, check_number, check_targets, check_tensor
@@ -67,29 +69,59 @@ def _check_loss_options(
     return valid
 
 
+class _StoredGradLoss(torch.autograd.Function):
+    """A fused kernel that writes d(loss)/d(logits) while it computes the loss (``kernel(logits, grad)
+    -> (per_token, logp, entropy, kl)``, grad the logits themselves when ``inplace``); backward only
+    scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, weights, kernel, inplace):
+        grad = logits if inplace else torch.empty_like(logits)
+        per_token, logp, entropy, kl = kernel(logits, grad)
+        loss = (per_token * weights.to(per_token.dtype)).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(per_token, logp, entropy, *([kl] if kl is not None else []))
+        return loss, per_token, logp, entropy, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        (grad,) = ctx.saved_tensors
+        if grad_loss.item() != 1.0:  # the usual case, loss.backward(), needs no extra pass over N x V
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None
+
+
 def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str | None = None,
 ):
     """Log-prob of each target under ``softmax(logits / temperature)``, in float32, without gradient.
 
     ``logits`` [N, V], ``targets`` [N]; a negative target marks a padding row (log-prob 0).
-    Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with ``return_entropy``.
+    Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with ``return_entropy``. ``backend``:
+    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
     """
     n = _check_logits(logits)
     check_tensor("targets", targets, ndim=1, kind="int", device=logits.device, length=n)
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, logits.shape[1])
-    logp, entropy = _token_logprobs(logits, targets, temperature, return_entropy)
+    logp, entropy = _token_logprobs(logits, targets, temperature, return_entropy, backend_for(logits, backend))
     return (logp.float(), entropy.float()) if return_entropy else logp.float()
 
 
 @torch.no_grad()
-def _token_logprobs(logits, targets, temperature, return_entropy):
+def _token_logprobs(logits, targets, temperature, return_entropy, backend):
     """``token_logprobs`` on checked arguments: (logp, entropy or None) in the backend's dtype."""
-    if backend_for(logits) == "triton":
+    if backend == "triton":
         from .triton_policy_loss import triton_token_logprobs
 
         return triton_token_logprobs(logits, targets, temperature)
+    if backend in ("cpu", "cuda"):
+        return _ext.token_logprobs(logits, targets, temperature)
     if return_entropy:
         return ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
     # the reference's entropy is another pass over N x V: skip it when not asked for
@@ -116,6 +148,7 @@ def policy_loss(
     normalizer: float | None = None,
     norm_length: float | None = None,
     inplace_grad: bool = False,
+    backend: str | None = None,
 ) -> PolicyLossOutput:
     """Clipped policy-gradient loss with dual clip, KL to a reference and an entropy bonus.
 
@@ -123,7 +156,9 @@ def policy_loss(
     (and ``ref_logprobs``, ``seq_ids``) [N]. ``normalizer`` replaces the local denominator
     (token count for ``token-mean``, sequence count for ``seq-mean-*``) with a global one, so
     that gradient accumulation and data parallelism equal one big batch. ``norm_length`` is the
-    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length).
+    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``inplace_grad``:
+    the gradient overwrites the logits (saves an N x V buffer; the logits are lost). ``backend``:
+    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
     """
     n = _check_logits(logits)
     valid = _check_loss_options(
@@ -147,7 +182,23 @@ def policy_loss(
         normalizer=normalizer,
         norm_length=norm_length,
     )
-    if backend_for(logits) == "triton":
+    backend = backend_for(logits, backend)
+    if backend in ("cpu", "cuda"):
+        weights = ref.aggregation_weights(
+            valid, loss_agg, seq_ids, normalizer, norm_length, dtype=ref._compute_dtype(logits)
+        )
+        args = _ext.loss_args(
+            targets, valid, old_logprobs, advantages, ref_logprobs, weights, temperature=temperature, eps_low=eps_low,
+            eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
+        )  # fmt: skip
+        loss, per_token, logp, entropy, kl = _ext.policy_loss(logits, args, weights, inplace_grad=inplace_grad)
+        with torch.no_grad():
+            metrics = ref.policy_metrics_ref(
+                logp, old_logprobs.to(logp.dtype), advantages.to(logp.dtype), entropy, valid, eps_low, eps_high, clip_c,
+                kl if beta != 0.0 else None, per_token,
+            )  # fmt: skip
+        return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
+    if backend == "triton":
         from .triton_policy_loss import triton_policy_loss
 
         return PolicyLossOutput(

@@ -30,6 +30,8 @@ LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl")
+# kl_type as the fused kernels take it (0: no KL term); equal names share a code.
+KL_CODES = {None: 0, "k1": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 ADVANTAGE_METHODS = ("grpo", "dr_grpo", "dler")
 WEIGHTINGS = ("token", "sample")
 
@@ -118,16 +120,17 @@ def aggregate_ref(
     return torch.where(has_tokens, seq_loss, torch.zeros_like(seq_loss)).sum() / _denominator(n_valid_seq, normalizer)
 
 
-def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length):
+def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype=torch.float32):
     """d(loss)/d(per-token loss) for each token: ``aggregate_ref`` as a weighted sum over [N] (what the
-    fused kernels use, so that they need not know N or the sequences)."""
-    vf = valid.to(torch.float32)
+    fused kernels use, so that they need not know N or the sequences); ``dtype``: float64 for float64
+    inputs, whose kernels accumulate in float64."""
+    vf = valid.to(dtype)
     if loss_agg == "token-mean":
         denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
         return vf / denom
     _, seq = torch.unique(seq_ids, return_inverse=True)
-    counts = torch.zeros(int(seq.max()) + 1 if seq.numel() else 0, device=vf.device).index_add(0, seq, vf)
-    n_seq = torch.clamp((counts > 0).to(torch.float32).sum(), min=1.0) if normalizer is None else float(normalizer)
+    counts = vf.new_zeros(int(seq.max()) + 1 if seq.numel() else 0).index_add(0, seq, vf)
+    n_seq = torch.clamp((counts > 0).to(dtype).sum(), min=1.0) if normalizer is None else float(normalizer)
     if loss_agg == "seq-mean-token-mean":
         per_token = 1.0 / torch.clamp(counts[seq], min=1.0)
     elif loss_agg == "seq-mean-token-sum":

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from .policy_loss import _StoredGradLoss
 
-KL_CODES = {None: 0, "k1": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_CODES = ref.KL_CODES
 
 
 def _block_v(vocab: int) -> int:
@@ -286,29 +287,6 @@ def triton_token_logprobs(logits, targets, temperature=1.0):
     return logp, entropy
 
 
-class _FusedPolicyLoss(torch.autograd.Function):
-    """Forward runs the kernel (which also writes the gradient); backward only scales it."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, valid, old, adv, ref_lp, weights, inplace_grad, opts):
-        grad = logits if inplace_grad else torch.empty_like(logits)
-        logp, entropy, per_token, kl = _launch(
-            logits, targets, valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights, grad=grad,
-            compute_loss=True, **opts,
-        )  # fmt: skip
-        loss = (per_token * weights).sum()
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(per_token, logp, entropy)
-        return loss, per_token, logp, entropy, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        (grad,) = ctx.saved_tensors
-        if grad_loss.item() != 1.0:  # the usual case, loss.backward(), needs no extra pass over N x V
-            grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None, None, None, None, None, None
-
-
 def triton_policy_loss(
     logits,
     targets,
@@ -335,11 +313,20 @@ def triton_policy_loss(
     weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
     opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
                 kl_type=kl_type, entropy_coef=entropy_coef)  # fmt: skip
-    loss, per_token, logp, entropy, kl = _FusedPolicyLoss.apply(
-        logits, targets.contiguous(), valid, old_logprobs.contiguous(), advantages.contiguous(),
-        ref_logprobs.contiguous() if ref_logprobs is not None else None, weights,  # read only when beta != 0
-        inplace_grad, opts,
-    )  # fmt: skip
+    targets, old, adv = targets.contiguous(), old_logprobs.contiguous(), advantages.contiguous()
+    ref_lp = ref_logprobs.contiguous() if ref_logprobs is not None else None  # read only when beta != 0
+
+    def kernel(z, grad):
+        logp, entropy, per_token, kl = _launch(
+            z, targets, valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights, grad=grad, compute_loss=True, **opts
+        )
+        return per_token, logp, entropy, kl
+
+    if inplace_grad or (torch.is_grad_enabled() and logits.requires_grad):
+        loss, per_token, logp, entropy, kl = _StoredGradLoss.apply(logits, weights, kernel, inplace_grad)
+    else:
+        per_token, logp, entropy, kl = kernel(logits, None)
+        loss = (per_token * weights).sum()
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
             logp, old_logprobs.float(), advantages.float(), entropy, valid, eps_low, eps_high, clip_c, kl, per_token

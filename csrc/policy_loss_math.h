@@ -1,0 +1,107 @@
+// The per-token arithmetic of the policy loss, shared by the CPU and CUDA kernels (and equal to
+// the Triton kernel's): from a row's log-prob and entropy to its loss, KL and the derivatives of
+// the aggregated loss w.r.t. that log-prob and entropy. Semantics: dler_kernels/reference.py.
+#pragma once
+
+#include <math.h>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DLER_HD __host__ __device__ __forceinline__
+#else
+#define DLER_HD inline
+#endif
+
+namespace dler {
+
+// Codes of kl_type, as passed by dler_kernels (triton_policy_loss.KL_CODES): 0 = no KL term.
+enum KlCode : int64_t { kNoKl = 0, kK1 = 1, kK2 = 2, kK3 = 3 };
+
+constexpr double kLogRatioClamp = 20.0;
+constexpr double kKlClamp = 10.0;
+
+struct LossParams {
+  double inv_temp = 1.0;
+  double eps_low = 0.2;
+  double eps_high = 0.28;
+  bool has_dual = false;
+  double clip_c = 0.0;
+  double beta = 0.0;
+  int64_t kl_type = kNoKl;
+  double entropy_coef = 0.0;
+};
+
+template <typename acc_t>
+struct RowTerms {
+  acc_t loss;   // per-token loss (before the aggregation weight)
+  acc_t kl;     // KL term (0 without one)
+  acc_t dlogp;  // d(aggregated loss) / d(log-prob of the target)
+  acc_t dent;   // d(aggregated loss) / d(entropy of the row)
+};
+
+// NaN-propagating clamp and max: a non-finite row must give a non-finite loss (as the reference
+// does), where fmin/fmax would quietly drop the NaN.
+// exp in the accumulation type: expf for float (never a silent promotion to double), exp for double.
+DLER_HD float exp_acc(float x) { return expf(x); }
+DLER_HD double exp_acc(double x) { return exp(x); }
+
+template <typename T>
+DLER_HD T clamp_nan(T x, T lo, T hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+template <typename T>
+DLER_HD T max_nan(T a, T b) {
+  return (a != a || a >= b) ? a : b;
+}
+
+template <typename acc_t>
+DLER_HD RowTerms<acc_t> row_terms(acc_t logp, acc_t entropy, acc_t old, acc_t adv, acc_t ref, acc_t weight,
+                                  const LossParams& p) {
+  const acc_t lim = acc_t(kLogRatioClamp);
+  // Importance ratio with the log-ratio clamped to +-20 (no gradient outside).
+  const acc_t d = logp - old;
+  const acc_t ratio = exp_acc(clamp_nan(d, -lim, lim));
+  const acc_t dratio = (d >= -lim && d <= lim) ? ratio : acc_t(0);
+  const acc_t pg_unclipped = -adv * ratio;
+  const acc_t pg_clipped = -adv * clamp_nan(ratio, acc_t(1.0 - p.eps_low), acc_t(1.0 + p.eps_high));
+  acc_t pg = max_nan(pg_unclipped, pg_clipped);
+  // Inside the clip range both branches are equal and share the gradient -A; outside it the
+  // clipped branch wins only when it is constant.
+  acc_t dpg = pg_unclipped >= pg_clipped ? -adv : acc_t(0);
+  if (p.has_dual) {
+    const acc_t cap = -acc_t(p.clip_c) * adv;
+    if (adv < acc_t(0) && pg > cap) {
+      pg = cap;
+      dpg = acc_t(0);
+    }
+  }
+  acc_t g = dpg * dratio;
+  acc_t loss = pg;
+  acc_t kl = acc_t(0);
+  if (p.kl_type != kNoKl) {
+    acc_t dkl;
+    if (p.kl_type == kK1) {
+      kl = logp - ref;
+      dkl = acc_t(1);
+    } else if (p.kl_type == kK2) {
+      kl = acc_t(0.5) * (logp - ref) * (logp - ref);
+      dkl = logp - ref;
+    } else {
+      const acc_t dd = ref - logp;
+      const acc_t ddc = clamp_nan(dd, -lim, lim);
+      const acc_t e = exp_acc(ddc);
+      const acc_t kl_raw = e - ddc - acc_t(1);
+      const acc_t kl_lim = acc_t(kKlClamp);
+      kl = clamp_nan(kl_raw, -kl_lim, kl_lim);
+      const bool inside = dd >= -lim && dd <= lim && kl_raw >= -kl_lim && kl_raw <= kl_lim;
+      dkl = inside ? acc_t(1) - e : acc_t(0);
+    }
+    loss += acc_t(p.beta) * kl;
+    g += acc_t(p.beta) * dkl;
+  }
+  loss -= acc_t(p.entropy_coef) * entropy;
+  return {loss, kl, g * weight, -acc_t(p.entropy_coef) * weight};
+}
+
+}  // namespace dler

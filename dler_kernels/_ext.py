@@ -1,0 +1,210 @@
+"""The optional C++/CUDA extension ``dler_kernels._C`` (sources in ``csrc/``, built by setup.py).
+
+Loaded lazily, on the first op that could use it, never at ``import dler_kernels``. An extension
+that is missing, fails to load, or is stale (built for another op ABI, another torch, or, in a
+source checkout, from other sources than those in ``csrc/``) gives one warning that says why and
+how to rebuild, and the ops fall back to Triton / the plain-torch reference.
+
+The ops are PyTorch custom ops (``torch.ops.dler.*``, schemas in ``csrc/ops.cpp``). This module
+registers their fake (meta) implementations, so that ``torch.compile`` traces through them, and
+the autograd formula of the functional ``dler::policy_loss``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import reference as ref
+
+# Must equal DLER_ABI_VERSION in csrc/ops.cpp: bumped whenever an op's schema or semantics change.
+ABI_VERSION = 1
+REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (see README, 'Building the extension')"
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _csrc_dir() -> Path | None:
+    """``csrc/`` of a source checkout (editable install), None in an installed wheel."""
+    path = Path(__file__).resolve().parent.parent / "csrc"
+    return path if (path / "ops.cpp").is_file() else None
+
+
+def _try_load():
+    """(module, None) or (None, why not)."""
+    try:
+        from . import _C
+    except ModuleNotFoundError:
+        return None, "not built"
+    except (ImportError, OSError) as e:  # e.g. an undefined symbol: built against another torch
+        return None, f"failed to load ({e})"
+    if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
+        return None, f"stale: built for op ABI {getattr(_C, 'ABI_VERSION', '?')}, this package needs {ABI_VERSION}"
+    if _C.TORCH_VERSION != torch.__version__:
+        return None, f"stale: built against torch {_C.TORCH_VERSION}, running torch {torch.__version__}"
+    csrc = _csrc_dir()
+    if csrc is not None:
+        from ._sources_hash import sources_hash
+
+        if sources_hash(csrc) != _C.SOURCES_HASH:
+            return None, f"stale: built from other sources than those in {csrc}"
+    return _C, None
+
+
+def load():
+    """The extension module, or None (after one warning saying why) when it cannot be used."""
+    with _lock:
+        if "module" not in _state:
+            module, why = _try_load()
+            _state["module"], _state["why"], _state["warned"] = module, why, False
+            if module is not None:
+                _register_python_parts()
+        return _state["module"]
+
+
+def why_not() -> str | None:
+    load()
+    return _state["why"]
+
+
+def warn_fallback(device_type: str) -> None:
+    """The one warning about an unusable extension, given when an op would have used it."""
+    load()
+    with _lock:
+        if _state["warned"]:
+            return
+        _state["warned"] = True
+    fallback = "the plain-torch reference" if device_type == "cpu" else "Triton / the plain-torch reference"
+    warnings.warn(
+        f"dler_kernels._C is {_state['why']}; {device_type.upper()} tensors use {fallback}. To use the C++ "
+        f"kernels, {REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def has_cpu() -> bool:
+    return load() is not None
+
+
+def has_cuda() -> bool:
+    module = load()
+    return module is not None and bool(module.WITH_CUDA)
+
+
+def status() -> tuple[str, str]:
+    """(cpu, cuda) lines for ``available_backends``."""
+    module = load()
+    if module is None:
+        why = f"no (dler_kernels._C {_state['why']})"
+        return why, why
+    cpu = f"yes (dler_kernels._C, {module.cpu_isa()} kernels)"
+    if not module.WITH_CUDA:
+        return cpu, "no (dler_kernels._C built without CUDA)"
+    cuda = "yes (dler_kernels._C)" if torch.cuda.is_available() else "built, CUDA tensors only: no CUDA device here"
+    return cpu, cuda
+
+
+# ---------------------------------------------------------------- fake implementations and autograd
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or is_in_torch_dispatch_mode()
+
+
+def _register_python_parts() -> None:
+    lib = "dler::"
+
+    @torch.library.register_fake(lib + "policy_loss")
+    def _(logits, targets, valid, old, adv, ref_lp, weights, temperature, eps_low, eps_high, clip_c, beta, kl_type,
+          entropy_coef, write_grad):  # fmt: skip
+        n, acc = logits.shape[0], _acc_dtype(logits)
+        grad = logits.new_empty(logits.shape) if write_grad else logits.new_empty(0)
+        return (logits.new_empty((), dtype=acc), *(logits.new_empty(n, dtype=acc) for _ in range(4)), grad)
+
+    @torch.library.register_fake(lib + "policy_loss_rows_")
+    def _(grad, logits, *args):
+        return tuple(logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits)) for _ in range(7))
+
+    @torch.library.register_fake(lib + "token_logprobs")
+    def _(logits, targets, temperature):
+        return tuple(logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits)) for _ in range(2))
+
+    @torch.library.register_fake(lib + "slab_grad_")
+    def _(slab, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
+        return None
+
+    def setup_context(ctx, inputs, output):
+        _, per_token, logp, entropy, kl, grad = output
+        ctx.mark_non_differentiable(per_token, logp, entropy, kl, grad)
+        ctx.write_grad = inputs[-1]
+        ctx.save_for_backward(grad)
+
+    def backward(ctx, grad_loss, *unused):
+        if not ctx.write_grad:
+            raise RuntimeError("dler::policy_loss was called with write_grad=False; it has no gradient to give")
+        (grad,) = ctx.saved_tensors
+        # loss.backward() (an incoming 1) needs no extra pass over N x V. Under tracing (torch.compile,
+        # AOTAutograd: fake or functional tensors, a dispatch mode) the value is unknown: always scale.
+        if _tracing(grad_loss) or grad_loss.item() != 1.0:
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad, *([None] * 14))
+
+    torch.library.register_autograd(lib + "policy_loss", backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- what the public ops call
+
+
+def loss_args(targets, valid, old, adv, ref_lp, weights, *, temperature, eps_low, eps_high, clip_c, beta, kl_type,
+              entropy_coef):  # fmt: skip
+    """The op arguments after the logits (and before write_grad), on already validated inputs."""
+    kl_code = ref.KL_CODES[kl_type] if beta != 0.0 else 0
+    return (
+        torch.where(valid, targets, 0), valid, old, adv, ref_lp if kl_code else None, weights, float(temperature),
+        float(eps_low), float(eps_high), None if clip_c is None else float(clip_c), float(beta), kl_code,
+        float(entropy_coef),
+    )  # fmt: skip
+
+
+def token_logprobs(logits, targets, temperature):
+    """(logp, entropy) in the accumulation dtype; negative targets mark padding rows (0 for both)."""
+    return torch.ops.dler.token_logprobs(logits, targets, float(temperature))
+
+
+def policy_loss(logits, args, weights, *, inplace_grad):
+    """(loss, per_token, logp, entropy, kl) for ``policy_loss`` (kl: zeros without a KL term)."""
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace_grad:  # the gradient lands in the logits even when autograd does not ask for it
+        from .policy_loss import _StoredGradLoss
+
+        def kernel(z, grad):
+            return torch.ops.dler.policy_loss_rows_(grad, z, *args)[:4]
+
+        return _StoredGradLoss.apply(logits, weights, kernel, True)
+    return torch.ops.dler.policy_loss(logits, *args, needs_grad)[:5]
+
+
+def rows_(z, args, want_grad):
+    """The fused-linear row pass on one chunk: (per_token, logp, entropy, kl, (lse, dlogp, dent)); with
+    want_grad, z is overwritten with d(loss)/d(z)."""
+    if want_grad:
+        per_token, logp, entropy, kl, lse, dlogp, dent = torch.ops.dler.policy_loss_rows_(z, z, *args)
+        return per_token, logp, entropy, kl, (lse, dlogp, dent)
+    _, per_token, logp, entropy, kl, _ = torch.ops.dler.policy_loss(z, *args, False)
+    return per_token, logp, entropy, kl, None
+
+
+def slab_grad_(slab, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
+    torch.ops.dler.slab_grad_(slab, targets, valid, lse, entropy, dlogp, dent, int(col0), float(temperature))
+    return slab
