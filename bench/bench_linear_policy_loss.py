@@ -19,8 +19,6 @@ is measured in this run; an implementation that cannot run here is listed with t
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -30,6 +28,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cpu_memory import peak_growth
 
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss
 from dler_kernels.reference import per_token_loss_ref, policy_loss_ref
@@ -188,22 +187,8 @@ def rss_child(args, impl):
                            parse_chunks(args.chunk_sizes))[impl]  # fmt: skip
     warm(*leaves(*tiny[:2]))  # lazy initialisation (thread pools, compilation) outside the measure
     x, w = leaves(*inputs[:2])
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back first: the baseline is what is live
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set (VmHWM) to the current one
-    before = _proc_status_bytes("VmRSS")
-    impls[impl](x, w)
-    after = _proc_status_bytes("VmHWM")
-    print(json.dumps(dict(peak_bytes=after - before - (x.numel() + w.numel()) * x.element_size())))
-
-
-def _proc_status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    peak = peak_growth(lambda: impls[impl](x, w))
+    print(json.dumps(dict(peak_bytes=peak - (x.numel() + w.numel()) * x.element_size())))
 
 
 def peak_cpu(args, impl):

@@ -1,13 +1,15 @@
-"""Policy loss fwd+bwd on the logits path: our Triton kernel against the eager reference,
-torch.compile of the reference, and Liger-Kernel's triton_grpo_loss (when installed).
+"""Policy loss fwd+bwd on the logits path: our Triton kernel and the kernels of the C++/CUDA
+extension (dler_kernels._C) against the eager reference, torch.compile of the reference, and
+Liger-Kernel's triton_grpo_loss (when installed).
 
     python bench/bench_policy_loss.py                       # CUDA: N=16384, V=151936, bf16
     python bench/bench_policy_loss.py --n 2048 --vocab 49152 --dtype fp32   # any shape; CPU works too
 
 Prints one table: median time (triton.testing.do_bench on CUDA; median of timed repeats on
 the CPU), effective GB/s on the nominal bytes (logits read once + gradient written once),
-that as % of the measured device copy bandwidth (CUDA), peak memory above the inputs (CUDA),
-and the speed-up over eager. Every number is measured in this run; implementations that cannot
+that as % of the measured device copy bandwidth (CUDA), peak memory above the inputs (the
+gradient included; on the CPU the peak resident-set growth of one call in a fresh process), and
+the speed-up over eager. Every number is measured in this run; implementations that cannot
 run here are listed with the reason.
 """
 
@@ -15,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+from cpu_memory import peak_growth
 
-from dler_kernels import policy_loss
+from dler_kernels import _ext, policy_loss
 from dler_kernels.reference import policy_loss_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,18 +47,24 @@ def implementations(args, inputs):
     opts = dict(eps_low=0.2, eps_high=0.28, clip_c=10.0, temperature=args.temperature)
     impls = {}
 
-    def ours(x):
-        policy_loss(x, targets, old, adv, mask, **opts).loss.backward()
+    def ours(backend):
+        return lambda x: policy_loss(x, targets, old, adv, mask, backend=backend, **opts).loss.backward()
 
-    def ours_inplace(x):
-        policy_loss(x.detach(), targets, old, adv, mask, inplace_grad=True, **opts)
+    def ours_inplace(backend):
+        return lambda x: policy_loss(x.detach(), targets, old, adv, mask, inplace_grad=True, backend=backend, **opts)
 
     def eager(x):
         policy_loss_ref(x, targets, old, adv, mask, **opts)[0].backward()
 
     if logits.is_cuda:
-        impls["dler triton"] = ours
-        impls["dler triton (inplace grad)"] = ours_inplace
+        impls["dler triton"] = ours("triton")
+        impls["dler triton (inplace grad)"] = ours_inplace("triton")
+    ext = "cuda" if logits.is_cuda else "cpu"
+    if _ext.has_cuda() if logits.is_cuda else _ext.has_cpu():
+        impls[f"dler C++ {ext}"] = ours(ext)
+        impls[f"dler C++ {ext} (inplace grad)"] = ours_inplace(ext)
+    else:
+        print(f"dler_kernels._C {ext} kernels: skipped ({_ext.status()[logits.is_cuda]})")
     impls["eager reference"] = eager
     compiled = torch.compile(lambda x: policy_loss_ref(x, targets, old, adv, mask, **opts)[0])
     impls["torch.compile reference"] = lambda x: compiled(x).backward()
@@ -106,6 +118,32 @@ def peak_memory_cuda(fn, x):
     return torch.cuda.max_memory_allocated() - base
 
 
+def rss_child(args, impl):
+    """Runs in a fresh process: the peak resident-set growth of one call of ``impl`` (after a warm-up on
+    tiny inputs), printed as JSON."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dtype = DTYPES[args.dtype]
+    tiny_args = argparse.Namespace(**{**vars(args), "n": 64, "vocab": 128, "seq_len": 64})
+    tiny = make_inputs(64, 128, dtype, "cpu", 64)
+    implementations(tiny_args, tiny)[impl](tiny[0].clone().requires_grad_(True))
+    inputs = make_inputs(args.n, args.vocab, dtype, "cpu", args.seq_len)
+    fn = implementations(args, inputs)[impl]
+    x = inputs[0].requires_grad_(True)
+    print(json.dumps(dict(peak_bytes=peak_growth(lambda: fn(x)))))
+
+
+def peak_memory_cpu(args, impl):
+    cmd = [sys.executable, __file__, "--rss-child", impl] + [
+        a for k, v in vars(args).items() if k not in ("rss_child", "json") and v is not None
+        for a in (f"--{k.replace('_', '-')}", str(v))
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16384, help="tokens")
@@ -114,8 +152,14 @@ def main():
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (for Liger's [B, L] layout)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5, help="CPU only: timed repeats")
+    p.add_argument("--threads", type=int, default=None, help="CPU only: torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rss_child:
+        return rss_child(args, args.rss_child)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.n % args.seq_len:
         args.seq_len = args.n
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +181,7 @@ def main():
         x = logits.clone().requires_grad_(True)
         try:
             ms = time_cuda(fn, x) if device == "cuda" else time_cpu(fn, x, args.repeats)
-            peak = peak_memory_cuda(fn, x) if device == "cuda" else None
+            peak = peak_memory_cuda(fn, x) if device == "cuda" else peak_memory_cpu(args, name)
         except Exception as e:  # one implementation failing must not hide the others' numbers
             print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue

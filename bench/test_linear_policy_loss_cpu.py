@@ -1,12 +1,14 @@
-"""pytest-benchmark on the CPU: the fused-linear policy loss (plain-torch backend) against F.linear +
-the eager reference, time and peak memory, at N=4096, H=64, V=32000, fp32 (logits: 500 MiB).
+"""pytest-benchmark on the CPU: the fused-linear policy loss (C++ kernels of dler_kernels._C where built,
+else plain torch) against F.linear + the eager reference, time and peak memory, at N=4096, H=64,
+V=32000, fp32 (logits: 500 MiB).
 
     make bench          # or: .venv/bin/python -m pytest bench/ --benchmark-only
 
 Peak memory above inputs and gradients is measured in fresh processes (bench_linear_policy_loss.py's
 ``peak_cpu``: VmHWM growth) and recorded in extra_info; the test asserts issue 4's bound on it,
 ours <= 5% of the N x V logits, with chunk_size=16 (the plain-torch backend holds about four
-float32 copies of one chunk: 4 x 16 x V x 4 bytes = 8 MiB here), and that the reference needs more
+float32 copies of one chunk: 4 x 16 x V x 4 bytes = 8 MiB here; the C++ kernels one chunk and a row
+buffer per thread), and that the reference needs more
 than the logits themselves (the measure sees what it should).
 The H100 figures come from bench_linear_policy_loss.py on CUDA.
 """
@@ -16,6 +18,8 @@ import argparse
 import pytest
 import torch
 from bench_linear_policy_loss import implementations, leaves, make_inputs, peak_cpu
+
+from dler_kernels import _ext
 
 N, H, V, CHUNK = 4096, 64, 32000, 16
 ARGS = argparse.Namespace(n=N, hidden=H, vocab=V, dtype="fp32", seq_len=512, temperature=1.0,
@@ -32,7 +36,8 @@ def impls(monkeypatch_module):
 @pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DLER_BACKEND", "reference")  # the interpreter is a correctness tool, not a speed
+        # the interpreter is a correctness tool, not a speed: the C++ kernels where built, else plain torch
+        mp.setenv("DLER_BACKEND", "cpu" if _ext.has_cpu() else "reference")
         yield mp
 
 

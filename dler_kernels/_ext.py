@@ -147,12 +147,15 @@ def _register_python_parts() -> None:
     def setup_context(ctx, inputs, output):
         _, per_token, logp, entropy, kl, grad = output
         ctx.mark_non_differentiable(per_token, logp, entropy, kl, grad)
+        ctx.set_materialize_grads(False)  # else backward would get a zero [N, V] "gradient" of the grad output
         ctx.write_grad = inputs[-1]
         ctx.save_for_backward(grad)
 
     def backward(ctx, grad_loss, *unused):
         if not ctx.write_grad:
             raise RuntimeError("dler::policy_loss was called with write_grad=False; it has no gradient to give")
+        if grad_loss is None:
+            return (None,) * 15
         (grad,) = ctx.saved_tensors
         # loss.backward() (an incoming 1) needs no extra pass over N x V. Under tracing (torch.compile,
         # AOTAutograd: fake or functional tensors, a dispatch mode) the value is unknown: always scale.

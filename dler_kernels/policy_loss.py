@@ -81,10 +81,13 @@ class _StoredGradLoss(torch.autograd.Function):
         loss = (per_token * weights.to(per_token.dtype)).sum()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(per_token, logp, entropy, *([kl] if kl is not None else []))
+        ctx.set_materialize_grads(False)
         return loss, per_token, logp, entropy, kl
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        if grad_loss is None:
+            return None, None, None, None
         (grad,) = ctx.saved_tensors
         if grad_loss.item() != 1.0:  # the usual case, loss.backward(), needs no extra pass over N x V
             grad = grad * grad_loss.to(grad.dtype)

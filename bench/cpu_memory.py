@@ -1,0 +1,26 @@
+"""Peak host memory of one call, for the CPU benchmarks: the growth of the peak resident set
+(VmHWM, reset through /proc/self/clear_refs just before the call) over what was resident before it.
+Run it in a fresh process with the work warmed up on tiny inputs first, so that lazy
+initialisation (thread pools, compilation) and freed-but-cached heap pages stay out of it."""
+
+import ctypes
+import gc
+
+
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_growth(fn) -> int:
+    """Bytes by which the peak resident set of this process rises above the current one during fn()."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back first: the baseline is what is live
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = proc_status_bytes("VmRSS")
+    fn()
+    return proc_status_bytes("VmHWM") - before
