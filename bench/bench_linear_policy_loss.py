@@ -22,13 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from cpu_memory import peak_growth
+from cpu_memory import peak_growth, peak_in_child
 
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss
 from dler_kernels.reference import per_token_loss_ref, policy_loss_ref
@@ -192,15 +190,7 @@ def rss_child(args, impl):
 
 
 def peak_cpu(args, impl):
-    cmd = [sys.executable, __file__, "--rss-child", impl] + [
-        a for k, v in vars(args).items() if k not in ("rss_child", "json", "hidden_sizes") and v is not None
-        for a in (f"--{k.replace('_', '-')}", str(v))
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return peak_in_child(__file__, impl, args, skip=("rss_child", "json", "hidden_sizes"))
 
 
 def parse_chunks(text):

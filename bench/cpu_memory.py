@@ -5,6 +5,10 @@ initialisation (thread pools, compilation) and freed-but-cached heap pages stay 
 
 import ctypes
 import gc
+import json
+import os
+import subprocess
+import sys
 
 
 def proc_status_bytes(field: str) -> int:
@@ -24,3 +28,17 @@ def peak_growth(fn) -> int:
     before = proc_status_bytes("VmRSS")
     fn()
     return proc_status_bytes("VmHWM") - before
+
+
+def peak_in_child(script: str, impl: str, args, skip=("rss_child", "json")) -> int:
+    """Runs ``script --rss-child IMPL`` with the benchmark's arguments in a fresh process; the script
+    prints ``{"peak_bytes": ...}`` (measured with ``peak_growth``) as its last line."""
+    cmd = [sys.executable, script, "--rss-child", impl] + [
+        a for k, v in vars(args).items() if k not in skip and v is not None
+        for a in (f"--{k.replace('_', '-')}", str(v))
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
