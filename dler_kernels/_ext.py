@@ -116,12 +116,6 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _tracing(t: torch.Tensor) -> bool:
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or is_in_torch_dispatch_mode()
-
-
 def _register_python_parts() -> None:
     lib = "dler::"
 
@@ -156,12 +150,9 @@ def _register_python_parts() -> None:
             raise RuntimeError("dler::policy_loss was called with write_grad=False; it has no gradient to give")
         if grad_loss is None:
             return (None,) * 15
-        (grad,) = ctx.saved_tensors
-        # loss.backward() (an incoming 1) needs no extra pass over N x V. Under tracing (torch.compile,
-        # AOTAutograd: fake or functional tensors, a dispatch mode) the value is unknown: always scale.
-        if _tracing(grad_loss) or grad_loss.item() != 1.0:
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad, *([None] * 14))
+        from .policy_loss import scale_stored_grads
+
+        return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * 14))
 
     torch.library.register_autograd(lib + "policy_loss", backward, setup_context=setup_context)
 
@@ -187,7 +178,6 @@ def token_logprobs(logits, targets, temperature):
 
 def policy_loss(logits, args, weights, *, inplace_grad):
     """(loss, per_token, logp, entropy, kl) for ``policy_loss`` (kl: zeros without a KL term)."""
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
     if inplace_grad:  # the gradient lands in the logits even when autograd does not ask for it
         from .policy_loss import _StoredGradLoss
 
@@ -195,7 +185,7 @@ def policy_loss(logits, args, weights, *, inplace_grad):
             return torch.ops.dler.policy_loss_rows_(grad, z, *args)[:4]
 
         return _StoredGradLoss.apply(logits, weights, kernel, True)
-    return torch.ops.dler.policy_loss(logits, *args, needs_grad)[:5]
+    return torch.ops.dler.policy_loss(logits, *args, torch.is_grad_enabled() and logits.requires_grad)[:5]
 
 
 def rows_(z, args, want_grad):

@@ -48,7 +48,7 @@ from . import _ext
 from . import reference as ref
 from ._backend import backend_for
 from ._validate import check_number, check_targets, check_tensor
-from .policy_loss import PolicyLossOutput, _check_loss_options, _token_logprobs
+from .policy_loss import PolicyLossOutput, _check_loss_options, _token_logprobs, scale_stored_grads
 
 DEFAULT_SLAB_ELEMENTS = 1 << 26
 # The plain-torch backend holds about four float32 copies of a chunk (the buffer, log-probs,
@@ -275,10 +275,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grads = list(ctx.saved_tensors)
-        if grad_loss.item() != 1.0:  # loss.backward() needs no extra pass over the gradients
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
-        return (*grads, *([None] * 10))
+        return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * 10))
 
 
 def linear_policy_loss(
@@ -340,9 +337,8 @@ def linear_policy_loss(
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
-            logp, old_logprobs.to(logp.dtype), advantages.to(logp.dtype), entropy, valid, eps_low, eps_high, clip_c,
-            kl, per_token,
-        )  # fmt: skip
+            logp, old_logprobs, advantages, entropy, valid, eps_low, eps_high, clip_c, kl, per_token
+        )
     if hidden.dtype == torch.float64:
         return PolicyLossOutput(loss, per_token, logp, entropy, metrics)
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)

@@ -69,6 +69,22 @@ def _check_loss_options(
     return valid
 
 
+def _tracing(t: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or is_in_torch_dispatch_mode()
+
+
+def scale_stored_grads(grad_loss: torch.Tensor, *grads):
+    """Gradients the forward already computed (None for those not needed), times the incoming
+    d(output)/d(loss). loss.backward() (an incoming 1) needs no extra pass over them; under tracing
+    (torch.compile, AOTAutograd: fake or functional tensors, a dispatch mode) the value is unknown,
+    so they are always scaled."""
+    if not _tracing(grad_loss) and grad_loss.item() == 1.0:
+        return grads
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+
+
 class _StoredGradLoss(torch.autograd.Function):
     """A fused kernel that writes d(loss)/d(logits) while it computes the loss (``kernel(logits, grad)
     -> (per_token, logp, entropy, kl)``, grad the logits themselves when ``inplace``); backward only
@@ -89,9 +105,7 @@ class _StoredGradLoss(torch.autograd.Function):
         if grad_loss is None:
             return None, None, None, None
         (grad,) = ctx.saved_tensors
-        if grad_loss.item() != 1.0:  # the usual case, loss.backward(), needs no extra pass over N x V
-            grad = grad * grad_loss.to(grad.dtype)
-        return grad, None, None, None
+        return (*scale_stored_grads(grad_loss, grad), None, None, None)
 
 
 def token_logprobs(
@@ -186,7 +200,18 @@ def policy_loss(
         norm_length=norm_length,
     )
     backend = backend_for(logits, backend)
-    if backend in ("cpu", "cuda"):
+    if backend == "reference":
+        loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
+            logits, targets, old_logprobs, advantages, valid, **options
+        )
+        return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
+    if backend == "triton":
+        from .triton_policy_loss import triton_policy_loss
+
+        loss, per_token, logp, entropy, kl = triton_policy_loss(
+            logits, targets, old_logprobs, advantages, valid, inplace_grad=inplace_grad, **options
+        )
+    else:
         weights = ref.aggregation_weights(
             valid, loss_agg, seq_ids, normalizer, norm_length, dtype=ref._compute_dtype(logits)
         )
@@ -195,21 +220,9 @@ def policy_loss(
             eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
         )  # fmt: skip
         loss, per_token, logp, entropy, kl = _ext.policy_loss(logits, args, weights, inplace_grad=inplace_grad)
-        with torch.no_grad():
-            metrics = ref.policy_metrics_ref(
-                logp, old_logprobs.to(logp.dtype), advantages.to(logp.dtype), entropy, valid, eps_low, eps_high, clip_c,
-                kl if beta != 0.0 else None, per_token,
-            )  # fmt: skip
-        return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
-    if backend == "triton":
-        from .triton_policy_loss import triton_policy_loss
-
-        return PolicyLossOutput(
-            *triton_policy_loss(
-                logits, targets, old_logprobs, advantages, valid, inplace_grad=inplace_grad, **options
-            )
-        )  # fmt: skip
-    loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
-        logits, targets, old_logprobs, advantages, valid, **options
-    )
+        kl = kl if beta != 0.0 else None  # the extension returns zeros without a KL term
+    with torch.no_grad():
+        metrics = ref.policy_metrics_ref(
+            logp, old_logprobs, advantages, entropy, valid, eps_low, eps_high, clip_c, kl, per_token
+        )
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)

@@ -248,8 +248,10 @@ def policy_loss_ref(
 
 def policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token):
     """Token means over valid tokens of: clip fractions, approx KL to old (mean of old - logp, as
-    verl's ppo_kl), entropy; ratio min / max; counts of valid and of non-finite tokens."""
+    verl's ppo_kl), entropy; ratio min / max; counts of valid and of non-finite tokens. ``old`` and
+    ``adv`` may have any float dtype: they are compared in the dtype of ``logp``."""
     dtype = logp.dtype
+    old, adv = old.to(dtype), adv.to(dtype)
     n = valid.sum()
     nf = torch.clamp(n.to(dtype), min=1.0)
     ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))

@@ -308,7 +308,7 @@ def triton_policy_loss(
     norm_length,
     inplace_grad,
 ):
-    """Arguments already validated by ``policy_loss``. Returns the fields of ``PolicyLossOutput``."""
+    """Arguments already validated by ``policy_loss``. Returns (loss, per_token, logp, entropy, kl or None)."""
     targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
     weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
     opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
@@ -327,8 +327,4 @@ def triton_policy_loss(
     else:
         per_token, logp, entropy, kl = kernel(logits, None)
         loss = (per_token * weights).sum()
-    with torch.no_grad():
-        metrics = ref.policy_metrics_ref(
-            logp, old_logprobs.float(), advantages.float(), entropy, valid, eps_low, eps_high, clip_c, kl, per_token
-        )
-    return loss, per_token, logp, entropy, metrics
+    return loss, per_token, logp, entropy, kl
