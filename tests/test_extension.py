@@ -190,6 +190,31 @@ def test_write_grad_false_has_no_gradient():
 
 
 @needs_ext
+def test_backward_materialises_no_zero_gradient_for_the_other_outputs():
+    """Autograd would otherwise build a zero [N, V] tensor as the "gradient" of the unused grad output
+    (measured: peak memory 2x the logits instead of 1x)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fills = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros):
+                self.fills.append(func)
+            return func(*args, **(kwargs or {}))
+
+    logits, args = op_inputs()
+    x = logits.requires_grad_(True)
+    targets, valid, old, adv = args[:4]
+    out = policy_loss(x, targets, old, adv, valid, backend="cpu")
+    with RecordFills() as mode:
+        out.loss.backward()
+    assert mode.fills == [] and x.grad is not None
+
+
+@needs_ext
 @pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager():
     """The op inside a compiled function (inductor, fullgraph: no graph break), forward and backward."""
