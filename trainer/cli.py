@@ -94,6 +94,112 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if summary["finished"] else 130
 
 
+def _int_list(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {text!r}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, ThinkBudget, run_eval
+
+    think = None
+    if args.think_budget is not None:
+        try:
+            # Typed on a shell line, "\n" means a newline; nothing else is unescaped (\boxed must stay).
+            text = {k: v.replace("\\n", "\n") for k, v in (("end", args.think_end), ("cue", args.answer_cue)) if v}
+            think = ThinkBudget(args.think_budget, args.answer_tokens, **text)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    settings = EvalSettings(
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        ks=args.k,
+        scaling_ks=args.scaling_k,
+        think=think,
+        template=args.template,
+        checker=args.checker,
+        engine=args.engine,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    results = run_eval(
+        args.model, args.data, settings, args.out, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    from .evaluate import RESULTS_MD
+
+    print((Path(args.out) / RESULTS_MD).read_text(), end="")
+    print(f"wrote {args.out}/ (results.json, results.md, samples/, pareto.png) in {results['seconds']:.0f} s")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_models
+
+    start = time.perf_counter()
+    report = merge_models(
+        args.base,
+        args.tuned,
+        args.out,
+        top_k=args.top_k,
+        scale=args.scale,
+        scope=args.scope,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"merged {len(report['tensors'])} tensors: kept {report['kept']:,} of {report['of']:,} deltas "
+        f"({report['kept_fraction']:.2%}, {args.scope} scope) at scale {args.scale} -> {args.out} "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
+    return 0
+
+
+def _cmd_drqa_data(args: argparse.Namespace) -> int:
+    from .drqa import LABELS, build_drqa_data
+
+    options = {"dtype": args.dtype}
+    if args.gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    summary = build_drqa_data(
+        args.model,
+        args.data,
+        args.out,
+        k=args.k,
+        samples=args.samples,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        limit=args.limit,
+        template=args.template,
+        checker=args.checker,
+        engine=args.engine,
+        engine_options=options,
+        overwrite=args.overwrite,
+    )
+    print(f"{summary['records']} records -> {args.out} ({summary['missing_chains']} batched chains not found)")
+    for name in LABELS:
+        s = summary[name]
+        mean = f"{s['mean_tokens']:.1f}" if s["mean_tokens"] is not None else "-"
+        print(f"  {name:<16} {s['count']:6d}   mean tokens {mean}")
+    for source in ("batched", "single"):
+        s = summary[source]
+        if s["chains"]:
+            print(
+                f"  {source:<8} chains {s['chains']}: accuracy {s['accuracy']:.1%}, mean tokens {s['mean_tokens']:.1f}"
+            )
+    return 0
+
+
 def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
     """An optional preset name or YAML path first, then key=value overrides."""
     if items and "=" not in items[0]:
@@ -165,6 +271,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step table remains)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy against tokens: pass@1, pass@k, majority vote, lengths, test-time scaling, budget forcing",
+        description="Sample --samples responses per question for every --model on every --data set and write "
+        "OUT/results.json, OUT/results.md (the paper's Table 1), OUT/samples/, OUT/pareto.png (accuracy against "
+        "mean length) and OUT/scaling.png (pass@K against the wall time of K parallel samples: one extra timed "
+        "generation per K; --scaling-k none skips them). Data: PATH, NAME=PATH (jsonl/json/parquet/datasets "
+        "folder; fields as in trainer/benchmarks.py: MATH-500, AIME, AMC, Minerva, OlympiadBench) or builtin:NAME.",
+    )
+    p.add_argument("--model", action="append", required=True, help="model folder, NAME=DIR, or alias (repeatable)")
+    p.add_argument("--data", action="append", required=True, help="PATH, NAME=PATH or builtin:NAME (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--samples", type=int, default=16, help="responses per question (default 16)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--k", type=_int_list, default=None, help="pass@k list, e.g. 1,2,4,8,16 (default: powers of 2)")
+    p.add_argument("--scaling-k", type=_int_list, default=None, help="K of the timed runs (default: --k; none: off)")
+    p.add_argument("--think-budget", type=int, default=None, help="budget forcing: at most N thinking tokens")
+    p.add_argument("--answer-tokens", type=int, default=64, help="budget forcing: tokens for the forced answer")
+    p.add_argument("--think-end", default="</think>", help="budget forcing: the end-of-thinking string")
+    p.add_argument("--answer-cue", default="\n\nFinal answer: \\boxed{", help="budget forcing: text after it")
+    p.add_argument("--template", default="r1", help="prompt template (trainer.data.TEMPLATES)")
+    p.add_argument("--checker", choices=["math", "exact"], default="math")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto: vLLM when installed")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None, help="vllm: default longest prompt + max tokens")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each data set")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "merge",
+        help="magnitude-selective merge: base + scale * (top-k of tuned - base)",
+        description="theta = theta_base + scale * kept(theta_tuned - theta_base), keeping the top-k fraction of "
+        "|delta| per tensor (--scope tensor) or over the whole model (--scope global). Streams tensor by tensor "
+        "over (sharded) safetensors, so memory is bounded by the largest tensor; the output mirrors the tuned "
+        "folder (files, dtypes, config, tokenizer) and is written atomically. Paper: --top-k 0.25 --scale 0.7.",
+    )
+    p.add_argument("--base", type=Path, required=True, help="the model before RL")
+    p.add_argument("--tuned", type=Path, required=True, help="the model after RL (its files and dtypes are kept)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--top-k", type=float, default=0.25, help="fraction of deltas kept (default 0.25)")
+    p.add_argument("--scale", type=float, default=0.7, help="scale of the kept deltas (default 0.7)")
+    p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "drqa-data",
+        help="DRQA data: concise chains from k-question prompts, verbose ones from single prompts, labelled",
+        description="Group the data set's questions k at a time into one prompt, sample, split each response into "
+        "per-question chains and check them (correct-concise / wrong); sample the questions alone too "
+        "(correct-verbose / wrong); write one jsonl record per chain. Train on it with "
+        "reward.penalty.name=drqa reward.penalty.drqa_data=FILE.",
+    )
+    p.add_argument("--model", required=True, help="model folder or alias")
+    p.add_argument("--data", required=True, help="PATH, NAME=PATH or builtin:NAME")
+    p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
+    p.add_argument("-k", type=int, default=2, help="questions per batched prompt (default 2)")
+    p.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--template", default="r1", help="template of the single-question prompts")
+    p.add_argument("--checker", choices=["math", "exact"], default="math")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N questions")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_drqa_data)
     return parser
 
 

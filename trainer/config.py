@@ -192,6 +192,11 @@ class RewardConfig:
         check_choice("checker", self.checker, CHECKER_MODES)
         check_number("timeout_s", self.timeout_s, low=0.0, low_open=True, allow_none=True)
         check_number("workers", self.workers, low=1, allow_none=True)
+        if self.penalty.name == "drqa" and self.da_dler.enabled:
+            raise ValueError(
+                "reward.penalty.name=drqa takes each question's budget from its DRQA data; it cannot be combined "
+                "with reward.da_dler (turn one off)"
+            )
 
     def checker_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``AnswerChecker``."""

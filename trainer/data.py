@@ -27,7 +27,7 @@ import json
 import math
 import random
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,7 @@ def load_examples(
     split: str = "train",
     limit: int | None = None,
     seed: int = 0,
+    prepare: Callable[[Mapping], Mapping] | None = None,
 ) -> list[Example]:
     """Load and validate the examples of a data file, a ``datasets`` folder, or a builtin generator.
 
@@ -154,6 +155,10 @@ def load_examples(
     one :class:`DataWarning` that counts them and quotes the first few; ``"error"`` raises
     :class:`UserError` for the first one. Either way the location is ``file:line`` for JSON Lines and
     ``file[row index]`` for JSON lists, parquet and ``datasets`` folders.
+
+    ``prepare`` rewrites each record (a mapping) before validation, for formats whose fields need more than a
+    name (a list answer, an answer inside a solution); a ``ValueError`` it raises marks the row bad with its
+    message. With ``prepare`` every column is read, since it may look at any.
     """
     if on_bad_row not in _ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
@@ -167,16 +172,17 @@ def load_examples(
         return examples[:limit] if limit is not None else examples
 
     path = Path(text).expanduser()
-    name, rows = _open_rows(path, fields, split)
-    examples, bad = _validate_rows(rows, fields, name)
+    name, rows = _open_rows(path, None if prepare is not None else fields, split)
+    examples, bad = _validate_rows(rows, fields, name, prepare)
     _report_bad_rows(bad, on_bad_row, total=len(examples) + len(bad), path=str(path))
     if not examples:
         raise UserError(_no_examples_message(str(path), bad))
     return examples[:limit] if limit is not None else examples
 
 
-def _open_rows(path: Path, fields: FieldMap, split: str) -> tuple[str, list[_Row]]:
-    """Pick the reader for ``path``; return the data set's name (the default source) and its raw rows."""
+def _open_rows(path: Path, fields: FieldMap | None, split: str) -> tuple[str, list[_Row]]:
+    """Pick the reader for ``path``; return the data set's name (the default source) and its raw rows.
+    Columnar readers load only the columns ``fields`` may read (every column when it is None)."""
     if not path.exists():
         raise UserError(f"data set {path} not found; expected {_EXPECTED}")
     if path.is_dir():
@@ -238,7 +244,7 @@ def _read_json(path: Path) -> list[_Row]:
     return [_Row(i, f"{path}[{i}]", value) for i, value in enumerate(data)]
 
 
-def _read_parquet(path: Path, fields: FieldMap) -> list[_Row]:
+def _read_parquet(path: Path, fields: FieldMap | None) -> list[_Row]:
     """Rows through pyarrow (not pandas: an int column with nulls would turn 7 into 7.0)."""
     try:
         import pyarrow.parquet as pq
@@ -246,14 +252,14 @@ def _read_parquet(path: Path, fields: FieldMap) -> list[_Row]:
         raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     try:
         schema = pq.read_schema(path)
-        columns = [c for c in dict.fromkeys(fields.columns()) if c in schema.names]
+        columns = None if fields is None else [c for c in dict.fromkeys(fields.columns()) if c in schema.names]
         table = pq.read_table(path, columns=columns)
     except Exception as e:  # pyarrow raises several unrelated types for a corrupt or foreign file
         raise UserError(f"cannot read {path} as parquet: {e}") from None
     return [_Row(i, f"{path}[{i}]", value) for i, value in enumerate(table.to_pylist())]
 
 
-def _read_datasets_folder(path: Path, fields: FieldMap, split: str) -> list[_Row]:
+def _read_datasets_folder(path: Path, fields: FieldMap | None, split: str) -> list[_Row]:
     """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (then ``split`` is used)."""
     if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         raise UserError(
@@ -272,8 +278,9 @@ def _read_datasets_folder(path: Path, fields: FieldMap, split: str) -> list[_Row
         if split not in data:
             raise UserError(f"{path} has no split {split!r}; available splits: {', '.join(data.keys())}")
         data, where = data[split], f"{path}:{split}"
-    columns = [c for c in dict.fromkeys(fields.columns()) if c in data.column_names]
-    records = data.select_columns(columns).to_list()
+    if fields is not None:
+        data = data.select_columns([c for c in dict.fromkeys(fields.columns()) if c in data.column_names])
+    records = data.to_list()
     return [_Row(i, f"{where}[{i}]", value) for i, value in enumerate(records)]
 
 
@@ -281,7 +288,9 @@ class _BadRow(Exception):
     """What is wrong with one row (a one-line message); caught per row, never escapes this module."""
 
 
-def _validate_rows(rows: Iterable[_Row], fields: FieldMap, name: str) -> tuple[list[Example], list[str]]:
+def _validate_rows(
+    rows: Iterable[_Row], fields: FieldMap, name: str, prepare: Callable[[Mapping], Mapping] | None = None
+) -> tuple[list[Example], list[str]]:
     """Turn raw rows into examples; collect a ``"where: problem"`` message for each bad row, in order."""
     examples: list[Example] = []
     bad: list[str] = []
@@ -290,6 +299,11 @@ def _validate_rows(rows: Iterable[_Row], fields: FieldMap, name: str) -> tuple[l
         try:
             if row.error is not None:
                 raise _BadRow(row.error)
+            if prepare is not None and isinstance(row.value, Mapping):
+                try:
+                    row = _Row(row.index, row.where, prepare(row.value))
+                except ValueError as e:
+                    raise _BadRow(str(e)) from None
             example = _to_example(row, fields, name)
             if example.id in first_seen:
                 raise _BadRow(f"duplicate id {example.id!r} (first at {first_seen[example.id]})")

@@ -26,18 +26,19 @@ def is_complete(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out: Path, overwrite: bool = False, flag: str = "--force") -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.
 
     On any exception the temporary directory is removed, so a failed or killed
     write never leaves a half-written ``out`` behind (a kill leaves only a hidden
-    ``.out.tmp-*`` sibling, which the next call ignores).
+    ``.out.tmp-*`` sibling, which the next call ignores). ``flag`` is the option named in the refusal
+    to replace a non-empty ``out``.
     """
     out = Path(out).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --force to replace it")
+        raise UserError(f"output directory {out} is not empty; pass {flag} to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -33,6 +33,8 @@ class LengthPenaltyConfig:
     l1_alpha: float = 0.0003
     l1_delta: float = 0.5
     laser_bonus: float = 0.5
+    drqa_data: str | None = None  # jsonl of `dler drqa-data`: the per-question concise lengths
+    drqa_verbose_reward: float = 0.5  # a correct response longer than its question's concise length
 
     def __post_init__(self):
         if self.name not in LENGTH_PENALTIES:
@@ -41,6 +43,10 @@ class LengthPenaltyConfig:
             raise ValueError(f"length_budget must be >= 1 token, got {self.length_budget}")
         if not 0 <= self.truncation_coef <= 1:
             raise ValueError(f"truncation_coef must be in [0, 1], got {self.truncation_coef}")
+        if self.name == "drqa" and not self.drqa_data:
+            raise ValueError("length penalty 'drqa' needs drqa_data: the jsonl file written by `dler drqa-data`")
+        if not 0 <= self.drqa_verbose_reward <= 1:
+            raise ValueError(f"drqa_verbose_reward must be in [0, 1], got {self.drqa_verbose_reward}")
         if self.name == "overlong" and not 0 < self.overlong_buffer <= self.length_budget:
             raise ValueError(
                 f"overlong_buffer must be in (0, length_budget={self.length_budget}], got {self.overlong_buffer}"
@@ -95,6 +101,14 @@ def laser(correct, lengths, truncated, budget, cfg):
     return correct + cfg.laser_bonus * correct * (lengths <= budget)
 
 
+def drqa(correct, lengths, truncated, budget, cfg):
+    """DRQA: the labels of ``trainer.drqa`` as rewards. ``budget`` is the question's concise length (the median
+    tokens of its correct-concise chains): correct within it 1, correct beyond it ``drqa_verbose_reward``,
+    wrong 0."""
+    concise = _finished_within(lengths, truncated, budget)
+    return np.where(correct > 0, np.where(concise, 1.0, cfg.drqa_verbose_reward), 0.0)
+
+
 def no_penalty(correct, lengths, truncated, budget, cfg):
     return correct.copy()
 
@@ -107,6 +121,7 @@ LENGTH_PENALTIES: dict[str, PenaltyFn] = {
     "l1_max": l1_max,
     "kimi": kimi,
     "laser": laser,
+    "drqa": drqa,
     "none": no_penalty,
 }
 

@@ -48,7 +48,11 @@ class RolloutEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[list[Sample]]: ...
+        stop: Sequence[str] | None = None,
+    ) -> list[list[Sample]]:
+        """``n`` samples per prompt. ``stop`` strings end a sample (finish reason "stop") with the string
+        included at the end of its text; its token ids run through the token that completed the string."""
+        ...
 
     def update_weights(self, named_tensors: NamedTensors) -> WeightSyncStats: ...
 
@@ -251,6 +255,7 @@ class VLLMEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop: Sequence[str] | None = None,
     ) -> list[list[Sample]]:
         """``n`` samples for each prompt (text, or token ids), in prompt order."""
         from vllm import SamplingParams
@@ -258,9 +263,23 @@ class VLLMEngine:
         _check_sampling(n, max_tokens, temperature, top_p)
         if self.asleep:
             raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, logprobs=0)
+
+        def params(i: int) -> SamplingParams:
+            # vLLM seeds the j-th of a request's n samples with seed + j; prompt i starts at seed + i * n, so
+            # every sample of the call has its own stream (equal prompts in one call are independent draws).
+            return SamplingParams(
+                n=n,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=None if seed is None else seed + i * n,
+                logprobs=0,
+                stop=list(stop) if stop else None,
+                include_stop_str_in_output=True,
+            )
+
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self.llm.generate(inputs, [params(i) for i in range(len(inputs))], use_tqdm=False)
         groups = []
         for out in outputs:
             group = []
@@ -384,6 +403,7 @@ class HFEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        stop: Sequence[str] | None = None,
     ) -> list[list[Sample]]:
         import torch
 
@@ -394,7 +414,27 @@ class HFEngine:
             torch.manual_seed(self.seed if seed is None else seed)
             for start in range(0, len(rows), self.batch_size):
                 samples += self._generate_batch(rows[start : start + self.batch_size], max_tokens, temperature, top_p)
+        if stop:
+            samples = [self._cut_at_stop(s, stop) for s in samples]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _cut_at_stop(self, sample: Sample, stop: Sequence[str]) -> Sample:
+        """The sample ended at the first stop string, as vLLM ends it: ids through the token that
+        completes the string, text through the string. Generation ran on past it; the oracle engine
+        trades that compute for not depending on ``generate``'s own stop-string handling."""
+        hits = [(sample.text.find(s), s) for s in stop if s and s in sample.text]
+        if not hits:
+            return sample
+        pos, string = min(hits)
+        ids, end = sample.token_ids, pos + len(string)
+        lo, hi = 1, len(ids)  # the shortest prefix whose text holds the whole string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= end:
+                hi = mid
+            else:
+                lo = mid + 1
+        return Sample(ids[:lo], sample.text[:end], "stop", sample.logprobs[:lo])
 
     def _generate_batch(self, rows: list[list[int]], max_tokens: int, temperature: float, top_p: float) -> list[Sample]:
         import torch

@@ -164,6 +164,12 @@ class Trainer:
         self.eval_prompts = self._load_prompts(cfg.eval.data, cfg.eval.limit) if cfg.eval.data is not None else []
         self.checker = AnswerChecker(**cfg.reward.checker_kwargs())
         self.budgets = cfg.reward.da_dler.make_budgets()
+        if cfg.reward.penalty.name == "drqa":
+            from .drqa import ConciseLengths
+
+            penalty = cfg.reward.penalty
+            examples = [p.example for p in prompts]
+            self.budgets = ConciseLengths.from_file(penalty.drqa_data, examples, penalty.length_budget)
 
         # The policy, its optimizer and (when beta > 0) the frozen reference.
         self.policy = load_policy(self.model_dir, cfg.model, cfg.fsdp, env)

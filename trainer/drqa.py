@@ -1,0 +1,281 @@
+"""DRQA data (``dler drqa-data``): concise chains from batched prompts, verbose ones from single prompts.
+
+A model asked several questions in one prompt reasons more briefly about each (DESIGN.md section 3, "DRQA").
+This module turns that into labelled data and a reward:
+
+1. Questions are grouped ``k`` at a time (k = 2 by default) into one prompt that asks for the solutions in
+   order, each opened by a ``Question i:`` line and closed by its answer in ``\\boxed{}``
+   (:func:`batched_prompt`). The same questions are also asked alone, with the training template.
+2. :func:`split_answers` cuts a batched response into its per-question chains: by the ``Question i`` /
+   ``Problem i`` markers (in whatever order the model wrote them; when a number appears more than once, the
+   last of its parts that holds a boxed answer, else its last part), or, when there are no markers, at the
+   boxed answers if there are exactly k of them. A question it cannot find gets no chain.
+3. Labels: a correct chain from a batched prompt is ``correct-concise``, a correct response to a single prompt
+   ``correct-verbose``; every wrong one is ``wrong``. Records (jsonl): ``question``, ``answer``, ``id``,
+   ``chain``, ``label``, ``tokens`` (of the chain, by the model's tokenizer), ``source`` (batched/single),
+   ``group`` and ``position`` (which prompt, which slot).
+4. The ``drqa`` reward (``reward.penalty.name=drqa``, ``reward.penalty.drqa_data=FILE``) labels a rollout the
+   same way: correct and no longer than the question's concise length (the median tokens of its
+   correct-concise chains) scores 1, correct but longer ``drqa_verbose_reward``, wrong 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .fsutil import UserError
+
+LABELS = ("correct-concise", "correct-verbose", "wrong")
+_MARKER = re.compile(r"^[ \t>*#_]*(?:question|problem|q)[ \t]*(\d{1,3})\b[ \t]*[:.)]?", re.IGNORECASE | re.MULTILINE)
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def batched_prompt(questions: Sequence[str]) -> str:
+    """One user message asking ``len(questions)`` questions, to be answered in order with markers."""
+    k = len(questions)
+    body = "\n\n".join(f"Question {i}: {q.strip()}" for i, q in enumerate(questions, start=1))
+    return (
+        f"Answer the following {k} questions. Solve them one after another. Begin the solution of question i "
+        "with a line 'Question i:' and end it with its final answer within \\boxed{}.\n\n" + body
+    )
+
+
+def split_answers(response: str, k: int) -> list[str | None]:
+    """The chain of each of the ``k`` questions in one batched response (None where it is missing)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    marks = [(m.start(), int(m.group(1))) for m in _MARKER.finditer(response)]
+    marks = [(pos, i) for pos, i in marks if 1 <= i <= k]
+    chains: list[str | None] = [None] * k
+    if marks:
+        for (pos, i), nxt in zip(marks, [*marks[1:], (len(response), 0)]):
+            part = response[pos : nxt[0]].strip()
+            current = chains[i - 1]
+            # A restated question (no answer yet) must not hide the worked solution that follows it.
+            if current is None or _BOX.search(part) or not _BOX.search(current):
+                chains[i - 1] = part
+        return chains
+    ends = [_box_end(response, m.end()) for m in _BOX.finditer(response)]
+    if len(ends) == k:
+        starts = [0, *ends[:-1]]
+        return [response[a:b].strip() or None for a, b in zip(starts, ends)]
+    return chains
+
+
+def _box_end(text: str, pos: int) -> int:
+    """Index just past the brace group opened at or after ``pos`` (``len(text)`` if unclosed)."""
+    depth, i = 0, pos
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return len(text)
+
+
+def label(correct: bool, batched: bool) -> str:
+    if not correct:
+        return "wrong"
+    return "correct-concise" if batched else "correct-verbose"
+
+
+# ----------------------------------------------------------------------------------------- the data set
+
+
+def build_drqa_data(
+    model: str,
+    data: str,
+    out: Path,
+    *,
+    k: int = 2,
+    samples: int = 4,
+    max_tokens: int = 1024,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    seed: int = 0,
+    limit: int | None = None,
+    template: str = "r1",
+    checker: str = "math",
+    engine: str = "auto",
+    engine_options: Mapping | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Generate, split, check and label; write the jsonl ``out`` atomically; return a summary."""
+    from transformers import AutoTokenizer
+
+    from .answers import AnswerChecker
+    from .benchmarks import load_benchmark
+    from .data import format_prompt
+    from .evaluate import ModelSpec, parse_model
+    from .rollout import make_engine
+
+    if k < 1 or samples < 1 or max_tokens < 1:
+        raise UserError(f"-k, --samples and --max-tokens must be >= 1, got {k}, {samples}, {max_tokens}")
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    spec: ModelSpec = parse_model(model)
+    examples = load_benchmark(data, limit=limit, seed=seed).examples
+    if len(examples) < k:
+        raise UserError(f"{data} has {len(examples)} questions; a batched prompt needs k={k}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    groups = [[examples[j] for j in order[i : i + k]] for i in range(0, len(order) - k + 1, k)]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+    chat = bool(getattr(tokenizer, "chat_template", None))
+
+    def encode(text: str) -> list[int]:
+        if chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        return tokenizer(text).input_ids
+
+    batched_ids = [encode(batched_prompt([e.question for e in g])) for g in groups]
+    single_ids = [encode(format_prompt(e.question, template)) for e in examples]
+    kind = engine if engine != "auto" else _default_engine()
+    options = dict(engine_options or {})
+    if kind == "vllm":
+        options.setdefault("max_model_len", max(map(len, batched_ids + single_ids)) + max_tokens)
+    eng = make_engine(kind, spec.path, seed=seed, **options)
+    started = time.perf_counter()
+    sampling = dict(n=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    batched_out = eng.generate(batched_ids, seed=seed, **sampling)
+    single_out = eng.generate(single_ids, seed=seed + 1, **sampling)
+    seconds = time.perf_counter() - started
+
+    records, missing = [], 0
+    pending = []  # (record, gold) to check in one call
+    for gi, (group, outs) in enumerate(zip(groups, batched_out)):
+        for sample in outs:
+            for pos, (example, chain) in enumerate(zip(group, split_answers(sample.text, k))):
+                if chain is None:
+                    missing += 1
+                    continue
+                pending.append((_record(example, chain, "batched", gi, pos), example.answer))
+    for example, outs in zip(examples, single_out):
+        for sample in outs:
+            rec = _record(example, sample.text, "single", None, 0)
+            rec["tokens"] = len(sample.token_ids)
+            pending.append((rec, example.answer))
+    with AnswerChecker(checker) as check:
+        scores = check.score([r["chain"] for r, _ in pending], [g for _, g in pending])
+    for (rec, _), score in zip(pending, scores):
+        rec["label"] = label(score > 0, rec["source"] == "batched")
+        if rec["tokens"] is None:
+            rec["tokens"] = len(tokenizer(rec["chain"], add_special_tokens=False).input_ids)
+        records.append(rec)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return summarise(records, missing=missing, seconds=seconds)
+
+
+def _record(example, chain: str, source: str, group: int | None, position: int) -> dict:
+    return {
+        "id": example.id,
+        "question": example.question,
+        "answer": example.answer,
+        "chain": chain,
+        "label": None,
+        "tokens": None,
+        "source": source,
+        "group": group,
+        "position": position,
+    }
+
+
+def _default_engine() -> str:
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def summarise(records: Sequence[Mapping], *, missing: int = 0, seconds: float | None = None) -> dict:
+    """Counts and mean tokens per label, and accuracy and mean tokens per source."""
+    out: dict = {"records": len(records), "missing_chains": missing}
+    if seconds is not None:
+        out["generate_seconds"] = round(seconds, 2)
+    for name in LABELS:
+        tokens = [r["tokens"] for r in records if r["label"] == name]
+        out[name] = {"count": len(tokens), "mean_tokens": statistics.fmean(tokens) if tokens else None}
+    for source in ("batched", "single"):
+        rs = [r for r in records if r["source"] == source]
+        out[source] = {
+            "chains": len(rs),
+            "accuracy": sum(r["label"] != "wrong" for r in rs) / len(rs) if rs else None,
+            "mean_tokens": statistics.fmean(r["tokens"] for r in rs) if rs else None,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the reward
+
+
+class ConciseLengths:
+    """Per-prompt length budgets for the ``drqa`` reward: the median tokens of a question's correct-concise
+    chains in a DRQA data file, matched to the training examples by question text. Questions without a
+    concise chain keep ``default`` (the penalty's ``length_budget``). Same interface as DA-DLER's budgets."""
+
+    def __init__(self, lengths: Mapping[str, int], default: int):
+        self.lengths, self.default = dict(lengths), int(default)
+
+    @classmethod
+    def from_file(cls, path: str | Path, examples: Sequence, default: int) -> ConciseLengths:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"DRQA data {path} not found; build it with `dler drqa-data`")
+        by_question: dict[str, list[int]] = {}
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if rec["label"] not in LABELS:
+                    raise ValueError(f"unknown label {rec['label']!r}")
+                if rec["label"] == "correct-concise":
+                    by_question.setdefault(rec["question"], []).append(int(rec["tokens"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{line_no}: not a DRQA record ({type(e).__name__}: {e})") from None
+        lengths = {
+            ex.id: min(default, max(1, round(statistics.median(by_question[ex.question]))))
+            for ex in examples
+            if ex.question in by_question
+        }
+        if not lengths:
+            raise UserError(f"{path} has no correct-concise chain for any training question: nothing to reward")
+        return cls(lengths, default)
+
+    @property
+    def max_budget(self) -> int:
+        return self.default
+
+    def observe(self, prompt_id: str, correct, step: int) -> int:
+        return self.lengths.get(prompt_id, self.default)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Nothing to restore: the lengths come from the data file."""

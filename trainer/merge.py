@@ -1,0 +1,342 @@
+"""``dler merge``: magnitude-selective weight merging (DLER paper, section 4.6).
+
+    delta = theta_tuned - theta_base;  keep the top k of |delta| (per tensor, or over the whole model),
+    zero the rest;  theta = theta_base + s * kept_delta                       (paper: k = 25%, s = 0.7)
+
+"Top k" means: with m = round(k * n) of n entries, every entry whose |delta| is at least the m-th largest
+|delta| is kept (ties at the threshold are all kept, so the choice does not depend on element order);
+k = 0 keeps nothing (the base model), k = 1 keeps everything (with s = 1, the tuned model, bit for bit).
+Magnitudes are ranked in float32.
+
+Memory stays bounded by a few copies of the largest tensor, whatever the model's size: tensors are read one at
+a time from the safetensors files of both folders (sharded or not), and written straight into output files
+whose headers are laid out before the first tensor is computed, so no output shard is ever held whole. The
+global threshold is found exactly in two streaming passes of a radix selection over the float32 bit patterns
+of |delta| (non-negative floats order like their bits): a histogram of the top 16 bits finds the bin that holds
+the m-th largest value, a histogram of the low 16 bits inside that bin finds the value.
+
+The output mirrors the tuned folder: the same files with the same tensors in the same dtypes, its
+``model.safetensors.index.json``, config, tokenizer and every other file, plus ``dler_merge.json`` recording
+the settings and what was kept. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fsutil import UserError, atomic_directory
+
+SCOPES = ("tensor", "global")
+REPORT = "dler_merge.json"
+_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+# ------------------------------------------------------------------------------------ safetensors files
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code: F32, BF16, I64, ...
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # begin of the data, relative to the data section
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the byte offset where its data section starts."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (size,) = struct.unpack("<Q", raw)
+            if size > _HEADER_LIMIT:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+    return header, 8 + size
+
+
+def list_tensors(folder: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder's ``*.safetensors`` files (from the headers alone)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no *.safetensors files")
+    tensors: dict[str, TensorInfo] = {}
+    for f in files:
+        header, _ = read_header(f)
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if name in tensors:
+                raise UserError(f"tensor {name!r} is stored twice in {folder} ({tensors[name].file.name}, {f.name})")
+            tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), f, meta["data_offsets"][0])
+    return tensors
+
+
+class _Reader:
+    """Opens each file once and hands out tensors by name."""
+
+    def __init__(self, tensors: dict[str, TensorInfo]):
+        self.tensors, self.handles = tensors, {}
+
+    def get(self, name: str):
+        from safetensors import safe_open
+
+        info = self.tensors[name]
+        if info.file not in self.handles:
+            self.handles[info.file] = safe_open(str(info.file), "pt")
+        return self.handles[info.file].get_tensor(name)
+
+
+class ShardWriter:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is fixed
+    first, then each tensor's bytes are appended in header order."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        self.expected: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            nbytes = math.prod(shape) * _torch_dtype(dtype).itemsize
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.expected.append((name, nbytes))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        self.next = 0
+
+    def write(self, name: str, tensor) -> None:
+        want, nbytes = self.expected[self.next]
+        import torch
+
+        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+        if name != want or data.nbytes != nbytes:
+            raise RuntimeError(f"shard writer: got {name} ({data.nbytes} bytes), expected {want} ({nbytes} bytes)")
+        self.file.write(memoryview(data))
+        self.next += 1
+
+    def close(self) -> None:
+        self.file.close()
+        if self.next != len(self.expected):
+            raise RuntimeError(f"shard writer: {len(self.expected) - self.next} tensors were never written")
+
+
+def _torch_dtype(code: str):
+    import torch
+
+    codes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+    if code not in codes:
+        raise UserError(f"tensor dtype {code} is not supported by dler merge")
+    return codes[code]
+
+
+# -------------------------------------------------------------------------------------------- selection
+
+
+def _magnitudes(base, tuned):
+    """(delta in the compute dtype, |delta| as float32)."""
+    import torch
+
+    # float32 weights are subtracted in float64, 16-bit ones in float32: both exact for the usual deltas,
+    # so that base + 1.0 * delta rounds back to the tuned weights exactly.
+    wide = torch.float64 if {base.dtype, tuned.dtype} & {torch.float32, torch.float64} else torch.float32
+    delta = tuned.to(wide) - base.to(wide)
+    return delta, delta.abs().to(torch.float32)
+
+
+def keep_count(top_k: float, n: int) -> int:
+    """m = round(k * n), half up (so that k = 0.5 of 3 entries keeps 2)."""
+    return min(n, math.floor(top_k * n + 0.5))
+
+
+def tensor_threshold(magnitude, m: int) -> float:
+    """The m-th largest value of ``magnitude`` (+inf for m = 0: nothing reaches it)."""
+    import torch
+
+    if m == 0:
+        return math.inf
+    flat = magnitude.reshape(-1)
+    return float(torch.kthvalue(flat, flat.numel() - m + 1).values)
+
+
+def global_threshold(pairs: Callable[[str], Iterator[tuple]], m: int, n: int) -> float:
+    """The m-th largest |delta| over every pair of (base, tuned) tensors that ``pairs(label)`` yields, in two
+    streaming passes of a 16+16-bit radix selection over float32 bit patterns."""
+    import torch
+
+    if m == 0:
+        return math.inf
+    if m == n:
+        return 0.0
+
+    def bits_of(base, tuned):
+        return _magnitudes(base, tuned)[1].reshape(-1).view(torch.int32)
+
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for base, tuned in pairs("threshold 1/2"):
+        high += torch.bincount(bits_of(base, tuned) >> 16, minlength=1 << 16)
+    # The bin holding the m-th largest: walk down from the top until m values are covered.
+    above = torch.flip(torch.cumsum(torch.flip(high, [0]), 0), [0])  # above[b] = count of values in bins >= b
+    b = int(torch.nonzero(above >= m).max())
+    m_in_bin = m - (int(above[b + 1]) if b + 1 < (1 << 16) else 0)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for base, tuned in pairs("threshold 2/2"):
+        bits = bits_of(base, tuned)
+        low += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    low_above = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
+    lo = int(torch.nonzero(low_above >= m_in_bin).max())
+    return float(torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32))
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def _check_pair(base_dir: Path, tuned_dir: Path) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+    for label, folder in (("--base", base_dir), ("--tuned", tuned_dir)):
+        if not folder.is_dir():
+            raise UserError(f"{label} model folder {folder} not found")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{label} {folder} has no config.json: not a Hugging Face model folder")
+    base_cfg = json.loads((base_dir / "config.json").read_text())
+    tuned_cfg = json.loads((tuned_dir / "config.json").read_text())
+    for key in ("architectures", "model_type"):
+        if base_cfg.get(key) != tuned_cfg.get(key):
+            raise UserError(
+                f"the models differ in {key}: base {base_cfg.get(key)!r}, tuned {tuned_cfg.get(key)!r}; "
+                "a merge needs the same architecture"
+            )
+    base, tuned = list_tensors(base_dir), list_tensors(tuned_dir)
+    only_base, only_tuned = sorted(set(base) - set(tuned)), sorted(set(tuned) - set(base))
+    if only_base or only_tuned:
+        parts = [f"only in base: {', '.join(only_base[:3])}" * bool(only_base)]
+        parts += [f"only in tuned: {', '.join(only_tuned[:3])}" * bool(only_tuned)]
+        raise UserError(f"the models hold different tensors ({'; '.join(p for p in parts if p)})")
+    for name in tuned:
+        if base[name].shape != tuned[name].shape:
+            raise UserError(
+                f"tensor {name!r} has shape {list(base[name].shape)} in base and {list(tuned[name].shape)} in tuned"
+            )
+        if (base[name].dtype in _FLOAT_DTYPES) != (tuned[name].dtype in _FLOAT_DTYPES):
+            raise UserError(f"tensor {name!r} is {base[name].dtype} in base and {tuned[name].dtype} in tuned")
+    return base, tuned
+
+
+def merge_models(
+    base_dir: Path,
+    tuned_dir: Path,
+    out: Path,
+    *,
+    top_k: float = 0.25,
+    scale: float = 0.7,
+    scope: str = "tensor",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write ``theta_base + scale * top_k(theta_tuned - theta_base)`` into ``out``; return the report."""
+    import torch
+    from tqdm import tqdm
+
+    if not 0 <= top_k <= 1:
+        raise UserError(f"--top-k must be a fraction in [0, 1] (0.25 keeps 25%), got {top_k}")
+    if not math.isfinite(scale):
+        raise UserError(f"--scale must be a finite number, got {scale}")
+    if scope not in SCOPES:
+        raise UserError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    base_dir, tuned_dir, out = (Path(p).expanduser() for p in (base_dir, tuned_dir, out))
+    base_info, tuned_info = _check_pair(base_dir, tuned_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    floats = [n for n in tuned_info if tuned_info[n].dtype in _FLOAT_DTYPES]
+    base_reader, tuned_reader = _Reader(base_info), _Reader(tuned_info)
+
+    def pairs(label):
+        for name in tqdm(floats, desc=f"merge: {label}", unit="tensor", disable=not progress, leave=False):
+            base, tuned = base_reader.get(name), tuned_reader.get(name)
+            _check_finite(name, base, tuned)
+            yield base, tuned
+
+    total = sum(math.prod(tuned_info[n].shape) for n in floats)
+    threshold = global_threshold(pairs, keep_count(top_k, total), total) if scope == "global" else None
+    per_tensor, kept_total = {}, 0
+    with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:
+        for f in sorted(tuned_dir.iterdir()):
+            if f.suffix == ".safetensors" or f.name.startswith("."):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        by_file: dict[Path, list[TensorInfo]] = {}
+        for info in tuned_info.values():
+            by_file.setdefault(info.file, []).append(info)
+        bar = tqdm(total=len(tuned_info), desc="merge: write", unit="tensor", disable=not progress, leave=False)
+        for file, infos in sorted(by_file.items()):
+            infos.sort(key=lambda i: i.offset)
+            header, _ = read_header(file)
+            writer = ShardWriter(
+                tmp / file.name, [(i.name, i.dtype, i.shape) for i in infos], header.get("__metadata__")
+            )
+            with contextlib.closing(writer):
+                for info in infos:
+                    tuned = tuned_reader.get(info.name)
+                    if info.dtype not in _FLOAT_DTYPES:
+                        writer.write(info.name, tuned)  # integer buffers are not weights: the tuned model's
+                    else:
+                        base = base_reader.get(info.name)
+                        _check_finite(info.name, base, tuned)
+                        delta, magnitude = _magnitudes(base, tuned)
+                        if scope == "tensor":
+                            limit = tensor_threshold(magnitude, keep_count(top_k, magnitude.numel()))
+                        else:
+                            limit = threshold
+                        keep = magnitude >= limit
+                        merged = base.to(delta.dtype) + scale * torch.where(keep, delta, torch.zeros_like(delta))
+                        writer.write(info.name, merged.to(tuned.dtype))
+                        kept = int(keep.sum())
+                        kept_total += kept
+                        per_tensor[info.name] = {"kept": kept, "of": magnitude.numel(), "threshold": limit}
+                    bar.update()
+        bar.close()
+        report = {
+            "base": str(base_dir.absolute()),
+            "tuned": str(tuned_dir.absolute()),
+            "top_k": top_k,
+            "scale": scale,
+            "scope": scope,
+            "global_threshold": threshold,
+            "kept": kept_total,
+            "of": total,
+            "kept_fraction": kept_total / total if total else 0.0,
+            "tensors": per_tensor,
+        }
+        (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _check_finite(name: str, base, tuned) -> None:
+    import torch
+
+    for label, t in (("base", base), ("tuned", tuned)):
+        if not bool(torch.isfinite(t).all()):
+            raise UserError(f"tensor {name!r} of the {label} model holds NaN or inf values; refusing to merge it")
