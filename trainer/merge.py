@@ -5,7 +5,8 @@
 
 "Top k" means: with m = round(k * n) of n entries, every entry whose |delta| is at least the m-th largest
 |delta| is kept (ties at the threshold are all kept, so the choice does not depend on element order);
-k = 0 keeps nothing (the base model), k = 1 keeps everything (with s = 1, the tuned model, bit for bit).
+k = 0 keeps nothing (the base model), k = 1 keeps everything (with s = 1, the tuned model, bit for bit: a kept
+entry at s = 1 is the tuned weight itself rather than base + delta recomputed).
 Magnitudes are ranked in float32.
 
 Memory stays bounded by a few copies of the largest tensor, whatever the model's size: tensors are read one at
@@ -22,7 +23,6 @@ the settings and what was kept. It is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -49,6 +49,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     offset: int  # begin of the data, relative to the data section
+    data_start: int  # where the file's data section begins
+    nbytes: int
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -74,29 +76,38 @@ def list_tensors(folder: Path) -> dict[str, TensorInfo]:
         raise UserError(f"{folder} has no *.safetensors files")
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        header, _ = read_header(f)
+        header, start = read_header(f)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             if name in tensors:
                 raise UserError(f"tensor {name!r} is stored twice in {folder} ({tensors[name].file.name}, {f.name})")
-            tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), f, meta["data_offsets"][0])
+            begin, end = meta["data_offsets"]
+            tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), f, begin, start, end - begin)
     return tensors
 
 
 class _Reader:
-    """Opens each file once and hands out tensors by name."""
+    """Reads tensors by name with plain file reads into fresh tensors. Not through a memory map: every page
+    of a mapped checkpoint that has been read stays in this process's resident set while the file is open,
+    so reading two whole models that way would show as their full size."""
 
     def __init__(self, tensors: dict[str, TensorInfo]):
-        self.tensors, self.handles = tensors, {}
+        self.tensors = tensors
 
     def get(self, name: str):
-        from safetensors import safe_open
+        import torch
 
         info = self.tensors[name]
-        if info.file not in self.handles:
-            self.handles[info.file] = safe_open(str(info.file), "pt")
-        return self.handles[info.file].get_tensor(name)
+        out = torch.empty(info.shape, dtype=_torch_dtype(info.dtype))
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if buf.nbytes != info.nbytes:
+            raise UserError(f"{info.file}: tensor {name!r} holds {info.nbytes} bytes, expected {buf.nbytes}")
+        with open(info.file, "rb") as f:
+            f.seek(info.data_start + info.offset)
+            if f.readinto(buf) != info.nbytes:
+                raise UserError(f"{info.file} is truncated: tensor {name!r} is incomplete")
+        return out
 
 
 class ShardWriter:
@@ -161,8 +172,8 @@ def _magnitudes(base, tuned):
     """(delta in the compute dtype, |delta| as float32)."""
     import torch
 
-    # float32 weights are subtracted in float64, 16-bit ones in float32: both exact for the usual deltas,
-    # so that base + 1.0 * delta rounds back to the tuned weights exactly.
+    # float32 weights are subtracted in float64, 16-bit ones in float32 (memory: a few copies of the largest
+    # tensor in that dtype); the merged value is rounded once, into the tuned model's dtype.
     wide = torch.float64 if {base.dtype, tuned.dtype} & {torch.float32, torch.float64} else torch.float32
     delta = tuned.to(wide) - base.to(wide)
     return delta, delta.abs().to(torch.float32)
@@ -297,7 +308,7 @@ def merge_models(
             writer = ShardWriter(
                 tmp / file.name, [(i.name, i.dtype, i.shape) for i in infos], header.get("__metadata__")
             )
-            with contextlib.closing(writer):
+            try:
                 for info in infos:
                     tuned = tuned_reader.get(info.name)
                     if info.dtype not in _FLOAT_DTYPES:
@@ -311,12 +322,21 @@ def merge_models(
                         else:
                             limit = threshold
                         keep = magnitude >= limit
-                        merged = base.to(delta.dtype) + scale * torch.where(keep, delta, torch.zeros_like(delta))
+                        if scale == 1.0:
+                            # base + 1 * delta is the tuned weight itself; computing it would round wherever
+                            # delta is inexact in the compute dtype (weights whose exponents differ widely).
+                            merged = torch.where(keep, tuned, base.to(tuned.dtype))
+                        else:
+                            merged = base.to(delta.dtype) + scale * torch.where(keep, delta, torch.zeros_like(delta))
                         writer.write(info.name, merged.to(tuned.dtype))
                         kept = int(keep.sum())
                         kept_total += kept
-                        per_tensor[info.name] = {"kept": kept, "of": magnitude.numel(), "threshold": limit}
+                        per_tensor[info.name] = {"kept": kept, "of": magnitude.numel(), "threshold": _finite(limit)}
                     bar.update()
+            except BaseException:
+                writer.file.close()  # the error that stopped the write is the one to report
+                raise
+            writer.close()
         bar.close()
         report = {
             "base": str(base_dir.absolute()),
@@ -324,7 +344,7 @@ def merge_models(
             "top_k": top_k,
             "scale": scale,
             "scope": scope,
-            "global_threshold": threshold,
+            "global_threshold": _finite(threshold),
             "kept": kept_total,
             "of": total,
             "kept_fraction": kept_total / total if total else 0.0,
@@ -332,6 +352,11 @@ def merge_models(
         }
         (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: the threshold of "keep nothing" is written as null."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _check_finite(name: str, base, tuned) -> None:
