@@ -194,3 +194,37 @@ def test_vllm_seeded_sampling_of_a_large_batch(tiny_llama_dir):
     prompts = [f"What is {i} + {i}? Think it through." for i in range(64)]
     res = _vllm("vllm_generate.py", tiny_llama_dir, prompts=prompts, chat=True, n=8, max_tokens=4, seed=1)
     assert len(res["groups"]) == 64 and all(len(g) == 8 for g in res["groups"])
+
+
+def test_hf_engine_stop_strings_end_samples_like_vllm(hf_engine):
+    full = hf_engine.generate(["Write a long story about the sea."], n=2, max_tokens=24, temperature=1.0, seed=5)[0]
+    stop = full[0].text[5:8]
+    assert stop.strip(), "the sample is too short to pick a stop string from"
+    cut = hf_engine.generate(["Write a long story about the sea."], n=2, max_tokens=24, temperature=1.0, seed=5,
+                             stop=[stop, "never-appears"])[0]  # fmt: skip
+    first = cut[0]
+    end = full[0].text.index(stop) + len(stop)
+    assert first.finish_reason == "stop" and first.text == full[0].text[:end]
+    # Ids run through the token that completed the string, and no further.
+    ids = first.token_ids
+    assert ids == full[0].token_ids[: len(ids)] and len(first.logprobs) == len(ids)
+    decode = hf_engine.tokenizer.decode
+    assert stop in decode(ids, skip_special_tokens=True)[: end + 8]
+    assert len(decode(ids[:-1], skip_special_tokens=True)) < end
+
+
+@pytest.mark.vllm
+def test_vllm_stop_strings_and_equal_prompts_are_independent_draws(tiny_llama_dir):
+    prompt = "Tell me about the sea."
+    spec = dict(prompts=[prompt, prompt], n=2, max_tokens=12, temperature=1.0, seed=3, dtype="float32")
+    res = _vllm("vllm_generate.py", tiny_llama_dir, **spec)
+    texts = [s["text"] for g in res["groups"] for s in g]
+    # Four samples of one prompt in one call: four seeds, not two copies of two.
+    assert len(set(texts)) == 4, texts
+    sample = res["groups"][0][0]
+    stop = sample["text"][4:7]
+    res = _vllm("vllm_generate.py", tiny_llama_dir, **dict(spec, stop=[stop]))
+    cut = res["groups"][0][0]
+    end = sample["text"].index(stop) + len(stop)
+    assert cut["finish_reason"] == "stop" and cut["text"] == sample["text"][:end]
+    assert cut["token_ids"] == sample["token_ids"][: len(cut["token_ids"])]
