@@ -14,7 +14,7 @@ def _dler_script() -> Path:
 def test_console_script_help_lists_subcommands():
     out = subprocess.run([str(_dler_script()), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for command in ("prepare-model", "generate"):
+    for command in ("prepare-model", "generate", "train", "eval", "merge", "drqa-data"):
         assert command in out.stdout
 
 

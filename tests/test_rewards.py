@@ -10,6 +10,8 @@ from trainer.rewards import LENGTH_PENALTIES, DifficultyBudgets, LengthPenaltyCo
 
 def reward(name, correct, lengths, truncated=None, budget=None, **cfg):
     truncated = [False] * len(correct) if truncated is None else truncated
+    if name == "drqa":
+        cfg.setdefault("drqa_data", "drqa.jsonl")  # the per-question lengths arrive as `budget`
     return apply_length_penalty(LengthPenaltyConfig(name=name, **cfg), correct, lengths, truncated, budget)
 
 
