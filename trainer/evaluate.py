@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fsutil import UserError, atomic_directory
+from .fsutil import UserError, atomic_directory, check_output_dir
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -276,8 +276,7 @@ def run_eval(
         raise UserError(f"two models are named {dup!r}; name them apart with --model NAME=DIR")
     benches = load_benchmarks(list(data), limit=settings.limit, seed=settings.seed)
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out, overwrite, "--overwrite")
     kind = settings.engine_kind()
     started = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:

@@ -25,6 +25,16 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def check_output_dir(out: Path, overwrite: bool = False, flag: str = "--force") -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite``: called before
+    long work as well as by :func:`atomic_directory`, so a refusal costs nothing."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass {flag} to replace it")
+
+
 @contextlib.contextmanager
 def atomic_directory(out: Path, overwrite: bool = False, flag: str = "--force") -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.
@@ -35,10 +45,7 @@ def atomic_directory(out: Path, overwrite: bool = False, flag: str = "--force") 
     to replace a non-empty ``out``.
     """
     out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass {flag} to replace it")
+    check_output_dir(out, overwrite, flag)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import UserError, atomic_directory
+from .fsutil import UserError, atomic_directory, check_output_dir
 
 SCOPES = ("tensor", "global")
 REPORT = "dler_merge.json"
@@ -279,8 +279,7 @@ def merge_models(
         raise UserError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     base_dir, tuned_dir, out = (Path(p).expanduser() for p in (base_dir, tuned_dir, out))
     base_info, tuned_info = _check_pair(base_dir, tuned_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(out, overwrite, "--overwrite")
     floats = [n for n in tuned_info if tuned_info[n].dtype in _FLOAT_DTYPES]
     base_reader, tuned_reader = _Reader(base_info), _Reader(tuned_info)
 
