@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -38,7 +37,7 @@ from dler_kernels._validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
 from .data import TEMPLATES, FieldMap
-from .fsutil import UserError
+from .fsutil import UserError, atomic_file
 from .rewards import DifficultyBudgets, LengthPenaltyConfig
 from .rollout import ENGINES
 from .sampling import SamplingConfig
@@ -832,17 +831,8 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> Path:
     file or the new one, never half of one."""
     path = Path(path)
     text = _SAVED_HEADER + yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        f.write(text)
     return path
 
 

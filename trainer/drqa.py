@@ -22,7 +22,6 @@ This module turns that into labelled data and a reward:
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import statistics
@@ -30,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .fsutil import UserError
+from .fsutil import UserError, atomic_file
 
 LABELS = ("correct-concise", "correct-verbose", "wrong")
 _MARKER = re.compile(r"^[ \t>*#_]*(?:question|problem|q)[ \t]*(\d{1,3})\b[ \t]*[:.)]?", re.IGNORECASE | re.MULTILINE)
@@ -119,9 +118,9 @@ def build_drqa_data(
 
     from .answers import AnswerChecker
     from .benchmarks import load_benchmark
-    from .data import format_prompt
+    from .data import Example, build_prompts
     from .evaluate import ModelSpec, parse_model
-    from .rollout import make_engine
+    from .rollout import make_engine, resolve_engine
 
     if k < 1 or samples < 1 or max_tokens < 1:
         raise UserError(f"-k, --samples and --max-tokens must be >= 1, got {k}, {samples}, {max_tokens}")
@@ -138,16 +137,11 @@ def build_drqa_data(
 
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
     chat = bool(getattr(tokenizer, "chat_template", None))
-
-    def encode(text: str) -> list[int]:
-        if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-        return tokenizer(text).input_ids
-
-    batched_ids = [encode(batched_prompt([e.question for e in g])) for g in groups]
-    single_ids = [encode(format_prompt(e.question, template)) for e in examples]
-    kind = engine if engine != "auto" else _default_engine()
+    # A batched prompt is already the whole user message: the "plain" template passes it through.
+    batched = [Example(batched_prompt([e.question for e in g]), "", f"batch:{i}", "drqa") for i, g in enumerate(groups)]
+    batched_ids = [p.token_ids for p in build_prompts(tokenizer, batched, template="plain", chat=chat)]
+    single_ids = [p.token_ids for p in build_prompts(tokenizer, examples, template=template, chat=chat)]
+    kind = resolve_engine(engine)
     options = dict(engine_options or {})
     if kind == "vllm":
         options.setdefault("max_model_len", max(map(len, batched_ids + single_ids)) + max_tokens)
@@ -180,15 +174,9 @@ def build_drqa_data(
             rec["tokens"] = len(tokenizer(rec["chain"], add_special_tokens=False).input_ids)
         records.append(rec)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return summarise(records, missing=missing, seconds=seconds)
 
 
@@ -204,12 +192,6 @@ def _record(example, chain: str, source: str, group: int | None, position: int) 
         "group": group,
         "position": position,
     }
-
-
-def _default_engine() -> str:
-    import importlib.util
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
 def summarise(records: Sequence[Mapping], *, missing: int = 0, seconds: float | None = None) -> dict:

@@ -223,13 +223,6 @@ class EvalSettings:
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
 
-    def engine_kind(self) -> str:
-        if self.engine != "auto":
-            return self.engine
-        import importlib.util
-
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
 
 @dataclass
 class ModelSpec:
@@ -269,15 +262,17 @@ def run_eval(
     """Evaluate every model on every data set; write OUT (atomically); return the results dict."""
     from .benchmarks import load_benchmarks
 
+    out = Path(out).expanduser()
+    check_output_dir(out, overwrite, "--overwrite")  # before any model is resolved or built
     specs = [parse_model(m) for m in models]
     names = [m.name for m in specs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
         raise UserError(f"two models are named {dup!r}; name them apart with --model NAME=DIR")
     benches = load_benchmarks(list(data), limit=settings.limit, seed=settings.seed)
-    out = Path(out).expanduser()
-    check_output_dir(out, overwrite, "--overwrite")
-    kind = settings.engine_kind()
+    from .rollout import resolve_engine
+
+    kind = resolve_engine(settings.engine)
     started = time.perf_counter()
     with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:
         work = tmp / ".work"

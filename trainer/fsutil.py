@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
 class UserError(Exception):
@@ -23,6 +24,26 @@ COMPLETE_MARKER = ".dler-complete"
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[str]]:
+    """A text file to write that appears at ``path`` whole or not at all: a temporary sibling, flushed and
+    fsynced, then ``os.replace``d over ``path``; on any exception the sibling is removed and ``path`` is left
+    as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(), not mkstemp: the file gets the usual permissions (umask) rather than mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_output_dir(out: Path, overwrite: bool = False, flag: str = "--force") -> None:

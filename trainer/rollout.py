@@ -504,6 +504,15 @@ class HFEngine:
 ENGINES = ("vllm", "hf")
 
 
+def resolve_engine(kind: str) -> str:
+    """``kind`` as given, or for "auto" vLLM when it is installed, else transformers."""
+    if kind != "auto":
+        return kind
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def make_engine(kind: str, model_dir: Path | str, **options) -> RolloutEngine:
     """``kind`` "vllm" or "hf"; ``options`` go to the engine's constructor."""
     if kind == "vllm":

@@ -48,7 +48,7 @@ from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, CheckpointManager
 from .config import TrainConfig
 from .data import Example, Prompt, PromptStream, build_prompts, load_examples
 from .fsdp import DistEnv, check_weights, destroy_distributed, init_distributed, load_policy
-from .fsutil import UserError
+from .fsutil import UserError, atomic_file
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
@@ -751,12 +751,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ entry point
