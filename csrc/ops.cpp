@@ -82,7 +82,7 @@ RowTask make_task(const at::Tensor& logits, const at::Tensor& targets, const at:
                   std::optional<double> clip_c, double beta, int64_t kl_type, double entropy_coef) {
   check_matrix(logits, "logits");
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK(kl_type >= kNoKl && kl_type <= kK3, "kl_type must be a code in [0, 3], got ", kl_type);
+  TORCH_CHECK(kl_type >= kNoKl && kl_type <= kK3Ratio, "kl_type must be a code in [0, 4], got ", kl_type);
   const int64_t n = logits.size(0);
   const auto dev = logits.device();
   const auto acc = acc_type_of(logits);

@@ -14,8 +14,9 @@
 
 namespace dler {
 
-// Codes of kl_type, as passed by dler_kernels (triton_policy_loss.KL_CODES): 0 = no KL term.
-enum KlCode : int64_t { kNoKl = 0, kK1 = 1, kK2 = 2, kK3 = 3 };
+// Codes of kl_type, as passed by dler_kernels (reference.KL_CODES): 0 = no KL term; kK3Ratio is k3
+// times the importance ratio (TRL's use_bias_correction_kl).
+enum KlCode : int64_t { kNoKl = 0, kK1 = 1, kK2 = 2, kK3 = 3, kK3Ratio = 4 };
 
 constexpr double kLogRatioClamp = 20.0;
 constexpr double kKlClamp = 10.0;
@@ -96,6 +97,10 @@ DLER_HD RowTerms<acc_t> row_terms(acc_t logp, acc_t entropy, acc_t old, acc_t ad
       kl = clamp_nan(kl_raw, -kl_lim, kl_lim);
       const bool inside = dd >= -lim && dd <= lim && kl_raw >= -kl_lim && kl_raw <= kl_lim;
       dkl = inside ? acc_t(1) - e : acc_t(0);
+      if (p.kl_type == kK3Ratio) {  // d(kl * r) = dkl * r + kl * dr
+        dkl = dkl * ratio + kl * dratio;
+        kl = kl * ratio;
+      }
     }
     loss += acc_t(p.beta) * kl;
     g += acc_t(p.beta) * dkl;

@@ -299,6 +299,7 @@ def linear_policy_loss(
     loss_agg: str = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
+    token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> PolicyLossOutput:
@@ -318,10 +319,13 @@ def linear_policy_loss(
     valid = _check_loss_options(
         n, vocab, dev, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
         eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
-        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, what="hidden",
+        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
+        token_weights=token_weights, what="hidden",
     )  # fmt: skip
     backend = backend_for(hidden, backend)
-    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, ref._compute_dtype(hidden))
+    weights = ref.aggregation_weights(
+        valid, loss_agg, seq_ids, normalizer, norm_length, ref._compute_dtype(hidden), token_weights
+    )
     opts = dict(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
                 entropy_coef=entropy_coef, temperature=temperature)  # fmt: skip
     grad_on = torch.is_grad_enabled()

@@ -35,7 +35,7 @@ def _check_logits(logits) -> int:
 
 def _check_loss_options(
     n, vocab, dev, targets, old_logprobs, advantages, mask, *, ref_logprobs, seq_ids, eps_low, eps_high, clip_c,
-    beta, kl_type, entropy_coef, temperature, loss_agg, normalizer, norm_length, what="logits",
+    beta, kl_type, entropy_coef, temperature, loss_agg, normalizer, norm_length, token_weights=None, what="logits",
 ) -> torch.Tensor:  # fmt: skip
     """The checks shared by ``policy_loss`` and ``linear_policy_loss``; returns the bool mask."""
     like = dict(device=dev, length=n, like=what)
@@ -56,6 +56,8 @@ def _check_loss_options(
         if ref_logprobs is None:
             raise ValueError("ref_logprobs is required when beta != 0 (the KL term needs the reference log-probs)")
         check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", **like)
+    if token_weights is not None:
+        check_tensor("token_weights", token_weights, ndim=1, kind="float", **like)
     if loss_agg != "token-mean":
         if seq_ids is None:
             raise ValueError(f"seq_ids is required for loss_agg={loss_agg!r} (one sequence id per token)")
@@ -164,6 +166,7 @@ def policy_loss(
     loss_agg: str = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
+    token_weights: torch.Tensor | None = None,
     inplace_grad: bool = False,
     backend: str | None = None,
 ) -> PolicyLossOutput:
@@ -173,7 +176,9 @@ def policy_loss(
     (and ``ref_logprobs``, ``seq_ids``) [N]. ``normalizer`` replaces the local denominator
     (token count for ``token-mean``, sequence count for ``seq-mean-*``) with a global one, so
     that gradient accumulation and data parallelism equal one big batch. ``norm_length`` is the
-    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``inplace_grad``:
+    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``token_weights`` [N]
+    (float, no gradient) multiply each token's loss before the aggregation, e.g. truncated
+    importance-sampling weights of a rollout engine; ``per_token_loss`` is returned without them. ``inplace_grad``:
     the gradient overwrites the logits (saves an N x V buffer; the logits are lost). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
     """
@@ -182,7 +187,7 @@ def policy_loss(
         n, logits.shape[1], logits.device, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
         seq_ids=seq_ids, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
         entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg, normalizer=normalizer,
-        norm_length=norm_length,
+        norm_length=norm_length, token_weights=token_weights,
     )  # fmt: skip
 
     options = dict(
@@ -198,6 +203,7 @@ def policy_loss(
         loss_agg=loss_agg,
         normalizer=normalizer,
         norm_length=norm_length,
+        token_weights=token_weights,
     )
     backend = backend_for(logits, backend)
     if backend == "reference":
@@ -213,7 +219,7 @@ def policy_loss(
         )
     else:
         weights = ref.aggregation_weights(
-            valid, loss_agg, seq_ids, normalizer, norm_length, dtype=ref._compute_dtype(logits)
+            valid, loss_agg, seq_ids, normalizer, norm_length, ref._compute_dtype(logits), token_weights
         )
         args = _ext.loss_args(
             targets, valid, old_logprobs, advantages, ref_logprobs, weights, temperature=temperature, eps_low=eps_low,

@@ -19,7 +19,9 @@ Policy loss, per valid token (``mask`` true), with :math:`z = \text{logits} / T`
 
 KL estimators (``kl_type``): ``k1`` = logp - ref; ``k2``/``mse`` = 0.5 (logp - ref)^2;
 ``k3``/``low_var_kl`` = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10]
-(the inner clamp keeps exp finite so that the outer clamp's zero gradient never meets an inf).
+(the inner clamp keeps exp finite so that the outer clamp's zero gradient never meets an inf);
+``k3_ratio`` = k3 * r with r the (clamped) importance ratio of the policy-gradient term, differentiated
+through both factors: the importance-sampled k3 of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import torch
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl")
+KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl", "k3_ratio")
 # kl_type as the fused kernels take it (0: no KL term); equal names share a code.
-KL_CODES = {None: 0, "k1": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_CODES = {None: 0, "k1": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k3_ratio": 4}
 ADVANTAGE_METHODS = ("grpo", "dr_grpo", "dler")
 WEIGHTINGS = ("token", "sample")
 
@@ -60,7 +62,14 @@ def token_logprobs_ref(
     return logp, entropy
 
 
-def kl_penalty_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str) -> torch.Tensor:
+def kl_penalty_ref(
+    logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str, ratio: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The KL estimator ``kl_type`` per token; ``k3_ratio`` also needs the importance ``ratio``."""
+    if kl_type == "k3_ratio":
+        if ratio is None:
+            raise ValueError("kl_type='k3_ratio' needs the importance ratio")
+        return kl_penalty_ref(logp, ref_logp, "k3") * ratio
     if kl_type == "k1":
         return logp - ref_logp
     if kl_type in ("k2", "mse"):
@@ -120,10 +129,13 @@ def aggregate_ref(
     return torch.where(has_tokens, seq_loss, torch.zeros_like(seq_loss)).sum() / _denominator(n_valid_seq, normalizer)
 
 
-def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype=torch.float32):
+def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype=torch.float32, token_weights=None):
     """d(loss)/d(per-token loss) for each token: ``aggregate_ref`` as a weighted sum over [N] (what the
     fused kernels use, so that they need not know N or the sequences); ``dtype``: float64 for float64
-    inputs, whose kernels accumulate in float64."""
+    inputs, whose kernels accumulate in float64. ``token_weights`` [N] multiply each token's weight."""
+    if token_weights is not None:
+        plain = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype)
+        return plain * token_weights.to(dtype)
     vf = valid.to(dtype)
     if loss_agg == "token-mean":
         denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
@@ -197,7 +209,7 @@ def per_token_loss_from_logprobs(
     if beta != 0.0:
         if ref_logprobs is None:
             raise ValueError("beta != 0 needs ref_logprobs")
-        kl = kl_penalty_ref(logp, ref_logprobs.to(dtype), kl_type)
+        kl = kl_penalty_ref(logp, ref_logprobs.to(dtype), kl_type, ratio)
         per_token = per_token + beta * kl
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * entropy
@@ -224,11 +236,14 @@ def policy_loss_ref(
     loss_agg: str = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ):
     """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
 
     ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
     contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
+    ``token_weights`` [N] (no gradient) multiply each token's loss before the aggregation (e.g.
+    truncated importance-sampling weights); ``per_token_loss`` is returned without them.
     """
     valid = mask.bool()
     per_token, logp, entropy, kl = per_token_loss_ref(
@@ -239,7 +254,8 @@ def policy_loss_ref(
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
-    loss = aggregate_ref(per_token, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
+    weighted = per_token if token_weights is None else per_token * token_weights.detach().to(dtype)
+    loss = aggregate_ref(weighted, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
 
     with torch.no_grad():
         metrics = policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token)

@@ -148,6 +148,9 @@ def _policy_loss_kernel(
                     kl = tl.minimum(tl.maximum(kl_raw, -10.0), 10.0)
                     inside = (dd >= -20.0) & (dd <= 20.0) & (kl_raw >= -10.0) & (kl_raw <= 10.0)
                     dkl = tl.where(inside, 1.0 - e, 0.0)
+                    if KL_TYPE == 4:  # k3 times the importance ratio: d(kl r) = dkl r + kl dr
+                        dkl = dkl * ratio + kl * dratio
+                        kl = kl * ratio
                 tl.store(kl_out + row, kl)
                 loss += beta * kl
                 g += beta * dkl
@@ -306,11 +309,12 @@ def triton_policy_loss(
     loss_agg,
     normalizer,
     norm_length,
+    token_weights,
     inplace_grad,
 ):
     """Arguments already validated by ``policy_loss``. Returns (loss, per_token, logp, entropy, kl or None)."""
     targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
-    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length)
+    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, token_weights=token_weights)
     opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
                 kl_type=kl_type, entropy_coef=entropy_coef)  # fmt: skip
     targets, old, adv = targets.contiguous(), old_logprobs.contiguous(), advantages.contiguous()

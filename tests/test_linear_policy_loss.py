@@ -92,7 +92,8 @@ def check_grad(name, got, want, abs_terms, dtype, backend_used):
 def check_against_oracle(out, grads, tensors, extra, opts, backend_used):
     loss64, pt64, lp64, ent64, m64, dz, dx64, dw64, db64 = oracle(tensors, extra, **opts)
     scale = reference.aggregate_ref(
-        pt64.abs(), tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
+        pt64.abs() * (1.0 if opts.get("token_weights") is None else opts["token_weights"].double()),
+        tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
         normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
     ).item()  # fmt: skip
     assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
@@ -211,6 +212,17 @@ def test_backward_scales_the_stored_gradients(backend):
         torch.testing.assert_close(scaled, 3.0 * plain)
 
 
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_token_weights_scale_each_token_loss(backend, loss_agg):
+    """As in the logits path: each token's loss times its weight before the aggregation."""
+    tensors, extra = make_inputs(13, 8, 70, seed=21)
+    weights = torch.rand(13, generator=torch.Generator().manual_seed(4)) * 2.0
+    opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
+                token_weights=weights)  # fmt: skip
+    out, *grads = run(tensors, extra, chunk_size=4, **opts)
+    check_against_oracle(out, grads, tensors, extra, opts, backend)
+
+
 def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
     tensors, extra = make_inputs(12, 8, 40, seed=6)
     full, fdx, fdw, fdb = run(tensors, extra)
@@ -316,6 +328,7 @@ BAD_INPUTS = [
     ("weight", lambda a: a.update(weight=a["weight"][:0]), "at least one row"),
     ("bias", lambda a: a.update(bias=a["bias"][:9]), "bias must have 10 entries"),
     ("bias", lambda a: a.update(bias=a["bias"].half()), "bias must be torch.float32"),
+    ("token_weights", lambda a: a.update(token_weights=torch.ones(5)), "token_weights must have 4 entries"),
     ("targets", lambda a: a.update(targets=a["targets"][:3]), "targets must have 4 entries"),
     ("targets", lambda a: a.update(targets=torch.tensor([0, 1, 2, 10]), mask=torch.ones(4, dtype=torch.bool)),
      "(the vocab size of weight)"),

@@ -78,7 +78,8 @@ def check_against_oracle(out, grad, tensors, extra, opts, backend_used):
     # Relative to the same aggregation of |per-token loss|: the loss is a sum of signed terms whose
     # float32 rounding scales with sum |term| (a near-cancelling batch makes |loss| itself tiny).
     scale = reference.aggregate_ref(
-        pt64.abs(), tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
+        pt64.abs() * (1.0 if opts.get("token_weights") is None else opts["token_weights"].double()),
+        tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
         normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
     ).item()  # fmt: skip
     assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
@@ -186,6 +187,22 @@ def test_backward_scales_the_stored_gradient(backend):
     x = tensors["logits"].clone().requires_grad_(True)
     (3.0 * policy_loss(**{**tensors, "logits": x}, **extra).loss).backward()
     torch.testing.assert_close(x.grad, 3.0 * grad)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_token_weights_scale_each_token_loss(backend, loss_agg):
+    """Truncated importance-sampling weights: each token's whole loss times its weight, before the
+    aggregation (the float64 oracle applies them to the reference's per-token loss)."""
+    tensors, extra = make_inputs(11, 45, seed=12)
+    weights = torch.rand(11, generator=torch.Generator().manual_seed(3)) * 2.0
+    opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
+                token_weights=weights)  # fmt: skip
+    out, grad = run(tensors, extra, **opts)
+    check_against_oracle(out, grad, tensors, extra, opts, backend)
+    plain, _ = run(tensors, extra, **{**opts, "token_weights": None})
+    torch.testing.assert_close(out.per_token_loss, plain.per_token_loss)  # returned without the weights
+    ones, ones_grad = run(tensors, extra, **{**opts, "token_weights": torch.ones(11)})
+    assert ones.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
 
 
 def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
@@ -296,6 +313,8 @@ BAD_INPUTS = [
     ("seq_ids", lambda a: a.update(loss_agg="seq-mean-token-mean", seq_ids=None), "seq_ids is required"),
     ("norm_length", lambda a: a.update(loss_agg="seq-mean-token-sum-norm"), "norm_length is required"),
     ("normalizer", lambda a: a.update(normalizer=0), "normalizer must be > 0"),
+    ("token_weights", lambda a: a.update(token_weights=torch.ones(3)), "token_weights must have 4 entries"),
+    ("token_weights", lambda a: a.update(token_weights=torch.ones(4, dtype=torch.long)), "token_weights must be float"),
 ]  # fmt: skip
 
 
