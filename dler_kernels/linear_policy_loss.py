@@ -244,19 +244,28 @@ def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weight
             db += z.sum(0, dtype=f32)
 
     if vocab_pass:
-        valid_i8 = valid.to(torch.int8)
-        lse, dlogp, dent = state
-        for v0, v1, z in slabs.vocab_slices():
-            if backend == "triton":
-                from .triton_policy_loss import slab_grad_
-
-                slab_grad_(z, targets, valid_i8, lse, entropy, dlogp, dent, v0, opts["temperature"])
-            elif backend in ("cpu", "cuda"):
-                _ext.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, opts["temperature"])
-            else:
-                _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, opts["temperature"])
-            torch.mm(z.t(), hidden, out=dw[v0:v1])
+        _weight_grad_by_vocab_slices(slabs, dw, targets, valid, *state, entropy, opts["temperature"], backend)
     return per_token, logp, entropy, kl, dx, dw, (db.to(weight.dtype) if db is not None else None)
+
+
+def _slab_grad_(backend, z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
+    """z (logits of vocab columns col0 .. of some rows) <- their gradient, from those rows' state."""
+    if backend == "triton":
+        from .triton_policy_loss import slab_grad_
+
+        slab_grad_(z, targets, valid.to(torch.int8), lse, entropy, dlogp, dent, col0, temperature)
+    elif backend in ("cpu", "cuda"):
+        _ext.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature)
+    else:
+        _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature)
+
+
+def _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend):
+    """The vocab pass: dW[v0:v1] = dZ[:, v0:v1]^T X, one matmul over all N rows per slice (float32
+    accumulation and one rounding, for bf16/fp16 weights)."""
+    for v0, v1, z in slabs.vocab_slices():
+        _slab_grad_(backend, z, targets, valid, lse, entropy, dlogp, dent, v0, temperature)
+        torch.mm(z.t(), slabs.hidden, out=dw[v0:v1])
 
 
 class _LinearPolicyLoss(torch.autograd.Function):
@@ -348,6 +357,60 @@ def linear_policy_loss(
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
 
 
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Log-probs and entropies from hidden states; backward recomputes the logits chunk by chunk (the
+    incoming d/d(log-prob) and d/d(entropy) of each row are exactly the row state of the slab kernels)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, backend):
+        f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        n = hidden.shape[0]
+        valid = targets >= 0
+        safe = torch.where(valid, targets, 0)
+        logp = torch.zeros(n, dtype=f32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=f32, device=hidden.device)
+        lse = torch.zeros(n, dtype=f32, device=hidden.device)
+        for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
+            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, True, backend)
+            logp[r0:r1], entropy[r0:r1] = lp, ent
+            # log-sum-exp of z / T from the kernel's own log-prob: lse = z[target] / T - logp (exact up to one
+            # float32 rounding of |lse|, ~1e-7 relative in the probabilities of the backward).
+            z_target = z.gather(1, safe[r0:r1, None])[:, 0].to(f32) * (1.0 / temperature)
+            lse[r0:r1] = torch.where(valid[r0:r1], z_target - lp.to(f32), 0.0)
+        ctx.save_for_backward(hidden, weight, bias, safe, valid, lse, entropy)
+        ctx.opts = (temperature, rows, backend)
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
+        temperature, rows, backend = ctx.opts
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        f32 = lse.dtype
+        dlogp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(f32).contiguous()
+        dent = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(f32).contiguous()
+        direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
+        dx = torch.empty_like(hidden) if need_dx else None
+        dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
+        db = torch.zeros(weight.shape[0], dtype=f32, device=hidden.device) if need_db else None
+        slabs = _Slabs(hidden, weight, bias, rows)
+        if need_dx or direct_dw or need_db:
+            for r0, r1, z in slabs.row_chunks():
+                sl = slice(r0, r1)
+                _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
+                            temperature)  # fmt: skip
+                if need_dx:
+                    torch.mm(z, weight, out=dx[sl])
+                if direct_dw:
+                    dw.addmm_(z.t(), hidden[sl])
+                if need_db:
+                    db += z.sum(0, dtype=f32)
+        if need_dw and not direct_dw:
+            _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
+        return dx, dw, (db.to(weight.dtype) if db is not None else None), None, None, None, None
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -359,19 +422,27 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     backend: str | None = None,
 ):
-    """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits, no gradient.
+    """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
     A negative target marks a padding row (log-prob and entropy 0). Returns float32 ``logprobs``
     [N], or ``(logprobs, entropy)`` with ``return_entropy``. Memory: one ``chunk_size * V`` buffer.
+    Differentiable w.r.t. hidden, weight and bias when autograd needs it (both outputs): the backward
+    recomputes the logits chunk by chunk from O(N) saved row statistics (verl's and Liger's fused
+    log-prob + entropy op); without gradient nothing is saved.
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
-    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     backend = backend_for(hidden, backend)
     rows = _rows_per_chunk(n, vocab, chunk_size, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, backend)
+        if hidden.dtype != torch.float64:
+            logp, entropy = logp.float(), entropy.float()
+        return (logp, entropy) if return_entropy else logp
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     with torch.no_grad():
         for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
             lp, ent = _token_logprobs(z, targets[r0:r1], temperature, return_entropy, backend)

@@ -311,6 +311,37 @@ def test_linear_token_logprobs_matches_float64(backend, shape, dtype):
     assert torch.equal(linear_token_logprobs(*args, bias=extra["bias"], temperature=0.8, chunk_size=2), lp)
 
 
+@pytest.mark.parametrize("shape,chunk", [((1, 4, 1), 1), ((9, 8, 7), 4), ((13, 16, 4097), 2), ((6, 24, 1000), 64)],
+                         ids=str)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_entropy", [True, False], ids=["logp+entropy", "logp"])
+def test_linear_token_logprobs_gradient_matches_float64(backend, shape, chunk, dtype, with_entropy):
+    """The differentiable path (verl's fused log-prob + entropy op): any incoming gradient of the
+    log-probs and entropies, against float64 autograd through F.linear and log_softmax."""
+    n, h, v = shape
+    tensors, extra = make_inputs(n, h, v, dtype, seed=v + n)
+    targets = tensors["targets"].clone()
+    targets[0] = -100  # a padding row: zero outputs, zero gradient
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    out = linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.8,
+                                return_entropy=True, chunk_size=chunk)  # fmt: skip
+    ((a * out[0]).sum() + ((b * out[1]).sum() if with_entropy else 0.0)).backward()
+
+    # float64 from the input-dtype logits on (the kernels' logits are rounded to that dtype too).
+    logits64 = F.linear(tensors["hidden"], tensors["weight"], extra["bias"]).double().requires_grad_(True)
+    lp64, ent64 = reference.token_logprobs_ref(logits64, targets, temperature=0.8, return_entropy=True)
+    ((a.double() * lp64).sum() + ((b.double() * ent64).sum() if with_entropy else 0.0)).backward()
+    assert (out[0].detach().double() - lp64.detach()).abs().max() <= 1e-5
+    dz = logits64.grad
+    x, w = tensors["hidden"].double(), tensors["weight"].double()
+    check_grad("dhidden", leaves[0].grad, dz @ w, dz.abs() @ w.abs(), dtype, backend)
+    check_grad("dweight", leaves[1].grad, dz.t() @ x, dz.abs().t() @ x.abs(), dtype, backend)
+    check_grad("dbias", leaves[2].grad, dz.sum(0), dz.abs().sum(0), dtype, backend)
+    assert leaves[0].grad[0].abs().max() == 0.0
+
+
 # ---------------------------------------------------------------- bad input
 
 
