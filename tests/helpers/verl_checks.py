@@ -1,0 +1,241 @@
+"""Runs in the verl venv (`make verl-env`): compares dler_kernels.integrations.verl with verl's own
+functions and prints one JSON object of measured differences; tests/test_integration_verl.py asserts on it.
+
+    .venv-verl/bin/python tests/helpers/verl_checks.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+import warnings
+
+import torch
+
+warnings.simplefilter("ignore")
+import verl  # noqa: E402
+from verl.models.transformers.monkey_patch import apply_monkey_patch  # noqa: E402
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.workers.config import FSDPActorConfig  # noqa: E402
+
+from dler_kernels.integrations import verl as dler_verl  # noqa: E402
+
+B, T, H, V = 5, 7, 16, 97
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def actor_config(global_batch_info=None, clip_ratio_c=3.0):
+    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                          clip_ratio_c=clip_ratio_c, ppo_micro_batch_size_per_gpu=1)  # fmt: skip
+    if global_batch_info is not None:
+        cfg.global_batch_info.update(global_batch_info)  # as verl's ppo_loss fills it
+    return cfg
+
+
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    mask[3, :] = 0  # an empty response
+    mask[4, 2:] = 0
+    advantages = torch.randn(B, 1, generator=g).expand(B, T).clone()
+    advantages[0] = -1.3  # negative advantages with large ratios below: the dual clip acts
+    return g, mask, advantages
+
+
+GLOBAL_INFOS = {
+    "local": None,
+    "dp2": dict(dp_size=2, batch_num_tokens=40, global_batch_size=9, loss_scale_factor=11),
+}
+
+
+def registered_loss_cases():
+    out = []
+    for mode in dler_verl.LOSS_AGG_MODES:
+        for info_name, info in GLOBAL_INFOS.items():
+            for with_is in (False, True):
+                g, mask, adv = batch(len(out))
+                old = -3.0 + torch.randn(B, T, generator=g)
+                shift = 0.5 * torch.randn(B, T, generator=g)
+                shift[0, :3] = 2.5  # ratio e^2.5 > clip_ratio_c = 3 with A < 0
+                is_weights = torch.rand(B, T, generator=g) * 2.0 if with_is else None
+                cfg = actor_config(info)
+                results = []
+                for fn in (core_algos.compute_policy_loss_vanilla, core_algos.get_policy_loss_fn("dler")):
+                    logp = (old + shift).requires_grad_(True)
+                    loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                                       loss_agg_mode=mode, config=cfg, rollout_is_weights=is_weights)  # fmt: skip
+                    loss.backward()
+                    results.append((loss, logp.grad, metrics))
+                (l0, g0, m0), (l1, g1, m1) = results
+                out.append(dict(
+                    case=f"{mode}/{info_name}/{'is' if with_is else 'no_is'}", loss_verl=l0.item(), loss_dler=l1.item(),
+                    loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30), grad_rel=rel(g1, g0),
+                    metrics_verl=m0, metrics_dler=m1, dual_clip_active=m0["actor/pg_clipfrac_lower"] > 0,
+                ))  # fmt: skip
+    return out
+
+
+def fused_loss_cases():
+    """linear_policy_loss_verl (hidden states, no logits) against verl's loss on log_softmax(hidden @ W.T / T)."""
+    out = []
+    for mode in dler_verl.LOSS_AGG_MODES:
+        for info_name, info in GLOBAL_INFOS.items():
+            g, mask, adv = batch(100 + len(out))
+            hidden = torch.randn(B, T, H, generator=g)
+            weight = torch.randn(V, H, generator=g) * 0.5
+            responses = torch.randint(0, V, (B, T), generator=g)
+            temperature = 0.8
+            with torch.no_grad():
+                logp_all = torch.log_softmax(hidden @ weight.t() / temperature, -1)
+                current = logp_all.gather(-1, responses[..., None])[..., 0]
+            old = current + 0.5 * torch.randn(B, T, generator=g)
+            old[0, :3] = current[0, :3] - 2.5  # dual clip
+            is_weights = torch.rand(B, T, generator=g) * 2.0
+            cfg = actor_config(info)
+            grads = []
+            for path in ("verl", "dler"):
+                h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+                if path == "verl":
+                    logp = torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, responses[..., None])[..., 0]
+                    loss, metrics = core_algos.compute_policy_loss_vanilla(
+                        old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=mode,
+                        config=cfg, rollout_is_weights=is_weights,
+                    )  # fmt: skip
+                else:
+                    loss = dler_verl.linear_policy_loss_verl(
+                        h, w, responses, old, adv, mask, config=cfg, loss_agg_mode=mode,
+                        rollout_is_weights=is_weights, temperature=temperature, chunk_size=4,
+                    ).loss  # fmt: skip
+                loss.backward()
+                grads.append((loss, h.grad, w.grad))
+            (l0, h0, w0), (l1, h1, w1) = grads
+            out.append(dict(
+                case=f"{mode}/{info_name}", loss_verl=l0.item(), loss_dler=l1.item(),
+                loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30), dhidden_rel=rel(h1, h0),
+                dweight_rel=rel(w1, w0), dual_clip_active=metrics["actor/pg_clipfrac_lower"] > 0,
+            ))  # fmt: skip
+    return out
+
+
+def legacy_compute_policy_loss_case():
+    """verl's deprecated compute_policy_loss (4-tuple, explicit cliprange arguments) + the registered loss."""
+    g, mask, adv = batch(7)
+    old = -3.0 + torch.randn(B, T, generator=g)
+    logp = old + 0.5 * torch.randn(B, T, generator=g)
+    logp[0, :3] = old[0, :3] + 2.5
+    out = {}
+    for mode in dler_verl.LOSS_AGG_MODES:
+        legacy = core_algos.compute_policy_loss(old, logp, adv, mask, cliprange=0.2, cliprange_low=0.2,
+                                                cliprange_high=0.28, clip_ratio_c=3.0, loss_agg_mode=mode)  # fmt: skip
+        ours, metrics = dler_verl.compute_policy_loss_dler(old, logp, adv, mask, mode, config=actor_config())
+        out[mode] = dict(loss_verl=legacy[0].item(), loss_dler=ours.item(), clipfrac_verl=legacy[1].item(),
+                         clipfrac_dler=metrics["actor/pg_clipfrac"], clipfrac_lower_verl=legacy[3].item(),
+                         clipfrac_lower_dler=metrics["actor/pg_clipfrac_lower"])  # fmt: skip
+    return out
+
+
+def fused_backend_cases():
+    """verl's own fused forward (impl_backend='torch', FusedLinearForPPO) against impl_backend='dler', applied by
+    verl's apply_monkey_patch on two copies of one tiny Llama: log-probs, entropies and all gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)  # fmt: skip
+    base = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(20.0)
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for layout in ("padded", "rmpad"):
+        if layout == "padded":
+            input_ids = torch.randint(0, V, (2, 12), generator=g)
+            kwargs = dict(attention_mask=torch.ones(2, 12, dtype=torch.long),
+                          position_ids=torch.arange(12).expand(2, 12))  # fmt: skip
+        else:  # verl's remove-padding layout: one packed row, positions restarting per sequence
+            input_ids = torch.randint(0, V, (1, 15), generator=g)
+            kwargs = dict(position_ids=torch.cat([torch.arange(9), torch.arange(6)])[None])
+        a = torch.randn(input_ids.shape, generator=g)
+        b = torch.randn(input_ids.shape, generator=g)
+        results = {}
+        for backend in ("torch", "dler"):
+            model = copy.deepcopy(base)
+            apply_monkey_patch(model, ulysses_sp_size=1, use_remove_padding=False, use_fused_kernels=True,
+                               fused_kernels_backend=backend)  # fmt: skip
+            output = model(input_ids=input_ids, temperature=0.7, return_dict=True, use_cache=False, **kwargs)
+            ((a * output.log_probs).sum() + (b * output.entropy).sum()).backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+            results[backend] = (output.log_probs.detach(), output.entropy.detach(), grads,
+                                type(model).forward.__name__)  # fmt: skip
+        (lp0, ent0, g0, f0), (lp1, ent1, g1, f1) = results["torch"], results["dler"]
+        out.append(dict(
+            case=layout, forward_torch=f0, forward_dler=f1, logp_max_abs=(lp1 - lp0).abs().max().item(),
+            entropy_max_abs=(ent1 - ent0).abs().max().item(), grad_rel=rel(g1, g0), grad_norm=g0.norm().item(),
+        ))  # fmt: skip
+    try:
+        vlm = copy.deepcopy(base)
+        vlm.config.model_type = "qwen2_vl"
+        apply_monkey_patch(vlm, use_fused_kernels=True, fused_kernels_backend="dler")
+        vlm_error = ""
+    except ValueError as e:
+        vlm_error = str(e)
+    return out, vlm_error
+
+
+def main():
+    with contextlib.redirect_stdout(sys.stderr):  # verl prints its patching steps
+        result = checks()
+    json.dump(result, sys.stdout)
+
+
+def error_messages():
+    """The ValueError of each bad input, and the warning of an untested verl version."""
+    from dler_kernels.integrations import warn_if_untested
+
+    mask = torch.ones(2, 3)
+    bad = {
+        "loss_agg_mode": lambda: dler_verl.loss_options(actor_config(), "seq-mean", mask),
+        "clip_ratio_c": lambda: dler_verl.loss_options(actor_config(clip_ratio_c=1.0), "token-mean", mask),
+        "batch_num_tokens": lambda: dler_verl.loss_options(actor_config(dict(dp_size=2)), "token-mean", mask),
+        "global_batch_size": lambda: dler_verl.loss_options(actor_config(dict(dp_size=2)), "seq-mean-token-sum", mask),
+        "config": lambda: dler_verl.loss_options(None, "token-mean", mask),
+        "hidden": lambda: dler_verl.linear_policy_loss_verl(torch.zeros(2, 4, 8), torch.zeros(5, 8), mask.long(), mask,
+                                                            mask, mask, config=actor_config()),
+    }  # fmt: skip
+    out = {}
+    for name, call in bad.items():
+        try:
+            call()
+            out[name] = ""
+        except ValueError as e:
+            out[name] = str(e)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inside = warn_if_untested("verl", "0.8.0", dler_verl.TESTED_VERL)
+    out["untested_version_warning"] = "" if inside else "; ".join(str(w.message) for w in caught)
+    return out
+
+
+def checks():
+    fused_backend, vlm_error = fused_backend_cases()
+    return dict(
+        errors=error_messages(),
+        verl_version=verl.__version__,
+        registered=core_algos.get_policy_loss_fn("dler") is dler_verl.compute_policy_loss_dler,
+        registered_loss=registered_loss_cases(),
+        fused_loss=fused_loss_cases(),
+        legacy=legacy_compute_policy_loss_case(),
+        fused_backend=fused_backend,
+        vlm_error=vlm_error,
+    )
+
+
+if __name__ == "__main__":
+    main()

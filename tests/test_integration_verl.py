@@ -1,0 +1,130 @@
+"""dler_kernels.integrations.verl against the real verl (0.9.1), in its own venv (`make verl-env`: verl pins
+transformers < 5.11 and omegaconf's antlr4 4.9, which the main environment cannot hold). One run of
+tests/helpers/verl_checks.py there measures every comparison; the tests here assert on it.
+
+Tolerances (fp32): loss rel <= 1e-5, gradient rel <= 1e-4, log-probs / entropies 1e-5 absolute: the two
+sides differ in float32 summation order only (and verl's +1e-8 in seq-mean-token-mean).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VERL_PYTHON = ROOT / os.environ.get("DLER_VERL_VENV", ".venv-verl") / "bin" / "python"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TRITON_INTERPRET": "1"}
+
+
+@pytest.fixture(scope="module")
+def verl_python():
+    if not VERL_PYTHON.exists():
+        if os.environ.get("CI") == "true":  # CI's `make test` builds it: its absence is a failure there
+            pytest.fail(f"{VERL_PYTHON} is missing: `make verl-env` should have built it")
+        pytest.skip(f"no verl environment at {VERL_PYTHON} (build it with `make verl-env`)")
+    return str(VERL_PYTHON)
+
+
+@pytest.fixture(scope="module")
+def results(verl_python):
+    proc = subprocess.run([verl_python, str(ROOT / "tests/helpers/verl_checks.py")], capture_output=True, text=True,
+                          cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def _cases(kind):
+    modes = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+    if kind == "registered":
+        return [f"{m}/{info}/{w}" for m in modes for info in ("local", "dp2") for w in ("no_is", "is")]
+    return [f"{m}/{info}" for m in modes for info in ("local", "dp2")]
+
+
+def test_the_tested_verl_version_is_installed(results):
+    assert results["verl_version"] == "0.9.1"
+
+
+def test_dler_is_in_verls_policy_loss_registry(results):
+    assert results["registered"]
+
+
+def test_import_verl_loads_the_plugin(verl_python):
+    """The entry point verl.plugins: dler registers the loss and the backend in any process that imports verl."""
+    code = ("import verl; from verl.trainer.ppo.core_algos import get_policy_loss_fn; "
+            "from verl.models.transformers import monkey_patch as m; "
+            "print(get_policy_loss_fn('dler').__module__, m.patch_forward_with_backends.__module__)")  # fmt: skip
+    proc = subprocess.run([verl_python, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["dler_kernels.integrations.verl"] * 2
+
+
+@pytest.mark.parametrize("case", _cases("registered"))
+def test_registered_loss_matches_vanilla(results, case):
+    """Every loss_agg_mode, local and dp_size=2 global_batch_info, with and without rollout IS weights, dual clip
+    active: loss, d(loss)/d(log_prob) and verl's three metrics."""
+    (c,) = [c for c in results["registered_loss"] if c["case"] == case]
+    assert c["dual_clip_active"]
+    assert c["loss_rel"] <= 1e-5, c
+    assert c["grad_rel"] <= 1e-4, c
+    for key, value in c["metrics_verl"].items():
+        assert c["metrics_dler"][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("case", _cases("fused"))
+def test_fused_loss_from_hidden_states_matches_verl(results, case):
+    """linear_policy_loss_verl (no logits) against verl's compute_policy_loss_vanilla + agg_loss on
+    log_softmax(hidden @ W.T / T): loss and the gradients of hidden and W."""
+    (c,) = [c for c in results["fused_loss"] if c["case"] == case]
+    assert c["dual_clip_active"]
+    assert c["loss_rel"] <= 1e-5, c
+    assert c["dhidden_rel"] <= 1e-4 and c["dweight_rel"] <= 1e-4, c
+
+
+def test_legacy_compute_policy_loss_matches(results):
+    for mode, c in results["legacy"].items():
+        assert c["loss_dler"] == pytest.approx(c["loss_verl"], rel=1e-5), mode
+        assert c["clipfrac_dler"] == pytest.approx(c["clipfrac_verl"], abs=1e-6), mode
+        assert c["clipfrac_lower_dler"] == pytest.approx(c["clipfrac_lower_verl"], abs=1e-6), mode
+    assert len(results["legacy"]) == 5
+
+
+@pytest.mark.parametrize("layout", ["padded", "rmpad"])
+def test_fused_backend_matches_verls_fused_linear_for_ppo(results, layout):
+    """apply_monkey_patch(..., fused_kernels_backend='dler') against verl's 'torch' backend on the same model:
+    log-probs, entropies and every parameter's gradient of a random combination of both."""
+    (c,) = [c for c in results["fused_backend"] if c["case"] == layout]
+    assert (c["forward_torch"], c["forward_dler"]) == ("forward_with_torch_backend", "forward_with_dler_backend")
+    assert c["logp_max_abs"] <= 1e-5 and c["entropy_max_abs"] <= 1e-5, c
+    assert c["grad_rel"] <= 1e-4 and c["grad_norm"] > 0, c
+
+
+def test_vision_language_models_are_refused_by_name(results):
+    assert "model_type='qwen2_vl' is a vision-language model" in results["vlm_error"]
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("loss_agg_mode", "loss_agg_mode must be one of"),
+        ("clip_ratio_c", "clip_ratio_c must be > 1"),
+        ("batch_num_tokens", "batch_num_tokens is required when dp_size > 1"),
+        ("global_batch_size", "global_batch_size is required when dp_size > 1"),
+        ("config", "config: the actor config"),
+        ("hidden", "hidden must be (batch, response_length, H) = (2, 3, H)"),
+        ("untested_version_warning", "verl 0.8.0 is outside the tested versions (>=0.9.1, <0.10.0)"),
+    ],
+)
+def test_bad_input_is_named(results, name, message):
+    assert message in results["errors"][name]
+
+
+def test_package_imports_without_verl():
+    """dler_kernels.integrations itself needs neither verl nor trl (the main venv has no verl)."""
+    code = "import dler_kernels.integrations, sys; print('verl' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
