@@ -235,17 +235,22 @@ def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weight
                 full[sl] = part
         if not want_grad:
             continue
-        # z now holds dZ for these rows.
-        if need_dx:
-            torch.mm(z, weight, out=dx[sl])
-        if direct_dw:
-            dw.addmm_(z.t(), hidden[sl])
-        if need_db:
-            db += z.sum(0, dtype=f32)
+        _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)  # z now holds dZ for these rows
 
     if vocab_pass:
         _weight_grad_by_vocab_slices(slabs, dw, targets, valid, *state, entropy, opts["temperature"], backend)
     return per_token, logp, entropy, kl, dx, dw, (db.to(weight.dtype) if db is not None else None)
+
+
+def _chunk_grads_(dz, rows, hidden, weight, dx, dw_direct, db):
+    """From dZ of one row chunk: dX[rows] = dZ W, dW += dZ^T X[rows] (float32/float64 weights, accumulated
+    in place; bf16/fp16 ones go through the vocab pass), db += colsum(dZ) in float32 (None: not needed)."""
+    if dx is not None:
+        torch.mm(dz, weight, out=dx[rows])
+    if dw_direct is not None:
+        dw_direct.addmm_(dz.t(), hidden[rows])
+    if db is not None:
+        db += dz.sum(0, dtype=db.dtype)
 
 
 def _slab_grad_(backend, z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
@@ -400,12 +405,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 sl = slice(r0, r1)
                 _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
                             temperature)  # fmt: skip
-                if need_dx:
-                    torch.mm(z, weight, out=dx[sl])
-                if direct_dw:
-                    dw.addmm_(z.t(), hidden[sl])
-                if need_db:
-                    db += z.sum(0, dtype=f32)
+                _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
         if need_dw and not direct_dw:
             _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
         return dx, dw, (db.to(weight.dtype) if db is not None else None), None, None, None, None
