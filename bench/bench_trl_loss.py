@@ -28,7 +28,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_memory import peak_growth  # noqa: E402
+from cpu_memory import peak_growth, run_in_child  # noqa: E402
 
 PATHS = ("trl", "dler")
 
@@ -97,7 +97,7 @@ def step(trainer, inputs):
 
 
 def run_path(args, path):
-    """(peak bytes of one step above what was live before it, median seconds, loss) in this process."""
+    """(peak bytes of one step above what was live before it, median seconds, loss, completion tokens)."""
     with tempfile.TemporaryDirectory() as workdir:
         trainer, inputs = build(args, path, workdir)
         loss = step(trainer, inputs)  # warm-up; allocates the gradients
@@ -117,7 +117,7 @@ def run_path(args, path):
             peak = torch.cuda.max_memory_allocated() - before
         else:
             peak = peak_growth(lambda: step(trainer, inputs))
-    return peak, statistics.median(times), loss
+    return peak, statistics.median(times), loss, int(inputs["completion_mask"].sum())
 
 
 def sync():
@@ -138,19 +138,16 @@ def main():
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.rss_child:
-        peak, seconds, loss = run_path(args, args.rss_child)
-        print(json.dumps({"peak_bytes": peak, "seconds": seconds, "loss": loss}))
+        peak, seconds, loss, tokens = run_path(args, args.rss_child)
+        print(json.dumps({"peak_bytes": peak, "seconds": seconds, "loss": loss, "tokens": tokens}))
         return
 
     import trl
 
-    results = {}
-    for path in PATHS:  # each in a fresh process: peak memory, time and loss of its own step
-        cmd_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("rss_child", "json")})
-        results[path] = _child(cmd_args, path)
+    # each in a fresh process: peak memory, time and loss of its own step
+    results = {path: run_in_child(os.path.abspath(__file__), path, args) for path in PATHS}
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    tokens = int(sum(int(args.completion_len * (0.5 + 0.5 * (i + 1) / args.completions))
-                     for i in range(args.completions)))  # fmt: skip
+    tokens = results["trl"]["tokens"]
     print(f"TRL {trl.__version__} GRPO loss step (dapo), {cuda}, torch {torch.__version__}: V={args.vocab}, "
           f"H={args.hidden}, {args.layers} layers, {args.completions} x {args.completion_len} completion slots "
           f"({tokens} completion tokens), {'bf16' if torch.cuda.is_available() else 'fp32'}")  # fmt: skip
@@ -165,19 +162,6 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results, "memory_ratio": ratio, "speedup": speed}, f, indent=1)
-
-
-def _child(args, path):
-    import subprocess
-
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss-child", path] + [
-        a for k, v in vars(args).items() for a in (f"--{k.replace('_', '-')}", str(v))
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip()[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

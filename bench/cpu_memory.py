@@ -33,6 +33,12 @@ def peak_growth(fn) -> int:
 def peak_in_child(script: str, impl: str, args, skip=("rss_child", "json")) -> int:
     """Runs ``script --rss-child IMPL`` with the benchmark's arguments in a fresh process; the script
     prints ``{"peak_bytes": ...}`` (measured with ``peak_growth``) as its last line."""
+    return run_in_child(script, impl, args, skip)["peak_bytes"]
+
+
+def run_in_child(script: str, impl: str, args, skip=("rss_child", "json")) -> dict:
+    """``script --rss-child IMPL`` plus the arguments of ``args`` (but ``skip``) in a fresh process: the JSON
+    object it prints as its last line."""
     cmd = [sys.executable, script, "--rss-child", impl] + [
         a for k, v in vars(args).items() if k not in skip and v is not None
         for a in (f"--{k.replace('_', '-')}", str(v))
@@ -41,4 +47,4 @@ def peak_in_child(script: str, impl: str, args, skip=("rss_child", "json")) -> i
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])

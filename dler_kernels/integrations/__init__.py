@@ -16,7 +16,7 @@ from packaging.version import InvalidVersion, Version
 
 
 def warn_if_untested(package: str, version: str, tested: tuple[str, str]) -> bool:
-    """Warn (once per call) when ``version`` lies outside ``[tested[0], tested[1])``: the integration reads
+    """Warn when ``version`` lies outside ``[tested[0], tested[1])``: the integration reads
     the library's internals, which move between releases. Returns whether the version is inside."""
     low, high = tested
     try:

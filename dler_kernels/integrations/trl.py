@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import trl
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
@@ -126,7 +127,7 @@ class DLERGRPOTrainer(GRPOTrainer):
         check_grpo_options(self)
         self.dler_chunk_size = dler_chunk_size
         self.dler_backend = dler_backend
-        _add_policy_loss_forward(self.model.get_base_model() if _is_peft(self.model) else self.model)
+        _add_policy_loss_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
 
     def _compute_loss(self, model, inputs):
         check_grpo_options(self)  # again: attributes may have been changed since __init__
@@ -233,11 +234,3 @@ class DLERGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/region_mean"].append(global_masked_mean(region))
         self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
         self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)

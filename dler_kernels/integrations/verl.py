@@ -62,29 +62,28 @@ def loss_options(config, loss_agg_mode: str, response_mask: torch.Tensor) -> dic
         raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip bound), got {clip_c}")
     info = dict(_get(config, "global_batch_info", {}) or {})
     dp_size = info.get("dp_size") or 1
-    batch_num_tokens, global_batch_size = info.get("batch_num_tokens"), info.get("global_batch_size")
     options = dict(eps_low=float(_get(config, "clip_ratio_low", clip_ratio)),
                    eps_high=float(_get(config, "clip_ratio_high", clip_ratio)), clip_c=float(clip_c))  # fmt: skip
-    if loss_agg_mode in ("token-mean", "token-sum"):
-        if loss_agg_mode == "token-sum":
-            normalizer = 1.0 / dp_size
-        elif batch_num_tokens is not None:
-            normalizer = float(batch_num_tokens) / dp_size
-        elif dp_size > 1:
-            raise ValueError("global_batch_info: batch_num_tokens is required when dp_size > 1")
-        else:
-            normalizer = None
+    if loss_agg_mode == "token-sum":
+        return dict(options, loss_agg="token-mean", normalizer=1.0 / dp_size)
+    if loss_agg_mode == "token-mean":
+        normalizer = _global_normalizer(info.get("batch_num_tokens"), "batch_num_tokens", dp_size)
         return dict(options, loss_agg="token-mean", normalizer=normalizer)
-    if global_batch_size is not None:
-        normalizer = float(global_batch_size) / dp_size
-    elif dp_size > 1:
-        raise ValueError("global_batch_info: global_batch_size is required when dp_size > 1")
-    else:
-        normalizer = None
+    normalizer = _global_normalizer(info.get("global_batch_size"), "global_batch_size", dp_size)
     options.update(loss_agg=loss_agg_mode, normalizer=normalizer)
     if loss_agg_mode == "seq-mean-token-sum-norm":
         options["norm_length"] = float(info.get("loss_scale_factor") or response_mask.shape[-1])
     return options
+
+
+def _global_normalizer(count, name: str, dp_size: int) -> float | None:
+    """agg_loss divides by the global ``count`` and multiplies by dp_size (FSDP averages gradients over
+    ranks): the kernels' normaliser count / dp_size; without a count, the local one (dp_size 1 only)."""
+    if count is not None:
+        return float(count) / dp_size
+    if dp_size > 1:
+        raise ValueError(f"global_batch_info: {name} is required when dp_size > 1")
+    return None
 
 
 def _flat(response_mask, *tensors):
