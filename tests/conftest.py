@@ -51,3 +51,20 @@ def tiny_qwen2_dir(model_cache) -> Path:
     from trainer.models import build_tiny_model
 
     return build_tiny_model("qwen2", out=model_cache / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo's policy at toy size: a few SFT batches on verbose chains (seconds, not minutes)."""
+    from trainer.demo import WarmStartConfig, warm_start
+
+    cfg = WarmStartConfig(
+        examples=96,
+        batch_sequences=16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+    )
+    return warm_start(cfg, out=tmp_path_factory.mktemp("demo") / "model", progress=False)

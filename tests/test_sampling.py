@@ -51,13 +51,15 @@ def checker():
         yield c
 
 
-def make_sampler(checker, script, *, penalty=None, budgets=None, seed=0, **config):
+def make_sampler(checker, script, *, penalty=None, budgets=None, seed=0, another_round=bool, **config):
     examples = [Example(f"q{i}", str(i + 100), f"id{i}", "test") for i in range(len(script))]
     engine = ScriptedEngine(dict(enumerate(script)), {i: str(i + 100) for i in range(len(script))})
     stream = PromptStream(examples, seed=seed, shuffle=False)
     prompt_ids = lambda exs: [[int(e.id[2:])] for e in exs]
     penalty = penalty or LengthPenaltyConfig(name="truncation", length_budget=100)
-    sampler = DynamicSampler(engine, stream, prompt_ids, checker, penalty, SamplingConfig(**config), budgets)
+    sampler = DynamicSampler(
+        engine, stream, prompt_ids, checker, penalty, SamplingConfig(**config), budgets, another_round=another_round
+    )
     return sampler, engine
 
 
@@ -115,6 +117,27 @@ def test_without_dynamic_sampling_every_group_is_kept(checker):
         warnings.simplefilter("error")
         batch, stats = sampler.collect(step=0)
     assert len(batch) == 4 and len(engine.calls) == 1 and stats.groups_with_spread == 1
+
+
+def test_a_full_sampler_joins_the_rounds_other_ranks_need_with_no_prompts(checker):
+    """Rounds are collective: engines of several ranks may step in lockstep (vLLM data parallelism), so
+    a rank whose batch is full still calls generate, with no prompts, while another rank is short."""
+    script = ["RWRW"] * 8
+    others_short = [True, True, False]  # another rank needs two more rounds after this one's first
+    asked = []
+
+    def another_round(short: bool) -> bool:
+        asked.append(short)
+        return short or others_short.pop(0)
+
+    sampler, engine = make_sampler(
+        checker, script, prompts_per_step=2, samples_per_prompt=4, oversample=1.0, another_round=another_round
+    )
+    batch, stats = sampler.collect(step=0)
+    assert [len(c["prompts"]) for c in engine.calls] == [2, 0, 0]
+    assert asked == [True, False, False, False]  # full after the first round; the fourth vote ends it
+    assert len(batch) == 2 and stats.rounds == 1 and stats.prompts_generated == 2
+    assert sampler.stream.position == 2  # empty rounds draw nothing
 
 
 def test_statistics_and_rewards_of_the_batch(checker):

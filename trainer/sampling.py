@@ -114,7 +114,13 @@ class SamplingStats:
 class DynamicSampler:
     """Draws prompts from ``stream``, samples ``samples_per_prompt`` responses each with ``engine``,
     scores them (``scorer`` for correctness, the length penalty for the reward, DA-DLER budgets
-    when ``budgets`` is given) and keeps groups with spread until the batch is full."""
+    when ``budgets`` is given) and keeps groups with spread until the batch is full.
+
+    ``another_round(short)`` decides, from whether this sampler's batch is still short, whether every
+    sampler of the job runs another round (the trainer passes "any rank is short"): rounds are
+    collective, and a sampler that is full takes part in them with no prompts, because the engines of
+    all ranks may have to step in lockstep (vLLM's data parallelism). Alone, a sampler continues
+    exactly while it is short."""
 
     def __init__(
         self,
@@ -125,8 +131,10 @@ class DynamicSampler:
         penalty: LengthPenaltyConfig,
         config: SamplingConfig,
         budgets: DifficultyBudgets | None = None,
+        another_round: Callable[[bool], bool] = bool,
     ):
         self.engine, self.stream, self.prompt_ids, self.scorer = engine, stream, prompt_ids, scorer
+        self.another_round = another_round
         self.penalty, self.config, self.budgets = penalty, config, budgets
         largest = budgets.max_budget if budgets is not None else penalty.length_budget
         self.max_tokens = config.max_tokens if config.max_tokens is not None else largest
@@ -139,14 +147,15 @@ class DynamicSampler:
     def collect(self, step: int, seed: int = 0) -> tuple[list[ScoredGroup], SamplingStats]:
         cfg, stats = self.config, SamplingStats()
         target, kept, generated = cfg.prompts_per_step, [], []
-        while len(kept) < target and stats.rounds < cfg.max_rounds:
-            ask = self._round_size(target - len(kept), stats)
-            groups = self._generate_and_score(self.stream.take(ask), step, seed + 7919 * stats.rounds, stats)
-            stats.rounds += 1
+        for round_ in range(cfg.max_rounds if cfg.dynamic_sampling else 1):
+            missing = target - len(kept)
+            if not self.another_round(missing > 0):
+                break
+            examples = self.stream.take(self._round_size(missing, stats)) if missing > 0 else []
+            groups = self._generate_and_score(examples, step, seed + 7919 * round_, stats)
+            stats.rounds += bool(examples)
             generated += groups
             kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]
-            if not cfg.dynamic_sampling:
-                break
         if len(kept) < target:
             stats.capped = True
             warnings.warn(
@@ -190,7 +199,7 @@ class DynamicSampler:
         start = time.perf_counter()
         texts = [s.text for group in outputs for s in group]
         golds = [ex.answer for ex, group in zip(examples, outputs) for _ in group]
-        correct = np.asarray(self.scorer.score(texts, golds), dtype=np.float64)
+        correct = np.asarray(self.scorer.score(texts, golds) if texts else [], dtype=np.float64)
         groups, offset = [], 0
         for ex, ids, samples in zip(examples, prompts, outputs):
             c = correct[offset : offset + len(samples)]

@@ -47,7 +47,15 @@ from .answers import AnswerChecker
 from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, CheckpointManager
 from .config import TrainConfig
 from .data import Example, Prompt, PromptStream, build_prompts, load_examples
-from .fsdp import DistEnv, check_weights, destroy_distributed, init_distributed, load_policy
+from .devices import release_cached_memory
+from .fsdp import (
+    DistEnv,
+    check_weights,
+    destroy_distributed,
+    init_distributed,
+    load_policy,
+    sum_replicated_gradients,
+)
 from .fsutil import UserError, atomic_file
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -203,6 +211,7 @@ class Trainer:
             cfg.reward.penalty,
             cfg.rollout.sampling,
             self.budgets,
+            another_round=_any_rank,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -250,8 +259,7 @@ class Trainer:
             groups, stats = self.sampler.collect(step, seed=self._seed(step))
         for w in caught:
             self._say(f"step {step}: {w.message}")
-        if self.env.device.type == "cuda":
-            self.engine.sleep()  # the GPU's memory goes to the update
+        self.engine.sleep()  # its device memory goes to the update (where the engine can sleep at all)
         return groups, stats
 
     def advantages(self, groups: Sequence[ScoredGroup]) -> tuple[list[UpdateRow], dict[str, float]]:
@@ -340,6 +348,7 @@ class Trainer:
                     device=self.env.device,
                     fused_head=self.fused_head,
                 )
+                sum_replicated_gradients(self.policy)  # data parallel without FSDP: one gradient for all
                 grad_norm = clip_gradients(self.policy, cfg.optim.grad_clip)
                 if metrics and math.isfinite(grad_norm):
                     self.optimizer.step()
@@ -355,14 +364,17 @@ class Trainer:
         return out, time.perf_counter() - started
 
     def sync_weights(self) -> float:
-        """The full weights, gathered from the shards one tensor at a time, into the rollout engine."""
+        """The full weights, gathered from the shards one tensor at a time, into the rollout engine.
+
+        A sleeping engine wakes in two parts around the load, and the update's cached device memory
+        (activations, gradient buckets, gather buffers) is handed back before each part takes its
+        share: the weights first (the KV cache is not needed to load them), the KV cache last."""
         started = time.perf_counter()
-        on_cuda = self.env.device.type == "cuda"
-        if on_cuda:
-            self.engine.wake_up(["weights"])  # weights first: the KV cache is not needed to load them
+        release_cached_memory(self.env.device)
+        self.engine.wake_up(["weights"])
         self.engine.update_weights(full_weights(self.policy, self._engine_dtype()))
-        if on_cuda:
-            self.engine.wake_up(["kv_cache"])
+        release_cached_memory(self.env.device)
+        self.engine.wake_up(["kv_cache"])
         return time.perf_counter() - started
 
     def record(self, step, sampling: SamplingStats, advantages, update, timings, rows) -> dict[str, Any]:
@@ -416,17 +428,14 @@ class Trainer:
         e = self.cfg.eval
         started = time.perf_counter()
         mine = self.eval_prompts[self.env.rank :: self.env.world_size]
-        outputs = (
-            self.engine.generate(
-                [p.token_ids for p in mine],
-                n=e.samples_per_prompt,
-                max_tokens=self.cfg.eval_max_tokens,
-                temperature=e.temperature,
-                top_p=e.top_p,
-                seed=self.cfg.run.seed + 7,
-            )
-            if mine
-            else []
+        # Every rank calls generate, with no prompts if its share is empty: engines may step in lockstep.
+        outputs = self.engine.generate(
+            [p.token_ids for p in mine],
+            n=e.samples_per_prompt,
+            max_tokens=self.cfg.eval_max_tokens,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            seed=self.cfg.run.seed + 7,
         )
         texts = [s.text for group in outputs for s in group]
         golds = [p.example.answer for p, group in zip(mine, outputs) for _ in group]
@@ -516,6 +525,12 @@ class Trainer:
 
     def _check_world(self, world: int) -> None:
         s, a = self.cfg.rollout.sampling, self.cfg.algorithm
+        if self.cfg.rollout.tensor_parallel_size > 1:
+            raise UserError(
+                f"rollout.tensor_parallel_size={self.cfg.rollout.tensor_parallel_size}: dler train runs one engine per "
+                "rank (tensor_parallel_size 1), each sampling its own prompts; the ranks of a tensor-parallel engine "
+                "would have to share prompts and split the responses, which the loop does not do yet"
+            )
         for name, value in (
             ("rollout.sampling.prompts_per_step", s.prompts_per_step),
             ("algorithm.mini_batch_prompts", a.mini_batch_prompts),
@@ -543,10 +558,8 @@ class Trainer:
         )
 
     def _engine_kwargs(self) -> dict[str, Any]:
-        options = self.cfg.engine_kwargs()
-        if self.cfg.rollout.engine == "hf" and self.env.device.type == "cuda":
-            options["device"] = str(self.env.device)
-        return options
+        # The engine lives where this rank computes: weight updates go there, and an HF engine runs there.
+        return dict(self.cfg.engine_kwargs(), device=str(self.env.device))
 
     def _engine_dtype(self) -> torch.dtype | None:
         dtype = self.cfg.rollout.dtype
@@ -773,7 +786,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     """Run ``cfg`` (or continue the run in ``cfg.run.out`` with ``resume``); return the summary."""
     env = init_distributed(cfg.run.device)
     try:
-        return Trainer(cfg, env, resume=resume, progress=progress).fit()
+        trainer = Trainer(cfg, env, resume=resume, progress=progress)
+        try:
+            return trainer.fit()
+        finally:
+            # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
+            trainer.engine.close()
     finally:
         with contextlib.suppress(Exception):
             destroy_distributed()

@@ -50,6 +50,7 @@ def main(model_dir: str, out: str) -> None:
     row = UpdateRow(list(prompt), list(sample.token_ids), 0.0)
     compute_logprobs(trainer.policy, [row], token_budget=1024, temperature=1.0, field="old_logprobs")
     engine_gap = float((row.old_logprobs - torch.tensor(sample.logprobs)).abs().max())
+    trainer.engine.close()
     destroy_distributed()
     print(json.dumps({"summary": summary, "max_change": max(changed.values()), "engine_gap": engine_gap}))
 
