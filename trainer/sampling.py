@@ -156,6 +156,8 @@ class DynamicSampler:
             stats.rounds += bool(examples)
             generated += groups
             kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]
+        batch = kept[:target]
+        self._summarise(generated, batch, stats)
         if len(kept) < target:
             stats.capped = True
             warnings.warn(
@@ -166,8 +168,6 @@ class DynamicSampler:
                 SamplingWarning,
                 stacklevel=2,
             )
-        batch = kept[:target]
-        self._summarise(generated, batch, stats)
         return batch, stats
 
     def _round_size(self, missing: int, stats: SamplingStats) -> int:

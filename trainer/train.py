@@ -67,6 +67,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+# Seeds of different ranks lie this far apart: more than the seeds one rank uses in a call (the engines
+# seed sample j of prompt i with seed + i * n + j, and each sampling round adds 7919).
+RANK_SEED_STRIDE = 1 << 24
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -256,7 +259,7 @@ class Trainer:
         """``prompts_per_step`` scored groups with spread (dynamic sampling) from this rank's engine."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SamplingWarning)
-            groups, stats = self.sampler.collect(step, seed=self._seed(step))
+            groups, stats = self.sampler.collect(step, seed=self._rank_seed(self._seed(step)))
         for w in caught:
             self._say(f"step {step}: {w.message}")
         self.engine.sleep()  # its device memory goes to the update (where the engine can sleep at all)
@@ -435,7 +438,7 @@ class Trainer:
             max_tokens=self.cfg.eval_max_tokens,
             temperature=e.temperature,
             top_p=e.top_p,
-            seed=self.cfg.run.seed + 7,
+            seed=self._rank_seed(self.cfg.run.seed + 7),
         )
         texts = [s.text for group in outputs for s in group]
         golds = [p.example.answer for p, group in zip(mine, outputs) for _ in group]
@@ -564,6 +567,12 @@ class Trainer:
     def _engine_dtype(self) -> torch.dtype | None:
         dtype = self.cfg.rollout.dtype
         return None if dtype == "auto" else getattr(torch, dtype)
+
+    def _rank_seed(self, seed: int) -> int:
+        """``seed`` moved into this rank's own range, so that ranks sampling their own prompts draw
+        independent streams (with one seed, every rank's i-th sample used the same random numbers).
+        Rank 0 keeps ``seed``: a single process samples as before."""
+        return (seed + self.env.rank * RANK_SEED_STRIDE) % 2**31
 
     def _seed(self, step: int) -> int:
         return (self.cfg.run.seed * 1_000_003 + step * 7919) % (2**31)
