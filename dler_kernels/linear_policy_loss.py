@@ -86,7 +86,7 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
     return hidden.shape[0], weight.shape[0]
 
 
-def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
+def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
     if chunk_size is None:
         # On a CPU a chunk that stays in cache is faster (the C++ kernels too: see TORCH_SLAB_ELEMENTS).
         budget = TORCH_SLAB_ELEMENTS if backend in ("reference", "cpu") else DEFAULT_SLAB_ELEMENTS
@@ -188,11 +188,11 @@ def _ext_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, wan
 
 
 def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    from .triton_policy_loss import _launch
+    from .triton_policy_loss import launch_rows
 
     n = z.shape[0]
     state = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3)) if want_state else None
-    logp, entropy, per_token, kl = _launch(
+    logp, entropy, per_token, kl = launch_rows(
         z, torch.where(valid, targets, 0), valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights,
         grad=z if want_grad else None, compute_loss=True, row_state=state, **opts,
     )  # fmt: skip
@@ -202,7 +202,7 @@ def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, 
 # ---------------------------------------------------------------- the two passes
 
 
-def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
+def fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
                   need_dx, need_dw, need_db):  # fmt: skip
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -278,7 +278,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, backend, needs):
-        per_token, logp, entropy, kl, dx, dw, db = _fused_linear(
+        per_token, logp, entropy, kl, dx, dw, db = fused_linear(
             hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
         )  # fmt: skip
@@ -351,7 +351,7 @@ def linear_policy_loss(
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
         hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
-        _rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
+        rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
@@ -391,24 +391,35 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         temperature, rows, backend = ctx.opts
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         f32 = lse.dtype
         dlogp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(f32).contiguous()
         dent = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(f32).contiguous()
-        direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
-        dx = torch.empty_like(hidden) if need_dx else None
-        dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
-        db = torch.zeros(weight.shape[0], dtype=f32, device=hidden.device) if need_db else None
-        slabs = _Slabs(hidden, weight, bias, rows)
-        if need_dx or direct_dw or need_db:
-            for r0, r1, z in slabs.row_chunks():
-                sl = slice(r0, r1)
-                _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
-                            temperature)  # fmt: skip
-                _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
-        if need_dw and not direct_dw:
-            _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
-        return dx, dw, (db.to(weight.dtype) if db is not None else None), None, None, None, None
+        dx, dw, db = logprobs_grads(
+            hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend,
+            ctx.needs_input_grad[:3],
+        )  # fmt: skip
+        return dx, dw, db, None, None, None, None
+
+
+def logprobs_grads(hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend, needs):
+    """(dX, dW, db) of the log-probs and entropies (incoming gradients ``dlogp``, ``dent``), each None
+    unless ``needs`` (three bools) asks for it: the logits recomputed chunk by chunk, turned into their
+    gradient by the slab kernel from the saved row statistics."""
+    need_dx, need_dw, need_db = needs
+    direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
+    dx = torch.empty_like(hidden) if need_dx else None
+    dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
+    db = torch.zeros(weight.shape[0], dtype=lse.dtype, device=hidden.device) if need_db else None
+    slabs = _Slabs(hidden, weight, bias, rows)
+    if need_dx or direct_dw or need_db:
+        for r0, r1, z in slabs.row_chunks():
+            sl = slice(r0, r1)
+            _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
+                        temperature)  # fmt: skip
+            _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
+    if need_dw and not direct_dw:
+        _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
+    return dx, dw, (db.to(weight.dtype) if db is not None else None)
 
 
 def linear_token_logprobs(
@@ -435,7 +446,7 @@ def linear_token_logprobs(
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
     backend = backend_for(hidden, backend)
-    rows = _rows_per_chunk(n, vocab, chunk_size, backend)
+    rows = rows_per_chunk(n, vocab, chunk_size, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, backend)
         if hidden.dtype != torch.float64:

@@ -133,13 +133,13 @@ def test_every_option_combination(backend, loss_agg, kl_type, clip_c, entropy_co
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_kernel_accumulates_in_float32_for_half_inputs(dtype):
     from dler_kernels.reference import aggregation_weights
-    from dler_kernels.triton_policy_loss import _launch
+    from dler_kernels.triton_policy_loss import launch_rows
 
     tensors, extra = make_inputs(9, 1000, dtype, seed=3)
     valid = tensors["mask"]
     weights = aggregation_weights(valid, "token-mean", None, None, None)
     grad = torch.empty(tensors["logits"].shape, dtype=torch.float32)
-    _launch(tensors["logits"], torch.where(valid, tensors["targets"], 0), valid, old=tensors["old_logprobs"],
+    launch_rows(tensors["logits"], torch.where(valid, tensors["targets"], 0), valid, old=tensors["old_logprobs"],
             adv=tensors["advantages"], weights=weights, grad=grad, compute_loss=True, clip_c=10.0)  # fmt: skip
     *_, grad64 = oracle(tensors, extra, loss_agg="token-mean")
     assert rel(grad, grad64) <= 1e-4
