@@ -31,12 +31,21 @@ from .policy_loss import _StoredGradLoss
 KL_CODES = ref.KL_CODES
 
 
-def block_v(vocab: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) of the row kernels for rows of ``vocab`` columns launched on ``device``.
-    Compiled for a GPU: tiles of at most 4096 columns (16 values per thread with 8 warps, no
-    register spills: dler_kernels.aot_check); in the interpreter larger tiles mean fewer Python
-    iterations."""
-    block = min(triton.next_power_of_2(max(vocab, 16)), 4096 if is_compiled(device) else 16384)
+def block_v(rows: torch.Tensor, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernels over the rows of ``rows`` [N, W], launched on ``device``.
+
+    Compiled for a GPU: tiles of at most 4096 columns, 16 values per thread with 8 warps, read 16
+    bytes at a time when every row starts 16-byte aligned. Rows that do not (an odd V) are read one
+    element at a time, each with its own 64-bit address: tiles of 2048 columns keep those in
+    registers (4096 spills on sm_100: dler_kernels.aot_check). In the interpreter larger tiles mean
+    fewer Python iterations."""
+    width = rows.shape[1]
+    if is_compiled(device):
+        aligned = rows.data_ptr() % 16 == 0 and rows.stride(0) * rows.element_size() % 16 == 0
+        cap = 4096 if aligned else 2048
+    else:
+        cap = 16384
+    block = min(triton.next_power_of_2(max(width, 16)), cap)
     return block, 8 if block >= 2048 else 4
 
 
@@ -230,7 +239,7 @@ def row_launch(
     if n == 0:
         return None, outputs
     device = launch_device(logits) if device is None else torch.device(device)
-    block, num_warps = block_v(vocab, device)
+    block, num_warps = block_v(logits, device)
     args = (
         logits, logits.stride(0),
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
@@ -299,7 +308,7 @@ def slab_launch(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temper
     if n == 0 or width == 0:
         return None
     device = launch_device(slab) if device is None else torch.device(device)
-    block, num_warps = block_v(width, device)
+    block, num_warps = block_v(slab, device)
     args = (slab, slab.stride(0), targets, valid_i8, lse, entropy, dlogp, dent, col0, width, 1.0 / temperature)
     return KernelLaunch(_slab_grad_kernel, (n,), args, dict(BLOCK_V=block), num_warps, device, "slab")
 
