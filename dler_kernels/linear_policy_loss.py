@@ -24,7 +24,8 @@ How (one design for every backend; only the per-slab arithmetic differs):
 
 Memory bound: besides inputs, outputs, gradients and O(N) float32 vectors, one buffer of
 ``chunk_size * V`` elements in the hidden dtype, reused by both passes (the vocab pass uses
-``Vs = chunk_size * V // N`` columns). The default ``chunk_size`` keeps it at
+``Vs = chunk_size * V // N`` columns, rounded down to a multiple of 8 so that every slice is 16-byte
+aligned: ``slab_columns``). The default ``chunk_size`` keeps it at
 ``DEFAULT_SLAB_ELEMENTS = 2**26`` (128 MiB in bf16; 2.7% of the bf16 logits at N=16384, V=151936).
 The plain-torch backend holds about four float32 copies of a chunk: its default is
 ``TORCH_SLAB_ELEMENTS = 2**20`` elements per chunk.
@@ -94,6 +95,22 @@ def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> 
     return max(1, min(chunk_size, n))
 
 
+# Vocab slices start and are as wide as a multiple of this many columns: 16 bytes of bf16/fp16 (32 of
+# fp32), so every slice's rows start 16-byte aligned and the slab kernel reads and writes them 128 bits
+# at a time (4006 columns, as N=16384, V=151936 gave unrounded, are read one element at a time).
+SLAB_ALIGN_COLUMNS = 8
+
+
+def slab_columns(n: int, vocab: int, rows: int) -> int:
+    """Columns per vocab slice of the vocab pass: as many as fit the ``rows * vocab`` chunk buffer over
+    all ``n`` rows, rounded down to a multiple of SLAB_ALIGN_COLUMNS (unless fewer than that fit: then
+    the unrounded count, which keeps the memory bound)."""
+    cols = rows * vocab // max(n, 1)
+    if cols >= SLAB_ALIGN_COLUMNS:
+        cols -= cols % SLAB_ALIGN_COLUMNS
+    return max(1, min(vocab, cols))
+
+
 class _Slabs:
     """One flat buffer, viewed as the logits of a row chunk [rows, V] or of a vocab slice [N, cols]."""
 
@@ -101,7 +118,7 @@ class _Slabs:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.rows = rows
-        self.cols = max(1, min(self.vocab, rows * self.vocab // max(self.n, 1)))
+        self.cols = slab_columns(self.n, self.vocab, rows)
         numel = max(rows * self.vocab, self.n * self.cols)
         self.buffer = torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
 
