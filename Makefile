@@ -57,6 +57,20 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.* csrc/*/*.*)
 	$(BIN)/python -c "import torch, transformers, dler_kernels, trainer; print('torch', torch.__version__, '| transformers', transformers.__version__, '| kernels:', dler_kernels.available_backends())"
 	touch $(STAMP)
 
+# The oldest Triton the kernels support (TRITON_OLDEST in dler_kernels/_backend.py), for tests/test_aot_check.py,
+# which compiles every kernel for sm_80/90/100 on it as on the pinned one. Installed once (no dependencies: it
+# only needs the venv's python), outside the repository, so that later runs download nothing.
+TRITON_OLDEST ?= 3.6.0
+TRITON_OLDEST_DIR ?= $(HOME)/.cache/dler/triton-$(TRITON_OLDEST)
+.PHONY: triton-oldest
+triton-oldest: $(TRITON_OLDEST_DIR)/.dler-installed
+
+$(TRITON_OLDEST_DIR)/.dler-installed: | $(STAMP)
+	@echo "== installing triton $(TRITON_OLDEST) into $(TRITON_OLDEST_DIR) (the AOT check on the oldest supported Triton)"
+	rm -rf $(TRITON_OLDEST_DIR)
+	$(BIN)/python -m pip install -q --no-deps --target $(TRITON_OLDEST_DIR) "triton==$(TRITON_OLDEST)" 2>&1 | $(QUIET_PIP)
+	touch $@
+
 # The CPU demo: DLER on the warm-started verbose-arithmetic policy, then plain GRPO on the same policy
 # for comparison. Each run prints its before/after table; runs/demo/ is replaced on every call.
 demo: setup
@@ -64,7 +78,7 @@ demo: setup
 	$(BIN)/dler train run.out=runs/demo/dler
 	$(BIN)/dler train toy-cpu-grpo run.out=runs/demo/grpo --no-progress
 
-test: setup verl-env
+test: setup verl-env triton-oldest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

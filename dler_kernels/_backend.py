@@ -19,10 +19,28 @@ backend, an explicit argument must name one the op has.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 
 import torch
 
 from . import _ext
+
+# The Triton versions the kernels are checked on (pyproject.toml says the same): the oldest is torch
+# 2.11's Triton; every kernel is compiled for sm_80/90/100 on both ends by dler_kernels.aot_check
+# (tests/test_aot_check.py; `make triton-oldest` installs the oldest next to the pinned one).
+TRITON_OLDEST = "3.6.0"
+TRITON_NEWEST = "3.9"  # every 3.9.x
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def triton_supported(version: str) -> bool:
+    """Whether ``version`` lies in the range the kernels are checked on (TRITON_OLDEST .. TRITON_NEWEST.x)."""
+    return _release(TRITON_OLDEST) <= _release(version) and _release(version)[:2] <= _release(TRITON_NEWEST)[:2]
+
 
 try:  # triton is optional: CPU-only installs and machines without it use the other backends
     import triton  # noqa: F401
@@ -33,6 +51,13 @@ try:  # triton is optional: CPU-only installs and machines without it use the ot
 except ImportError:
     HAS_TRITON = False
     TRITON_VERSION = None
+
+if TRITON_VERSION is not None and not triton_supported(TRITON_VERSION):
+    warnings.warn(
+        f"dler_kernels is checked on triton {TRITON_OLDEST} to {TRITON_NEWEST}.x; triton {TRITON_VERSION} is "
+        "outside that range (the Triton kernels may fail to compile or behave differently)",
+        stacklevel=2,
+    )
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 

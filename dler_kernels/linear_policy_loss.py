@@ -24,7 +24,8 @@ How (one design for every backend; only the per-slab arithmetic differs):
 
 Memory bound: besides inputs, outputs, gradients and O(N) float32 vectors, one buffer of
 ``chunk_size * V`` elements in the hidden dtype, reused by both passes (the vocab pass uses
-``Vs = chunk_size * V // N`` columns). The default ``chunk_size`` keeps it at
+``Vs = chunk_size * V // N`` columns, rounded down to a multiple of 8 so that every slice is 16-byte
+aligned: ``slab_columns``). The default ``chunk_size`` keeps it at
 ``DEFAULT_SLAB_ELEMENTS = 2**26`` (128 MiB in bf16; 2.7% of the bf16 logits at N=16384, V=151936).
 The plain-torch backend holds about four float32 copies of a chunk: its default is
 ``TORCH_SLAB_ELEMENTS = 2**20`` elements per chunk.
@@ -86,12 +87,28 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
     return hidden.shape[0], weight.shape[0]
 
 
-def _rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
+def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
     if chunk_size is None:
         # On a CPU a chunk that stays in cache is faster (the C++ kernels too: see TORCH_SLAB_ELEMENTS).
         budget = TORCH_SLAB_ELEMENTS if backend in ("reference", "cpu") else DEFAULT_SLAB_ELEMENTS
         chunk_size = max(16, budget // vocab // 16 * 16)
     return max(1, min(chunk_size, n))
+
+
+# Vocab slices start and are as wide as a multiple of this many columns: 16 bytes of bf16/fp16 (32 of
+# fp32), so every slice's rows start 16-byte aligned and the slab kernel reads and writes them 128 bits
+# at a time (4006 columns, as N=16384, V=151936 gave unrounded, are read one element at a time).
+SLAB_ALIGN_COLUMNS = 8
+
+
+def slab_columns(n: int, vocab: int, rows: int) -> int:
+    """Columns per vocab slice of the vocab pass: as many as fit the ``rows * vocab`` chunk buffer over
+    all ``n`` rows, rounded down to a multiple of SLAB_ALIGN_COLUMNS (unless fewer than that fit: then
+    the unrounded count, which keeps the memory bound)."""
+    cols = rows * vocab // max(n, 1)
+    if cols >= SLAB_ALIGN_COLUMNS:
+        cols -= cols % SLAB_ALIGN_COLUMNS
+    return max(1, min(vocab, cols))
 
 
 class _Slabs:
@@ -101,7 +118,7 @@ class _Slabs:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.rows = rows
-        self.cols = max(1, min(self.vocab, rows * self.vocab // max(self.n, 1)))
+        self.cols = slab_columns(self.n, self.vocab, rows)
         numel = max(rows * self.vocab, self.n * self.cols)
         self.buffer = torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
 
@@ -188,11 +205,11 @@ def _ext_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, wan
 
 
 def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    from .triton_policy_loss import _launch
+    from .triton_policy_loss import launch_rows
 
     n = z.shape[0]
     state = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3)) if want_state else None
-    logp, entropy, per_token, kl = _launch(
+    logp, entropy, per_token, kl = launch_rows(
         z, torch.where(valid, targets, 0), valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights,
         grad=z if want_grad else None, compute_loss=True, row_state=state, **opts,
     )  # fmt: skip
@@ -202,7 +219,7 @@ def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, 
 # ---------------------------------------------------------------- the two passes
 
 
-def _fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
+def fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
                   need_dx, need_dw, need_db):  # fmt: skip
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -278,7 +295,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, backend, needs):
-        per_token, logp, entropy, kl, dx, dw, db = _fused_linear(
+        per_token, logp, entropy, kl, dx, dw, db = fused_linear(
             hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
         )  # fmt: skip
@@ -351,7 +368,7 @@ def linear_policy_loss(
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
         hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
         advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
-        _rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
+        rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
@@ -391,24 +408,35 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         temperature, rows, backend = ctx.opts
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         f32 = lse.dtype
         dlogp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(f32).contiguous()
         dent = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(f32).contiguous()
-        direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
-        dx = torch.empty_like(hidden) if need_dx else None
-        dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
-        db = torch.zeros(weight.shape[0], dtype=f32, device=hidden.device) if need_db else None
-        slabs = _Slabs(hidden, weight, bias, rows)
-        if need_dx or direct_dw or need_db:
-            for r0, r1, z in slabs.row_chunks():
-                sl = slice(r0, r1)
-                _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
-                            temperature)  # fmt: skip
-                _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
-        if need_dw and not direct_dw:
-            _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
-        return dx, dw, (db.to(weight.dtype) if db is not None else None), None, None, None, None
+        dx, dw, db = logprobs_grads(
+            hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend,
+            ctx.needs_input_grad[:3],
+        )  # fmt: skip
+        return dx, dw, db, None, None, None, None
+
+
+def logprobs_grads(hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend, needs):
+    """(dX, dW, db) of the log-probs and entropies (incoming gradients ``dlogp``, ``dent``), each None
+    unless ``needs`` (three bools) asks for it: the logits recomputed chunk by chunk, turned into their
+    gradient by the slab kernel from the saved row statistics."""
+    need_dx, need_dw, need_db = needs
+    direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
+    dx = torch.empty_like(hidden) if need_dx else None
+    dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
+    db = torch.zeros(weight.shape[0], dtype=lse.dtype, device=hidden.device) if need_db else None
+    slabs = _Slabs(hidden, weight, bias, rows)
+    if need_dx or direct_dw or need_db:
+        for r0, r1, z in slabs.row_chunks():
+            sl = slice(r0, r1)
+            _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
+                        temperature)  # fmt: skip
+            _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
+    if need_dw and not direct_dw:
+        _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
+    return dx, dw, (db.to(weight.dtype) if db is not None else None)
 
 
 def linear_token_logprobs(
@@ -435,7 +463,7 @@ def linear_token_logprobs(
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
     backend = backend_for(hidden, backend)
-    rows = _rows_per_chunk(n, vocab, chunk_size, backend)
+    rows = rows_per_chunk(n, vocab, chunk_size, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, backend)
         if hidden.dtype != torch.float64:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import KernelLaunch, launch_device
 from .reference import advantage_stats
 
 METHOD_CODES = {"grpo": 0, "dr_grpo": 1, "dler": 2}
@@ -117,12 +118,13 @@ def _advantages_kernel(
         tl.store(keep_ptr + i, keep.to(tl.int8), mask=i < B)
 
 
-def triton_advantages(rewards, group_ids, *, method, correctness, token_counts, weighting, eps, dynamic_sampling):
-    """Arguments already validated by ``compute_advantages``. Returns ``(values, keep, stats)``."""
+def advantages_launch(rewards, groups, n_groups, *, method, correctness, token_counts, weighting, eps,
+                      dynamic_sampling, device=None):  # fmt: skip
+    """The launch of the advantages kernel (None when there are no responses) and its buffers
+    ``(values, keep, cmax, cmin, batch_stats)``, configured for ``device`` (default:
+    ``launch_device(rewards)``). ``groups`` [B]: each response's group index in 0 .. n_groups - 1."""
     dev = rewards.device
     b = rewards.shape[0]
-    _, groups = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(groups.max()) + 1 if b else 0
     f32 = dict(dtype=torch.float32, device=dev)
     correct = (correctness if correctness is not None else rewards).to(torch.float32).contiguous()
     if method == "dler" and weighting == "token":
@@ -135,12 +137,30 @@ def triton_advantages(rewards, group_ids, *, method, correctness, token_counts, 
     values = torch.empty(b, **f32)
     keep = torch.empty(b, dtype=torch.int8, device=dev)
     batch_stats = torch.zeros(2, **f32)
-    if b:
-        _advantages_kernel[(1,)](
-            rewards.contiguous(), correct, groups.to(torch.int32).contiguous(), weights,
-            group_sum, group_size, cmax, cmin, group_sq, values, keep, batch_stats, b, eps,
-            METHOD=METHOD_CODES[method], DYNAMIC=dynamic_sampling, BLOCK=1024,
-        )  # fmt: skip
+    buffers = values, keep, cmax, cmin, batch_stats
+    if b == 0:
+        return None, buffers
+    device = launch_device(rewards) if device is None else torch.device(device)
+    args = (
+        rewards.contiguous(), correct, groups.to(torch.int32).contiguous(), weights,
+        group_sum, group_size, cmax, cmin, group_sq, values, keep, batch_stats, b, eps,
+    )  # fmt: skip
+    constexprs = dict(METHOD=METHOD_CODES[method], DYNAMIC=dynamic_sampling, BLOCK=1024)
+    return KernelLaunch(_advantages_kernel, (1,), args, constexprs, 4, device, "advantages"), buffers
+
+
+def triton_advantages(rewards, group_ids, *, method, correctness, token_counts, weighting, eps, dynamic_sampling):
+    """Arguments already validated by ``compute_advantages``. Returns ``(values, keep, stats)``."""
+    dev = rewards.device
+    b = rewards.shape[0]
+    _, groups = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(groups.max()) + 1 if b else 0
+    launch, (values, keep, cmax, cmin, batch_stats) = advantages_launch(
+        rewards, groups, n_groups, method=method, correctness=correctness, token_counts=token_counts,
+        weighting=weighting, eps=eps, dynamic_sampling=dynamic_sampling,
+    )  # fmt: skip
+    if launch is not None:
+        launch.run()
     keep = keep.bool()
     group_keep = (
         cmax[:n_groups] > cmin[:n_groups] if dynamic_sampling else torch.ones(n_groups, dtype=torch.bool, device=dev)

@@ -25,13 +25,28 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
+from ._launch import KernelLaunch, is_compiled, launch_device
 from .policy_loss import _StoredGradLoss
 
 KL_CODES = ref.KL_CODES
 
 
-def _block_v(vocab: int) -> int:
-    return min(triton.next_power_of_2(max(vocab, 16)), 4096 if torch.cuda.is_available() else 16384)
+def block_v(rows: torch.Tensor, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of the row kernels over the rows of ``rows`` [N, W], launched on ``device``.
+
+    Compiled for a GPU: tiles of at most 4096 columns, 16 values per thread with 8 warps, read 16
+    bytes at a time when every row starts 16-byte aligned. Rows that do not (an odd V) are read one
+    element at a time, each with its own 64-bit address: tiles of 2048 columns keep those in
+    registers (4096 spills on sm_100: dler_kernels.aot_check). In the interpreter larger tiles mean
+    fewer Python iterations."""
+    width = rows.shape[1]
+    if is_compiled(device):
+        aligned = rows.data_ptr() % 16 == 0 and rows.stride(0) * rows.element_size() % 16 == 0
+        cap = 4096 if aligned else 2048
+    else:
+        cap = 16384
+    block = min(triton.next_power_of_2(max(width, 16)), cap)
+    return block, 8 if block >= 2048 else 4
 
 
 @triton.jit
@@ -187,7 +202,7 @@ def _policy_loss_kernel(
                     tl.store(grad_row + cols, zero, mask=cols < V)
 
 
-def _launch(
+def row_launch(
     logits,
     targets,
     valid,
@@ -206,9 +221,12 @@ def _launch(
     entropy_coef=0.0,
     compute_loss=False,
     row_state=None,
+    device=None,
 ):
-    """Runs the kernel over the rows of ``logits``; ``row_state`` (compute_loss only): three float32
-    [N] buffers that receive each row's log-sum-exp, d(loss)/d(log-prob) and d(loss)/d(entropy)."""
+    """The launch of the row kernel over the rows of ``logits`` (None when there are no rows) and its
+    outputs ``(logp, entropy, loss, kl or None)``, allocated here, configured for ``device`` (default:
+    ``launch_device(logits)``). ``row_state`` (compute_loss only): three float32 [N] buffers that
+    receive each row's log-sum-exp, d(loss)/d(log-prob) and d(loss)/d(entropy)."""
     n, vocab = logits.shape
     dev = logits.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -217,10 +235,12 @@ def _launch(
     kl_code = KL_CODES[kl_type] if compute_loss and beta != 0.0 else 0
     kl = torch.empty(n, **f32) if kl_code else logp
     dummy = logp  # pointer arguments the constexpr flags make the kernel ignore
+    outputs = logp, entropy, loss, (kl if kl_code else None)
     if n == 0:
-        return logp, entropy, loss, (kl if kl_code else None)
-    block_v = _block_v(vocab)
-    _policy_loss_kernel[(n,)](
+        return None, outputs
+    device = launch_device(logits) if device is None else torch.device(device)
+    block, num_warps = block_v(logits, device)
+    args = (
         logits, logits.stride(0),
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
         targets, valid.to(torch.int8),
@@ -228,10 +248,21 @@ def _launch(
         ref_lp if ref_lp is not None else dummy, weights if weights is not None else dummy,
         logp, entropy, loss, kl, *(row_state if row_state is not None else (dummy, dummy, dummy)),
         vocab, 1.0 / temperature, eps_low, eps_high, clip_c if clip_c is not None else 0.0, beta, entropy_coef,
-        HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None,
-        STORE_ROW_STATE=row_state is not None, BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
     )  # fmt: skip
-    return logp, entropy, loss, (kl if kl_code else None)
+    constexprs = dict(
+        HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None,
+        STORE_ROW_STATE=row_state is not None, BLOCK_V=block,
+    )  # fmt: skip
+    launch = KernelLaunch(_policy_loss_kernel, (n,), args, constexprs, num_warps, device, "rows")
+    return launch, outputs
+
+
+def launch_rows(logits, targets, valid, **options):
+    """Runs the row kernel (``row_launch``'s arguments); returns ``(logp, entropy, loss, kl or None)``."""
+    launch, outputs = row_launch(logits, targets, valid, **options)
+    if launch is not None:
+        launch.run()
+    return outputs
 
 
 @triton.jit
@@ -270,23 +301,30 @@ def _slab_grad_kernel(
             tl.store(row_ptr + cols, zero, mask=cols < W)
 
 
-def slab_grad_(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temperature):
-    """In place: ``slab`` [N, W] (logits of vocab columns col0 ..) becomes d(loss)/d(those logits)."""
+def slab_launch(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temperature, device=None):
+    """The launch of the slab kernel over ``slab`` [N, W] (None when it is empty), configured for
+    ``device`` (default: ``launch_device(slab)``)."""
     n, width = slab.shape
     if n == 0 or width == 0:
-        return slab
-    block_v = _block_v(width)
-    _slab_grad_kernel[(n,)](
-        slab, slab.stride(0), targets, valid_i8, lse, entropy, dlogp, dent, col0, width, 1.0 / temperature,
-        BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
-    )  # fmt: skip
+        return None
+    device = launch_device(slab) if device is None else torch.device(device)
+    block, num_warps = block_v(slab, device)
+    args = (slab, slab.stride(0), targets, valid_i8, lse, entropy, dlogp, dent, col0, width, 1.0 / temperature)
+    return KernelLaunch(_slab_grad_kernel, (n,), args, dict(BLOCK_V=block), num_warps, device, "slab")
+
+
+def slab_grad_(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temperature):
+    """In place: ``slab`` [N, W] (logits of vocab columns col0 ..) becomes d(loss)/d(those logits)."""
+    launch = slab_launch(slab, targets, valid_i8, lse, entropy, dlogp, dent, col0, temperature)
+    if launch is not None:
+        launch.run()
     return slab
 
 
 def triton_token_logprobs(logits, targets, temperature=1.0):
     """(logprobs, entropy) in float32; rows whose target is negative get 0 for both."""
     valid = targets >= 0
-    logp, entropy, _, _ = _launch(logits, torch.where(valid, targets, 0), valid, temperature=temperature)
+    logp, entropy, _, _ = launch_rows(logits, torch.where(valid, targets, 0), valid, temperature=temperature)
     return logp, entropy
 
 
@@ -321,7 +359,7 @@ def triton_policy_loss(
     ref_lp = ref_logprobs.contiguous() if ref_logprobs is not None else None  # read only when beta != 0
 
     def kernel(z, grad):
-        logp, entropy, per_token, kl = _launch(
+        logp, entropy, per_token, kl = launch_rows(
             z, targets, valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights, grad=grad, compute_loss=True, **opts
         )
         return per_token, logp, entropy, kl

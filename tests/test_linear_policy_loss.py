@@ -246,8 +246,8 @@ def test_only_the_needed_gradients_are_computed(backend, monkeypatch):
 
     module = sys.modules["dler_kernels.linear_policy_loss"]
     calls = []
-    real = module._fused_linear
-    monkeypatch.setattr(module, "_fused_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = module.fused_linear
+    monkeypatch.setattr(module, "fused_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
     tensors, extra = make_inputs(6, 8, 30, torch.bfloat16, seed=4)
     frozen_head = {**tensors, "hidden": tensors["hidden"].clone().requires_grad_(True)}
     out = linear_policy_loss(**frozen_head, bias=extra["bias"])  # weight and bias do not require grad
@@ -429,3 +429,30 @@ def test_cuda_matches_the_logits_path():
     assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-2)
     for ours, theirs in ((dx, leaves[0].grad), (dw, leaves[1].grad), (db, leaves[2].grad)):
         assert rel(ours, theirs) <= 2e-2
+
+
+# (N, V, backend): the Qwen vocab at the default Triton chunk (4006 columns unrounded), an odd V, the
+# Llama-3 and SmolLM2 vocabs, the CPU budget, a vocab narrower than the alignment.
+SLAB_SHAPES = [(16384, 151936, "triton"), (16384, 151935, "triton"), (8192, 128256, "triton"),
+               (4096, 49152, "cpu"), (16384, 151936, "reference"), (100, 5, "triton")]  # fmt: skip
+
+
+@pytest.mark.parametrize("n,vocab,backend", SLAB_SHAPES)
+def test_vocab_slices_start_16_byte_aligned_within_the_chunk_buffer(n, vocab, backend):
+    import sys
+
+    module = sys.modules["dler_kernels.linear_policy_loss"]
+    rows = module.rows_per_chunk(n, vocab, None, backend)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        hidden = torch.empty(n, 64, dtype=dtype, device="meta")  # meta: the real buffer and views, no data
+        slabs = module._Slabs(hidden, torch.empty(vocab, 64, dtype=dtype, device="meta"), None, rows)
+        assert slabs.buffer.numel() == rows * vocab  # the vocab pass fits the row chunk's buffer
+        bounds = []
+        for v0, v1, z in slabs.vocab_slices():
+            bounds.append((v0, v1))
+            if vocab >= 8 * n // rows:  # at least 8 columns fit: every slice starts 16-byte aligned
+                assert (v0 * dtype.itemsize) % 16 == 0 and z.data_ptr() % 16 == 0, (v0, dtype)
+                if v1 < vocab or vocab % 8 == 0:  # a slice's rows too (an odd V's last slice cannot)
+                    assert (z.stride(0) * dtype.itemsize) % 16 == 0, (v0, v1, dtype)
+        assert bounds[0][0] == 0 and bounds[-1][1] == vocab
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))

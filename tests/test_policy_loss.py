@@ -133,13 +133,13 @@ def test_every_option_combination(backend, loss_agg, kl_type, clip_c, entropy_co
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_kernel_accumulates_in_float32_for_half_inputs(dtype):
     from dler_kernels.reference import aggregation_weights
-    from dler_kernels.triton_policy_loss import _launch
+    from dler_kernels.triton_policy_loss import launch_rows
 
     tensors, extra = make_inputs(9, 1000, dtype, seed=3)
     valid = tensors["mask"]
     weights = aggregation_weights(valid, "token-mean", None, None, None)
     grad = torch.empty(tensors["logits"].shape, dtype=torch.float32)
-    _launch(tensors["logits"], torch.where(valid, tensors["targets"], 0), valid, old=tensors["old_logprobs"],
+    launch_rows(tensors["logits"], torch.where(valid, tensors["targets"], 0), valid, old=tensors["old_logprobs"],
             adv=tensors["advantages"], weights=weights, grad=grad, compute_loss=True, clip_c=10.0)  # fmt: skip
     *_, grad64 = oracle(tensors, extra, loss_agg="token-mean")
     assert rel(grad, grad64) <= 1e-4
@@ -336,6 +336,7 @@ def test_token_logprobs_bad_input():
 
 @pytest.mark.gpu
 def test_no_recompilation_for_a_new_number_of_tokens():
+    from dler_kernels._launch import compiled_variants
     from dler_kernels.triton_policy_loss import _policy_loss_kernel
 
     for n in (17, 1000, 4099):
@@ -343,11 +344,63 @@ def test_no_recompilation_for_a_new_number_of_tokens():
         tensors = {k: t.cuda() for k, t in tensors.items()}
         policy_loss(**tensors, ref_logprobs=extra["ref_logprobs"].cuda(), seq_ids=extra["seq_ids"].cuda())
         if n == 17:
-            compiled = sum(len(c) for c in _policy_loss_kernel.device_caches.values()) if hasattr(
-                _policy_loss_kernel, "device_caches") else len(_policy_loss_kernel.cache)  # fmt: skip
-    after = sum(len(c) for c in _policy_loss_kernel.device_caches.values()) if hasattr(
-        _policy_loss_kernel, "device_caches") else len(_policy_loss_kernel.cache)  # fmt: skip
-    assert after == compiled
+            compiled = compiled_variants(_policy_loss_kernel)
+    assert compiled >= 1 and compiled_variants(_policy_loss_kernel) == compiled
+
+
+# Compiled for sm_90 without a GPU (the kernel's own warmup under dler_kernels.aot_check's stand-in driver fills
+# the same JITFunction cache a launch does), in a subprocess: this suite's TRITON_INTERPRET=1 would interpret.
+RECOMPILATION_SCRIPT = """
+import torch
+from dler_kernels import aot_check
+from dler_kernels._launch import compiled_variants
+from dler_kernels.triton_policy_loss import row_launch
+
+def meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+counts = []
+for n, dtype in ((17, torch.bfloat16), (1000, torch.bfloat16), (4099, torch.bfloat16), (17, torch.float16)):
+    f32 = meta(n, torch.float32)
+    launch, _ = row_launch(meta((n, 4097), dtype), meta(n, torch.int64), meta(n, torch.bool), old=f32, adv=f32,
+                           weights=f32, grad=meta((n, 4097), dtype), compute_loss=True, clip_c=10.0,
+                           device=torch.device("cuda"))
+    with aot_check.compiling_for(90):
+        aot_check.warm_up(launch)
+    counts.append(compiled_variants(launch.kernel))
+print(counts)
+"""
+
+
+@pytest.mark.skipif(not dler_kernels.HAS_TRITON, reason="triton is not installed")
+def test_no_recompilation_for_a_new_number_of_tokens_compiled_for_sm90_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", RECOMPILATION_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # One variant for every number of tokens; a new dtype is a second (the counter counts compiled kernels).
+    assert proc.stdout.split("\n")[-2] == "[1, 1, 1, 2]", proc.stdout
+
+
+def test_compiled_variants_reads_the_cache_layouts_of_triton_3_and_older():
+    from dler_kernels._launch import compiled_variants
+
+    class Triton3:  # JITFunction.device_caches[device] = (kernel_cache, kernel_key_cache, target, backend, binder)
+        device_caches = {0: ({"a": 1, "b": 2}, {}, "target", "backend", "binder"), 1: ({"c": 3}, {}, "t", "b", "b")}
+
+    class Older:  # JITFunction.cache[device] = {key: compiled kernel}
+        cache = {0: {"a": 1}, 1: {"b": 2, "c": 3}}
+
+    assert compiled_variants(Triton3()) == 3 and compiled_variants(Older()) == 3
+    with pytest.raises(TypeError, match="no cache of compiled variants"):
+        compiled_variants(object())
 
 
 def test_tensor_on_another_device_is_named():

@@ -1,0 +1,142 @@
+"""Every Triton kernel compiled for real GPUs (sm_80, sm_90, sm_100) without a GPU: ``dler_kernels.aot_check``
+on the pinned Triton and on the oldest one the package supports (``_backend.TRITON_OLDEST``, installed by
+``make triton-oldest``, part of ``make test``, into ``~/.cache/dler/triton-<version>``; elsewhere
+``DLER_TRITON_OLDEST_DIR``), plus the rules it applies, shown on real
+compiles of tiny kernels.
+
+The check runs in a subprocess: this suite sets TRITON_INTERPRET=1, under which ``triton.jit`` makes
+interpreted functions, and the oldest Triton must come first on the path.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from dler_kernels import aot_check  # noqa: E402
+from dler_kernels._backend import TRITON_OLDEST, triton_supported  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OLDEST_DIR = Path(os.environ.get("DLER_TRITON_OLDEST_DIR", Path.home() / ".cache" / "dler" / f"triton-{TRITON_OLDEST}"))
+
+
+def _env(tmp_path, triton_dir=None):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([*([str(triton_dir)] if triton_dir else []), str(ROOT)])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # empty: every variant is really compiled
+    return env
+
+
+def _run(args, env, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_passes(tmp_path, triton_dir, version):
+    proc = _run(["-W", "ignore", "-m", "dler_kernels.aot_check"], _env(tmp_path, triton_dir))
+    print(proc.stdout)  # the table (pytest -s, or the report of a failure)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"triton {version}:") and summary.endswith("0 failed"), summary
+    for kernel in ("_policy_loss_kernel", "_slab_grad_kernel", "_advantages_kernel"):
+        for arch in (80, 90, 100):
+            assert any(line.startswith(kernel) and f" sm_{arch} " in line for line in proc.stdout.splitlines()), (
+                kernel,
+                arch,
+            )
+
+
+def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_pinned_triton(tmp_path):
+    _check_passes(tmp_path, None, triton.__version__)
+
+
+def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_oldest_supported_triton(tmp_path):
+    if not (OLDEST_DIR / ".dler-installed").is_file():
+        reason = f"triton {TRITON_OLDEST} is not installed in {OLDEST_DIR} (make triton-oldest)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason + ": CI must run the check on the oldest supported Triton")
+        pytest.skip(reason)
+    proc = _run(["-c", "import triton; print(triton.__version__, triton.__file__)"], _env(tmp_path, OLDEST_DIR))
+    version, path = proc.stdout.split()
+    assert version == TRITON_OLDEST and path.startswith(str(OLDEST_DIR)), proc.stdout + proc.stderr
+    _check_passes(tmp_path, OLDEST_DIR, TRITON_OLDEST)
+
+
+# The program_id rule on real sm_90 compiles of a row copy with a 32-bit and a 64-bit row offset. The kernels
+# are JITFunctions made here (triton.jit interprets under this suite's TRITON_INTERPRET=1) from a module
+# written to a file, since Triton reads a kernel's source.
+ROW_COPY = textwrap.dedent(
+    """
+    import triton.language as tl
+
+
+    def row_copy_32_bit(src, dst, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + row * stride + offs, tl.load(src + row * stride + offs))
+
+
+    def row_copy_64_bit(src, dst, stride, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        tl.store(dst + row * stride + offs, tl.load(src + row * stride + offs))
+    """
+)
+
+
+def _compile_row_copy(tmp_path, monkeypatch, name, stride):
+    import importlib.util
+
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from dler_kernels._launch import KernelLaunch
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "row_copy.py"
+    source.write_text(ROW_COPY)
+    spec = importlib.util.spec_from_file_location("row_copy", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    x = torch.empty(16384, stride, dtype=torch.bfloat16, device="meta")
+    launch = KernelLaunch(JITFunction(getattr(module, name)), (16384,), (x, x, stride), dict(BLOCK=1024), 4,
+                          torch.device("cuda"), "rows")  # fmt: skip
+    with aot_check.compiling_for(90):
+        return aot_check.ptx_facts(aot_check.warm_up(launch).asm["ptx"])
+
+
+def test_a_32_bit_program_id_times_stride_is_flagged_on_a_real_compile(tmp_path, monkeypatch):
+    facts = _compile_row_copy(tmp_path, monkeypatch, "row_copy_32_bit", 151936)
+    assert facts.uses_program_id
+    assert facts.narrow_products and facts.narrow_products[0].startswith("mul.lo.s32"), facts
+
+
+def test_a_64_bit_row_offset_passes_and_aligned_rows_load_128_bits(tmp_path, monkeypatch):
+    facts = _compile_row_copy(tmp_path, monkeypatch, "row_copy_64_bit", 151936)
+    assert not facts.narrow_products, facts.narrow_products
+    assert facts.row_offset_ops and facts.row_offset_ops[0].split()[0] in ("mul.wide.s32", "mul.lo.s64"), facts
+    assert (facts.widest_load, facts.widest_store) == (128, 128)
+    # 4006 bf16 columns per row (8012 bytes, not a multiple of 16): rows unaligned, no vector access.
+    unaligned = _compile_row_copy(tmp_path, monkeypatch, "row_copy_64_bit", 4006)
+    assert unaligned.widest_load < 128 and unaligned.widest_store < 128
+
+
+def test_ptxas_log_parsing_reads_registers_and_spills():
+    log = (
+        "ptxas info    : Function properties for k\n"
+        "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 64 registers, used 1 barriers\n"
+    )
+    assert aot_check.ptxas_facts(log) == (64, 12, 8)
+    with pytest.raises(RuntimeError, match="no register/spill report"):
+        aot_check.ptxas_facts("ptxas info : nothing")
+
+
+def test_triton_versions_outside_the_checked_range_are_unsupported():
+    assert triton_supported(TRITON_OLDEST) and triton_supported("3.9.0") and triton_supported("3.9.2+git1234")
+    assert triton_supported(triton.__version__)  # the pinned one
+    assert not triton_supported("3.5.1") and not triton_supported("3.10.0") and not triton_supported("4.0.0")
