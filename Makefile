@@ -66,9 +66,11 @@ CUDA_TOOLCHAIN_PKGS := nvidia-cuda-nvcc==$(CUDA_TOOLCHAIN_VERSION) nvidia-cuda-c
 CUDA_TOOLCHAIN ?= $(HOME)/.cache/dler/cuda-toolchain-$(CUDA_TOOLCHAIN_VERSION)
 CUDA_TOOLCHAIN_STAMP := $(CUDA_TOOLCHAIN)/.dler-installed
 # The CUDA_HOME the tests compile with (the wheels install under nvidia/cu13: bin/, include/, nvvm/).
-export DLER_CUDA_HOME := $(CUDA_TOOLCHAIN)/nvidia/cu13
+# A machine with its own toolkit and no index (the GPU machine): make test DLER_CUDA_HOME=/usr/local/cuda
+DLER_CUDA_HOME ?= $(CUDA_TOOLCHAIN)/nvidia/cu13
+export DLER_CUDA_HOME
 .PHONY: cuda-toolchain
-cuda-toolchain: $(CUDA_TOOLCHAIN_STAMP)
+cuda-toolchain: $(if $(filter $(CUDA_TOOLCHAIN)/%,$(DLER_CUDA_HOME)),$(CUDA_TOOLCHAIN_STAMP))
 
 # Installed into a .tmp folder and moved into place, so an interrupted download never looks complete.
 $(CUDA_TOOLCHAIN_STAMP): | $(STAMP)
