@@ -71,6 +71,31 @@ $(TRITON_OLDEST_DIR)/.dler-installed: | $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps --target $(TRITON_OLDEST_DIR) "triton==$(TRITON_OLDEST)" 2>&1 | $(QUIET_PIP)
 	touch $@
 
+# The CUDA toolchain that compiles csrc/cuda on a machine without a GPU (tests/test_extension.py): nvcc,
+# ptxas, cicc, the runtime headers and CCCL from the registry's CUDA 13.0 wheels (the CUDA of GPU users'
+# torch 2.11+cu130), installed once into a cache outside the repository. The directory is named after
+# the release, so a second `make test` finds the stamp and downloads nothing; a new pin, a new directory.
+CUDA_TOOLCHAIN_VERSION ?= 13.0.88
+CUDA_TOOLCHAIN_PKGS := nvidia-cuda-nvcc==$(CUDA_TOOLCHAIN_VERSION) nvidia-cuda-crt==$(CUDA_TOOLCHAIN_VERSION) nvidia-nvvm==$(CUDA_TOOLCHAIN_VERSION) nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+CUDA_TOOLCHAIN ?= $(HOME)/.cache/dler/cuda-toolchain-$(CUDA_TOOLCHAIN_VERSION)
+CUDA_TOOLCHAIN_STAMP := $(CUDA_TOOLCHAIN)/.dler-installed
+# The CUDA_HOME the tests compile with (the wheels install under nvidia/cu13: bin/, include/, nvvm/).
+# A machine with its own toolkit and no index (the GPU machine): make test DLER_CUDA_HOME=/usr/local/cuda
+DLER_CUDA_HOME ?= $(CUDA_TOOLCHAIN)/nvidia/cu13
+export DLER_CUDA_HOME
+.PHONY: cuda-toolchain
+cuda-toolchain: $(if $(filter $(CUDA_TOOLCHAIN)/%,$(DLER_CUDA_HOME)),$(CUDA_TOOLCHAIN_STAMP))
+
+# Installed into a .tmp folder and moved into place, so an interrupted download never looks complete.
+$(CUDA_TOOLCHAIN_STAMP): | $(STAMP)
+	@echo "== installing the CUDA $(CUDA_TOOLCHAIN_VERSION) toolchain wheels into $(CUDA_TOOLCHAIN)"
+	rm -rf $(CUDA_TOOLCHAIN).tmp
+	$(BIN)/python -m pip install -q --no-deps --target $(CUDA_TOOLCHAIN).tmp $(CUDA_TOOLCHAIN_PKGS) 2>&1 | $(QUIET_PIP)
+	$(CUDA_TOOLCHAIN).tmp/nvidia/cu13/bin/nvcc --version | tail -n 2
+	rm -rf $(CUDA_TOOLCHAIN)
+	mv $(CUDA_TOOLCHAIN).tmp $(CUDA_TOOLCHAIN)
+	touch $(CUDA_TOOLCHAIN_STAMP)
+
 # The CPU demo: DLER on the warm-started verbose-arithmetic policy, then plain GRPO on the same policy
 # for comparison. Each run prints its before/after table; runs/demo/ is replaced on every call.
 demo: setup
@@ -78,7 +103,7 @@ demo: setup
 	$(BIN)/dler train run.out=runs/demo/dler
 	$(BIN)/dler train toy-cpu-grpo run.out=runs/demo/grpo --no-progress
 
-test: setup verl-env triton-oldest
+test: setup verl-env triton-oldest cuda-toolchain
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -3,7 +3,11 @@
 All metadata lives in pyproject.toml. The CPU part builds whenever a C++ compiler is present; the
 CUDA part when torch has CUDA and nvcc is found (``DLER_BUILD_CUDA=0|1`` forces either way,
 ``DLER_BUILD_EXT=0`` skips the extension: the package then runs on Triton and plain torch).
-``TORCH_CUDA_ARCH_LIST`` defaults to Hopper (``9.0``); set it for other GPUs, e.g. ``"8.0;9.0"``.
+``TORCH_CUDA_ARCH_LIST`` picks the GPUs. Unset, it follows the GPUs visible to the build (torch's own
+default: their architectures, PTX for the newest); with none visible (a wheel built for a cluster)
+it is ``8.0;9.0+PTX``: A100-class and Hopper machine code, and Hopper PTX that newer GPUs
+JIT-compile, so no GPU from sm_80 on fails with "no kernel image". Compiler flags and the arch
+decision live in ``dler_kernels/_build_flags.py``, which the tests compile with.
 Build with ``--no-build-isolation`` so the extension links against the installed torch, not a
 fresh copy in an isolated build environment:
 
@@ -24,11 +28,12 @@ def _sources(pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
 
 
-def _sources_hash() -> str:
-    spec = importlib.util.spec_from_file_location("_sources_hash", ROOT / "dler_kernels" / "_sources_hash.py")
+def _load(name: str):
+    """A standard-library module of dler_kernels, by path: the package cannot be imported before it is built."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "dler_kernels" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.sources_hash(CSRC)
+    return module
 
 
 def _extensions():
@@ -50,23 +55,24 @@ def _extensions():
     build_cuda = bool(cuda_sources) and (
         want_cuda == "1" or (not want_cuda and torch.version.cuda is not None and CUDA_HOME is not None)
     )
-    defines = [
-        f'-DDLER_TORCH_VERSION="{torch.__version__}"',
-        f'-DDLER_SOURCES_HASH="{_sources_hash()}"',
-    ]
-    cxx_flags = ["-O3", *defines]
+    flags = _load("_build_flags")
+    sources_hash = _load("_sources_hash").sources_hash(CSRC)
     if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        # torch reads TORCH_CUDA_ARCH_LIST when it compiles; None leaves it unset: torch follows the visible GPUs.
+        arch_list = flags.cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), torch.cuda.device_count() > 0)
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        print(f"dler_kernels._C: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list or '<the visible GPUs>'}")
         ext = CUDAExtension(
             "dler_kernels._C",
             cpu_sources + cuda_sources,
             extra_compile_args={
-                "cxx": [*cxx_flags, "-DDLER_WITH_CUDA"],
-                # No --use_fast_math: its approximate exp/log would cost the 1e-5 log-prob accuracy.
-                "nvcc": ["-O3", "-DDLER_WITH_CUDA", *defines, "-lineinfo"],
+                "cxx": flags.cxx_flags(torch.__version__, sources_hash, with_cuda=True),
+                "nvcc": flags.nvcc_flags(torch.__version__, sources_hash),
             },
         )
     else:
+        cxx_flags = flags.cxx_flags(torch.__version__, sources_hash, with_cuda=False)
         ext = CppExtension("dler_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

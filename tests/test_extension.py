@@ -6,12 +6,15 @@ The ops' numbers against float64 are tested in test_policy_loss.py and test_line
 parametrised over backends: their "cpu" backend is this extension.
 """
 
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -279,34 +282,191 @@ def test_every_instruction_set_build_is_right(isa):
     assert "ok" in out.stdout
 
 
-# ---------------------------------------------------------------- the CUDA sources
+# ---------------------------------------------------------------- the CUDA sources, compiled without a GPU
 
 
-def test_cuda_sources_compile_for_hopper(tmp_path):
-    """nvcc (where installed) compiles csrc/cuda for sm_90 against this torch's headers: a CUDA
-    compile error shows here on a machine without a GPU. A CPU build of torch lacks one generated
-    header of c10/cuda, which this test supplies."""
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-    if nvcc is None:
-        pytest.skip("nvcc is not installed")
-    include = Path(torch.__file__).parent / "include"
-    extra = []
-    if not (include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
-        stub = tmp_path / "inc/c10/cuda/impl/cuda_cmake_macros.h"
-        stub.parent.mkdir(parents=True)
-        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        extra = [f"-I{tmp_path / 'inc'}"]
-    cmd = [
-        nvcc, "-c", str(ROOT / "csrc/cuda/policy_loss.cu"), "-o", str(tmp_path / "policy_loss.o"), "-std=c++20",
-        "-O3", "-gencode", "arch=compute_90,code=sm_90", *extra, f"-I{include}",
-        f"-I{include / 'torch/csrc/api/include'}", f"-I{sysconfig.get_paths()['include']}", "-DDLER_WITH_CUDA",
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Xcompiler", "-fPIC", "-Xptxas", "-v",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert (tmp_path / "policy_loss.o").stat().st_size > 0
-    spills = [line for line in out.stderr.splitlines() if "spill" in line and " 0 bytes spill stores" not in line]
-    assert not spills, spills  # register spills would cost the memory-bound kernel its bandwidth
+def test_cuda_arch_list_follows_the_user_then_the_visible_gpus_else_ampere_hopper_and_ptx(monkeypatch):
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    from dler_kernels._build_flags import DEFAULT_CUDA_ARCH_LIST, cuda_arch_list
+
+    for gpu_visible in (False, True):
+        assert cuda_arch_list("8.6;12.0", gpu_visible=gpu_visible) == "8.6;12.0"  # the user's list wins
+    assert cuda_arch_list(None, gpu_visible=False) == DEFAULT_CUDA_ARCH_LIST == "8.0;9.0+PTX"
+    assert cuda_arch_list("", gpu_visible=False) == DEFAULT_CUDA_ARCH_LIST  # torch reads "" as unset too
+    # With no GPU, torch's flags for the default: A100 and Hopper machine code, Hopper PTX for newer GPUs
+    # (without the PTX, a wheel fails with "no kernel image" on Blackwell).
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+    assert _get_cuda_arch_flags() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=compute_90",
+        "-gencode=arch=compute_90,code=sm_90",
+    ]
+    # A GPU visible and no list: None leaves TORCH_CUDA_ARCH_LIST unset, and torch's own default builds for
+    # the visible GPUs with PTX on the newest (shown here with two GPUs that this CPU machine pretends to see).
+    assert cuda_arch_list(None, gpu_visible=True) is None
+    assert cuda_arch_list("", gpu_visible=True) is None
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(8, 0), (9, 0)][i])
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90", "sm_100"])
+    assert _get_cuda_arch_flags() == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=compute_90",
+        "-gencode=arch=compute_90,code=sm_90",
+    ]
+
+
+# `make test` installs nvcc, ptxas and the CUDA headers from the registry's wheels into this cache
+# (target cuda-toolchain) and names their CUDA_HOME in DLER_CUDA_HOME.
+TOOLCHAIN_CACHE = Path.home() / ".cache" / "dler"
+
+
+def find_cuda_home() -> tuple[Path | None, str]:
+    """(a CUDA_HOME with bin/nvcc, "") or (None, why not): DLER_CUDA_HOME, else the newest toolchain of
+    `make cuda-toolchain` in the cache, else a system CUDA (nvcc on PATH, /usr/local/cuda)."""
+    if os.environ.get("DLER_CUDA_HOME"):
+        home = Path(os.environ["DLER_CUDA_HOME"])
+        if not (home / "bin" / "nvcc").is_file():  # named explicitly, so a wrong one is an error, not a skip
+            pytest.fail(f"DLER_CUDA_HOME={home} has no bin/nvcc; `make cuda-toolchain` installs it there")
+        return home, ""
+    cached = sorted(TOOLCHAIN_CACHE.glob("cuda-toolchain-*/nvidia/cu*/bin/nvcc"), reverse=True)
+    for nvcc in [*cached, Path(shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")]:
+        if nvcc.is_file():
+            return nvcc.parent.parent, ""
+    return None, (
+        f"no CUDA toolchain: DLER_CUDA_HOME is unset, {TOOLCHAIN_CACHE}/cuda-toolchain-* holds none, and there "
+        "is no nvcc on PATH or in /usr/local/cuda; `make cuda-toolchain` installs one from the package registry"
+    )
+
+
+def require_cuda_home() -> Path:
+    home, why = find_cuda_home()
+    if home is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must compile the CUDA sources: {why}")
+        pytest.skip(why)
+    return home
+
+
+# setup.py's own `build_ext` (torch's BuildExtension) runs up to where it hands the compile commands to
+# ninja, and prints them: the test then runs the very nvcc command of a CUDA build, not a copy of its
+# flags. A CPU build of torch lacks two facts a CUDA torch has, supplied here: its CUDA version (the
+# toolchain's, as in a matching torch+cuXXX) and CUDA_HOME (which torch only looks up when built with CUDA).
+DESCRIBE_CUDA_BUILD = """
+    import json, os, runpy, sys
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    if torch.version.cuda is None:
+        torch.version.cuda = {release!r}
+        cpp.CUDA_HOME = cpp._find_cuda_home()
+    captured = {{}}
+
+    class Captured(Exception):
+        pass
+
+    def capture(**kwargs):
+        captured.update(kwargs)
+        raise Captured
+
+    cpp._write_ninja_file_and_compile_objects = capture
+    sys.argv = ["setup.py", "build_ext", "--build-temp", {build!r}, "--build-lib", {build!r}]
+    try:
+        runpy.run_path("setup.py", run_name="__main__")
+    except Captured:
+        pass
+    assert captured, "setup.py never reached torch's ninja compile step (is ninja installed?)"
+    report = {{k: captured[k] for k in ("sources", "cuda_cflags", "cuda_post_cflags")}}
+    print("BUILD=" + json.dumps({{"arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"), **report}}))
+"""
+
+
+def describe_cuda_build(home: Path, release: str, build_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "DLER_BUILD_EXT")}
+    env.update(CUDA_HOME=str(home), DLER_BUILD_CUDA="1")
+    code = textwrap.dedent(DESCRIBE_CUDA_BUILD.format(release=release, build=str(build_dir)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(next(line[6:] for line in out.stdout.splitlines() if line.startswith("BUILD=")))
+
+
+def ptxas_report(log: str) -> list[dict]:
+    """One row per compiled kernel and arch from `ptxas -v`: registers, spill stores/loads, static smem."""
+    rows = []
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
+            rows.append({"kernel": m[1], "arch": m[2]})
+        elif rows and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            rows[-1].update(spill_stores=int(m[1]), spill_loads=int(m[2]))
+        elif rows and (m := re.search(r"Used (\d+) registers", line)):
+            smem = re.search(r"(\d+) bytes smem", line)
+            rows[-1].update(registers=int(m[1]), smem=int(smem[1]) if smem else 0)
+    names = [row["kernel"] for row in rows]
+    if shutil.which("c++filt"):
+        demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout
+        names = demangled.splitlines()
+    for row, name in zip(rows, names):
+        name = name.replace("dler::(anonymous namespace)::", "").replace("c10::", "")
+        row["kernel"] = re.sub(r"^void |\(.*\)$", "", name)  # no return type, no parameters
+    return rows
+
+
+def test_cuda_sources_compile_with_setup_py_flags_for_every_arch_without_warnings_or_spills(tmp_path, capsys):
+    """nvcc compiles csrc/cuda/*.cu with the command setup.py's CUDA build runs (flags, arch list, include
+    paths, against this torch's headers), on a machine without a GPU: a CUDA compile error, a warning or
+    a register spill (which would cost the memory-bound kernels their bandwidth) fails here, not on a
+    GPU node. A CPU build of torch lacks one generated header of c10/cuda, which the test supplies."""
+    from dler_kernels._build_flags import DEFAULT_CUDA_ARCH_LIST
+
+    home = require_cuda_home()
+    nvcc = home / "bin" / "nvcc"
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    release = re.search(r"release (\d+\.\d+)", version)[1]
+    build = describe_cuda_build(home, release, tmp_path / "build")
+    post = build["cuda_post_cflags"]
+    archs = sorted(set(re.findall(r"code=(sm_\w+)", " ".join(post))))
+    if torch.cuda.device_count() == 0:  # no GPU to follow: the default list, A100 and Hopper + Hopper PTX
+        assert build["arch_list"] == DEFAULT_CUDA_ARCH_LIST
+        assert archs == ["sm_80", "sm_90"] and "-gencode=arch=compute_90,code=compute_90" in post, post
+    cu_sources = [src for src in build["sources"] if src.endswith(".cu")]
+    assert {ROOT / src for src in cu_sources} == set((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+    stub = []
+    if not (Path(torch.__file__).parent / "include/c10/cuda/impl/cuda_cmake_macros.h").exists():
+        header = tmp_path / "inc/c10/cuda/impl/cuda_cmake_macros.h"  # generated by CMake in a CUDA build of torch
+        header.parent.mkdir(parents=True)
+        header.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        stub = [shlex.quote(f"-I{tmp_path / 'inc'}")]
+    rows, start = [], time.perf_counter()
+    for src in cu_sources:
+        # torch's ninja rule, `$nvcc $cuda_cflags -c $in -o $out $cuda_post_cflags`, through the shell as
+        # ninja runs it (the flags are shell-quoted); -Xptxas -v only adds the per-kernel resource report.
+        obj = tmp_path / f"{Path(src).stem}.o"
+        cmd = [shlex.quote(str(nvcc)), *stub, *build["cuda_cflags"], "-c", shlex.quote(str(ROOT / src)), "-o",
+               shlex.quote(str(obj)), *post, "-Xptxas", "-v"]  # fmt: skip
+        out = subprocess.run(" ".join(cmd), shell=True, capture_output=True, text=True)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-6000:]
+        assert obj.stat().st_size > 0
+        warnings_ = [line for line in log.splitlines() if "warning" in line.lower()]
+        assert not warnings_, "\n".join(warnings_)
+        rows += ptxas_report(log)
+    seconds = time.perf_counter() - start
+
+    assert all({"registers", "spill_stores", "smem"} <= row.keys() for row in rows), rows  # ptxas -v format
+    with capsys.disabled():  # the table belongs in the CI log, captured or not
+        print(f"\nnvcc {release} ({home}): {len(cu_sources)} file(s) in {seconds:.1f} s")
+        print(f"TORCH_CUDA_ARCH_LIST={build['arch_list']} (from setup.py)")
+        print(f"{'arch':6s} {'kernel':40s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>6s}")
+        for row in sorted(rows, key=lambda r: (r["arch"], r["kernel"])):
+            spills = f"{row['spill_stores']}/{row['spill_loads']}"
+            print(f"{row['arch']:6s} {row['kernel']:40s} {row['registers']:5d} {spills:>12s} {row['smem']:6d}")
+    kernels = {arch: sorted(r["kernel"] for r in rows if r["arch"] == arch) for arch in archs}
+    assert sorted(kernels) == archs and kernels[archs[0]], kernels
+    assert all(names == kernels[archs[0]] for names in kernels.values()), kernels  # every kernel for every arch
+    spilled = [row for row in rows if row["spill_stores"] or row["spill_loads"]]
+    assert not spilled, spilled
 
 
 CUDA_SHAPES = [(1, 1), (3, 7), (17, 1000), (5, 4097), (4, 151936), (64, 32000)]
