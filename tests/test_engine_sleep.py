@@ -228,3 +228,12 @@ def test_a_weight_update_of_a_tied_model_also_loads_the_engine_head(demo_model, 
     engine.update_weights([("model.embed_tokens.weight", embed)])
     head = engine.llm.model.get_output_embeddings().weight
     assert torch.equal(head, embed), "vLLM keeps its own head tensor: the update must send it"
+
+
+def test_on_an_accelerator_platform_the_engine_starts_with_the_gpu_settings(demo_model, vllm_double):
+    vllm_double()
+    engine = VLLMEngine(demo_model, device="cpu")
+    kwargs = engine.llm.kwargs
+    assert kwargs["gpu_memory_utilization"] == 0.85 and kwargs["enforce_eager"] is False
+    assert "enable_chunked_prefill" not in kwargs  # the CPU backend's work-around only
+    assert kwargs["enable_sleep_mode"] is True and engine.device_name == "FakeGPU (test double)"

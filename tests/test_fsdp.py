@@ -299,6 +299,30 @@ def test_cuda_without_cuda_is_a_user_error(single_process_env):
         init_distributed("gpu")
 
 
+def test_on_a_cuda_node_each_rank_owns_its_local_device_and_joins_nccl_with_gloo(single_process_env):
+    """The CUDA branch of process setup, on torch's CUDA module stood in for a 2-GPU node: the rank's
+    device becomes current, and the group carries gloo for CPU tensors next to NCCL (FSDP2 offload)."""
+    calls = []
+    single_process_env.setattr(torch.cuda, "is_available", lambda: True)
+    single_process_env.setattr(torch.cuda, "device_count", lambda: 2)
+    single_process_env.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    single_process_env.setattr(dist, "is_initialized", lambda: False)
+    single_process_env.setattr(
+        dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw["device_id"], kw["rank"]))
+    )
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1").items():
+        single_process_env.setenv(name, value)
+    try:
+        env = init_distributed("auto")
+    finally:
+        destroy_distributed()  # forgets the (stood-in) group: is_initialized() says False, nothing to destroy
+    assert env.device == torch.device("cuda", 1) and env.rank == 1
+    assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl", torch.device("cuda", 1), 1)]
+    single_process_env.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UserError, match="LOCAL_RANK=2 but this node has 2 CUDA device"):
+        init_distributed("cuda")
+
+
 def test_bad_torchrun_environment(single_process_env):
     single_process_env.setenv("WORLD_SIZE", "two")
     with pytest.raises(UserError, match="WORLD_SIZE='two' is not an integer"):
