@@ -8,6 +8,7 @@ The check runs in a subprocess: this suite sets TRITON_INTERPRET=1, under which 
 interpreted functions, and the oldest Triton must come first on the path.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -66,62 +67,72 @@ def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_oldest_supported_trito
     _check_passes(tmp_path, OLDEST_DIR, TRITON_OLDEST)
 
 
-# The program_id rule on real sm_90 compiles of a row copy with a 32-bit and a 64-bit row offset. The kernels
-# are JITFunctions made here (triton.jit interprets under this suite's TRITON_INTERPRET=1) from a module
-# written to a file, since Triton reads a kernel's source.
+# The program_id rule on real sm_90 compiles of a row copy with a 32-bit and a 64-bit row offset, in a
+# subprocess without TRITON_INTERPRET: in this process triton.jit interprets, and the interpreter patches
+# triton.language's operators while it runs kernels (a compile here fails once other tests have run).
 ROW_COPY = textwrap.dedent(
     """
+    import triton
     import triton.language as tl
 
 
+    @triton.jit
     def row_copy_32_bit(src, dst, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         tl.store(dst + row * stride + offs, tl.load(src + row * stride + offs))
 
 
+    @triton.jit
     def row_copy_64_bit(src, dst, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         tl.store(dst + row * stride + offs, tl.load(src + row * stride + offs))
     """
 )
-
-
-def _compile_row_copy(tmp_path, monkeypatch, name, stride):
-    import importlib.util
+COMPILE_ROW_COPY = textwrap.dedent(
+    """
+    import dataclasses, json, sys
 
     import torch
-    from triton.runtime.jit import JITFunction
 
+    import row_copy
+    from dler_kernels import aot_check
     from dler_kernels._launch import KernelLaunch
 
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    source = tmp_path / "row_copy.py"
-    source.write_text(ROW_COPY)
-    spec = importlib.util.spec_from_file_location("row_copy", source)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    name, stride = sys.argv[1], int(sys.argv[2])
     x = torch.empty(16384, stride, dtype=torch.bfloat16, device="meta")
-    launch = KernelLaunch(JITFunction(getattr(module, name)), (16384,), (x, x, stride), dict(BLOCK=1024), 4,
-                          torch.device("cuda"), "rows")  # fmt: skip
+    launch = KernelLaunch(getattr(row_copy, name), (16384,), (x, x, stride), dict(BLOCK=1024), 4,
+                          torch.device("cuda"), "rows")
     with aot_check.compiling_for(90):
-        return aot_check.ptx_facts(aot_check.warm_up(launch).asm["ptx"])
+        facts = aot_check.ptx_facts(aot_check.warm_up(launch).asm["ptx"])
+    print(json.dumps(dataclasses.asdict(facts)))
+    """
+)
 
 
-def test_a_32_bit_program_id_times_stride_is_flagged_on_a_real_compile(tmp_path, monkeypatch):
-    facts = _compile_row_copy(tmp_path, monkeypatch, "row_copy_32_bit", 151936)
+def _compile_row_copy(tmp_path, name, stride) -> aot_check.PtxFacts:
+    (tmp_path / "row_copy.py").write_text(ROW_COPY)
+    env = _env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+    proc = _run(["-W", "ignore", "-c", COMPILE_ROW_COPY, name, str(stride)], env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return aot_check.PtxFacts(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_a_32_bit_program_id_times_stride_is_flagged_on_a_real_compile(tmp_path):
+    facts = _compile_row_copy(tmp_path, "row_copy_32_bit", 151936)
     assert facts.uses_program_id
     assert facts.narrow_products and facts.narrow_products[0].startswith("mul.lo.s32"), facts
 
 
-def test_a_64_bit_row_offset_passes_and_aligned_rows_load_128_bits(tmp_path, monkeypatch):
-    facts = _compile_row_copy(tmp_path, monkeypatch, "row_copy_64_bit", 151936)
+def test_a_64_bit_row_offset_passes_and_aligned_rows_load_128_bits(tmp_path):
+    facts = _compile_row_copy(tmp_path, "row_copy_64_bit", 151936)
     assert not facts.narrow_products, facts.narrow_products
     assert facts.row_offset_ops and facts.row_offset_ops[0].split()[0] in ("mul.wide.s32", "mul.lo.s64"), facts
     assert (facts.widest_load, facts.widest_store) == (128, 128)
     # 4006 bf16 columns per row (8012 bytes, not a multiple of 16): rows unaligned, no vector access.
-    unaligned = _compile_row_copy(tmp_path, monkeypatch, "row_copy_64_bit", 4006)
+    unaligned = _compile_row_copy(tmp_path, "row_copy_64_bit", 4006)
     assert unaligned.widest_load < 128 and unaligned.widest_store < 128
 
 
