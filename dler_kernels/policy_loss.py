@@ -129,6 +129,38 @@ class _StoredGradLoss(torch.autograd.Function):
         return (*scale_stored_grads(grad_loss, grad), None, None, None)
 
 
+class _ReferenceInplaceLoss(torch.autograd.Function):
+    """``inplace_grad`` on the reference backend: the reference's loss, whose gradient (autograd's, on a
+    copy of the logits) the caller has already written into the logits; backward scales it, as
+    ``_StoredGradLoss`` does for the fused kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, loss):
+        ctx.save_for_backward(logits)
+        ctx.set_materialize_grads(False)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return None, None
+        (grad,) = ctx.saved_tensors
+        return (*scale_stored_grads(grad_loss, grad), None)
+
+
+def _reference_inplace(logits, targets, old_logprobs, advantages, valid, options):
+    """The reference backend with ``inplace_grad``: the same outputs as without it, and the logits
+    overwritten by the gradient (through one N x V copy: the reference is not memory-lean)."""
+    x = logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(x, targets, old_logprobs, advantages, valid,
+                                                                      **options)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        logits.copy_(grad)
+    return _ReferenceInplaceLoss.apply(logits, loss.detach()), per_token, logp, entropy, metrics
+
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -198,7 +230,8 @@ def policy_loss(
     constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``token_weights`` [N]
     (float, no gradient) multiply each token's loss before the aggregation, e.g. truncated
     importance-sampling weights of a rollout engine; ``per_token_loss`` is returned without them. ``inplace_grad``:
-    the gradient overwrites the logits (saves an N x V buffer; the logits are lost). ``backend``:
+    the gradient overwrites the logits on every backend (saves an N x V buffer, except on the reference,
+    which works on a copy; the logits are lost). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
 
     Input rules, the same on every backend (the reference included), each a ``ValueError`` naming the
@@ -241,9 +274,14 @@ def policy_loss(
     )
     backend = backend_for(logits, backend)
     if backend == "reference":
-        loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
-            logits, targets, old_logprobs, advantages, valid, **options
-        )
+        if inplace_grad:
+            loss, per_token, logp, entropy, metrics = _reference_inplace(
+                logits, targets, old_logprobs, advantages, valid, options
+            )
+        else:
+            loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
+                logits, targets, old_logprobs, advantages, valid, **options
+            )
         return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
     if backend == "triton":
         from .triton_policy_loss import triton_policy_loss

@@ -257,3 +257,21 @@ def test_non_finite_data_on_masked_rows_change_nothing(backend, name):
     args[name][2] = float("nan")  # row 2 is masked
     out, (grad,) = run_loss(args, backend)
     assert out.loss.item() == clean.loss.item() and torch.equal(grad, clean_grad)
+
+
+# ---------------------------------------------------------------- siblings: inplace_grad on the reference
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_grad_overwrites_the_logits_and_backward_scales_them_on_every_backend(backend):
+    """Before: the reference backend (the CPU default where the extension is not built) left the logits as
+    they were under inplace_grad=True, so a caller reading the gradient from the buffer read the logits."""
+    args = loss_inputs()
+    want, (want_grad,) = run_loss(args, backend)
+    buffer = args["logits"].clone()
+    out = policy_loss(**{**args, "logits": buffer}, inplace_grad=True, backend=backend)
+    assert out.loss.item() == want.loss.item() and out.loss.grad_fn is None
+    assert torch.equal(buffer, want_grad)
+    leaf = args["logits"].clone().requires_grad_(True)
+    (2.0 * policy_loss(**{**args, "logits": leaf}, inplace_grad=True, backend=backend).loss).backward()
+    torch.testing.assert_close(leaf.grad, 2.0 * want_grad)
