@@ -330,6 +330,8 @@ def compute_advantages_ref(
     """
     if method not in ADVANTAGE_METHODS:
         raise ValueError(f"method must be one of {ADVANTAGE_METHODS}, got {method!r}")
+    for name, t in (("rewards", rewards), ("correctness", correctness), ("token_counts", token_counts)):
+        check_no_grad(name, t)  # data, as on every backend: the advantages are the policy loss's constants
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32

@@ -275,3 +275,44 @@ def test_inplace_grad_overwrites_the_logits_and_backward_scales_them_on_every_ba
     leaf = args["logits"].clone().requires_grad_(True)
     (2.0 * policy_loss(**{**args, "logits": leaf}, inplace_grad=True, backend=backend).loss).backward()
     torch.testing.assert_close(leaf.grad, 2.0 * want_grad)
+
+
+# ---------------------------------------------------------------- siblings: compute_advantages
+
+
+ADV_BACKENDS = [b for b in BACKENDS if b in ("triton", "reference")]
+
+
+def advantage_inputs():
+    return dict(
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.5]),
+        group_ids=torch.tensor([0, 0, 1, 1]),
+        correctness=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        token_counts=torch.tensor([3.0, 4.0, 5.0, 6.0]),
+    )
+
+
+@pytest.mark.parametrize("name", ["rewards", "correctness", "token_counts"])
+@pytest.mark.parametrize("backend", ADV_BACKENDS)
+def test_advantage_inputs_that_require_grad_are_refused_by_every_backend(backend, name, monkeypatch):
+    """Before: the reference differentiated the advantages w.r.t. rewards, the Triton kernel did not."""
+    from dler_kernels import compute_advantages
+
+    monkeypatch.setenv("DLER_BACKEND", backend)
+    args = advantage_inputs()
+    args[name] = args[name].clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=f"^{name} requires grad"):
+        compute_advantages(**args)
+
+
+@pytest.mark.parametrize("name", ["correctness", "token_counts"])
+@pytest.mark.parametrize("backend", ADV_BACKENDS)
+def test_non_finite_correctness_or_token_counts_are_refused_by_every_backend(backend, name, monkeypatch):
+    """Before: a NaN token count gave NaN advantages, a NaN correctness silently dropped its group."""
+    from dler_kernels import compute_advantages
+
+    monkeypatch.setenv("DLER_BACKEND", backend)
+    args = advantage_inputs()
+    args[name][1] = float("nan")
+    with pytest.raises(ValueError, match=f"^{name} must be finite"):
+        compute_advantages(**args)
