@@ -10,7 +10,8 @@
 //
 // The user-facing validation (with messages naming the argument of the public Python API) is in
 // dler_kernels/_validate.py and runs before these ops; the checks here guard memory safety for
-// direct callers of torch.ops.dler.*.
+// direct callers of torch.ops.dler.*, and refuse what a conversion would silently change (float
+// targets, a non-bool valid) or what has no meaning (a vocab of 0 columns).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -64,6 +65,20 @@ at::Tensor per_row(const at::Tensor& t, const char* name, int64_t n, const at::D
   return t.to(dtype).contiguous();
 }
 
+// Token ids: an integer tensor, never a float one that a conversion would truncate (2.7 -> 2).
+at::Tensor targets_per_row(const at::Tensor& t, int64_t n, const at::Device& device) {
+  TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false),
+              "targets must be an integer tensor (token ids), got ", t.scalar_type());
+  return per_row(t, "targets", n, device, at::kLong);
+}
+
+// The row mask: bool only (dler_kernels turns a 0/1 mask into bool after checking it), never a
+// number that a conversion would take as true (0.5, 2, NaN).
+at::Tensor valid_per_row(const at::Tensor& t, int64_t n, const at::Device& device) {
+  TORCH_CHECK(t.scalar_type() == at::kBool, "valid must be a bool tensor, got ", t.scalar_type());
+  return per_row(t, "valid", n, device, at::kBool);
+}
+
 void run_rows(const RowTask& task) {
   if (task.logits.is_cuda()) {
 #ifdef DLER_WITH_CUDA
@@ -81,6 +96,8 @@ RowTask make_task(const at::Tensor& logits, const at::Tensor& targets, const at:
                   const OptTensor& weights, double temperature, double eps_low, double eps_high,
                   std::optional<double> clip_c, double beta, int64_t kl_type, double entropy_coef) {
   check_matrix(logits, "logits");
+  TORCH_CHECK(logits.size(1) > 0, "logits must have at least one column (the vocab size V), got shape ",
+              logits.sizes());
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
   TORCH_CHECK(kl_type >= kNoKl && kl_type <= kK3Ratio, "kl_type must be a code in [0, 4], got ", kl_type);
   const int64_t n = logits.size(0);
@@ -88,8 +105,8 @@ RowTask make_task(const at::Tensor& logits, const at::Tensor& targets, const at:
   const auto acc = acc_type_of(logits);
   RowTask t;
   t.logits = logits;
-  t.targets = per_row(targets, "targets", n, dev, at::kLong);
-  t.valid = per_row(valid, "valid", n, dev, at::kBool);
+  t.targets = targets_per_row(targets, n, dev);
+  t.valid = valid_per_row(valid, n, dev);
   t.compute_loss = old_logprobs.has_value();
   if (t.compute_loss) {
     TORCH_CHECK(advantages.has_value() && weights.has_value(), "advantages and weights are required with old_logprobs");
@@ -147,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> token_logprobs(const at::Tensor& logits, const at::Tensor& targets,
                                                   double temperature) {
   check_matrix(logits, "logits");
-  const at::Tensor tg = per_row(targets, "targets", logits.size(0), logits.device(), at::kLong);
+  const at::Tensor tg = targets_per_row(targets, logits.size(0), logits.device());
   const at::Tensor valid = tg >= 0;
   RowTask t = make_task(logits, at::where(valid, tg, 0), valid, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
                         temperature, 0.0, 0.0, std::nullopt, 0.0, kNoKl, 0.0);
@@ -165,8 +182,8 @@ void slab_grad_(at::Tensor& slab, const at::Tensor& targets, const at::Tensor& v
   const auto acc = acc_type_of(slab);
   SlabTask t;
   t.slab = slab;
-  t.targets = per_row(targets, "targets", n, dev, at::kLong);
-  t.valid = per_row(valid, "valid", n, dev, at::kBool);
+  t.targets = targets_per_row(targets, n, dev);
+  t.valid = valid_per_row(valid, n, dev);
   t.lse = per_row(lse, "lse", n, dev, acc);
   t.entropy = per_row(entropy, "entropy", n, dev, acc);
   t.dlogp = per_row(dlogp, "dlogp", n, dev, acc);

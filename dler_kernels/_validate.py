@@ -56,3 +56,44 @@ def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int,
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi
         raise ValueError(f"targets must lie in [0, {vocab}) (the vocab size of {what}) on valid rows, found {bad}")
+
+
+def check_no_grad(name: str, t) -> None:
+    """``t`` (a data argument: anything but logits / hidden / weight / bias) must not require grad
+    while grad mode is on: the ops differentiate the loss w.r.t. the logits (or hidden states and LM
+    head) only, so a gradient the caller expects for ``t`` would silently be missing."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but it is data, not a parameter: the loss is differentiated w.r.t. the "
+            f"logits (or hidden, weight, bias) only; pass {name}.detach()"
+        )
+
+
+def check_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The bool form of ``mask``: bool, or numbers that are exactly 0 or 1 (a value such as 0.5, 2 or
+    NaN is a ValueError naming it, not a true). Non-bool masks cost one device sync."""
+    if mask.dtype == torch.bool:
+        return mask
+    bad = (mask != 0) & (mask != 1)  # NaN is neither
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"mask must be bool or hold only 0 and 1, found {mask[i].item()} at token {i} "
+            "(per-token weights go in token_weights)"
+        )
+    return mask.bool()
+
+
+def check_finite_on_valid(valid: torch.Tensor, named: dict) -> None:
+    """Each tensor of ``named`` (name -> [N] float tensor or None) is finite on the rows where ``valid``
+    is true (masked rows may hold anything). One device sync for all of them."""
+    names = [k for k, t in named.items() if t is not None]
+    if not names or valid.numel() == 0:
+        return
+    bad = [valid & ~torch.isfinite(named[k]) for k in names]
+    if not bool(torch.stack([b.any() for b in bad]).any()):
+        return
+    for name, b in zip(names, bad):
+        if bool(b.any()):
+            i = int(b.nonzero()[0, 0])
+            raise ValueError(f"{name} must be finite on valid rows, found {named[name][i].item()} at token {i}")

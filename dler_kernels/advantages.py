@@ -9,7 +9,7 @@ import torch
 
 from . import reference as ref
 from ._backend import backend_for
-from ._validate import check_choice, check_number, check_tensor
+from ._validate import check_choice, check_no_grad, check_number, check_tensor
 
 
 class Advantages(NamedTuple):
@@ -33,7 +33,8 @@ def compute_advantages(
 
     ``rewards`` [B] are the penalised rewards R'; ``correctness`` [B] (default ``rewards``) decides
     which groups dynamic sampling keeps (those with spread); ``token_counts`` [B] are response
-    lengths, needed for DLER's token-weighted batch statistics.
+    lengths, needed for DLER's token-weighted batch statistics. All three are data: finite, and (with
+    grad mode on) not requiring grad, on every backend (advantages are the policy loss's constants).
     """
     check_tensor("rewards", rewards, ndim=1, kind="float")
     b, dev = rewards.shape[0], rewards.device
@@ -48,10 +49,16 @@ def compute_advantages(
             raise ValueError("token_counts is required for method='dler' with weighting='token' (response lengths)")
     if token_counts is not None:
         check_tensor("token_counts", token_counts, ndim=1, kind="mask", device=dev, length=b)
+        if token_counts.numel() and not bool(torch.isfinite(token_counts).all()):
+            raise ValueError("token_counts must be finite (response lengths in tokens)")
         if token_counts.numel() and bool((token_counts < 0).any()):
             raise ValueError("token_counts must be >= 0 (response lengths in tokens)")
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards must be finite")
+    if correctness is not None and correctness.numel() and not bool(torch.isfinite(correctness).all()):
+        raise ValueError("correctness must be finite (it decides which groups dynamic sampling keeps)")
+    for name, t in (("rewards", rewards), ("correctness", correctness), ("token_counts", token_counts)):
+        check_no_grad(name, t)
     options = dict(
         method=method,
         correctness=correctness,

@@ -337,8 +337,10 @@ def linear_policy_loss(
     """``policy_loss(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
     ``hidden`` [N, H]; ``weight`` [V, H] (``lm_head.weight``, tied embeddings included) and ``bias``
-    [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``. ``loss`` is
-    differentiable w.r.t. hidden, weight and bias (gradients accumulated in float32, returned in
+    [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``, under the same input
+    rules (its docstring: data arguments that require grad, a mask other than 0/1, non-finite data on
+    valid rows are ValueErrors on every backend). ``loss`` is
+    differentiable w.r.t. hidden, weight and bias only (gradients accumulated in float32, returned in
     their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
     elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V``, at least 16, on
     plain torch). Rows whose mask is false need finite hidden states

@@ -15,7 +15,15 @@ import torch
 from . import _ext
 from . import reference as ref
 from ._backend import backend_for
-from ._validate import check_choice, check_number, check_targets, check_tensor
+from ._validate import (
+    check_choice,
+    check_finite_on_valid,
+    check_mask,
+    check_no_grad,
+    check_number,
+    check_targets,
+    check_tensor,
+)
 
 
 class PolicyLossOutput(NamedTuple):
@@ -28,6 +36,8 @@ class PolicyLossOutput(NamedTuple):
 
 def _check_logits(logits) -> int:
     check_tensor("logits", logits, ndim=2, kind="float")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one column (the vocab size V), got shape {tuple(logits.shape)}")
     if logits.stride(-1) != 1:
         raise ValueError("logits must be contiguous in the vocab dimension (stride(-1) == 1); call .contiguous()")
     return logits.shape[0]
@@ -37,7 +47,10 @@ def _check_loss_options(
     n, vocab, dev, targets, old_logprobs, advantages, mask, *, ref_logprobs, seq_ids, eps_low, eps_high, clip_c,
     beta, kl_type, entropy_coef, temperature, loss_agg, normalizer, norm_length, token_weights=None, what="logits",
 ) -> torch.Tensor:  # fmt: skip
-    """The checks shared by ``policy_loss`` and ``linear_policy_loss``; returns the bool mask."""
+    """The checks shared by ``policy_loss`` and ``linear_policy_loss``; returns the bool mask. The rules
+    (the same for every backend, checked before any kernel runs): data arguments do not require grad
+    (``_validate.check_no_grad``), the mask holds only 0 and 1, targets lie in [0, V) and the float
+    data are finite on valid rows."""
     like = dict(device=dev, length=n, like=what)
     check_tensor("targets", targets, ndim=1, kind="int", **like)
     check_tensor("old_logprobs", old_logprobs, ndim=1, kind="float", **like)
@@ -66,8 +79,14 @@ def _check_loss_options(
         if norm_length is None:
             raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
         check_number("norm_length", norm_length, low=0.0, low_open=True)
-    valid = mask.bool()
+    data = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, token_weights=token_weights)
+    if beta != 0.0:
+        data["ref_logprobs"] = ref_logprobs
+    for name, t in data.items():
+        check_no_grad(name, t)
+    valid = check_mask(mask)
     check_targets(targets, valid, vocab, what="weight" if what == "hidden" else what)
+    check_finite_on_valid(valid, {k: t for k, t in data.items() if k != "mask"})
     return valid
 
 
@@ -108,6 +127,38 @@ class _StoredGradLoss(torch.autograd.Function):
             return None, None, None, None
         (grad,) = ctx.saved_tensors
         return (*scale_stored_grads(grad_loss, grad), None, None, None)
+
+
+class _ReferenceInplaceLoss(torch.autograd.Function):
+    """``inplace_grad`` on the reference backend: the reference's loss, whose gradient (autograd's, on a
+    copy of the logits) the caller has already written into the logits; backward scales it, as
+    ``_StoredGradLoss`` does for the fused kernels."""
+
+    @staticmethod
+    def forward(ctx, logits, loss):
+        ctx.save_for_backward(logits)
+        ctx.set_materialize_grads(False)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return None, None
+        (grad,) = ctx.saved_tensors
+        return (*scale_stored_grads(grad_loss, grad), None)
+
+
+def _reference_inplace(logits, targets, old_logprobs, advantages, valid, options):
+    """The reference backend with ``inplace_grad``: the same outputs as without it, and the logits
+    overwritten by the gradient (through one N x V copy: the reference is not memory-lean)."""
+    x = logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(x, targets, old_logprobs, advantages, valid,
+                                                                      **options)  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, x)
+    with torch.no_grad():
+        logits.copy_(grad)
+    return _ReferenceInplaceLoss.apply(logits, loss.detach()), per_token, logp, entropy, metrics
 
 
 def token_logprobs(
@@ -179,8 +230,24 @@ def policy_loss(
     constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``token_weights`` [N]
     (float, no gradient) multiply each token's loss before the aggregation, e.g. truncated
     importance-sampling weights of a rollout engine; ``per_token_loss`` is returned without them. ``inplace_grad``:
-    the gradient overwrites the logits (saves an N x V buffer; the logits are lost). ``backend``:
+    the gradient overwrites the logits on every backend (saves an N x V buffer, except on the reference,
+    which works on a copy; the logits are lost). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
+
+    Input rules, the same on every backend (the reference included), each a ``ValueError`` naming the
+    argument before any kernel runs:
+
+    * Only ``logits`` are differentiated. ``old_logprobs``, ``advantages``, ``ref_logprobs``,
+      ``token_weights`` and ``mask`` are data: one that requires grad (with grad mode on) is refused, not
+      silently left without a gradient. The clipped surrogate treats the old policy's log-probs and the
+      advantages as constants (PPO, GRPO, verl and TRL all detach them); a graph-attached advantage is
+      almost always a forgotten ``.detach()`` (e.g. a critic's baseline), and letting the actor loss
+      push gradient into it would be wrong, so the fix is the caller's ``.detach()``.
+    * ``mask``: bool, or numbers exactly 0 or 1 (0.5, 2 or NaN are refused; weights go in
+      ``token_weights``). ``targets``: integers in [0, V) on valid rows. ``logits``: V >= 1 columns.
+    * ``old_logprobs``, ``advantages``, ``token_weights`` (and ``ref_logprobs`` when ``beta != 0``)
+      are finite on valid rows; masked rows may hold anything.
+    * N = 0 tokens: empty per-token outputs, loss 0, an empty gradient.
     """
     n = _check_logits(logits)
     valid = _check_loss_options(
@@ -207,9 +274,14 @@ def policy_loss(
     )
     backend = backend_for(logits, backend)
     if backend == "reference":
-        loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
-            logits, targets, old_logprobs, advantages, valid, **options
-        )
+        if inplace_grad:
+            loss, per_token, logp, entropy, metrics = _reference_inplace(
+                logits, targets, old_logprobs, advantages, valid, options
+            )
+        else:
+            loss, per_token, logp, entropy, metrics = ref.policy_loss_ref(
+                logits, targets, old_logprobs, advantages, valid, **options
+            )
         return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
     if backend == "triton":
         from .triton_policy_loss import triton_policy_loss

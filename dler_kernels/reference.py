@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import check_mask, check_no_grad
+
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -135,7 +137,7 @@ def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype
     inputs, whose kernels accumulate in float64. ``token_weights`` [N] multiply each token's weight."""
     if token_weights is not None:
         plain = aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype)
-        return plain * token_weights.to(dtype)
+        return plain * torch.where(valid, token_weights.to(dtype), 0.0)  # a masked row's weight is never read
     vf = valid.to(dtype)
     if loss_agg == "token-mean":
         denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
@@ -244,8 +246,15 @@ def policy_loss_ref(
     contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
     ``token_weights`` [N] (no gradient) multiply each token's loss before the aggregation (e.g.
     truncated importance-sampling weights); ``per_token_loss`` is returned without them.
+
+    Only ``logits`` are differentiated: the other tensors are data (the clipped surrogate's constants),
+    and one that requires grad while grad mode is on is a ValueError, as on every fused backend.
+    ``mask`` is bool or holds only 0 and 1.
     """
-    valid = mask.bool()
+    for name, t in dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, token_weights=token_weights,
+                        ref_logprobs=ref_logprobs if beta != 0.0 else None).items():  # fmt: skip
+        check_no_grad(name, t)
+    valid = check_mask(mask)
     per_token, logp, entropy, kl = per_token_loss_ref(
         logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, eps_low=eps_low,
         eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
@@ -254,7 +263,7 @@ def policy_loss_ref(
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
-    weighted = per_token if token_weights is None else per_token * token_weights.detach().to(dtype)
+    weighted = per_token if token_weights is None else per_token * torch.where(valid, token_weights.to(dtype), 0.0)
     loss = aggregate_ref(weighted, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
 
     with torch.no_grad():
@@ -321,6 +330,8 @@ def compute_advantages_ref(
     """
     if method not in ADVANTAGE_METHODS:
         raise ValueError(f"method must be one of {ADVANTAGE_METHODS}, got {method!r}")
+    for name, t in (("rewards", rewards), ("correctness", correctness), ("token_counts", token_counts)):
+        check_no_grad(name, t)  # data, as on every backend: the advantages are the policy loss's constants
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
