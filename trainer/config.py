@@ -102,8 +102,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Training prompts: ``train``, ``split``, ``limit``, ``fields``, ``on_bad_row`` and ``seed`` go to
-    ``trainer.data.load_examples``; ``template``, ``chat`` and ``max_prompt_tokens`` to ``build_prompts``;
-    ``shuffle`` and ``seed`` to ``PromptStream``. ``max_prompt_tokens`` also sizes the engine's context."""
+    ``trainer.data.load_examples``; ``template``, ``chat``, ``max_prompt_tokens`` and ``on_bad_row`` (a prompt
+    over ``max_prompt_tokens`` is a bad row too) to ``build_prompts``; ``shuffle`` and ``seed`` to
+    ``PromptStream``. ``max_prompt_tokens`` also sizes the engine's context."""
 
     train: str = "builtin:toy-arith?difficulty=1-3&size=2000"
     split: str = "train"
