@@ -122,6 +122,7 @@ class FieldMap:
 BUILTIN_PREFIX = "builtin:"
 _ON_BAD_ROW = ("skip", "error")
 _SHOWN_BAD_ROWS = 5  # locations quoted in the skip warning; the rest are only counted
+_SKIP_BAD_HINT = "fix the data or pass on_bad_row='skip' (in a dler train config: data.on_bad_row=skip)"
 _EXPECTED = "a .jsonl/.ndjson, .json or .parquet file, a datasets folder written by save_to_disk, or builtin:toy-arith"
 
 
@@ -144,6 +145,7 @@ def load_examples(
     limit: int | None = None,
     seed: int = 0,
     prepare: Callable[[Mapping], Mapping] | None = None,
+    error_hint: str | None = None,
 ) -> list[Example]:
     """Load and validate the examples of a data file, a ``datasets`` folder, or a builtin generator.
 
@@ -164,6 +166,10 @@ def load_examples(
     ``prepare`` rewrites each record (a mapping) before validation, for formats whose fields need more than a
     name (a list answer, an answer inside a solution); a ``ValueError`` it raises marks the row bad with its
     message. With ``prepare`` every column is read, since it may look at any.
+
+    ``error_hint`` is what the error for a bad row (``on_bad_row="error"``) tells the user to do. The default
+    names ``on_bad_row`` (and ``data.on_bad_row`` of a ``dler train`` config); a caller whose users have no
+    such option (``dler eval`` reads a benchmark whole) says what they can do instead.
     """
     if on_bad_row not in _ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
@@ -179,7 +185,7 @@ def load_examples(
     path = Path(text).expanduser()
     name, rows = _open_rows(path, None if prepare is not None else fields, split)
     examples, bad = _validate_rows(rows, fields, name, prepare)
-    _report_bad_rows(bad, on_bad_row, total=len(examples) + len(bad), path=str(path))
+    _report_bad_rows(bad, on_bad_row, total=len(examples) + len(bad), path=str(path), hint=error_hint)
     if not examples:
         raise UserError(_no_examples_message(str(path), bad))
     return examples[:limit] if limit is not None else examples
@@ -418,12 +424,12 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _report_bad_rows(bad: list[str], on_bad_row: str, *, total: int, path: str) -> None:
+def _report_bad_rows(bad: list[str], on_bad_row: str, *, total: int, path: str, hint: str | None) -> None:
     if not bad:
         return
     if on_bad_row == "error":
         more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise UserError(f"{bad[0]}{more}; fix the data or pass on_bad_row='skip'")
+        raise UserError(f"{bad[0]}{more}; {hint or _SKIP_BAD_HINT}")
     shown = "; ".join(bad[:_SHOWN_BAD_ROWS])
     more = f"; and {len(bad) - _SHOWN_BAD_ROWS} more" if len(bad) > _SHOWN_BAD_ROWS else ""
     warnings.warn(f"skipped {len(bad)} of {total} rows of {path}: {shown}{more}", DataWarning, stacklevel=3)
