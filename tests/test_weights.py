@@ -71,6 +71,8 @@ COMMANDS = {
     "eval": lambda folder, tmp, base: ["eval", "--model", folder, "--data", BENCHMARK, "--out", tmp / "out",
                                        "--engine", "hf", "--samples", "1", "--max-tokens", "4", "--limit", "1",
                                        "--scaling-k", "none", "--no-progress"],
+    "train": lambda folder, tmp, base: ["train", "toy-cpu", f"model.path={folder}", f"run.out={tmp / 'run'}",
+                                        "--no-progress"],
     "merge --tuned": lambda folder, tmp, base: ["merge", "--base", base, "--tuned", folder, "--out", tmp / "out",
                                                 "--no-progress"],
     "merge --base": lambda folder, tmp, base: ["merge", "--base", folder, "--tuned", base, "--out", tmp / "out",
@@ -127,3 +129,13 @@ def test_a_shard_missing_from_the_index_is_named(tmp_path, tiny_llama_dir):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(UserError, match="model-00002-of-00002.safetensors, which is missing"):
         check_weights(folder)
+
+
+def test_a_merge_does_not_copy_the_tuned_folders_pickles_into_its_output(pickle_only, tiny_llama_dir, tmp_path):
+    # The output's weights are the merge's safetensors; a stale pickle of the tuned model beside them would be
+    # loaded by any tool that prefers it.
+    shutil.copy(tiny_llama_dir / "model.safetensors", pickle_only / "model.safetensors")
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_llama_dir), "--tuned", str(pickle_only), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
