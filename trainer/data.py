@@ -10,7 +10,8 @@ and can be resumed from a checkpoint exactly where it stopped. This module provi
 - :func:`toy_arith` generates exact-answer arithmetic with a difficulty knob, for demos and tests
   that have no data set to download.
 - :data:`TEMPLATES`, :func:`format_prompt` and :func:`build_prompts` turn examples into token ids,
-  dropping (and counting) prompts that are too long.
+  dropping (and reporting, by file and line) prompts that are too long; a question is measured in characters
+  before it is tokenised, so one huge row costs a few copies of its text, never its tokens.
 - :class:`PromptStream` hands out examples in a per-epoch permutation, ``k`` at a time, and saves and
   restores its cursor as a plain JSON-serialisable dict.
 
