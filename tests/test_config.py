@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,33 @@ def test_inheritance_cycle_is_an_error(tmp_path):
     _write(tmp_path / "b.yaml", {"inherit": "a.yaml"})
     with pytest.raises(UserError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+# ------------------------------------------------------------------------------------------ duplicated keys
+
+
+def test_a_duplicated_key_in_a_config_file_is_an_error_naming_the_file_the_key_and_both_lines(tmp_path, capsys):
+    from trainer.cli import main
+
+    path = _write(tmp_path / "run.yaml", "inherit: toy-cpu\noptim:\n  lr: 1.0e-6\n  warmup_steps: 3\n  lr: 5.0e-6\n")
+    message = f"{path}: key 'optim.lr' is given twice (lines 3 and 5)"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(path)
+    assert main(["train", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_duplicated_section_in_an_inherited_preset_is_an_error_naming_that_file(tmp_path):
+    base = _write(tmp_path / "base.yaml", "inherit: toy-cpu\nrun:\n  steps: 3\noptim: {lr: 1.0e-6}\nrun: {seed: 4}\n")
+    _write(tmp_path / "child.yaml", "inherit: base.yaml\n")
+    with pytest.raises(UserError, match=re.escape(f"{base}: key 'run' is given twice (lines 2 and 5)")):
+        load_config(tmp_path / "child.yaml")
+
+
+def test_a_duplicated_key_in_an_override_value_is_an_error():
+    with pytest.raises(UserError, match=re.escape("key 'temperature' is given twice")):
+        load_config("toy-cpu", ["rollout.sampling={temperature: 1.0, temperature: 0.5}"])
 
 
 # ------------------------------------------------------------------------------------------ serialisation

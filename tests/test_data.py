@@ -490,3 +490,100 @@ def test_stream_order_is_a_fixed_function_of_seed_and_epoch():
     stream = PromptStream(toy_arith(size=5), seed=0)
     assert [e.id.rsplit(":", 1)[1] for e in stream.take(10)] == list("3014231240")
     assert sum(int(e.answer) for e in toy_arith(size=100, seed=0)) == 1040
+
+
+# ------------------------------------------------------------------------------------------ oversized rows
+
+_HUGE_ROW_CHILD = r"""
+import json, resource, sys, warnings
+sys.path.insert(0, sys.argv[1])
+from cpu_memory import peak_growth, proc_status_bytes
+from transformers import AutoTokenizer
+from trainer.data import build_prompts, load_examples, toy_arith
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+build_prompts(tokenizer, toy_arith(size=8), max_prompt_tokens=256)  # warm-up: thread pools, template compilation
+# A cap on the address space, so that a regression fails here quickly instead of taking the machine's memory
+# (tokenising the huge row whole needs several GiB).
+cap = proc_status_bytes("VmSize") + (3 << 30)
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+result = {}
+
+def load_and_build():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompts = build_prompts(tokenizer, load_examples(sys.argv[3]), max_prompt_tokens=256)
+    result["ids"] = [p.example.id for p in prompts]
+    result["warnings"] = [str(w.message) for w in caught]
+
+result["peak_bytes"] = peak_growth(load_and_build)
+print(json.dumps(result))
+"""
+
+
+def _data_with_a_huge_row(path, huge_chars: int) -> None:
+    """20 ordinary rows, then (line 21) one question of ``huge_chars`` characters of ordinary words."""
+    rows = [{"question": f"What is {i} + {i}?", "answer": 2 * i} for i in range(20)]
+    words = "What is 12 + 34 and then 56 + 78? "
+    rows.append({"question": (words * (huge_chars // len(words) + 1))[:huge_chars], "answer": 1})
+    write_jsonl(path, rows)
+
+
+def test_a_huge_row_is_dropped_and_reported_without_being_tokenised_in_bounded_memory(tmp_path, tiny_llama_dir):
+    """A 24 MiB question among 20 short ones: loading and building the prompts must cost a few copies of the row
+    (reading it: the line, its text, the parsed question), never its tokens (tokenised whole, a 5 MB question
+    took 2 GB), and the row is dropped with its file and line in the warning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "big.jsonl"
+    row = 24 << 20
+    _data_with_a_huge_row(path, row)
+    bench = Path(__file__).parent.parent / "bench"
+    out = subprocess.run(
+        [sys.executable, "-c", _HUGE_ROW_CHILD, str(bench), str(tiny_llama_dir), str(path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ids"] == [f"big:{i}" for i in range(20)]
+    [warning] = result["warnings"]
+    assert "dropped 1 of 21 prompts longer than max_prompt_tokens=256" in warning and f"{path}:21" in warning
+    assert result["peak_bytes"] < 6 * row, result["peak_bytes"] / row
+
+
+class _RecordingTokenizer:
+    """The tiny model's tokenizer, recording the length of every text it is asked to encode."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.lengths = tokenizer, []
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, conversations, **kwargs):
+        self.lengths += [len(c[0]["content"]) for c in conversations]
+        return self._tokenizer.apply_chat_template(conversations, **kwargs)
+
+
+def test_an_oversized_row_is_never_tokenised_and_follows_on_bad_row(tmp_path, tokenizer):
+    path = tmp_path / "big.jsonl"
+    _data_with_a_huge_row(path, 1 << 20)
+    recording = _RecordingTokenizer(tokenizer)
+    with pytest.warns(DataWarning, match=re.escape("dropped 1 of 21 prompts longer than max_prompt_tokens=64")):
+        prompts = build_prompts(recording, load_examples(path), max_prompt_tokens=64)
+    assert [p.example.id for p in prompts] == [f"big:{i}" for i in range(20)]
+    assert max(recording.lengths) < 1000  # the short rows only: the long one was measured in characters
+    with pytest.raises(UserError, match=re.escape(f"{path}:21: the prompt is longer than max_prompt_tokens=64")):
+        build_prompts(tokenizer, load_examples(path), max_prompt_tokens=64, on_bad_row="error")
+
+
+def test_prompts_over_the_token_limit_are_located_by_file_and_line(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"question": "What is 1 + 1?", "answer": 2}, {"question": "1 + " * 40 + "1?", "answer": 41}])
+    limit = len(build_prompts(tokenizer, load_examples(path))[0].token_ids)
+    with pytest.warns(DataWarning, match=re.escape(f"ids: d:1 at {path}:2")):
+        assert len(build_prompts(tokenizer, load_examples(path), max_prompt_tokens=limit)) == 1
+    with pytest.raises(UserError, match=re.escape(f"{path}:2: the prompt is longer than max_prompt_tokens={limit}")):
+        build_prompts(tokenizer, load_examples(path), max_prompt_tokens=limit, on_bad_row="error")

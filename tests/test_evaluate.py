@@ -327,3 +327,16 @@ def test_results_markdown_is_a_table_per_model():
     md = results_markdown(results)
     assert "| base | 50.0 | 100 | 50.0 | 100 |" in md and "| dler | 62.5 | 40 | 62.5 | 40 |" in md
     assert "| base | d | 50.0 | 75.0 | 50.0 | 25.0 |" in md
+
+
+def test_a_bad_benchmark_row_tells_the_eval_user_what_they_can_do_not_an_option_eval_lacks(tmp_path, capsys,
+                                                                                          tiny_llama_dir):  # fmt: skip
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "What?", "answer": "1"}\n{"problem": "Where?"}\n')
+    out = tmp_path / "out"
+    rc, err = _eval(["--model", tiny_llama_dir, "--data", bad, "--out", out], capsys)
+    assert rc == 2 and not out.exists()
+    [line] = err.strip().splitlines()
+    assert f"{bad}:2: no answer field" in line
+    assert "on_bad_row" not in line and "--on-bad-row" not in line  # dler eval has no such option
+    assert "fix or remove the row" in line

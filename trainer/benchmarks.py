@@ -35,6 +35,11 @@ QUESTION_FIELDS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_FIELDS = ("answer", "Answer", "final_answer", "expected_answer")
 SOLUTION_FIELDS = ("solution", "Solution")
 ID_FIELDS = ("unique_id", "id", "ID", "idx")
+# What a user of dler eval / drqa-data can do about a bad row: these commands have no option to skip rows,
+# on purpose (see the module docstring), so the hint must not name load_examples' on_bad_row.
+BAD_ROW_HINT = (
+    "fix or remove the row: a benchmark is scored on all of its questions, so malformed rows are never skipped"
+)
 
 
 def benchmark_record(record: Mapping) -> dict:
@@ -101,6 +106,7 @@ def load_benchmark(spec: str, *, limit: int | None = None, seed: int = 0) -> Ben
             on_bad_row="error",
             limit=limit,
             prepare=benchmark_record,
+            error_hint=BAD_ROW_HINT,
         )
     return Benchmark(name, spec, examples)
 

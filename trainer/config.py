@@ -102,8 +102,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Training prompts: ``train``, ``split``, ``limit``, ``fields``, ``on_bad_row`` and ``seed`` go to
-    ``trainer.data.load_examples``; ``template``, ``chat`` and ``max_prompt_tokens`` to ``build_prompts``;
-    ``shuffle`` and ``seed`` to ``PromptStream``. ``max_prompt_tokens`` also sizes the engine's context."""
+    ``trainer.data.load_examples``; ``template``, ``chat``, ``max_prompt_tokens`` and ``on_bad_row`` (a prompt
+    over ``max_prompt_tokens`` is a bad row too) to ``build_prompts``; ``shuffle`` and ``seed`` to
+    ``PromptStream``. ``max_prompt_tokens`` also sizes the engine's context."""
 
     train: str = "builtin:toy-arith?difficulty=1-3&size=2000"
     split: str = "train"
@@ -719,11 +720,65 @@ def _preset_path(ref: str, relative_to: Path | None) -> Path:
     return path
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a YAML document repeats a key: its dotted path and the two 1-based lines."""
+
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"key '{key}' is given twice (lines {first} and {second}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key in a mapping, where PyYAML keeps the last one silently
+    (``lr`` written twice in a long file: one of the two values is ignored without a word).
+
+    Keys brought in by a merge (``<<: *base``) may be overridden by the mapping's own keys, as YAML intends;
+    only the mapping's own keys must be unique.
+    """
+
+    def construct_document(self, node):
+        # Dotted paths of the document's mappings, for messages: construct_mapping sees one node at a time.
+        self._paths: dict[int, str] = {}
+        stack = [(node, "")]
+        while stack:
+            current, path = stack.pop()
+            if isinstance(current, yaml.MappingNode):
+                self._paths[id(current)] = path
+                for key, value in current.value:
+                    name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                    stack.append((value, _join(path, str(name))))
+            elif isinstance(current, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in enumerate(current.value))
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _DuplicateKey(_join(self._paths.get(id(node), ""), str(key)), first_line[key], line)
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`_DuplicateKey` for a repeated key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except _DuplicateKey as e:
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {e}") from None
     if data is None:
@@ -771,7 +826,9 @@ def _apply_override(tree: dict[str, Any], text: str) -> dict[str, Any]:
                 raise UserError(f"override {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
             cls = tp
     try:
-        value = yaml.safe_load(raw)
+        value = _load_yaml(raw)
+    except _DuplicateKey as e:
+        raise UserError(f"override {text!r}: {e}") from None
     except yaml.YAMLError:
         value = raw
     try:

@@ -10,7 +10,8 @@ and can be resumed from a checkpoint exactly where it stopped. This module provi
 - :func:`toy_arith` generates exact-answer arithmetic with a difficulty knob, for demos and tests
   that have no data set to download.
 - :data:`TEMPLATES`, :func:`format_prompt` and :func:`build_prompts` turn examples into token ids,
-  dropping (and counting) prompts that are too long.
+  dropping (and reporting, by file and line) prompts that are too long; a question is measured in characters
+  before it is tokenised, so one huge row costs a few copies of its text, never its tokens.
 - :class:`PromptStream` hands out examples in a per-epoch permutation, ``k`` at a time, and saves and
   restores its cursor as a plain JSON-serialisable dict.
 
@@ -28,7 +29,7 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -48,6 +49,7 @@ __all__ = [
     "fingerprint",
     "format_prompt",
     "load_examples",
+    "max_prompt_chars",
     "toy_arith",
 ]
 
@@ -61,13 +63,17 @@ class Example:
     """One training prompt: the question, its reference answer, a unique id, and where it came from.
 
     ``answer`` is always a string (the reward function compares text); ``id`` is unique within a loaded
-    data set, which per-prompt state (such as DA-DLER difficulty) can be keyed by.
+    data set, which per-prompt state (such as DA-DLER difficulty) can be keyed by. ``where`` is the row's
+    location in its file (``data.jsonl:17``) for messages about it; empty for generated examples. It is not
+    part of an example's identity (equality, :func:`fingerprint`): the same row moved in its file is the same
+    example.
     """
 
     question: str
     answer: str
     id: str
     source: str
+    where: str = field(default="", compare=False)
 
 
 # Column names tried, in order, for the question when FieldMap.question is left unset. They are the
@@ -117,6 +123,7 @@ class FieldMap:
 BUILTIN_PREFIX = "builtin:"
 _ON_BAD_ROW = ("skip", "error")
 _SHOWN_BAD_ROWS = 5  # locations quoted in the skip warning; the rest are only counted
+_SKIP_BAD_HINT = "fix the data or pass on_bad_row='skip' (in a dler train config: data.on_bad_row=skip)"
 _EXPECTED = "a .jsonl/.ndjson, .json or .parquet file, a datasets folder written by save_to_disk, or builtin:toy-arith"
 
 
@@ -139,6 +146,7 @@ def load_examples(
     limit: int | None = None,
     seed: int = 0,
     prepare: Callable[[Mapping], Mapping] | None = None,
+    error_hint: str | None = None,
 ) -> list[Example]:
     """Load and validate the examples of a data file, a ``datasets`` folder, or a builtin generator.
 
@@ -159,6 +167,10 @@ def load_examples(
     ``prepare`` rewrites each record (a mapping) before validation, for formats whose fields need more than a
     name (a list answer, an answer inside a solution); a ``ValueError`` it raises marks the row bad with its
     message. With ``prepare`` every column is read, since it may look at any.
+
+    ``error_hint`` is what the error for a bad row (``on_bad_row="error"``) tells the user to do. The default
+    names ``on_bad_row`` (and ``data.on_bad_row`` of a ``dler train`` config); a caller whose users have no
+    such option (``dler eval`` reads a benchmark whole) says what they can do instead.
     """
     if on_bad_row not in _ON_BAD_ROW:
         raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
@@ -174,7 +186,7 @@ def load_examples(
     path = Path(text).expanduser()
     name, rows = _open_rows(path, None if prepare is not None else fields, split)
     examples, bad = _validate_rows(rows, fields, name, prepare)
-    _report_bad_rows(bad, on_bad_row, total=len(examples) + len(bad), path=str(path))
+    _report_bad_rows(bad, on_bad_row, total=len(examples) + len(bad), path=str(path), hint=error_hint)
     if not examples:
         raise UserError(_no_examples_message(str(path), bad))
     return examples[:limit] if limit is not None else examples
@@ -205,22 +217,37 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _read_jsonl(path: Path, text: str | None = None) -> list[_Row]:
+def _read_jsonl(path: Path) -> list[_Row]:
     """One JSON value per line; blank lines are ignored and do not count as rows (but do count as lines).
 
     Lines end at ``\n`` only (a ``\r`` before it is JSON whitespace): ``str.splitlines`` would also split
     at U+2028 and other separators that ``json.dumps(ensure_ascii=False)`` leaves raw inside strings.
+    The file is read one line at a time, so a huge row is held at most as its bytes, its text and its
+    parsed value at once, never next to a copy of the whole file.
     """
-    text = _read_text(path) if text is None else text
     rows = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            rows.append(_Row(len(rows), where, json.loads(line)))
-        except json.JSONDecodeError as e:
-            rows.append(_Row(len(rows), where, None, error=f"invalid JSON ({e.msg} at column {e.colno})"))
+    offset = 0  # of the line in the file, for the byte position of a decoding error
+    try:
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):  # binary lines end at b"\n" only
+                start, offset = offset, offset + len(raw)
+                try:
+                    # -sig on the first line: tolerate the BOM some editors write
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path} is not UTF-8 text (byte {start + e.start}); save it as UTF-8") from None
+                del raw
+                if not line or line.isspace():  # not line.strip(): that would copy a huge line once more
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    rows.append(_Row(len(rows), where, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    # The column within the line: the parser also saw its "\n" (slicing it off would copy the line).
+                    column = min(e.pos, len(line) - line.endswith("\n")) + 1
+                    rows.append(_Row(len(rows), where, None, error=f"invalid JSON ({e.msg} at column {column})"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     return rows
 
 
@@ -231,14 +258,19 @@ def _read_json(path: Path) -> list[_Row]:
     ``.json``; refusing them would be pedantic when the intent is unambiguous.
     """
     text = _read_text(path)
+    json_lines = False
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _read_jsonl(path, text)
-        raise UserError(
-            f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); expected a list of objects"
-        ) from None
+        # The first non-blank character, without text.lstrip(): that would copy the whole file.
+        if not (e.msg == "Extra data" and next((c for c in text if not c.isspace()), "") == "{"):
+            raise UserError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); expected a list of objects"
+            ) from None
+        json_lines = True
+    if json_lines:
+        del text  # the lines reader streams the file: the whole text need not stay alive meanwhile
+        return _read_jsonl(path)
     if not isinstance(data, list):
         raise UserError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects (one per example)")
     return [_Row(i, f"{path}[{i}]", value) for i, value in enumerate(data)]
@@ -250,13 +282,18 @@ def _read_parquet(path: Path, fields: FieldMap | None) -> list[_Row]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    records: list = []
     try:
-        schema = pq.read_schema(path)
-        columns = None if fields is None else [c for c in dict.fromkeys(fields.columns()) if c in schema.names]
-        table = pq.read_table(path, columns=columns)
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        columns = None if fields is None else [c for c in dict.fromkeys(fields.columns()) if c in names]
+        # Batch by batch: the Arrow copy of one batch, not of the whole table, lives next to the Python rows.
+        for batch in parquet.iter_batches(columns=columns):
+            records.extend(batch.to_pylist())
+            del batch
     except Exception as e:  # pyarrow raises several unrelated types for a corrupt or foreign file
         raise UserError(f"cannot read {path} as parquet: {e}") from None
-    return [_Row(i, f"{path}[{i}]", value) for i, value in enumerate(table.to_pylist())]
+    return [_Row(i, f"{path}[{i}]", value) for i, value in enumerate(records)]
 
 
 def _read_datasets_folder(path: Path, fields: FieldMap | None, split: str) -> list[_Row]:
@@ -325,6 +362,7 @@ def _to_example(row: _Row, fields: FieldMap, name: str) -> Example:
         answer=_answer_text(record, fields.answer),
         id=_optional_text(record, fields.id, default=f"{name}:{row.index}", allow_int=True),
         source=_optional_text(record, fields.source, default=name, allow_int=False),
+        where=row.where,
     )
 
 
@@ -387,12 +425,12 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _report_bad_rows(bad: list[str], on_bad_row: str, *, total: int, path: str) -> None:
+def _report_bad_rows(bad: list[str], on_bad_row: str, *, total: int, path: str, hint: str | None) -> None:
     if not bad:
         return
     if on_bad_row == "error":
         more = f" (and {len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise UserError(f"{bad[0]}{more}; fix the data or pass on_bad_row='skip'")
+        raise UserError(f"{bad[0]}{more}; {hint or _SKIP_BAD_HINT}")
     shown = "; ".join(bad[:_SHOWN_BAD_ROWS])
     more = f"; and {len(bad) - _SHOWN_BAD_ROWS} more" if len(bad) > _SHOWN_BAD_ROWS else ""
     warnings.warn(f"skipped {len(bad)} of {total} rows of {path}: {shown}{more}", DataWarning, stacklevel=3)
@@ -577,6 +615,38 @@ class Prompt:
 
 
 _ENCODE_BATCH = 512  # conversations per tokenizer call: batching is several times faster than one by one
+# Characters of questions per tokenizer call: a tokenizer holds a few hundred bytes per token of its input
+# (ids, offsets, token strings), so a call's memory follows its characters, not its number of texts.
+_ENCODE_CHARS = 1 << 20
+# Unicode normalisation (NFC, NFKC), which some tokenizers apply before splitting, folds at most 4 code
+# points into one character (the longest canonical decomposition), so one token may stand for 4 times the
+# characters of its vocabulary entry.
+_NORMALISATION_FOLD = 4
+_SKIP_LONG_HINT = (
+    "raise max_prompt_tokens or pass on_bad_row='skip' (in a dler train config: data.max_prompt_tokens, "
+    "data.on_bad_row=skip)"
+)
+
+
+def max_prompt_chars(tokenizer, max_prompt_tokens: int) -> int | None:
+    """An upper bound on the characters of a text of at most ``max_prompt_tokens`` tokens under ``tokenizer``.
+
+    A question longer than this is too long for certain, and is known to be so without tokenising it (which
+    costs a few hundred bytes per token: a 5 MB question took 2 GB). A token never stands for more characters
+    than its longest vocabulary entry has: byte-level BPE entries have one character per byte of the text
+    they stand for (at least one per character), SentencePiece entries one per character, byte-fallback
+    entries (``<0xE2>``) six for one byte. A normalising tokenizer may fold characters (see
+    ``_NORMALISATION_FOLD``). This assumes no token swallows a whole run of text, as the unknown token of a
+    word-level vocabulary can; the byte-level and byte-fallback tokenizers of causal LMs never do. None when
+    the tokenizer has no vocabulary to measure.
+    """
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    longest = max(map(len, get_vocab()), default=0) if callable(get_vocab) else 0
+    if longest < 1:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fold = 1 if backend is not None and getattr(backend, "normalizer", "unknown") is None else _NORMALISATION_FOLD
+    return max_prompt_tokens * longest * fold
 
 
 def build_prompts(
@@ -586,6 +656,7 @@ def build_prompts(
     template: str = "r1",
     chat: bool = True,
     max_prompt_tokens: int | None = None,
+    on_bad_row: str = "skip",
 ) -> list[Prompt]:
     """Token ids of each example's prompt; prompts over ``max_prompt_tokens`` are dropped with a warning.
 
@@ -593,23 +664,56 @@ def build_prompts(
     generation prompt appended, as the model saw in instruction tuning; ``chat=False`` encodes the bare
     text, with whatever special tokens (BOS) the tokenizer adds by default. Dropping rather than
     truncating: a cut question has a different answer, and the reward would then teach the wrong thing.
-    Returns only the surviving prompts, in the order of ``examples``.
+    A question is measured in characters before it is tokenised (:func:`max_prompt_chars`): one too long
+    for certain is dropped without ever being tokenised, so memory stays bounded by ``max_prompt_tokens``
+    whatever the data holds. Dropped prompts are reported by id and location (``file:line``) in one
+    :class:`DataWarning`; ``on_bad_row="error"`` raises :class:`UserError` for the first one instead, as
+    :func:`load_examples` does for malformed rows. Returns only the surviving prompts, in the order of
+    ``examples``.
     """
     if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or max_prompt_tokens < 1):
         raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
-    texts = [format_prompt(example.question, template) for example in examples]
+    if on_bad_row not in _ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; set chat=False to encode prompts as plain text")
     encode = _encode_chat if chat else _encode_plain
-    ids = [
-        seq
-        for start in range(0, len(texts), _ENCODE_BATCH)
-        for seq in encode(tokenizer, texts[start : start + _ENCODE_BATCH])
-    ]
-    prompts = [Prompt(example, seq) for example, seq in zip(examples, ids)]
-    if max_prompt_tokens is None:
-        return prompts
-    return _drop_long(prompts, max_prompt_tokens)
+    char_limit = None if max_prompt_tokens is None else max_prompt_chars(tokenizer, max_prompt_tokens)
+    too_long: list[tuple[int, Example, int | None]] = []  # (position in examples, example, tokens if counted)
+    measured: list[tuple[int, Example]] = []
+    for i, example in enumerate(examples):
+        if char_limit is not None and len(example.question) > char_limit:
+            too_long.append((i, example, None))
+        else:
+            measured.append((i, example))
+    prompts: list[tuple[int, Prompt]] = []
+    for batch in _batches(measured):
+        texts = [format_prompt(example.question, template) for _, example in batch]
+        for (i, example), seq in zip(batch, encode(tokenizer, texts)):
+            if max_prompt_tokens is not None and len(seq) > max_prompt_tokens:
+                too_long.append((i, example, len(seq)))
+            else:
+                prompts.append((i, Prompt(example, seq)))
+    kept = [prompt for _, prompt in prompts]  # measured in order, so already in the order of examples
+    if too_long:
+        _report_long(sorted(too_long, key=lambda item: item[0]), kept, max_prompt_tokens, on_bad_row)
+    return kept
+
+
+def _batches(items: list[tuple[int, Example]]) -> Iterator[list[tuple[int, Example]]]:
+    """Consecutive runs of at most ``_ENCODE_BATCH`` examples and (unless one alone is longer)
+    ``_ENCODE_CHARS`` characters of questions."""
+    batch: list[tuple[int, Example]] = []
+    chars = 0
+    for item in items:
+        size = len(item[1].question)
+        if batch and (len(batch) == _ENCODE_BATCH or chars + size > _ENCODE_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += size
+    if batch:
+        yield batch
 
 
 def _encode_chat(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -635,26 +739,41 @@ def _plain_ids(result: Any) -> list[list[int]]:
     return [[int(t) for t in seq] for seq in result]
 
 
-def _drop_long(prompts: list[Prompt], max_prompt_tokens: int) -> list[Prompt]:
-    kept = [p for p in prompts if len(p.token_ids) <= max_prompt_tokens]
-    dropped = [p for p in prompts if len(p.token_ids) > max_prompt_tokens]
-    if not dropped:
-        return kept
-    longest = max(len(p.token_ids) for p in dropped)
-    if not kept:
+def _size(example: Example, tokens: int | None) -> str:
+    return f"{tokens} tokens" if tokens is not None else f"{len(example.question)} characters, not tokenised"
+
+
+def _report_long(
+    too_long: list[tuple[int, Example, int | None]], kept: list[Prompt], max_prompt_tokens: int, on_bad_row: str
+) -> None:
+    """Warn about the dropped prompts, or raise for the first one (``on_bad_row="error"``, or none left).
+    Sizes are tokens where the prompt was tokenised, characters where it was too long to be."""
+    total = len(too_long) + len(kept)
+    if on_bad_row == "error":
+        _, example, tokens = too_long[0]
+        where = example.where or f"prompt {example.id!r}"
+        more = f" (and {len(too_long) - 1} more too long)" if len(too_long) > 1 else ""
         raise UserError(
-            f"all {len(prompts)} prompts are longer than max_prompt_tokens={max_prompt_tokens} "
-            f"(shortest: {min(len(p.token_ids) for p in dropped)} tokens); raise max_prompt_tokens"
+            f"{where}: the prompt is longer than max_prompt_tokens={max_prompt_tokens} ({_size(example, tokens)})"
+            f"{more}; shorten or remove the row, or {_SKIP_LONG_HINT}"
         )
-    ids = ", ".join(p.example.id for p in dropped[:_SHOWN_BAD_ROWS])
-    more = ", ..." if len(dropped) > _SHOWN_BAD_ROWS else ""
+    counted = [tokens for _, _, tokens in too_long if tokens is not None]
+    uncounted = [len(example.question) for _, example, tokens in too_long if tokens is None]
+    if not kept:
+        shortest = f"{min(counted)} tokens" if counted else f"{min(uncounted)} characters"
+        raise UserError(
+            f"all {total} prompts are longer than max_prompt_tokens={max_prompt_tokens} "
+            f"(shortest: {shortest}); raise max_prompt_tokens"
+        )
+    longest = f"{max(uncounted)} characters" if uncounted else f"{max(counted)} tokens"
+    shown = [f"{e.id} at {e.where}" if e.where else e.id for _, e, _ in too_long[:_SHOWN_BAD_ROWS]]
+    more = ", ..." if len(too_long) > _SHOWN_BAD_ROWS else ""
     warnings.warn(
-        f"dropped {len(dropped)} of {len(prompts)} prompts longer than max_prompt_tokens={max_prompt_tokens} "
-        f"(longest: {longest} tokens; ids: {ids}{more})",
+        f"dropped {len(too_long)} of {total} prompts longer than max_prompt_tokens={max_prompt_tokens} "
+        f"(longest: {longest}; ids: {', '.join(shown)}{more})",
         DataWarning,
         stacklevel=3,
     )
-    return kept
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .fsutil import UserError, atomic_directory, check_output_dir
+from .weights import check_safetensors_folder
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -241,8 +242,9 @@ def parse_model(spec: str) -> ModelSpec:
         path = Path(rest).expanduser()
         if not path.is_dir():
             raise UserError(f"model folder {path} not found (from --model {spec!r})")
-        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a model folder: it needs config.json and *.safetensors weights")
+        check_safetensors_folder(path)  # safetensors only, whole: refused here, not in the engine's process
     path = resolve_model(rest)
     return ModelSpec(name or (rest if rest in MODEL_ALIASES else path.name), path)
 

@@ -31,11 +31,9 @@ from .chunking import chunks_by_size, nbytes
 from .config import DEVICES, FSDPConfig, ModelConfig
 from .devices import can_pin_host_memory
 from .fsutil import UserError
+from .weights import check_safetensors_folder
 
 logger = logging.getLogger("trainer.fsdp")
-
-# What a Hugging Face folder holds its weights in: single files, shards, or the index of shards.
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -187,16 +185,14 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def check_weights(model_dir: Path) -> None:
-    """Fail with a message naming the folder before transformers tries (and fails obscurely, or
-    silently builds random weights) to load a folder without weights."""
+    """Fail with one line naming the folder before transformers tries (and fails obscurely, silently
+    builds random weights, or unpickles) to load a folder without usable weights: no config.json, no
+    safetensors (pickled weights are refused, with how to convert them), a truncated or damaged file
+    (``trainer.weights``: only the headers are read)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model folder {model_dir} does not exist or has no config.json")
-    if not any(next(model_dir.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
-        raise UserError(
-            f"model folder {model_dir} has no weights (no *.safetensors, *.bin or index of them); "
-            "point model.path at a complete Hugging Face folder"
-        )
+    check_safetensors_folder(model_dir)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -229,7 +225,10 @@ def load_policy(
     check_weights(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation
+            model_dir,
+            dtype=_dtype(model_cfg.dtype),
+            attn_implementation=model_cfg.attn_implementation,
+            use_safetensors=True,  # never a pickle next to them (trainer.weights)
         )
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
         raise UserError(

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .fsutil import UserError, atomic_directory, check_output_dir
+from .weights import PICKLE_SUFFIXES, check_safetensors_file, check_safetensors_folder, read_header
 
 SCOPES = ("tensor", "global")
 REPORT = "dler_merge.json"
-_HEADER_LIMIT = 100 << 20  # safetensors' own limit on the JSON header
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -53,30 +53,14 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data section starts."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            (size,) = struct.unpack("<Q", raw)
-            if size > _HEADER_LIMIT:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable safetensors file: {e}") from None
-    return header, 8 + size
-
-
 def list_tensors(folder: Path) -> dict[str, TensorInfo]:
     """Every tensor of a model folder's ``*.safetensors`` files (from the headers alone)."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has no *.safetensors files")
+    # Safetensors only, each whole (trainer.weights). Not the index: the merge reads the files themselves and
+    # mirrors the tuned folder's index as it is.
+    files = check_safetensors_folder(folder, index=False)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        header, start = read_header(f)
+        header, start = check_safetensors_file(f)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
@@ -294,7 +278,8 @@ def merge_models(
     per_tensor, kept_total = {}, 0
     with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:
         for f in sorted(tuned_dir.iterdir()):
-            if f.suffix == ".safetensors" or f.name.startswith("."):
+            # Not the tuned folder's weights (the merge writes its own), nor pickles of them beside the safetensors.
+            if f.suffix == ".safetensors" or f.name.endswith(PICKLE_SUFFIXES) or f.name.startswith("."):
                 continue
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         by_file: dict[Path, list[TensorInfo]] = {}

@@ -18,6 +18,7 @@ from typing import Protocol
 from .chunking import chunks_by_size, nbytes
 from .devices import synchronize
 from .fsutil import UserError
+from .weights import check_safetensors_file, check_safetensors_folder
 
 
 @dataclass
@@ -107,16 +108,14 @@ class CheckpointLayout:
     so that a weight update is checked before any tensor reaches the engine."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
-        self.files = files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise UserError(f"{model_dir} has no *.safetensors files: not a model folder the engines can load")
+        # Safetensors only, each file whole (trainer.weights): the engines load nothing else.
+        self.files = files = check_safetensors_folder(Path(model_dir))
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(f), "pt") as st:
-                for key in st.keys():
-                    self.shapes[key] = tuple(st.get_slice(key).get_shape())
+            header, _ = check_safetensors_file(f)
+            for key, meta in header.items():
+                if key != "__metadata__":
+                    self.shapes[key] = tuple(meta["shape"])
         config = _read_config(model_dir)
         # Tied models store no lm_head, but vLLM keeps a separate head that must be loaded too.
         self.tied = bool(config.get("tie_word_embeddings", False))
@@ -470,7 +469,9 @@ class HFEngine:
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), padding_side="left")
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch_dtype).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(self.model_dir), dtype=torch_dtype, use_safetensors=True
+        ).to(self.device)
         self.model.eval()
         self.batch_size, self.seed = batch_size, seed
         eos = self.model.generation_config.eos_token_id

@@ -557,7 +557,12 @@ class Trainer:
             spec, fields=d.fields, on_bad_row=d.on_bad_row, split=d.split, limit=limit, seed=d.seed
         )
         return build_prompts(
-            self.tokenizer, examples, template=d.template, chat=d.chat, max_prompt_tokens=d.max_prompt_tokens
+            self.tokenizer,
+            examples,
+            template=d.template,
+            chat=d.chat,
+            max_prompt_tokens=d.max_prompt_tokens,
+            on_bad_row=d.on_bad_row,  # a prompt too long for max_prompt_tokens is a bad row too
         )
 
     def _engine_kwargs(self) -> dict[str, Any]:
