@@ -195,7 +195,22 @@ class CheckpointManager:
     def _begin(self, staging: contextlib.ExitStack, final: Path) -> Path:
         logger.info("saving checkpoint %s", final)
         self._remove_leftovers()
+        if is_complete(final):
+            # The same step of a timeline abandoned by resuming an older checkpoint (--from-step, or a
+            # damaged newer one skipped): set aside like the newer ones, never replaced.
+            self._set_aside(final, int(final.name.removeprefix("step-")))
         return staging.enter_context(atomic_directory(final, overwrite=True))
+
+    def _set_aside(self, path: Path, step: int) -> None:
+        aside = path.with_name(f"abandoned-{path.name}-{int(time.time())}")
+        os.rename(path, aside)
+        logger.warning(
+            "moved %s to %s: it is from the run that was resumed at an older checkpoint (now at step %d); "
+            "delete it when it is no longer needed",
+            path,
+            aside,
+            step,
+        )
 
     def _write_model(self, tmp: Path, model, weights: dict) -> None:
         folder = tmp / MODEL_DIR
@@ -228,15 +243,7 @@ class CheckpointManager:
             complete = self.checkpoints()
             for other_step, path in complete:
                 if other_step > step:
-                    aside = path.with_name(f"abandoned-{path.name}-{int(time.time())}")
-                    os.rename(path, aside)
-                    logger.warning(
-                        "moved %s to %s: it is newer than step %d, from the run that was resumed at an older "
-                        "checkpoint; delete it when it is no longer needed",
-                        path,
-                        aside,
-                        step,
-                    )
+                    self._set_aside(path, step)
             current = [(s, p) for s, p in complete if s <= step]
             for _, path in current[: max(0, len(current) - self.keep)]:
                 logger.info("removing old checkpoint %s (keep=%d)", path, self.keep)

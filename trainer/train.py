@@ -21,12 +21,13 @@ checkpoint and returns at once, without any evaluation still due (it prints the 
 that runs it later); ``dler train --resume OUT`` continues from it. A second Ctrl-C interrupts at once
 (the last complete checkpoint is still there).
 
-**Divergence.** A training step stops the run with a UserError, before anything is saved, when every
-optimizer step of it had a non-finite loss or gradient norm (each was skipped: nothing was learned and the
-policy has collapsed or is about to) or when the weights hold a NaN or inf after the update. A single
-skipped optimizer step among finite ones is a transient (one bad micro-batch) and only counted in
-``skipped_steps``. No checkpoint with non-finite weights is ever written; the newest one stays the last
-good state.
+**Divergence.** A training step stops the run with a UserError, before anything of it is saved, when
+the loss of any of its optimizer steps is not finite (the policy's own forward pass overflows: its next
+samples would be garbage, or fail), when every optimizer step had a non-finite gradient norm (all were
+skipped: nothing can be learned), or when the weights hold a NaN or inf after the update. A non-finite
+gradient norm with a finite loss in some of the optimizer steps is a transient (one bad backward pass):
+that optimizer step is skipped and counted in ``skipped_steps``, as before. No checkpoint of a diverged
+step is ever written; the newest one stays the last good state.
 
 **The run folder.** ``run.out`` is checked by ``fsutil.check_output`` before anything is written: a new or
 empty folder is started; a folder an earlier ``dler train`` made (its ``.dler-run`` marker) is refused with
@@ -71,7 +72,7 @@ from .fsdp import (
     load_policy,
     sum_replicated_gradients,
 )
-from .fsutil import UserError, atomic_file, check_output, mark_owner, owner
+from .fsutil import UserError, atomic_file, check_output, mark_owner, owner, storage_error
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
@@ -302,8 +303,10 @@ class Trainer:
     def _divergence(self, update: dict[str, float]) -> str | None:
         """Why this step's update ruined the policy (the rule in the module docstring), or None."""
         steps = int(update.get("optimizer_steps", 0))
+        if steps and not math.isfinite(update.get("loss", 0.0)):
+            return "the loss is not finite: the policy's own forward pass overflows"
         if steps and int(update.get("skipped_steps", 0)) >= steps:
-            return f"every optimizer step had a non-finite loss or gradient norm (loss {update.get('loss')})"
+            return "every optimizer step had a non-finite gradient norm"
         finite = all(bool(torch.isfinite(_local(p)).all()) for p in self.policy.parameters())
         if _any_rank(not finite):
             return "the weights hold NaN or inf values after the update"
@@ -594,8 +597,6 @@ class Trainer:
 
     def _start_fresh(self) -> None:
         if self.env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            mark_owner(self.out, "train")  # first: from here on the folder is a run's, never the user's
             metrics = self.out / METRICS_FILE
             if self._replaces_failed_start and _read_metrics(metrics):
                 # Steps logged without a checkpoint cannot be resumed, but they are kept, not erased.
@@ -647,16 +648,36 @@ class Trainer:
         in it can be resumed, so starting it over is what its owner wants)."""
         if resume:
             return False
+        # Rank 0 decides and claims (the folder is shared); every rank gets its outcome, so that a refusal
+        # stops them all instead of leaving the others waiting in the next collective.
+        outcome: tuple[str, Any] | None = None
+        if self.env.is_main:
+            try:
+                outcome = ("ok", self._claim_out_folder())
+            except Exception as e:
+                error = storage_error(e, "cannot create run.out", self.out)
+                if error is None:
+                    raise
+                outcome = ("error", str(error))
+        kind, value = _gather(outcome)[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def _claim_out_folder(self) -> bool:
         resume_hint = f"continue it with `dler train --resume {self.out}`, or set run.out to another folder"
         if owner(self.out) is None and _is_legacy_run(self.out):
             # Made by a dler from before the marker: ours, but without it nothing may be taken over.
             raise UserError(f"{self.out} already holds a run: {resume_hint}")
-        if check_output(self.out, "train", flag=None, name="run.out", ours_ok=True) == "new":
-            return False
-        if CheckpointManager(self.out).latest() is None:
+        state = check_output(self.out, "train", flag=None, name="run.out", ours_ok=True)
+        if state == "ours" and CheckpointManager(self.out).latest() is not None:
+            raise UserError(f"{self.out} already holds a run: {resume_hint}")
+        if state == "ours":
             self._say(f"{self.out} holds a run that stopped before its first checkpoint: starting it over")
-            return True
-        raise UserError(f"{self.out} already holds a run: {resume_hint}")
+        # Claimed now, before the minutes of loading: a read-only or unusable run.out fails at once.
+        self.out.mkdir(parents=True, exist_ok=True)
+        mark_owner(self.out, "train")
+        return state == "ours"
 
     def _load_prompts(self, spec: str, limit: int | None) -> list[Prompt]:
         """Training or held-out prompts, read and encoded with ``data``'s fields and template."""
