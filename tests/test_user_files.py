@@ -133,6 +133,16 @@ def test_train_refuses_a_folder_of_the_users_own_files_and_leaves_them_byte_iden
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "nothing is written next to it either"
 
 
+def test_a_start_that_fails_before_writing_anything_leaves_no_run_folder_behind(tmp_path, capsys):
+    # run.out is claimed before the model loads (so that a read-only one fails at once); a bad model path
+    # found after the claim gives the folder back.
+    out = tmp_path / "run"
+    rc = _train(f"model.path={tmp_path / 'no-such-model'}", f"run.out={out}", "rollout.engine=hf")
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and "no-such-model" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["eval", "merge", "drqa-data", "prepare-model"])
 def test_every_other_command_refuses_a_folder_of_the_users_own_files(command, tiny_llama_dir, tmp_path, capsys):
     folder = tmp_path / "d"

@@ -90,7 +90,7 @@ def check_output(
         inp, target = Path(path).expanduser().resolve(), out.resolve()
         if target == inp:
             relation = "is"
-        elif inp in target.parents:
+        elif inp in target.parents and kind == "dir":  # a new file inside an input folder destroys nothing
             relation = "lies inside"
         elif target in inp.parents:
             relation = "holds"

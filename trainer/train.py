@@ -72,7 +72,7 @@ from .fsdp import (
     load_policy,
     sum_replicated_gradients,
 )
-from .fsutil import UserError, atomic_file, check_output, mark_owner, owner, storage_error
+from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_owner, owner, storage_error
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
@@ -184,6 +184,34 @@ class Trainer:
         self.out = Path(cfg.run.out).expanduser().absolute()
         self._check_world(env.world_size)
         self._replaces_failed_start = self._check_out_folder(resume)
+        try:
+            self._load()
+        except BaseException:
+            self._release_out_folder(resume)
+            raise
+
+        self.start_step, self.history, engine_dir = 0, {}, self.model_dir
+        if resume:
+            engine_dir = self._restore(from_step)
+        else:
+            self._start_fresh()
+
+        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
+        self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
+        self.sampler = DynamicSampler(
+            self.engine,
+            _RankSlice(self.stream, env.rank, env.world_size),
+            lambda exs: [self.prompt_ids[ex.id] for ex in exs],
+            self.checker,
+            cfg.reward.penalty,
+            cfg.rollout.sampling,
+            self.budgets,
+            another_round=_any_rank,
+        )
+
+    def _load(self) -> None:
+        """Everything a run needs before its first step, cheap checks first; the folder is claimed already."""
+        cfg, env = self.cfg, self.env
         self.loggers = _open_loggers(cfg, self.out) if env.is_main else []
         torch.manual_seed(cfg.run.seed)
 
@@ -221,25 +249,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
         self.checkpoints = CheckpointManager(self.out, keep=cfg.run.keep_checkpoints, source_model_dir=self.model_dir)
-
-        self.start_step, self.history, engine_dir = 0, {}, self.model_dir
-        if resume:
-            engine_dir = self._restore(from_step)
-        else:
-            self._start_fresh()
-
-        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
-        self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
-        self.sampler = DynamicSampler(
-            self.engine,
-            _RankSlice(self.stream, env.rank, env.world_size),
-            lambda exs: [self.prompt_ids[ex.id] for ex in exs],
-            self.checker,
-            cfg.reward.penalty,
-            cfg.rollout.sampling,
-            self.budgets,
-            another_round=_any_rank,
-        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -664,6 +673,17 @@ class Trainer:
             raise UserError(value)
         return value
 
+    def _release_out_folder(self, resume: bool) -> None:
+        """Give back a folder claimed by a start that failed before it wrote anything (a bad model path, a
+        missing package): it holds only the marker, so it goes, and the user's view is as before the run."""
+        if resume or not self.env.is_main:
+            return
+        with contextlib.suppress(OSError):
+            if [p.name for p in self.out.iterdir()] == [OWNER_MARKER]:
+                (self.out / OWNER_MARKER).unlink()
+                if self._created_out:
+                    self.out.rmdir()
+
     def _claim_out_folder(self) -> bool:
         resume_hint = f"continue it with `dler train --resume {self.out}`, or set run.out to another folder"
         if owner(self.out) is None and _is_legacy_run(self.out):
@@ -675,6 +695,7 @@ class Trainer:
         if state == "ours":
             self._say(f"{self.out} holds a run that stopped before its first checkpoint: starting it over")
         # Claimed now, before the minutes of loading: a read-only or unusable run.out fails at once.
+        self._created_out = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         mark_owner(self.out, "train")
         return state == "ours"
