@@ -306,6 +306,8 @@ class Trainer:
             args += ["--limit", str(e.limit)]
         args += ["--samples", str(e.samples_per_prompt), "--temperature", str(e.temperature), "--top-p", str(e.top_p)]
         args += ["--max-tokens", str(self.cfg.eval_max_tokens), "--template", d.template, "--scaling-k", "none"]
+        if self.cfg.reward.checker in ("math", "exact"):  # the answer check the run's evaluation used
+            args += ["--checker", self.cfg.reward.checker]
         args += ["--out", str(self.out / f"eval-step-{step}")]
         return shlex.join(args)
 
