@@ -20,7 +20,10 @@ folder is fsynced, the manifest is written over the synced bytes, then the marke
 ``rename`` makes the folder appear whole, and the parent is fsynced so that the rename survives
 a power cut. A process killed at any moment leaves either the previous state or a hidden
 ``.step-*.tmp-*`` folder that :meth:`CheckpointManager.latest` ignores and the next save removes.
-The manifest turns silent damage (a flipped bit, a truncated copy) into a clear error at load.
+The manifest turns silent damage (a flipped bit, a truncated copy) into a clear error at load, and lets
+a resume pass over a damaged checkpoint to the newest one that verifies (:meth:`CheckpointManager.newest_good`).
+A checkpoint of a timeline abandoned by such a resume (newer than, or of the same step as, the next save)
+is moved aside as ``abandoned-step-*``, never deleted.
 
 **Distributed contract.** :meth:`CheckpointManager.save` and :meth:`CheckpointManager.load` are
 collective: every rank calls them, in the same order as every other collective. Full tensors are
