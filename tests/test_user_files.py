@@ -177,6 +177,20 @@ def test_merge_refuses_the_root_and_an_output_that_is_holds_or_sits_inside_an_in
     assert not any(p.name.startswith(".") for p in Path("/").iterdir() if ".tmp-" in p.name)
 
 
+def test_overwrite_never_replaces_the_root_the_home_folder_or_the_current_folder(tmp_path, monkeypatch):
+    from trainer.fsutil import UserError, check_output
+
+    home, work = tmp_path / "home", tmp_path / "home" / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    for out, why in (("/", "root"), (home, "home folder"), (work, "current folder"), (".", "current folder")):
+        with pytest.raises(UserError, match=why):
+            check_output(Path(out), "eval", overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine\n"
+
+
 # ------------------------------------------------------------------- 3. damaged checkpoints, --from-step
 
 
