@@ -193,8 +193,14 @@ def test_pruning_leftovers_and_abandoned_timelines(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in manager.root.iterdir()) == ["step-00000004", "step-00000005"]
 
     flip_byte(manager.step_dir(5) / "scheduler.pt")
-    with pytest.raises(UserError, match=re.escape(f"--resume {manager.step_dir(4)}")):
+    # The hint is a command that works (a resume of the run, which checks every checkpoint), never an
+    # older checkpoint named unchecked (`--resume RUN/checkpoints/step-N` is not a run folder).
+    with pytest.raises(UserError, match=re.escape(f"`dler train --resume {tmp_path}` skips damaged")) as caught:
         manager.verify(manager.step_dir(5))
+    assert str(manager.step_dir(4)) not in str(caught.value)
+    good, skipped = manager.newest_good()
+    assert good == manager.step_dir(4) and [p for p, _ in skipped] == [manager.step_dir(5)]
+    assert "sha256 mismatch" in skipped[0][1]
 
     # Saving step 3 after resuming step 2 of an older timeline: 4 and 5 are moved aside, not resumed.
     manager.save(3, model, optimizer, scheduler, {"step": 3})

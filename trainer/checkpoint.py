@@ -20,7 +20,10 @@ folder is fsynced, the manifest is written over the synced bytes, then the marke
 ``rename`` makes the folder appear whole, and the parent is fsynced so that the rename survives
 a power cut. A process killed at any moment leaves either the previous state or a hidden
 ``.step-*.tmp-*`` folder that :meth:`CheckpointManager.latest` ignores and the next save removes.
-The manifest turns silent damage (a flipped bit, a truncated copy) into a clear error at load.
+The manifest turns silent damage (a flipped bit, a truncated copy) into a clear error at load, and lets
+a resume pass over a damaged checkpoint to the newest one that verifies (:meth:`CheckpointManager.newest_good`).
+A checkpoint of a timeline abandoned by such a resume (newer than, or of the same step as, the next save)
+is moved aside as ``abandoned-step-*``, never deleted.
 
 **Distributed contract.** :meth:`CheckpointManager.save` and :meth:`CheckpointManager.load` are
 collective: every rank calls them, in the same order as every other collective. Full tensors are
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .chunking import chunks_by_size, nbytes
-from .fsutil import COMPLETE_MARKER, UserError, atomic_directory, is_complete
+from .fsutil import COMPLETE_MARKER, UserError, atomic_directory, is_complete, storage_error
 
 logger = logging.getLogger("trainer.checkpoint")
 
@@ -125,6 +128,37 @@ class CheckpointManager:
         """Raise a UserError naming the first missing, truncated or altered file of checkpoint ``path``."""
         verify_checkpoint(path)
 
+    def newest_good(self, step: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The checkpoint to resume (collective): the newest complete one whose every file matches its
+        manifest, or with ``step`` that step's own. Returns it (None when none verifies) and the ones passed
+        over on the way, newest first, each with what is wrong with it.
+
+        Rank 0 reads and hashes; the outcome is broadcast, so every rank resumes the same checkpoint.
+        """
+        found = self.checkpoints()
+        if step is not None:
+            found = [(s, p) for s, p in found if s == step]
+            if not found:
+                steps = ", ".join(str(s) for s, _ in self.checkpoints()) or "none"
+                raise UserError(
+                    f"{self.run_dir} has no complete checkpoint of step {step} (complete ones: steps {steps}); "
+                    "pass one of those to --from-step"
+                )
+
+        def scan() -> tuple[str | None, list[tuple[str, str]]]:
+            skipped = []
+            for _, path in reversed(found):
+                try:
+                    verify_checkpoint(path)
+                except CorruptCheckpoint as e:
+                    skipped.append((str(path), e.detail))
+                    continue
+                return str(path), skipped
+            return None, skipped
+
+        good, skipped = _broadcast(_on_rank0(f"cannot read the checkpoints of {self.run_dir}", scan))
+        return (Path(good) if good else None), [(Path(p), why) for p, why in skipped]
+
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, model, optimizer, scheduler, state: dict) -> Path | None:
@@ -142,18 +176,18 @@ class CheckpointManager:
         final = self.step_dir(step)
         cannot_write = f"cannot write checkpoint {final}"
         with contextlib.ExitStack() as staging:
-            tmp = _on_rank0(cannot_write, self._begin, staging, final)
+            tmp = _on_rank0(cannot_write, self._begin, staging, final, path=final)
             weights = _gather_model(model)
-            _on_rank0(cannot_write, self._write_model, tmp, model, weights)
+            _on_rank0(cannot_write, self._write_model, tmp, model, weights, path=final)
             del weights
             optim_state, fresh = _gather_optimizer(model, optimizer)
-            _on_rank0(cannot_write, _write_optimizer, tmp, optim_state, fresh)
+            _on_rank0(cannot_write, _write_optimizer, tmp, optim_state, fresh, path=final)
             del optim_state
             rng = _gather_rng()
-            _on_rank0(cannot_write, _write_small_files, tmp, step, scheduler, rng, state)
-            _on_rank0(cannot_write, _seal, tmp, step)
+            _on_rank0(cannot_write, _write_small_files, tmp, step, scheduler, rng, state, path=final)
+            _on_rank0(cannot_write, _seal, tmp, step, path=final)
             # Closing the stack runs atomic_directory's exit: marker, then the rename into place.
-            _on_rank0(cannot_write, _commit, staging, final)
+            _on_rank0(cannot_write, _commit, staging, final, path=final)
         if _rank() != 0:
             return None
         self._prune(step)
@@ -164,7 +198,22 @@ class CheckpointManager:
     def _begin(self, staging: contextlib.ExitStack, final: Path) -> Path:
         logger.info("saving checkpoint %s", final)
         self._remove_leftovers()
+        if is_complete(final):
+            # The same step of a timeline abandoned by resuming an older checkpoint (--from-step, or a
+            # damaged newer one skipped): set aside like the newer ones, never replaced.
+            self._set_aside(final, int(final.name.removeprefix("step-")))
         return staging.enter_context(atomic_directory(final, overwrite=True))
+
+    def _set_aside(self, path: Path, step: int) -> None:
+        aside = path.with_name(f"abandoned-{path.name}-{int(time.time())}")
+        os.rename(path, aside)
+        logger.warning(
+            "moved %s to %s: it is from the run that was resumed at an older checkpoint (now at step %d); "
+            "delete it when it is no longer needed",
+            path,
+            aside,
+            step,
+        )
 
     def _write_model(self, tmp: Path, model, weights: dict) -> None:
         folder = tmp / MODEL_DIR
@@ -197,15 +246,7 @@ class CheckpointManager:
             complete = self.checkpoints()
             for other_step, path in complete:
                 if other_step > step:
-                    aside = path.with_name(f"abandoned-{path.name}-{int(time.time())}")
-                    os.rename(path, aside)
-                    logger.warning(
-                        "moved %s to %s: it is newer than step %d, from the run that was resumed at an older "
-                        "checkpoint; delete it when it is no longer needed",
-                        path,
-                        aside,
-                        step,
-                    )
+                    self._set_aside(path, step)
             current = [(s, p) for s, p in complete if s <= step]
             for _, path in current[: max(0, len(current) - self.keep)]:
                 logger.info("removing old checkpoint %s (keep=%d)", path, self.keep)
@@ -216,26 +257,27 @@ class CheckpointManager:
 
     # -- load ----------------------------------------------------------------------------------
 
-    def load(self, path: Path, model, optimizer, scheduler) -> dict:
+    def load(self, path: Path, model, optimizer, scheduler, *, verify: bool = True) -> dict:
         """Restore model, optimizer, scheduler and RNG from checkpoint ``path`` (collective); return the
         trainer state given to :meth:`save`.
 
-        Rank 0 verifies every checksum first and reads the files; the other ranks receive everything by
-        broadcast (their ``path`` is not read). Call it after the model is wrapped with FSDP2 and the
-        optimizer and scheduler are built, and before anything draws random numbers.
+        Rank 0 verifies every checksum first (unless ``verify`` is False: :meth:`newest_good` just did) and
+        reads the files; the other ranks receive everything by broadcast (their ``path`` is not read). Call
+        it after the model is wrapped with FSDP2 and the optimizer and scheduler are built, and before
+        anything draws random numbers.
         """
         path = Path(path).expanduser().absolute()
         cannot_read = f"cannot read checkpoint {path}"
-        weights = _on_rank0(cannot_read, _read_checked_weights, path, model) or {}
+        weights = _on_rank0(cannot_read, _read_checked_weights, path, model, verify, path=path) or {}
         _set_model(model, weights)
         del weights
-        payload = _on_rank0(cannot_read, _torch_load, path / OPTIMIZER_FILE) or {}
+        payload = _on_rank0(cannot_read, _torch_load, path / OPTIMIZER_FILE, path=path) or {}
         if _broadcast(payload.get("fresh")):  # saved before its first step: hyperparameters only
             _set_hyperparameters(optimizer, _broadcast(payload.get("state_dict", {}).get("param_groups")))
         else:
             _set_optimizer(model, optimizer, payload.get("state_dict", {}))
         del payload
-        small = _broadcast(_on_rank0(cannot_read, _read_small_files, path))
+        small = _broadcast(_on_rank0(cannot_read, _read_small_files, path, path=path))
         scheduler.load_state_dict(small["scheduler"])
         _restore_rng(small["rng"])
         saved = small["state"]
@@ -274,7 +316,10 @@ def verify_checkpoint(path: Path, *, only: str = "") -> None:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist")
     if not is_complete(path):
-        raise UserError(f"checkpoint {path} is incomplete (its save was interrupted); {_fallback_hint(path)}")
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is incomplete (its save was interrupted); {_fallback_hint(path)}",
+            "incomplete (its save was interrupted)",
+        )
     files = _read_manifest(path)
     for rel, entry in files.items():
         if rel.startswith(only):
@@ -329,21 +374,22 @@ def _broadcast(obj: T) -> T:
     return box[0]
 
 
-def _on_rank0(os_error: str, fn: Callable[..., T], *args: Any) -> T | None:
+def _on_rank0(os_error: str, fn: Callable[..., T], *args: Any, path: Path | None = None) -> T | None:
     """Run ``fn(*args)`` on rank 0 only, and raise its failure on every rank.
 
     Without this, a rank-0 failure (full disk, corrupt file) would leave the other ranks blocked in
-    the next collective forever. An OSError becomes a UserError prefixed with ``os_error``.
+    the next collective forever. A storage failure (OSError, or torch's and safetensors' write and read
+    errors) becomes a one-line UserError prefixed with ``os_error`` (``fsutil.storage_error``; ``path``: the
+    folder being written or read, for errors that name no file).
     """
     result, failure = None, None
     if _rank() == 0:
         try:
             result = fn(*args)
-        except OSError as e:
-            failure = UserError(f"{os_error}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
-            failure.__cause__ = e
         except Exception as e:
-            failure = e
+            failure = storage_error(e, os_error, path) or e
+            if failure is not e:
+                failure.__cause__ = e
     outcome = _broadcast(None if failure is None else (isinstance(failure, UserError), str(failure)))
     if failure is not None:
         raise failure
@@ -601,10 +647,11 @@ def _commit(staging: contextlib.ExitStack, final: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_checked_weights(path: Path, model) -> dict:
+def _read_checked_weights(path: Path, model, verify: bool = True) -> dict:
     """Verify the whole checkpoint, then read its weights and check they fit ``model``."""
-    logger.info("verifying checkpoint %s", path)
-    verify_checkpoint(path)
+    if verify:
+        logger.info("verifying checkpoint %s", path)
+        verify_checkpoint(path)
     weights = _read_weights(path / MODEL_DIR)
     for alias, source in _aliases(model).items():
         if alias not in weights and source in weights:
@@ -710,18 +757,30 @@ def _file_problem(path: Path, entry: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _corrupt(path: Path, detail: str) -> UserError:
-    return UserError(f"checkpoint {path} is corrupt: {detail}; {_fallback_hint(path)}")
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files do not match its manifest (or that was never finished). ``detail`` says
+    what is wrong without the advice, for the one-line notes of a resume that passes it over."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+def _corrupt(path: Path, detail: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"checkpoint {path} is corrupt: {detail}; {_fallback_hint(path)}", f"corrupt: {detail}")
 
 
 def _fallback_hint(path: Path) -> str:
-    """Where to go from a bad checkpoint: the newest complete one older than it, if any."""
+    """Where to go from a bad checkpoint. No older checkpoint is named here: it has not been checked;
+    ``dler train --resume RUN`` checks them all, newest first, and resumes from the newest good one."""
     match = _STEP_DIR.fullmatch(path.name)
-    if match:
-        older = [p for s, p in _step_dirs(path.parent) if s < int(match.group(1)) and is_complete(p)]
-        if older:
-            return f"resume from an older one with --resume {older[-1]}, or delete it"
-    return "delete it and start the run again (there is no older checkpoint)"
+    if match and path.parent.name == CHECKPOINTS_DIR:
+        run = path.parent.parent
+        return (
+            f"`dler train --resume {run}` skips damaged checkpoints and resumes from the newest one that "
+            f"verifies (`--from-step N` picks one)"
+        )
+    return "restore it from a copy, or use another checkpoint"
 
 
 # ----------------------------------------------------------------------------------------------

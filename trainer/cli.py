@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .fsutil import UserError
+from .fsutil import UserError, storage_error
 
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -71,6 +71,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(name)
         return 0
     preset, overrides = _split_train_args(args.args)
+    if args.from_step is not None and args.resume is None:
+        raise UserError("--from-step picks the checkpoint of a run to resume: use it with --resume RUN")
     if args.resume is not None:
         if preset is not None:
             raise UserError(
@@ -90,8 +92,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(config_mod.describe(cfg), flush=True)
     from .train import train
 
-    summary = train(cfg, resume=args.resume is not None, progress=not args.no_progress)
-    return 0 if summary["finished"] else 130
+    summary = train(cfg, resume=args.resume is not None, from_step=args.from_step, progress=not args.no_progress)
+    # A stop request that cut anything (steps or the final evaluation) is an interrupted run.
+    return 0 if summary["finished"] and not summary.get("stopped") else 130
 
 
 def _int_list(text: str) -> list[int]:
@@ -266,7 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
         "process runs this same command.",
     )
     p.add_argument("args", nargs="*", metavar="PRESET|key=value", help="a preset or YAML file, then overrides")
-    p.add_argument("--resume", type=Path, default=None, metavar="OUT", help="continue the run in folder OUT")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="continue the run in folder OUT from its newest checkpoint that verifies (damaged ones are skipped)",
+    )
+    p.add_argument(
+        "--from-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --resume: continue from the checkpoint of step N; the later ones are moved aside at the next save",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step table remains)")
@@ -356,8 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:
-        print(f"dler {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        # The one place a failure becomes one line: the user's mistakes (UserError) and what the file
+        # system did (read-only, full, no permission, truncated or corrupt files; fsutil.storage_error).
+        # Anything else is a bug and keeps its traceback.
+        error = storage_error(e)
+        if error is None:
+            raise
+        print(f"dler {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dler {args.command}: interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .fsutil import UserError, atomic_file
+from .fsutil import UserError, atomic_file, check_output
 
 LABELS = ("correct-concise", "correct-verbose", "wrong")
 _MARKER = re.compile(r"^[ \t>*#_]*(?:question|problem|q)[ \t]*(\d{1,3})\b[ \t]*[:.)]?", re.IGNORECASE | re.MULTILINE)
@@ -125,9 +125,10 @@ def build_drqa_data(
     if k < 1 or samples < 1 or max_tokens < 1:
         raise UserError(f"-k, --samples and --max-tokens must be >= 1, got {k}, {samples}, {max_tokens}")
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    check_output(out, "drqa-data", overwrite=overwrite, kind="file")
     spec: ModelSpec = parse_model(model)
+    inputs = [("--model", spec.path)] + ([("--data", Path(data))] if Path(data).exists() else [])
+    check_output(out, "drqa-data", overwrite=overwrite, kind="file", inputs=inputs)
     examples = load_benchmark(data, limit=limit, seed=seed).examples
     if len(examples) < k:
         raise UserError(f"{data} has {len(examples)} questions; a batched prompt needs k={k}")

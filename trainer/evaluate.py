@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fsutil import UserError, atomic_directory, check_output_dir
+from .fsutil import UserError, atomic_directory, check_output
 from .weights import check_safetensors_folder
 
 RESULTS_JSON = "results.json"
@@ -265,8 +265,10 @@ def run_eval(
     from .benchmarks import load_benchmarks
 
     out = Path(out).expanduser()
-    check_output_dir(out, overwrite, "--overwrite")  # before any model is resolved or built
+    check_output(out, "eval", overwrite=overwrite)  # before any model is resolved or built
     specs = [parse_model(m) for m in models]
+    inputs = [(f"--model {m.name}", m.path) for m in specs]
+    check_output(out, "eval", overwrite=overwrite, inputs=inputs)
     names = [m.name for m in specs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -276,7 +278,7 @@ def run_eval(
 
     kind = resolve_engine(settings.engine)
     started = time.perf_counter()
-    with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:
+    with atomic_directory(out, overwrite=overwrite, flag="--overwrite", command="eval", inputs=inputs) as tmp:
         work = tmp / ".work"
         work.mkdir()
         for model in specs:

@@ -1,12 +1,15 @@
-"""Errors meant for the user, and directories that appear whole or not at all."""
+"""Errors meant for the user, directories that appear whole or not at all, and the one place that
+decides whether a command may write its output."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -20,10 +23,114 @@ class UserError(Exception):
 
 # Written last into a finished directory: its presence means the directory is complete.
 COMPLETE_MARKER = ".dler-complete"
+# Written first into an output folder a dler command creates; it holds the command's name. A non-empty
+# folder without it belongs to the user, and no command writes into it unless told to replace it.
+OWNER_MARKER = ".dler-run"
 
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
+
+
+def owner(path: Path) -> str | None:
+    """The dler command that created folder ``path`` (its marker), or None."""
+    try:
+        return (Path(path) / OWNER_MARKER).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def mark_owner(path: Path, command: str) -> None:
+    """Claim folder ``path`` for ``command``: later runs may then treat it as theirs."""
+    (Path(path) / OWNER_MARKER).write_text(command + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------ output folders
+
+
+def _dangerous(out: Path) -> str | None:
+    """Why replacing ``out`` would destroy far more than an output (None when it would not)."""
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor):
+        return "the root of the file system"
+    if resolved == Path.home().resolve():
+        return "your home folder"
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "the current folder or one above it"
+    return None
+
+
+def check_output(
+    out: Path,
+    command: str | None,
+    *,
+    overwrite: bool = False,
+    flag: str | None = "--overwrite",
+    name: str = "--out",
+    inputs: Iterable[tuple[str, Path]] = (),
+    kind: str = "dir",
+    ours_ok: bool = False,
+) -> str:
+    """Whether ``command`` may write ``out``: the one rule every dler command follows, checked before any
+    work and before anything is written anywhere.
+
+    Returns ``"new"`` (missing, or an empty folder), ``"ours"`` (a folder this command created, its
+    ``OWNER_MARKER`` says so, and the caller asked with ``ours_ok`` to decide itself what to do with it) or
+    ``"replace"`` (``overwrite`` was given: the caller replaces it whole). Raises a one-line UserError for
+    anything else: a non-empty folder the command did not make (the user's), a file where a folder goes
+    (``kind="dir"``) or the reverse, an output that is, holds or lies inside one of the ``inputs``
+    (``(label, path)``; replacing it would destroy an input), and a replacement of the file-system root,
+    the home folder or the current folder. ``flag`` is the option that allows a replacement (None: the
+    command has none), ``name`` what the user calls the output (``--out``, ``run.out``).
+    """
+    out = Path(out).expanduser().absolute()
+    elsewhere = f"choose another {name}"
+    for label, path in inputs:
+        inp, target = Path(path).expanduser().resolve(), out.resolve()
+        if target == inp:
+            relation = "is"
+        elif inp in target.parents and kind == "dir":  # a new file inside an input folder destroys nothing
+            relation = "lies inside"
+        elif target in inp.parents:
+            relation = "holds"
+        else:
+            continue
+        raise UserError(f"{name} {out} {relation} the {label} {path}: writing it would destroy an input; {elsewhere}")
+    replace_hint = f"pass {flag} to replace it, or {elsewhere}" if flag else f"{elsewhere} (a new or empty folder)"
+    if kind == "file":
+        if out.is_dir():
+            raise UserError(f"{name} {out} is a folder; {name} names the file to write: {elsewhere}")
+        if out.exists() or out.is_symlink():
+            if overwrite:
+                return "replace"
+            raise UserError(f"{out} exists; {replace_hint}")
+        return "new"
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory; {elsewhere}")
+    if not out.exists() or not any(out.iterdir()):
+        return "new"
+    made_by = owner(out)
+    if command is not None and made_by == command and ours_ok:
+        return "ours"
+    if overwrite:
+        danger = _dangerous(out)
+        if danger:
+            raise UserError(f"refusing to replace {out}: it is {danger}; {elsewhere}")
+        return "replace"
+    if command is not None and made_by == command:
+        raise UserError(f"{out} holds the output of an earlier `dler {command}`; {replace_hint}")
+    if command is not None:
+        raise UserError(
+            f"{out} is not empty and was not made by `dler {command}`: nothing in it is touched; {replace_hint}"
+        )
+    raise UserError(f"output directory {out} is not empty; {replace_hint}")
+
+
+def check_output_dir(out: Path, overwrite: bool = False, flag: str = "--force") -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite`` (the rule of
+    :func:`check_output` for a folder no command claims)."""
+    check_output(out, None, overwrite=overwrite, flag=flag)
 
 
 @contextlib.contextmanager
@@ -46,33 +153,33 @@ def atomic_file(path: Path) -> Iterator[IO[str]]:
         raise
 
 
-def check_output_dir(out: Path, overwrite: bool = False, flag: str = "--force") -> None:
-    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite``: called before
-    long work as well as by :func:`atomic_directory`, so a refusal costs nothing."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass {flag} to replace it")
-
-
 @contextlib.contextmanager
-def atomic_directory(out: Path, overwrite: bool = False, flag: str = "--force") -> Iterator[Path]:
+def atomic_directory(
+    out: Path,
+    overwrite: bool = False,
+    flag: str = "--force",
+    *,
+    command: str | None = None,
+    inputs: Iterable[tuple[str, Path]] = (),
+) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to fill; rename it to ``out`` only on success.
 
     On any exception the temporary directory is removed, so a failed or killed
     write never leaves a half-written ``out`` behind (a kill leaves only a hidden
     ``.out.tmp-*`` sibling, which the next call ignores). ``flag`` is the option named in the refusal
-    to replace a non-empty ``out``.
+    to replace a non-empty ``out``. ``command``: the dler command writing it; the folder is marked as
+    its own (:data:`OWNER_MARKER`) and checked with :func:`check_output`.
     """
     out = Path(out).expanduser().absolute()
-    check_output_dir(out, overwrite, flag)
+    check_output(out, command, overwrite=overwrite, flag=flag, inputs=inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
     try:
+        if command is not None:
+            mark_owner(tmp, command)
         yield tmp
         (tmp / COMPLETE_MARKER).write_text("")
         if out.exists():
@@ -86,3 +193,73 @@ def atomic_directory(out: Path, overwrite: bool = False, flag: str = "--force") 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------------------- storage failures
+
+# What to do about each kind of failure, by errno.
+_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose a folder on a writable one",
+    errno.ENOSPC: "the disk is full: free some space or choose a folder on another disk, then run it again",
+    errno.EDQUOT: "the disk quota is used up: free some space or choose a folder on another disk, then run it again",
+    errno.EACCES: "permission denied: choose a folder you may write, or change its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you may write, or change its permissions",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder where a file was expected: check the path",
+    errno.EIO: "the disk or network file system reported an I/O error: check it, then run it again",
+    errno.ENAMETOOLONG: "the name is too long for the file system: choose a shorter path",
+}
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+
+
+def storage_error(e: BaseException, doing: str = "", path: Path | str | None = None) -> UserError | None:
+    """The one translation of a file-system or storage failure into a one-line UserError naming the path
+    and what to do; None when ``e`` is not one (a bug, which keeps its traceback).
+
+    Understands OSError (read-only, disk full, permission, ...), safetensors' errors (they carry the OS
+    error code in their text) and torch's zip writer and reader (``inline_container.cc``: a failed write,
+    usually a full disk, or a truncated or corrupt file). ``doing`` says what failed ("cannot write
+    checkpoint X"), ``path`` the file when the error does not name one.
+    """
+    if isinstance(e, UserError):
+        return e
+    code: int | None = None
+    if isinstance(e, OSError):
+        code = e.errno
+        where = e.filename if e.filename is not None else path
+        reason = e.strerror or str(e)
+    elif type(e).__name__ == "SafetensorError" or "inline_container" in str(e) or "PytorchStream" in str(e):
+        text = str(e)
+        match = _OS_ERROR_CODE.search(text)
+        code = int(match.group(1)) if match else None
+        where = path
+        if code is None and ("Reader" in text or "deserializ" in text.lower()):
+            reason = "the file is truncated or corrupt"
+        elif code is None:
+            reason = "the write failed"
+            if where is not None and _nearly_full(Path(where)):
+                code = errno.ENOSPC
+        else:
+            reason = os.strerror(code)
+    else:
+        return None
+    advice = _ADVICE.get(code) if code is not None else None
+    if advice is None and reason == "the write failed":
+        advice = "the disk may be full or failing: check the free space (df), then run it again"
+    if doing:
+        head = f"{doing} ({where})" if where is not None and str(where) not in doing else doing
+    else:
+        head = str(where) if where is not None else "a file operation failed"
+    return UserError(f"{head}: {reason}" + (f"; {advice}" if advice else ""))
+
+
+def _nearly_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing parent) has under 1 MiB free."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free < (1 << 20)
+            except OSError:
+                return False
+    return False

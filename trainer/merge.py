@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import UserError, atomic_directory, check_output_dir
+from .fsutil import UserError, atomic_directory, check_output
 from .weights import PICKLE_SUFFIXES, check_safetensors_file, check_safetensors_folder, read_header
 
 SCOPES = ("tensor", "global")
@@ -262,8 +262,10 @@ def merge_models(
     if scope not in SCOPES:
         raise UserError(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     base_dir, tuned_dir, out = (Path(p).expanduser() for p in (base_dir, tuned_dir, out))
+    # The output may never be, hold or sit inside an input: replacing it would destroy the models read.
+    inputs = (("--base", base_dir), ("--tuned", tuned_dir))
+    check_output(out, "merge", overwrite=overwrite, inputs=inputs)
     base_info, tuned_info = _check_pair(base_dir, tuned_dir)
-    check_output_dir(out, overwrite, "--overwrite")
     floats = [n for n in tuned_info if tuned_info[n].dtype in _FLOAT_DTYPES]
     base_reader, tuned_reader = _Reader(base_info), _Reader(tuned_info)
 
@@ -276,7 +278,7 @@ def merge_models(
     total = sum(math.prod(tuned_info[n].shape) for n in floats)
     threshold = global_threshold(pairs, keep_count(top_k, total), total) if scope == "global" else None
     per_tensor, kept_total = {}, 0
-    with atomic_directory(out, overwrite=overwrite, flag="--overwrite") as tmp:
+    with atomic_directory(out, overwrite=overwrite, flag="--overwrite", command="merge", inputs=inputs) as tmp:
         for f in sorted(tuned_dir.iterdir()):
             # Not the tuned folder's weights (the merge writes its own), nor pickles of them beside the safetensors.
             if f.suffix == ".safetensors" or f.name.endswith(PICKLE_SUFFIXES) or f.name.startswith("."):

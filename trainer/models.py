@@ -103,7 +103,7 @@ def prepare_smollm2(out: Path | None = None, gguf: Path | None = None, force: bo
     gguf = Path(gguf).expanduser() if gguf is not None else find_smollm2_gguf()
     _check_gguf(gguf)
     # Check the destination before the (slow) conversion, so a bad --out fails at once.
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, overwrite=force, command="prepare-model") as tmp:
         tokenizer, model = _load_gguf(gguf)
         _save_state_dict(model, tmp, torch.bfloat16)
         config = model.config
@@ -162,7 +162,7 @@ def build_tiny_model(
         return out
     gguf = find_smollm2_gguf()
     _check_gguf(gguf)
-    with atomic_directory(out, overwrite=force) as tmp:
+    with atomic_directory(out, overwrite=force, command="prepare-model") as tmp:
         tokenizer = _load_gguf_tokenizer(gguf)
         common = dict(
             vocab_size=len(tokenizer),

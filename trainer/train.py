@@ -17,8 +17,22 @@ the gathered global batch, so DLER's batch statistics are those of the whole bat
 on each rank's share with the global token normaliser (``policy.accumulate_gradients``).
 
 **Stopping.** Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the current step: it writes a
-checkpoint and returns; ``dler train --resume OUT`` continues from it. A second Ctrl-C interrupts at
-once (the last complete checkpoint is still there).
+checkpoint and returns at once, without any evaluation still due (it prints the ``dler eval`` command
+that runs it later); ``dler train --resume OUT`` continues from it. A second Ctrl-C interrupts at once
+(the last complete checkpoint is still there).
+
+**Divergence.** A training step stops the run with a UserError, before anything of it is saved, when
+the loss of any of its optimizer steps is not finite (the policy's own forward pass overflows: its next
+samples would be garbage, or fail), when every optimizer step had a non-finite gradient norm (all were
+skipped: nothing can be learned), or when the weights hold a NaN or inf after the update. A non-finite
+gradient norm with a finite loss in some of the optimizer steps is a transient (one bad backward pass):
+that optimizer step is skipped and counted in ``skipped_steps``, as before. No checkpoint of a diverged
+step is ever written; the newest one stays the last good state.
+
+**The run folder.** ``run.out`` is checked by ``fsutil.check_output`` before anything is written: a new or
+empty folder is started; a folder an earlier ``dler train`` made (its ``.dler-run`` marker) is refused with
+``--resume`` as the way on, unless it is a failed start (no complete checkpoint), which a fresh run takes
+over; any other non-empty folder is the user's and is refused untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +42,9 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -56,7 +72,7 @@ from .fsdp import (
     load_policy,
     sum_replicated_gradients,
 )
-from .fsutil import UserError, atomic_file
+from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_owner, owner, storage_error
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
@@ -155,11 +171,47 @@ class EvalResult:
 class Trainer:
     """One training run: built from a config (fresh) or from a run folder (``resume``)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, *, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        *,
+        resume: bool = False,
+        from_step: int | None = None,
+        progress: bool = True,
+    ):
         self.cfg, self.env, self.progress = cfg, env, progress and env.is_main
         self.out = Path(cfg.run.out).expanduser().absolute()
         self._check_world(env.world_size)
-        self._check_out_folder(resume)
+        self._replaces_failed_start = self._check_out_folder(resume)
+        try:
+            self._load()
+        except BaseException:
+            self._release_out_folder(resume)
+            raise
+
+        self.start_step, self.history, engine_dir = 0, {}, self.model_dir
+        if resume:
+            engine_dir = self._restore(from_step)
+        else:
+            self._start_fresh()
+
+        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
+        self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
+        self.sampler = DynamicSampler(
+            self.engine,
+            _RankSlice(self.stream, env.rank, env.world_size),
+            lambda exs: [self.prompt_ids[ex.id] for ex in exs],
+            self.checker,
+            cfg.reward.penalty,
+            cfg.rollout.sampling,
+            self.budgets,
+            another_round=_any_rank,
+        )
+
+    def _load(self) -> None:
+        """Everything a run needs before its first step, cheap checks first; the folder is claimed already."""
+        cfg, env = self.cfg, self.env
         self.loggers = _open_loggers(cfg, self.out) if env.is_main else []
         torch.manual_seed(cfg.run.seed)
 
@@ -198,25 +250,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.run.steps)
         self.checkpoints = CheckpointManager(self.out, keep=cfg.run.keep_checkpoints, source_model_dir=self.model_dir)
 
-        self.start_step, self.history, engine_dir = 0, {}, self.model_dir
-        if resume:
-            engine_dir = self._restore()
-        else:
-            self._start_fresh()
-
-        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
-        self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
-        self.sampler = DynamicSampler(
-            self.engine,
-            _RankSlice(self.stream, env.rank, env.world_size),
-            lambda exs: [self.prompt_ids[ex.id] for ex in exs],
-            self.checker,
-            cfg.reward.penalty,
-            cfg.rollout.sampling,
-            self.budgets,
-            another_round=_any_rank,
-        )
-
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
@@ -225,7 +258,7 @@ class Trainer:
         if "before" not in self.history and self.eval_prompts:
             self.history["before"] = self.evaluate("before training").as_dict()
         bar = self._bar()
-        step = self.start_step
+        step, stopping = self.start_step, False
         with _StopRequest() as stop:
             for step in range(self.start_step + 1, cfg.run.steps + 1):
                 started = time.perf_counter()
@@ -237,10 +270,15 @@ class Trainer:
                 timings["sync_s"] = self.sync_weights()  # weights to the rollout engine
                 timings["step_s"] = time.perf_counter() - started
                 record = self.record(step, sampling, advantages, update, timings, rows)
-                if self.eval_prompts and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps:
+                diverged = self._divergence(update)
+                # A stop request skips the evaluation due at this step: it would delay the stop by minutes.
+                stopping = _any_rank(stop.requested)
+                due = cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.steps
+                if self.eval_prompts and due and not stopping and diverged is None:
                     record["eval"] = self.evaluate(f"step {step}").as_dict()
                 self._log(record, bar)
-                stopping = _any_rank(stop.requested)
+                if diverged is not None:
+                    raise UserError(self._divergence_message(step, diverged))
                 if stopping or step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
                     self.save(step)
                 if stopping:
@@ -250,8 +288,54 @@ class Trainer:
             bar.close()
         finished = step == cfg.run.steps
         if finished and "after" not in self.history and self.eval_prompts:
-            self.history["after"] = self.evaluate(f"after step {step}").as_dict()
-        return self.finish(step, finished)
+            if stopping:
+                self._say(f"the final evaluation was skipped (stop requested); run it with: {self.eval_command(step)}")
+            else:
+                self.history["after"] = self.evaluate(f"after step {step}").as_dict()
+        summary = self.finish(step, finished)
+        if stopping:
+            summary["stopped"] = True
+        return summary
+
+    def eval_command(self, step: int) -> str:
+        """The ``dler eval`` command that evaluates checkpoint ``step`` as the run's held-out evaluation does."""
+        e, d = self.cfg.eval, self.cfg.data
+        model = self.checkpoints.step_dir(step) / MODEL_DIR
+        args = ["dler", "eval", "--model", f"step-{step}={model}", "--data", f"heldout={e.data}"]
+        if e.limit is not None:
+            args += ["--limit", str(e.limit)]
+        args += ["--samples", str(e.samples_per_prompt), "--temperature", str(e.temperature), "--top-p", str(e.top_p)]
+        args += ["--max-tokens", str(self.cfg.eval_max_tokens), "--template", d.template, "--scaling-k", "none"]
+        if self.cfg.reward.checker in ("math", "exact"):  # the answer check the run's evaluation used
+            args += ["--checker", self.cfg.reward.checker]
+        args += ["--out", str(self.out / f"eval-step-{step}")]
+        return shlex.join(args)
+
+    def _divergence(self, update: dict[str, float]) -> str | None:
+        """Why this step's update ruined the policy (the rule in the module docstring), or None."""
+        steps = int(update.get("optimizer_steps", 0))
+        if steps and not math.isfinite(update.get("loss", 0.0)):
+            return "the loss is not finite: the policy's own forward pass overflows"
+        if steps and int(update.get("skipped_steps", 0)) >= steps:
+            return "every optimizer step had a non-finite gradient norm"
+        finite = all(bool(torch.isfinite(_local(p)).all()) for p in self.policy.parameters())
+        if _any_rank(not finite):
+            return "the weights hold NaN or inf values after the update"
+        return None
+
+    def _divergence_message(self, step: int, why: str) -> str:
+        last = self.checkpoints.latest()
+        keep = (
+            f"the last good checkpoint is {last}: continue from it with `dler train --resume {self.out} "
+            f"optim.lr=SMALLER`"
+            if last is not None
+            else f"no checkpoint was saved yet: start over with `dler train {self.out / CONFIG_FILE} "
+            f"run.out={self.out} optim.lr=SMALLER`"
+        )
+        return (
+            f"step {step}: training diverged ({why}, optim.lr={self.cfg.optim.lr}); stopped without saving "
+            f"this state; {keep}"
+        )
 
     # -- one step, in data-flow order ----------------------------------------------------------
 
@@ -478,12 +562,30 @@ class Trainer:
         if path is not None:
             self._say(f"checkpoint {path}")
 
-    def _restore(self) -> Path:
-        """Load the newest complete checkpoint of OUT; return its model folder for the engine."""
-        path = self.checkpoints.latest()
+    def _restore(self, from_step: int | None = None) -> Path:
+        """Load the newest checkpoint of OUT that verifies (or step ``from_step``'s); return its model folder
+        for the engine. Damaged checkpoints are passed over with one line each; the ones newer than the
+        checkpoint resumed are moved aside at the next save (``CheckpointManager._prune``)."""
+        if self.checkpoints.latest() is None:
+            raise UserError(
+                f"{self.out} has no complete checkpoint to resume from: the run stopped before its first save; "
+                f"start it over with `{_start_over_command(self.out, self._start_over_folder())}`"
+            )
+        path, skipped = self.checkpoints.newest_good(from_step)
+        for bad, why in skipped:
+            self._warn(f"skipping checkpoint {bad}: {why}")
         if path is None:
-            raise UserError(f"{self.out} has no complete checkpoint to resume from")
-        state = self.checkpoints.load(path, self.policy, self.optimizer, self.scheduler)
+            if from_step is not None:
+                raise UserError(
+                    f"{self.out}: the checkpoint of step {from_step} does not verify; resume from the newest one "
+                    f"that does with `dler train --resume {self.out}` (without --from-step)"
+                )
+            restart = _start_over_command(self.out, self.out.with_name(self.out.name + "-restart"))
+            raise UserError(
+                f"{self.out}: none of its {len(skipped)} checkpoints verifies, so nothing can resume it; "
+                f"start over in a new folder with `{restart}`"
+            )
+        state = self.checkpoints.load(path, self.policy, self.optimizer, self.scheduler, verify=False)
         streams, budgets = state["streams"], state["budgets"]
         if len(streams) != self.env.world_size:
             raise UserError(
@@ -499,11 +601,21 @@ class Trainer:
         self._say(f"resumed from {path} at step {self.start_step}")
         return path / MODEL_DIR
 
+    def _start_over_folder(self) -> Path:
+        """Where a start-over goes: this folder if a fresh run may take it over (a failed start of ours),
+        else a new sibling."""
+        return self.out if owner(self.out) == "train" else self.out.with_name(self.out.name + "-restart")
+
     def _start_fresh(self) -> None:
         if self.env.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            metrics = self.out / METRICS_FILE
+            if self._replaces_failed_start and _read_metrics(metrics):
+                # Steps logged without a checkpoint cannot be resumed, but they are kept, not erased.
+                aside = metrics.with_name(f"metrics-failed-{int(time.time())}.jsonl")
+                os.replace(metrics, aside)
+                self._warn(f"{self.out}: the failed start's metrics are kept as {aside.name}")
             config_mod.save_config(self.cfg, self.out / CONFIG_FILE)
-            (self.out / METRICS_FILE).write_text("")
+            metrics.write_text("")
 
     # -- the end of a run ----------------------------------------------------------------------
 
@@ -541,14 +653,54 @@ class Trainer:
             if value % world:
                 raise UserError(f"{name} ({value}) must be a multiple of the number of processes ({world})")
 
-    def _check_out_folder(self, resume: bool) -> None:
+    def _check_out_folder(self, resume: bool) -> bool:
+        """Whether run.out may be written (``fsutil.check_output``, the rule of every dler command); returns
+        True when a fresh run takes over a failed start (a run folder with no complete checkpoint: nothing
+        in it can be resumed, so starting it over is what its owner wants)."""
         if resume:
+            return False
+        # Rank 0 decides and claims (the folder is shared); every rank gets its outcome, so that a refusal
+        # stops them all instead of leaving the others waiting in the next collective.
+        outcome: tuple[str, Any] | None = None
+        if self.env.is_main:
+            try:
+                outcome = ("ok", self._claim_out_folder())
+            except Exception as e:
+                error = storage_error(e, "cannot create run.out", self.out)
+                if error is None:
+                    raise
+                outcome = ("error", str(error))
+        kind, value = _gather(outcome)[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def _release_out_folder(self, resume: bool) -> None:
+        """Give back a folder claimed by a start that failed before it wrote anything (a bad model path, a
+        missing package): it holds only the marker, so it goes, and the user's view is as before the run."""
+        if resume or not self.env.is_main:
             return
-        if (self.out / CHECKPOINTS_DIR).exists() or (self.out / METRICS_FILE).exists():
-            raise UserError(
-                f"{self.out} already holds a run: continue it with `dler train --resume {self.out}`, or set "
-                "run.out to another folder"
-            )
+        with contextlib.suppress(OSError):
+            if [p.name for p in self.out.iterdir()] == [OWNER_MARKER]:
+                (self.out / OWNER_MARKER).unlink()
+                if self._created_out:
+                    self.out.rmdir()
+
+    def _claim_out_folder(self) -> bool:
+        resume_hint = f"continue it with `dler train --resume {self.out}`, or set run.out to another folder"
+        if owner(self.out) is None and _is_legacy_run(self.out):
+            # Made by a dler from before the marker: ours, but without it nothing may be taken over.
+            raise UserError(f"{self.out} already holds a run: {resume_hint}")
+        state = check_output(self.out, "train", flag=None, name="run.out", ours_ok=True)
+        if state == "ours" and CheckpointManager(self.out).latest() is not None:
+            raise UserError(f"{self.out} already holds a run: {resume_hint}")
+        if state == "ours":
+            self._say(f"{self.out} holds a run that stopped before its first checkpoint: starting it over")
+        # Claimed now, before the minutes of loading: a read-only or unusable run.out fails at once.
+        self._created_out = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        mark_owner(self.out, "train")
+        return state == "ours"
 
     def _load_prompts(self, spec: str, limit: int | None) -> list[Prompt]:
         """Training or held-out prompts, read and encoded with ``data``'s fields and template."""
@@ -587,6 +739,10 @@ class Trainer:
             from tqdm import tqdm
 
             tqdm.write(text)
+
+    def _warn(self, text: str) -> None:
+        if self.env.is_main:
+            print(f"dler train: warning: {text}", file=sys.stderr, flush=True)
 
     def _bar(self):
         if not self.progress:
@@ -762,9 +918,28 @@ def plot_curves(records: list[dict[str, Any]], history: dict[str, Any], path: Pa
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A torn last line (the process died mid-write, or the disk filled) is
+    dropped with a one-line warning: its step is redone by the resume. A bad line anywhere else is damage
+    the run cannot explain: an error naming the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for k, (line_no, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a metrics record")
+        except ValueError:
+            if k == len(numbered) - 1:
+                print(f"dler train: warning: {path}:{line_no}: dropped a torn last line", file=sys.stderr, flush=True)
+                break
+            raise UserError(
+                f"{path}:{line_no} is not a metrics record (the file was edited or damaged); fix or delete that line"
+            ) from None
+        records.append(record)
+    return records
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -785,6 +960,22 @@ def _write_text(path: Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------ entry point
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (its shard under FSDP2)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _is_legacy_run(out: Path) -> bool:
+    """A run folder written before runs carried their owner marker (``fsutil.mark_owner``): a config plus
+    metrics or checkpoints."""
+    return (out / CONFIG_FILE).is_file() and ((out / METRICS_FILE).is_file() or (out / CHECKPOINTS_DIR).is_dir())
+
+
+def _start_over_command(run: Path, out: Path) -> str:
+    """The command that starts run ``run`` over with its own config, into ``out``."""
+    return shlex.join(["dler", "train", str(run / CONFIG_FILE), f"run.out={out}"])
+
+
 def load_run_config(out: Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """The config a run folder was started with (OUT/config.yaml), with ``overrides`` on top."""
     path = Path(out).expanduser() / CONFIG_FILE
@@ -796,11 +987,14 @@ def load_run_config(out: Path, overrides: Sequence[str] = ()) -> TrainConfig:
     return cfg
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg`` (or continue the run in ``cfg.run.out`` with ``resume``); return the summary."""
+def train(
+    cfg: TrainConfig, *, resume: bool = False, from_step: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run ``cfg`` (or continue the run in ``cfg.run.out`` with ``resume``, from its checkpoint of step
+    ``from_step`` if given); return the summary."""
     env = init_distributed(cfg.run.device)
     try:
-        trainer = Trainer(cfg, env, resume=resume, progress=progress)
+        trainer = Trainer(cfg, env, resume=resume, from_step=from_step, progress=progress)
         try:
             return trainer.fit()
         finally:
