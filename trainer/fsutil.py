@@ -127,12 +127,6 @@ def check_output(
     raise UserError(f"output directory {out} is not empty; {replace_hint}")
 
 
-def check_output_dir(out: Path, overwrite: bool = False, flag: str = "--force") -> None:
-    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite`` (the rule of
-    :func:`check_output` for a folder no command claims)."""
-    check_output(out, None, overwrite=overwrite, flag=flag)
-
-
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[IO[str]]:
     """A text file to write that appears at ``path`` whole or not at all: a temporary sibling, flushed and
