@@ -143,6 +143,25 @@ def test_a_start_that_fails_before_writing_anything_leaves_no_run_folder_behind(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_oversized_data_row_is_one_line_naming_its_file_and_line_and_nothing_is_written(
+    demo_model, tmp_path, capsys
+):
+    """A 16 MiB question among normal rows: with data.on_bad_row=error the run stops at the data check, before
+    the model loads, naming the file and line (it is never tokenised whole: tests/test_data.py measures the
+    memory); the data file is untouched and no run folder is left."""
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    rows = [{"question": f"{i} + {i} = ?", "answer": str(2 * i)} for i in range(20)]
+    rows.insert(7, {"question": "1 + " * (4 << 20) + "1 = ?", "answer": "x"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = _digests(data.parent)
+    out = tmp_path / "run"
+    rc = _train(*_overrides(demo_model, out, 1, f"data.train={data}", "data.on_bad_row=error"))
+    line = _error_line(capsys.readouterr().err)
+    assert rc == 2 and f"{data}:8" in line, line
+    assert _digests(data.parent) == before and not out.exists()
+
+
 @pytest.mark.parametrize("command", ["eval", "merge", "drqa-data", "prepare-model"])
 def test_every_other_command_refuses_a_folder_of_the_users_own_files(command, tiny_llama_dir, tmp_path, capsys):
     folder = tmp_path / "d"
