@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+from trainer.chunking import chunks_by_size
 from trainer.fsutil import UserError
 
 __all__ = [
@@ -703,17 +704,9 @@ def build_prompts(
 def _batches(items: list[tuple[int, Example]]) -> Iterator[list[tuple[int, Example]]]:
     """Consecutive runs of at most ``_ENCODE_BATCH`` examples and (unless one alone is longer)
     ``_ENCODE_CHARS`` characters of questions."""
-    batch: list[tuple[int, Example]] = []
-    chars = 0
-    for item in items:
-        size = len(item[1].question)
-        if batch and (len(batch) == _ENCODE_BATCH or chars + size > _ENCODE_CHARS):
-            yield batch
-            batch, chars = [], 0
-        batch.append(item)
-        chars += size
-    if batch:
-        yield batch
+    for run in chunks_by_size(items, lambda item: len(item[1].question), _ENCODE_CHARS):
+        for start in range(0, len(run), _ENCODE_BATCH):
+            yield run[start : start + _ENCODE_BATCH]
 
 
 def _encode_chat(tokenizer, texts: list[str]) -> list[list[int]]:
