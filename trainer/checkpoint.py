@@ -47,12 +47,13 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import collective
 from .chunking import chunks_by_size, nbytes
-from .fsutil import COMPLETE_MARKER, UserError, atomic_directory, is_complete, storage_error
+from .fsutil import COMPLETE_MARKER, UserError, atomic_directory, is_complete
 
 logger = logging.getLogger("trainer.checkpoint")
 
@@ -156,7 +157,9 @@ class CheckpointManager:
                 return str(path), skipped
             return None, skipped
 
-        good, skipped = _broadcast(_on_rank0(f"cannot read the checkpoints of {self.run_dir}", scan))
+        good, skipped = collective.broadcast(
+            collective.on_rank0(f"cannot read the checkpoints of {self.run_dir}", scan)
+        )
         return (Path(good) if good else None), [(Path(p), why) for p, why in skipped]
 
     # -- save ----------------------------------------------------------------------------------
@@ -176,19 +179,19 @@ class CheckpointManager:
         final = self.step_dir(step)
         cannot_write = f"cannot write checkpoint {final}"
         with contextlib.ExitStack() as staging:
-            tmp = _on_rank0(cannot_write, self._begin, staging, final, path=final)
+            tmp = collective.on_rank0(cannot_write, self._begin, staging, final, path=final)
             weights = _gather_model(model)
-            _on_rank0(cannot_write, self._write_model, tmp, model, weights, path=final)
+            collective.on_rank0(cannot_write, self._write_model, tmp, model, weights, path=final)
             del weights
             optim_state, fresh = _gather_optimizer(model, optimizer)
-            _on_rank0(cannot_write, _write_optimizer, tmp, optim_state, fresh, path=final)
+            collective.on_rank0(cannot_write, _write_optimizer, tmp, optim_state, fresh, path=final)
             del optim_state
             rng = _gather_rng()
-            _on_rank0(cannot_write, _write_small_files, tmp, step, scheduler, rng, state, path=final)
-            _on_rank0(cannot_write, _seal, tmp, step, path=final)
+            collective.on_rank0(cannot_write, _write_small_files, tmp, step, scheduler, rng, state, path=final)
+            collective.on_rank0(cannot_write, _seal, tmp, step, path=final)
             # Closing the stack runs atomic_directory's exit: marker, then the rename into place.
-            _on_rank0(cannot_write, _commit, staging, final, path=final)
-        if _rank() != 0:
+            collective.on_rank0(cannot_write, _commit, staging, final, path=final)
+        if collective.rank() != 0:
             return None
         self._prune(step)
         size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
@@ -268,23 +271,26 @@ class CheckpointManager:
         """
         path = Path(path).expanduser().absolute()
         cannot_read = f"cannot read checkpoint {path}"
-        weights = _on_rank0(cannot_read, _read_checked_weights, path, model, verify, path=path) or {}
+        weights = collective.on_rank0(cannot_read, _read_checked_weights, path, model, verify, path=path) or {}
         _set_model(model, weights)
         del weights
-        payload = _on_rank0(cannot_read, _torch_load, path / OPTIMIZER_FILE, path=path) or {}
-        if _broadcast(payload.get("fresh")):  # saved before its first step: hyperparameters only
-            _set_hyperparameters(optimizer, _broadcast(payload.get("state_dict", {}).get("param_groups")))
+        payload = collective.on_rank0(cannot_read, _torch_load, path / OPTIMIZER_FILE, path=path) or {}
+        if collective.broadcast(payload.get("fresh")):  # saved before its first step: hyperparameters only
+            _set_hyperparameters(optimizer, collective.broadcast(payload.get("state_dict", {}).get("param_groups")))
         else:
             _set_optimizer(model, optimizer, payload.get("state_dict", {}))
         del payload
-        small = _broadcast(_on_rank0(cannot_read, _read_small_files, path, path=path))
+        small = collective.broadcast(collective.on_rank0(cannot_read, _read_small_files, path, path=path))
         scheduler.load_state_dict(small["scheduler"])
         _restore_rng(small["rng"])
         saved = small["state"]
-        if _rank() == 0:
-            if saved["world_size"] != _world_size():
+        if collective.rank() == 0:
+            if saved["world_size"] != collective.world_size():
                 logger.info(
-                    "checkpoint %s was saved by %d ranks, loaded by %d", path, saved["world_size"], _world_size()
+                    "checkpoint %s was saved by %d ranks, loaded by %d",
+                    path,
+                    saved["world_size"],
+                    collective.world_size(),
                 )
             logger.info("resumed from checkpoint %s (step %d)", path, saved["step"])
         return saved["trainer"]
@@ -341,65 +347,6 @@ def export_hf(path_or_ckpt: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed plumbing: one rank writes, every rank agrees on the outcome
-# ----------------------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _broadcast(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank (pickled; for small objects only)."""
-    if not _distributed():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _on_rank0(os_error: str, fn: Callable[..., T], *args: Any, path: Path | None = None) -> T | None:
-    """Run ``fn(*args)`` on rank 0 only, and raise its failure on every rank.
-
-    Without this, a rank-0 failure (full disk, corrupt file) would leave the other ranks blocked in
-    the next collective forever. A storage failure (OSError, or torch's and safetensors' write and read
-    errors) becomes a one-line UserError prefixed with ``os_error`` (``fsutil.storage_error``; ``path``: the
-    folder being written or read, for errors that name no file).
-    """
-    result, failure = None, None
-    if _rank() == 0:
-        try:
-            result = fn(*args)
-        except Exception as e:
-            failure = storage_error(e, os_error, path) or e
-            if failure is not e:
-                failure.__cause__ = e
-    outcome = _broadcast(None if failure is None else (isinstance(failure, UserError), str(failure)))
-    if failure is not None:
-        raise failure
-    if outcome is not None:
-        user, message = outcome
-        raise (UserError if user else RuntimeError)(f"rank 0: {message}")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
 # Gathering (save) and scattering (load)
 # ----------------------------------------------------------------------------------------------
 
@@ -409,7 +356,7 @@ def _gather_model(model) -> dict:
     parameters, collective) and for plain modules without a process group alike."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if _rank() == 0:
+    if collective.rank() == 0:
         logger.info("gathering model weights")
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -425,7 +372,7 @@ def _gather_optimizer(model, optimizer) -> tuple[dict, bool]:
 
     if len(optimizer.state) == 0:
         return {"param_groups": [_hyperparameters(group) for group in optimizer.param_groups]}, True
-    if _rank() == 0:
+    if collective.rank() == 0:
         logger.info("gathering optimizer state")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_optimizer_state_dict(model, optimizer, options=options), False
@@ -451,14 +398,14 @@ def _set_model(model, weights: dict) -> None:
     """Load full weights (rank 0's) into ``model``, re-sharding them to its FSDP2 layout if it has one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_distributed())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=collective.is_distributed())
     set_model_state_dict(model, weights, options=options)
 
 
 def _set_optimizer(model, optimizer, state_dict: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_distributed())
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=collective.is_distributed())
     set_optimizer_state_dict(model, optimizer, state_dict, options=options)
 
 
@@ -481,7 +428,7 @@ def _rng_state() -> dict:
 def _gather_rng() -> list[dict] | None:
     """Every rank's generator states, on rank 0 (ranks draw differently, e.g. dropout on other data)."""
     state = _rng_state()
-    if not _distributed():
+    if not collective.is_distributed():
         return [state]
     import torch.distributed as dist
 
@@ -494,7 +441,7 @@ def _restore_rng(states: list[dict]) -> None:
     import numpy as np
     import torch
 
-    rank = _rank()
+    rank = collective.rank()
     if rank >= len(states):
         logger.warning("checkpoint has RNG states for %d ranks; rank %d keeps its own generators", len(states), rank)
         return
@@ -614,7 +561,7 @@ def _write_small_files(folder: Path, step: int, scheduler, rng: list[dict], stat
         {
             "format": FORMAT_VERSION,
             "step": step,
-            "world_size": _world_size(),
+            "world_size": collective.world_size(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

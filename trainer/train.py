@@ -58,6 +58,7 @@ import torch.distributed as dist
 
 import dler_kernels as dk
 
+from . import collective
 from . import config as config_mod
 from .answers import AnswerChecker
 from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, CheckpointManager
@@ -72,7 +73,7 @@ from .fsdp import (
     load_policy,
     sum_replicated_gradients,
 )
-from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_owner, owner, storage_error
+from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_owner, owner
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
@@ -111,7 +112,7 @@ def _percentiles(lengths: np.ndarray) -> tuple[float, float]:
     return float(p50), float(p90)
 
 
-class _RankSlice:
+class RankSlice:
     """The prompts of one rank: each ``take(k)`` draws ``k * world`` from the shared order and keeps
     every ``world``-th, so ranks see disjoint prompts while their streams advance alike."""
 
@@ -200,7 +201,7 @@ class Trainer:
         self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
         self.sampler = DynamicSampler(
             self.engine,
-            _RankSlice(self.stream, env.rank, env.world_size),
+            RankSlice(self.stream, env.rank, env.world_size),
             lambda exs: [self.prompt_ids[ex.id] for ex in exs],
             self.checker,
             cfg.reward.penalty,
@@ -318,7 +319,8 @@ class Trainer:
             return "the loss is not finite: the policy's own forward pass overflows"
         if steps and int(update.get("skipped_steps", 0)) >= steps:
             return "every optimizer step had a non-finite gradient norm"
-        finite = all(bool(torch.isfinite(_local(p)).all()) for p in self.policy.parameters())
+        # one flag per tensor on the device, one wait for all of them (not one per parameter)
+        finite = bool(torch.stack([torch.isfinite(_local(p)).all() for p in self.policy.parameters()]).all())
         if _any_rank(not finite):
             return "the weights hold NaN or inf values after the update"
         return None
@@ -609,7 +611,7 @@ class Trainer:
     def _start_fresh(self) -> None:
         if self.env.is_main:
             metrics = self.out / METRICS_FILE
-            if self._replaces_failed_start and _read_metrics(metrics):
+            if self._replaces_failed_start and metrics.is_file() and metrics.stat().st_size > 0:
                 # Steps logged without a checkpoint cannot be resumed, but they are kept, not erased.
                 aside = metrics.with_name(f"metrics-failed-{int(time.time())}.jsonl")
                 os.replace(metrics, aside)
@@ -660,20 +662,8 @@ class Trainer:
         if resume:
             return False
         # Rank 0 decides and claims (the folder is shared); every rank gets its outcome, so that a refusal
-        # stops them all instead of leaving the others waiting in the next collective.
-        outcome: tuple[str, Any] | None = None
-        if self.env.is_main:
-            try:
-                outcome = ("ok", self._claim_out_folder())
-            except Exception as e:
-                error = storage_error(e, "cannot create run.out", self.out)
-                if error is None:
-                    raise
-                outcome = ("error", str(error))
-        kind, value = _gather(outcome)[0]
-        if kind == "error":
-            raise UserError(value)
-        return value
+        # (or any failure) stops them all instead of leaving the others waiting in the next collective.
+        return collective.broadcast(collective.on_rank0("cannot create run.out", self._claim_out_folder, path=self.out))
 
     def _release_out_folder(self, resume: bool) -> None:
         """Give back a folder claimed by a start that failed before it wrote anything (a bad model path, a

@@ -21,7 +21,7 @@ def main(record_dir: str, *args: str) -> None:
     from trainer.config import load_config
     from trainer.policy import UpdateRow, compute_logprobs, full_weights
     from trainer.sampling import RolloutBatch
-    from trainer.train import Trainer, _RankSlice, load_run_config, train
+    from trainer.train import RankSlice, Trainer, load_run_config, train
 
     resume = args[:1] == ("--resume",)
     overrides = list(args[2:] if resume else args)
@@ -30,7 +30,7 @@ def main(record_dir: str, *args: str) -> None:
     current = {"step": 0}
     facts: dict = {}
 
-    take = _RankSlice.take
+    take = RankSlice.take
 
     def take_and_record(self, k):
         drawn = take(self, k)
@@ -84,7 +84,7 @@ def main(record_dir: str, *args: str) -> None:
                      executor=getattr(self.engine, "llm", None) and self.engine.llm.llm_engine.vllm_config
                      .parallel_config.distributed_executor_backend)  # fmt: skip
 
-    _RankSlice.take = take_and_record
+    RankSlice.take = take_and_record
     Trainer.collect = collect_in_step
     Trainer.advantages = advantages_and_record
     Trainer.sync_weights = sync_and_check
