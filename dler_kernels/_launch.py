@@ -40,6 +40,12 @@ def launch_device(tensor: torch.Tensor) -> torch.device:
     return rec[0] if rec is not None else tensor.device
 
 
+def rows_aligned(t: torch.Tensor) -> bool:
+    """Whether every row of ``t`` starts 16-byte aligned (its data pointer and its row stride in bytes are
+    multiples of 16), so that a compiled kernel can move 128 bits at a time along the rows."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def is_compiled(device: torch.device) -> bool:
     """Whether launches on ``device`` run compiled GPU code (CUDA) rather than Triton's interpreter:
     block sizes differ (registers on a GPU, Python loop iterations in the interpreter)."""

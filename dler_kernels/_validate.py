@@ -97,3 +97,18 @@ def check_finite_on_valid(valid: torch.Tensor, named: dict) -> None:
         if bool(b.any()):
             i = int(b.nonzero()[0, 0])
             raise ValueError(f"{name} must be finite on valid rows, found {named[name][i].item()} at token {i}")
+
+
+def check_valid_rows(targets: torch.Tensor, valid: torch.Tensor, vocab: int, what: str, finite: dict) -> None:
+    """On the rows where ``valid`` is true: targets lie in [0, vocab) (:func:`check_targets`) and each tensor of
+    ``finite`` (name -> [N] float tensor or None) is finite (:func:`check_finite_on_valid`). One device sync
+    for all of them on the good path, which is every call of a training loop; the errors are located after."""
+    tensors = [t for t in finite.values() if t is not None]
+    if valid.numel() == 0:
+        return
+    flags = [(valid & ((targets < 0) | (targets >= vocab))).any()]
+    flags += [(valid & ~torch.isfinite(t)).any() for t in tensors]
+    if not bool(torch.stack(flags).any()):
+        return
+    check_targets(targets, valid, vocab, what)
+    check_finite_on_valid(valid, finite)

@@ -283,14 +283,9 @@ class Row:
     problems: list[str]
 
 
-def _aligned_rows(launch) -> bool:
-    """Whether the rows this launch reads start 16-byte aligned (so 128-bit accesses are possible):
-    its tensor's data pointer and row stride in bytes are multiples of 16."""
-    t = launch.args[0]
-    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-
-
 def check_variant(kernel_name, variant, arch, compiled, ptxas_log, launch) -> Row:
+    from ._launch import rows_aligned
+
     regs, spill, stack = ptxas_facts(ptxas_log)
     facts = ptx_facts(compiled.asm["ptx"])
     problems = []
@@ -300,7 +295,7 @@ def check_variant(kernel_name, variant, arch, compiled, ptxas_log, launch) -> Ro
         problems.append(f"32-bit multiply of a program_id value: {facts.narrow_products[0]}")
     if facts.uses_program_id and not facts.row_offset_ops:
         problems.append("no 64-bit row-offset multiply of program_id")
-    if launch.name in ("rows", "slab") and _aligned_rows(launch):
+    if launch.name in ("rows", "slab") and rows_aligned(launch.args[0]):
         # Rows that start 16-byte aligned must be read (and, where a gradient is written over them,
         # written) 128 bits at a time; narrower accesses cost a multiple of the instructions.
         writes_rows = launch.name == "slab" or launch.constexprs.get("WRITE_GRAD", False)

@@ -17,12 +17,12 @@ from . import reference as ref
 from ._backend import backend_for
 from ._validate import (
     check_choice,
-    check_finite_on_valid,
     check_mask,
     check_no_grad,
     check_number,
     check_targets,
     check_tensor,
+    check_valid_rows,
 )
 
 
@@ -85,8 +85,8 @@ def _check_loss_options(
     for name, t in data.items():
         check_no_grad(name, t)
     valid = check_mask(mask)
-    check_targets(targets, valid, vocab, what="weight" if what == "hidden" else what)
-    check_finite_on_valid(valid, {k: t for k, t in data.items() if k != "mask"})
+    finite = {k: t for k, t in data.items() if k != "mask"}
+    check_valid_rows(targets, valid, vocab, "weight" if what == "hidden" else what, finite)
     return valid
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from ._launch import KernelLaunch, is_compiled, launch_device
+from ._launch import KernelLaunch, is_compiled, launch_device, rows_aligned
 from .policy_loss import _StoredGradLoss
 
 KL_CODES = ref.KL_CODES
@@ -41,8 +41,7 @@ def block_v(rows: torch.Tensor, device: torch.device) -> tuple[int, int]:
     fewer Python iterations."""
     width = rows.shape[1]
     if is_compiled(device):
-        aligned = rows.data_ptr() % 16 == 0 and rows.stride(0) * rows.element_size() % 16 == 0
-        cap = 4096 if aligned else 2048
+        cap = 4096 if rows_aligned(rows) else 2048
     else:
         cap = 16384
     block = min(triton.next_power_of_2(max(width, 16)), cap)
