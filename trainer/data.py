@@ -173,8 +173,7 @@ def load_examples(
     names ``on_bad_row`` (and ``data.on_bad_row`` of a ``dler train`` config); a caller whose users have no
     such option (``dler eval`` reads a benchmark whole) says what they can do instead.
     """
-    if on_bad_row not in _ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
+    _check_on_bad_row(on_bad_row)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     fields = FieldMap() if fields is None else fields
@@ -426,6 +425,11 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _check_on_bad_row(on_bad_row: str) -> None:
+    if on_bad_row not in _ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
+
+
 def _report_bad_rows(bad: list[str], on_bad_row: str, *, total: int, path: str, hint: str | None) -> None:
     if not bad:
         return
@@ -674,8 +678,7 @@ def build_prompts(
     """
     if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or max_prompt_tokens < 1):
         raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
-    if on_bad_row not in _ON_BAD_ROW:
-        raise ValueError(f"on_bad_row must be one of {', '.join(map(repr, _ON_BAD_ROW))}, got {on_bad_row!r}")
+    _check_on_bad_row(on_bad_row)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("the tokenizer has no chat template; set chat=False to encode prompts as plain text")
     encode = _encode_chat if chat else _encode_plain
