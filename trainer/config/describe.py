@@ -1,0 +1,40 @@
+"""The few lines a run prints at its start: what is trained, on what, and how (:func:`describe`)."""
+
+from __future__ import annotations
+
+from .schema import RewardConfig, TrainConfig
+
+
+def _penalty_text(reward: RewardConfig) -> str:
+    p = reward.penalty
+    budget = (
+        f"DA-DLER budgets {list(reward.da_dler.budgets)} at thresholds {list(reward.da_dler.thresholds)}"
+        if reward.da_dler.enabled
+        else f"budget {p.length_budget}"
+    )
+    coef = f", coef {p.truncation_coef:g}" if p.name == "truncation" else ""
+    return f"{p.name} penalty, {budget}{coef}"
+
+
+def describe(cfg: TrainConfig) -> str:
+    """A few lines for the console at the start of a run: what is trained, on what, and how."""
+    s, a, o, r = cfg.rollout.sampling, cfg.algorithm, cfg.optim, cfg.run
+    fsdp = {None: "fsdp auto", True: "fsdp on", False: "fsdp off"}[cfg.fsdp.enabled]
+    dual = f", dual clip {a.clip_c:g}" if a.clip_c is not None else ""
+    kl = f", KL {a.kl_type} {a.beta:g}" if a.beta > 0 else ""
+    dynamic = f", dynamic sampling ({s.max_rounds} rounds)" if s.dynamic_sampling else ""
+    updates = s.prompts_per_step // a.mini_batch_prompts * a.epochs_per_step
+    clip = "off" if o.grad_clip is None else f"{o.grad_clip:g}"
+    lines = [
+        f"model      {cfg.model.path} ({cfg.model.dtype} params, {cfg.model.attn_implementation}, {fsdp})",
+        f"data       {cfg.data.train} (template {cfg.data.template}, max prompt {cfg.data.max_prompt_tokens} tokens)",
+        f"rollout    {cfg.rollout.engine} {cfg.rollout.dtype}: {s.prompts_per_step} prompts x {s.samples_per_prompt} "
+        f"samples, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
+        f"reward     {cfg.reward.checker} checker; {_penalty_text(cfg.reward)}",
+        f"algorithm  {a.advantage} advantages, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
+        f"{updates} optimizer step(s) per step",
+        f"optim      AdamW lr {o.lr:g}, wd {o.weight_decay:g}, {o.schedule}, warmup {o.warmup_steps}, grad clip {clip}",
+        f"run        {r.steps} steps -> {r.out} (seed {r.seed}, device {r.device}, checkpoint every "
+        f"{r.save_every or r.steps})",
+    ]
+    return "\n".join(lines)
