@@ -15,15 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer import answers
-from trainer.answers import (
-    MAX_ANSWER_CHARS,
-    AnswerChecker,
-    answer_region,
-    check_answer,
-    exact_match,
-    extract_answer,
-    extract_boxed,
-)
+from trainer.answer_equality import MAX_ANSWER_CHARS, exact_match
+from trainer.answer_extraction import answer_region, extract_answer, extract_boxed
+from trainer.answers import AnswerChecker, check_answer
 
 TIMEOUT_S = 1.0
 # Uncontrolled (math_equal, math-verify's timeouts off, 2-core CPU) each runs for minutes: 9^{9^{9}} did not

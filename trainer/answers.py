@@ -1,4 +1,5 @@
-"""Answer checking for RL rewards: pull the final answer out of a response and compare it with the gold.
+"""Answer checking for RL rewards, never raising and never hanging: :class:`AnswerChecker` scores responses
+against gold answers, with math-verify isolated in worker processes under a per-pair time limit.
 
 A reward function sits inside the training loop, so it must never raise for anything a model writes and
 must never hang. Both are real risks: responses are arbitrary text (megabytes of it, braces nested
@@ -9,10 +10,10 @@ in the main thread, cannot interrupt a long C call, and does nothing about memor
 
 So the work is split:
 
-* Extraction (``extract_boxed``, ``answer_region``, ``extract_answer``) runs in the calling process; it is
-  linear-time string scanning, safe on any input.
-* ``exact_match`` (built-in tasks with exact answers) also runs in-process: it is linear string work plus
-  ``fractions.Fraction`` on short numerals only.
+* Extraction (:mod:`trainer.answer_extraction`) runs in the calling process; it is linear-time string
+  scanning, safe on any input.
+* ``exact_match`` (:mod:`trainer.answer_equality`; built-in tasks with exact answers) also runs in-process:
+  it is linear string work plus ``fractions.Fraction`` on short numerals only.
 * ``math_equal`` (math-verify) runs in a persistent worker process owned by ``AnswerChecker``. Each pair gets
   its own time budget; a worker that overruns it is killed (terminate, then kill), the pair scores 0 and a
   fresh worker is started when the next pair needs one.
@@ -31,7 +32,6 @@ import atexit
 import importlib.util
 import logging
 import math
-import re
 import signal
 import socket
 import subprocess
@@ -41,218 +41,19 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from fractions import Fraction
-from functools import lru_cache
 from multiprocessing.connection import Connection, wait
 
-__all__ = [
-    "MAX_ANSWER_CHARS",
-    "AnswerChecker",
-    "answer_region",
-    "check_answer",
-    "exact_match",
-    "extract_answer",
-    "extract_boxed",
-    "math_equal",
-]
+from .answer_equality import MAX_ANSWER_CHARS, exact_match, math_equal
+from .answer_extraction import extract_answer
 
-MAX_ANSWER_CHARS = 1000
-"""Extracted answers longer than this score 0 without being compared: no reference answer is that long, and
-parsing such a blob with sympy is exactly the kind of work that runs away."""
+__all__ = ["STARTUP_TIMEOUT_S", "AnswerChecker", "check_answer"]
 
 STARTUP_TIMEOUT_S = 60.0
 """How long a worker may take to start (Python + math-verify import). Exceeding it is an environment failure
 (overloaded or broken machine) and raises, rather than silently scoring everything 0."""
 
-_STOP_GRACE_S = 1.0
+_STOP_GRACE_S = 1.0  # how long a stopping worker may take to exit by itself before it is killed
 _MODES = ("math", "exact")
-_THINK_END = "</think>"
-
-# A box macro, not a longer name such as \\fboxsep.
-_BOX_MACRO = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# One regex match per brace or backslash escape: the scan skips plain text in C and ignores \{ and \}.
-_BRACE_OR_ESCAPE = re.compile(r"\\.|[{}]", re.DOTALL)
-_SPACES = re.compile(r"\s*")
-_BARE_TOKEN = re.compile(r"[^\s${}]+")
-# A minus sign right after a digit, letter or ")" is subtraction or a range ("3-4"), not part of the number.
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
-_NUMERAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\{([^{}]*)\}")
-_LATEX_FRACTION = re.compile(r"([+-]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}")
-_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-
-
-# --------------------------------------------------------------------------------------------- extraction
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or None.
-
-    Models put the final answer in the last box; earlier boxes are intermediate results. ``\\boxed 5`` (a
-    single bare token, as LaTeX allows) is accepted too. Braces are matched by one linear scan that skips
-    escaped ``\\{`` ``\\}``, so deeply nested or huge inputs cost O(n); an unbalanced last box (a response
-    cut off mid-answer) gives None.
-    """
-    last = _last_match(_BOX_MACRO, text)
-    return None if last is None else _box_argument(text, last.end())
-
-
-def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
-    """The last non-overlapping match of ``pattern`` in ``text``, found in one pass."""
-    tail = deque(pattern.finditer(text), maxlen=1)
-    return tail[0] if tail else None
-
-
-def _box_argument(text: str, pos: int) -> str | None:
-    """The argument of a box macro whose name ends at ``pos``: a braced group or one bare token."""
-    start = _SPACES.match(text, pos).end()
-    if text.startswith("{", start):
-        return _braced_group(text, start)
-    token = _BARE_TOKEN.match(text, start)
-    if token is None:
-        return None
-    return token.group().rstrip(".,;:!?") or None
-
-
-def _braced_group(text: str, open_pos: int) -> str | None:
-    """Content between the ``{`` at ``open_pos`` and its matching ``}``; None when it is never closed."""
-    depth = 0
-    for match in _BRACE_OR_ESCAPE.finditer(text, open_pos):
-        token = match.group()
-        if token == "{":
-            depth += 1
-        elif token == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_pos + 1 : match.start()]
-    return None
-
-
-def answer_region(text: str, require_think: bool) -> str | None:
-    """The part of a response that may hold the final answer.
-
-    In the DeepSeek-R1 format the answer follows the reasoning, closed by ``</think>``; a box inside the
-    reasoning is a draft, and a response that never closes its reasoning has no answer (None). Without
-    ``require_think`` the whole text is the region.
-    """
-    if not require_think:
-        return text
-    pos = text.rfind(_THINK_END)
-    return None if pos < 0 else text[pos + len(_THINK_END) :]
-
-
-def extract_answer(text: str, *, require_think: bool = False, fallback_last_number: bool = False) -> str | None:
-    """The final answer of a response: the last box in its answer region, stripped.
-
-    An empty box counts as no answer. With ``fallback_last_number`` a region without any box falls back to
-    its last number (``-3``, ``2.5``, ``3/4``, ``1,000``; thousands commas are dropped), which suits models
-    that answer plain arithmetic without boxing.
-    """
-    region = answer_region(text, require_think)
-    if region is None:
-        return None
-    boxed = extract_boxed(region)
-    if boxed is not None:
-        return boxed.strip() or None
-    if not fallback_last_number:
-        return None
-    last = _last_match(_NUMBER, region)
-    return None if last is None else last.group().replace(",", "")
-
-
-# --------------------------------------------------------------------------------------------- comparison
-
-
-def _strip_delimiters(s: str) -> str:
-    """Drop one pair of surrounding math delimiters (``$..$``, ``$$..$$``, ``\\(..\\)``, ``\\[..\\]``)."""
-    s = s.strip()
-    for left, right in _DELIMITERS:
-        if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
-            if right == "$" and s.endswith("\\$"):  # an escaped dollar sign, not a delimiter
-                continue
-            return s[len(left) : len(s) - len(right)].strip()
-    return s
-
-
-def _normalise_exact(s: str) -> str:
-    """Canonical text of an exact answer: no whitespace, delimiters, trailing period, \\text wrappers or
-    thousands commas, and ``\\frac{a}{b}`` of integers written ``a/b``."""
-    s = "".join(s.split())
-    s = _strip_delimiters(s.rstrip("."))
-    s = _TEXT_WRAPPER.sub(r"\1", s).rstrip(".")
-    if _THOUSANDS.fullmatch(s):
-        s = s.replace(",", "")
-    fraction = _LATEX_FRACTION.fullmatch(s)
-    if fraction:
-        s = f"{fraction[1]}{fraction[2]}/{fraction[3]}"
-    return s
-
-
-def _as_number(s: str) -> Fraction | None:
-    """``s`` as an exact rational when it is a plain numeral (int, decimal or int/int), else None.
-
-    Long numerals are not parsed (int() of a huge digit string is slow and hits Python's digit limit); they
-    are then compared as text, which is exact for them anyway.
-    """
-    if len(s) > MAX_ANSWER_CHARS or not _NUMERAL.fullmatch(s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
-
-
-def exact_match(pred: str, gold: str) -> bool:
-    """Whether ``pred`` equals ``gold`` for tasks with an exact answer.
-
-    Both are normalised (see ``_normalise_exact``); when both are numerals they are compared as rationals, so
-    ``7``, ``7.0``, ``07`` and ``14/2`` are all equal, otherwise as strings. Linear in the input size.
-    """
-    pred_n, gold_n = _normalise_exact(pred), _normalise_exact(gold)
-    pred_x, gold_x = _as_number(pred_n), _as_number(gold_n)
-    if pred_x is not None and gold_x is not None:
-        return pred_x == gold_x
-    return pred_n == gold_n
-
-
-def _as_boxed(answer: str) -> str:
-    """Wrap a bare answer so that math-verify parses all of it as one LaTeX expression.
-
-    math-verify searches its input for an answer; inside ``\\boxed{}`` it takes the box whole (with ``$..$``
-    a ``$`` inside the answer would end the math early).
-    """
-    return "\\boxed{" + _strip_delimiters(answer) + "}"
-
-
-@lru_cache(maxsize=1)
-def _math_verify_configs() -> tuple:
-    """Look for a box first (our wrapper), then any LaTeX / plain expression; built once, as math-verify
-    caches its compiled regexes by config."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
-
-    return (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
-
-
-def math_equal(pred: str, gold: str) -> bool:
-    """Whether ``pred`` and ``gold`` are mathematically equivalent according to math-verify.
-
-    Handles fractions vs decimals, LaTeX forms, sets, intervals, equations (``x=5`` vs ``5``) and percentages.
-    math-verify's own signal.alarm timeouts are disabled (they raise outside the main thread and cannot stop
-    a long C call), so this call is unbounded: use ``AnswerChecker``, which runs it in a worker
-    process under a real time limit, for untrusted answers. Any error counts as not equal.
-    """
-    from math_verify import parse, verify
-
-    configs = _math_verify_configs()
-    try:
-        gold_parsed = parse(_as_boxed(gold), extraction_config=configs, parsing_timeout=None)
-        pred_parsed = parse(_as_boxed(pred), extraction_config=configs, parsing_timeout=None)
-        if not gold_parsed or not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-    except Exception:  # math-verify swallows most errors itself; anything left is "not equal"
-        return False
 
 
 # ------------------------------------------------------------------------------------------- worker process

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .answers import extract_boxed
+from .answer_extraction import extract_boxed
 from .data import BUILTIN_PREFIX, Example, FieldMap, load_examples
 from .fsutil import UserError
 

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from .fsutil import UserError, storage_error
 
+EXIT_ERROR = 2  # a one-line error (the user's mistake or the file system's), as argparse's usage errors
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+SNIPPET_CHARS = 100  # of each sample's text that `dler generate` prints
+
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
     from . import models
@@ -50,7 +54,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for i, sample in enumerate(group):
             total += len(sample.token_ids)
             mean_lp = sum(sample.logprobs) / max(len(sample.logprobs), 1)
-            snippet = " ".join(sample.text.split())[:100]
+            snippet = " ".join(sample.text.split())[:SNIPPET_CHARS]
             print(
                 f"  [{i}] {len(sample.token_ids):4d} tokens  finish={sample.finish_reason:6s}  "
                 f"mean logprob={mean_lp:7.3f}  {snippet}"
@@ -94,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     summary = train(cfg, resume=args.resume is not None, from_step=args.from_step, progress=not args.no_progress)
     # A stop request that cut anything (steps or the final evaluation) is an interrupted run.
-    return 0 if summary["finished"] and not summary.get("stopped") else 130
+    return 0 if summary["finished"] and not summary.get("stopped") else EXIT_INTERRUPTED
 
 
 def _int_list(text: str) -> list[int]:
@@ -380,10 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         if error is None:
             raise
         print(f"dler {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"dler {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ def build_drqa_data(
     started = time.perf_counter()
     sampling = dict(n=samples, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     batched_out = eng.generate(batched_ids, seed=seed, **sampling)
+    # Another seed for the single prompts: their samples are not drawn from the batched prompts' stream.
     single_out = eng.generate(single_ids, seed=seed + 1, **sampling)
     seconds = time.perf_counter() - started
 

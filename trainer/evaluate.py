@@ -389,7 +389,8 @@ def _child_generate(job: dict, work: Path) -> None:
 
 
 def _score(specs, benches, settings: EvalSettings, kind: str, work: Path, out: Path) -> dict:
-    from .answers import AnswerChecker, extract_answer
+    from .answer_extraction import extract_answer
+    from .answers import AnswerChecker
 
     results: dict = {
         "settings": {**asdict(settings), "engine": kind},

@@ -248,12 +248,15 @@ def storage_error(e: BaseException, doing: str = "", path: Path | str | None = N
     return UserError(f"{head}: {reason}" + (f"; {advice}" if advice else ""))
 
 
+_NEARLY_FULL_BYTES = 1 << 20  # under 1 MiB free counts as a full disk when a failed write is explained
+
+
 def _nearly_full(path: Path) -> bool:
     """Whether the file system holding ``path`` (or its nearest existing parent) has under 1 MiB free."""
     for candidate in (path, *path.parents):
         if candidate.exists():
             try:
-                return shutil.disk_usage(candidate).free < (1 << 20)
+                return shutil.disk_usage(candidate).free < _NEARLY_FULL_BYTES
             except OSError:
                 return False
     return False

@@ -21,20 +21,32 @@ import numpy as np
 
 @dataclass
 class LengthPenaltyConfig:
-    """Which penalty, and its parameters. ``length_budget`` is L for every penalty (DLER: 4000)."""
+    """Which penalty, and its parameters (defaults: the papers' settings, DESIGN.md section 3)."""
 
     name: str = "truncation"
+    """The penalty: a key of :data:`LENGTH_PENALTIES`."""
     length_budget: int = 4000
-    truncation_coef: float = 0.0  # DLER paper: 0; the released code used 0.1
-    overlong_buffer: int = 1000  # DAPO L_c (L_max is length_budget)
-    cosine_correct: tuple[float, float] = (2.0, 1.0)  # (r0, rL) for correct responses
-    cosine_wrong: tuple[float, float] = (-10.0, 0.0)  # (r0, rL) for wrong responses
+    """L, the length budget of every penalty, in tokens (DLER: 4000)."""
+    truncation_coef: float = 0.0
+    """``truncation``: the reward factor of a response over budget (DLER paper: 0; the released code: 0.1)."""
+    overlong_buffer: int = 1000
+    """``overlong``: DAPO's buffer L_c before L_max (L_max is ``length_budget``)."""
+    cosine_correct: tuple[float, float] = (2.0, 1.0)
+    """``cosine``: (r0, rL), the reward of a correct response at 0 tokens and at L."""
+    cosine_wrong: tuple[float, float] = (-10.0, 0.0)
+    """``cosine``: (r0, rL) for a wrong response."""
     cosine_exceed: float = -10.0
+    """``cosine``: the reward of a response over budget or truncated."""
     l1_alpha: float = 0.0003
+    """``l1_max``: alpha, the reward lost per token over the target length."""
     l1_delta: float = 0.5
+    """``l1_max``: delta, the offset inside the clip to [0, 1]."""
     laser_bonus: float = 0.5
-    drqa_data: str | None = None  # jsonl of `dler drqa-data`: the per-question concise lengths
-    drqa_verbose_reward: float = 0.5  # a correct response longer than its question's concise length
+    """``laser``: the bonus of a correct response within L tokens."""
+    drqa_data: str | None = None
+    """``drqa``: the jsonl of ``dler drqa-data``, with the per-question concise lengths."""
+    drqa_verbose_reward: float = 0.5
+    """``drqa``: the reward of a correct response longer than its question's concise length."""
 
     def __post_init__(self):
         if self.name not in LENGTH_PENALTIES:

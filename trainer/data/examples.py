@@ -42,9 +42,13 @@ class FieldMap:
     """
 
     question: str | None = None
+    """The question's column (None: the first of :data:`QUESTION_FALLBACKS` the row has)."""
     answer: str = "answer"
+    """The reference answer's column."""
     id: str | None = None
+    """The id's column (None, or absent in a row: ``{data set name}:{row index}``)."""
     source: str | None = None
+    """The source's column (None, or absent in a row: the data set's name)."""
 
     def __post_init__(self) -> None:
         for name in ("question", "answer", "id", "source"):

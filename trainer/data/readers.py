@@ -18,6 +18,8 @@ from .bad_rows import check_on_bad_row, report_bad_rows
 from .builtin import BUILTIN_PREFIX, load_builtin
 from .examples import Example, FieldMap
 
+# Every integer up to 2**53 is exact as a float: below it an integral float is the integer that was stored.
+_EXACT_FLOAT_INTS = 2**53
 _EXPECTED = "a .jsonl/.ndjson, .json or .parquet file, a datasets folder written by save_to_disk, or builtin:toy-arith"
 
 
@@ -287,7 +289,7 @@ def _answer_text(record: Mapping, field: str) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _BadRow(f"field {field!r} is {value}")
-        if value.is_integer() and abs(value) < 2**53:
+        if value.is_integer() and abs(value) < _EXACT_FLOAT_INTS:
             value = int(value)
     text = str(value).strip()
     if not text:

@@ -12,6 +12,9 @@ from ..fsutil import UserError
 from .examples import Example
 from .stable_random import randint
 
+# 64 bits of the hash: enough to tell data sets apart, short enough to read in a message.
+_FINGERPRINT_HEX_DIGITS = 16
+
 
 def fingerprint(examples: Sequence[Example]) -> str:
     """A short hash of the examples' content and order.
@@ -23,7 +26,7 @@ def fingerprint(examples: Sequence[Example]) -> str:
     for example in examples:
         digest.update(json.dumps([example.id, example.question, example.answer, example.source]).encode())
         digest.update(b"\n")
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:_FINGERPRINT_HEX_DIGITS]
 
 
 def _permutation(n: int, seed: int, epoch: int) -> list[int]:
