@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .fsutil import UserError, storage_error
+from .fsutil import UserError
+from .storage_errors import storage_error
 
 EXIT_ERROR = 2  # a one-line error (the user's mistake or the file system's), as argparse's usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as e:
         # The one place a failure becomes one line: the user's mistakes (UserError) and what the file
-        # system did (read-only, full, no permission, truncated or corrupt files; fsutil.storage_error).
+        # system did (read-only, full, no permission, truncated or corrupt files; storage_errors.storage_error).
         # Anything else is a bug and keeps its traceback.
         error = storage_error(e)
         if error is None:

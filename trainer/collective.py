@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-from .fsutil import UserError, storage_error
+from .fsutil import UserError
+from .storage_errors import storage_error
 
 T = TypeVar("T")
 
