@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from trainer.budgets import ConciseLengths
 from trainer.cli import main
 from trainer.data import Example
-from trainer.drqa import LABELS, ConciseLengths, batched_prompt, label, split_answers
+from trainer.drqa import LABELS, batched_prompt, label, split_answers
 from trainer.fsutil import UserError
 from trainer.rewards import LengthPenaltyConfig, apply_length_penalty
 

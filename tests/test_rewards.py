@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from trainer.rewards import LENGTH_PENALTIES, DifficultyBudgets, LengthPenaltyConfig, apply_length_penalty
+from trainer.budgets import DifficultyBudgets
+from trainer.rewards import LENGTH_PENALTIES, LengthPenaltyConfig, apply_length_penalty
 
 
 def reward(name, correct, lengths, truncated=None, budget=None, **cfg):

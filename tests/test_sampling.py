@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from trainer.answers import AnswerChecker
+from trainer.budgets import DifficultyBudgets
 from trainer.data import Example, PromptStream
-from trainer.rewards import DifficultyBudgets, LengthPenaltyConfig
+from trainer.rewards import LengthPenaltyConfig
 from trainer.rollout import Sample
 from trainer.sampling import DynamicSampler, RolloutBatch, SamplingConfig, SamplingWarning
 

@@ -1,7 +1,7 @@
 """DRQA data (``dler drqa-data``): concise chains from batched prompts, verbose ones from single prompts.
 
 A model asked several questions in one prompt reasons more briefly about each (DESIGN.md section 3, "DRQA").
-This module turns that into labelled data and a reward:
+This module turns that into labelled data (the reward that reads it is described in point 4):
 
 1. Questions are grouped ``k`` at a time (k = 2 by default) into one prompt that asks for the solutions in
    order, each opened by a ``Question i:`` line and closed by its answer in ``\\boxed{}``
@@ -14,9 +14,10 @@ This module turns that into labelled data and a reward:
    ``correct-verbose``; every wrong one is ``wrong``. Records (jsonl): ``question``, ``answer``, ``id``,
    ``chain``, ``label``, ``tokens`` (of the chain, by the model's tokenizer), ``source`` (batched/single),
    ``group`` and ``position`` (which prompt, which slot).
-4. The ``drqa`` reward (``reward.penalty.name=drqa``, ``reward.penalty.drqa_data=FILE``) labels a rollout the
-   same way: correct and no longer than the question's concise length (the median tokens of its
-   correct-concise chains) scores 1, correct but longer ``drqa_verbose_reward``, wrong 0.
+4. The ``drqa`` reward (``reward.penalty.name=drqa``, ``reward.penalty.drqa_data=FILE``; its budgets are
+   :class:`trainer.budgets.ConciseLengths`) labels a rollout the same way: correct and no longer than the
+   question's concise length (the median tokens of its correct-concise chains) scores 1, correct but
+   longer ``drqa_verbose_reward``, wrong 0.
 """
 
 from __future__ import annotations
@@ -212,54 +213,3 @@ def summarise(records: Sequence[Mapping], *, missing: int = 0, seconds: float | 
             "mean_tokens": statistics.fmean(r["tokens"] for r in rs) if rs else None,
         }
     return out
-
-
-# ------------------------------------------------------------------------------------------- the reward
-
-
-class ConciseLengths:
-    """Per-prompt length budgets for the ``drqa`` reward: the median tokens of a question's correct-concise
-    chains in a DRQA data file, matched to the training examples by question text. Questions without a
-    concise chain keep ``default`` (the penalty's ``length_budget``). Same interface as DA-DLER's budgets."""
-
-    def __init__(self, lengths: Mapping[str, int], default: int):
-        self.lengths, self.default = dict(lengths), int(default)
-
-    @classmethod
-    def from_file(cls, path: str | Path, examples: Sequence, default: int) -> ConciseLengths:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserError(f"DRQA data {path} not found; build it with `dler drqa-data`")
-        by_question: dict[str, list[int]] = {}
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if rec["label"] not in LABELS:
-                    raise ValueError(f"unknown label {rec['label']!r}")
-                if rec["label"] == "correct-concise":
-                    by_question.setdefault(rec["question"], []).append(int(rec["tokens"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{line_no}: not a DRQA record ({type(e).__name__}: {e})") from None
-        lengths = {
-            ex.id: min(default, max(1, round(statistics.median(by_question[ex.question]))))
-            for ex in examples
-            if ex.question in by_question
-        }
-        if not lengths:
-            raise UserError(f"{path} has no correct-concise chain for any training question: nothing to reward")
-        return cls(lengths, default)
-
-    @property
-    def max_budget(self) -> int:
-        return self.default
-
-    def observe(self, prompt_id: str, correct, step: int) -> int:
-        return self.lengths.get(prompt_id, self.default)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Nothing to restore: the lengths come from the data file."""

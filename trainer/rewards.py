@@ -1,4 +1,4 @@
-"""Rewards: correctness times a length penalty, with per-prompt budgets (DA-DLER).
+"""Rewards: correctness times a length penalty, judged against the group's length budget.
 
 Every length penalty is a pure, vectorised function over one group (the G responses of a
 prompt) with the same signature::
@@ -6,15 +6,15 @@ prompt) with the same signature::
     penalty(correct [G] float in {0,1}, lengths [G] int, truncated [G] bool, budget int, cfg) -> rewards [G]
 
 ``budget`` is the group's length budget L: the configured ``length_budget``, or the prompt's own
-budget under DA-DLER, so every penalty composes with difficulty-aware budgets and with any
+budget (:mod:`trainer.budgets`: DA-DLER, DRQA), so every penalty composes with difficulty-aware budgets and with any
 advantage method. A response is *truncated* when the engine cut it at ``max_tokens``.
 Semantics: ``DESIGN.md`` section 3.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -161,58 +161,3 @@ def apply_length_penalty(
     if budget < 1:
         raise ValueError(f"budget must be >= 1 token, got {budget}")
     return LENGTH_PENALTIES[cfg.name](c, n, t, budget, cfg)
-
-
-@dataclass
-class DifficultyBudgets:
-    """DA-DLER: a prompt's budget from its group's correctness ratio c.
-
-    ``thresholds`` d_1 < ... < d_k and ``budgets`` l_0..l_k: the budget is l_j where j is the
-    number of thresholds with c >= d_j, so a harder prompt (lower c) keeps a longer budget.
-    Paper: thresholds (0.5,), budgets (4000, 2000). ``source`` "current" judges a prompt by this
-    step's group; "previous" by the group seen the last time it was drawn (the current group
-    for a prompt never seen before). The record persists across steps and into checkpoints.
-    """
-
-    thresholds: tuple[float, ...] = (0.5,)
-    budgets: tuple[int, ...] = (4000, 2000)
-    source: str = "current"
-    record: dict[str, tuple[float, int]] = field(default_factory=dict)  # prompt id -> (ratio, step seen)
-
-    def __post_init__(self):
-        self.thresholds = tuple(float(x) for x in self.thresholds)
-        self.budgets = tuple(int(x) for x in self.budgets)
-        if len(self.budgets) != len(self.thresholds) + 1:
-            raise ValueError(
-                f"budgets needs one entry more than thresholds (got {len(self.budgets)} budgets for "
-                f"{len(self.thresholds)} thresholds)"
-            )
-        if any(not 0 < d <= 1 for d in self.thresholds) or list(self.thresholds) != sorted(set(self.thresholds)):
-            raise ValueError(f"thresholds must be strictly increasing in (0, 1], got {self.thresholds}")
-        if any(b < 1 for b in self.budgets):
-            raise ValueError(f"budgets must be >= 1 token, got {self.budgets}")
-        if self.source not in ("current", "previous"):
-            raise ValueError(f"source must be 'current' or 'previous', got {self.source!r}")
-
-    @property
-    def max_budget(self) -> int:
-        """What rollouts must generate up to."""
-        return max(self.budgets)
-
-    def budget_for_ratio(self, ratio: float) -> int:
-        return self.budgets[sum(ratio >= d for d in self.thresholds)]
-
-    def observe(self, prompt_id: str, correct: Sequence[float], step: int) -> int:
-        """Record this step's group of ``prompt_id`` and return the budget its penalty uses."""
-        ratio = float(np.mean(correct)) if len(correct) else 0.0
-        previous = self.record.get(prompt_id)
-        self.record[prompt_id] = (ratio, step)
-        if self.source == "previous" and previous is not None:
-            ratio = previous[0]
-        return self.budget_for_ratio(ratio)
-
-    def state_dict(self) -> dict:
-        return {"record": {k: list(v) for k, v in self.record.items()}}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.record = {k: (float(r), int(s)) for k, (r, s) in state["record"].items()}

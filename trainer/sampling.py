@@ -17,8 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
+from .budgets import DifficultyBudgets
 from .data import Example, PromptStream
-from .rewards import DifficultyBudgets, LengthPenaltyConfig, apply_length_penalty
+from .rewards import LengthPenaltyConfig, apply_length_penalty
 from .rollout import RolloutEngine, Sample
 
 

@@ -229,7 +229,7 @@ class Trainer:
         self.checker = AnswerChecker(**cfg.reward.checker_kwargs())
         self.budgets = cfg.reward.da_dler.make_budgets()
         if cfg.reward.penalty.name == "drqa":
-            from .drqa import ConciseLengths
+            from .budgets import ConciseLengths
 
             penalty = cfg.reward.penalty
             examples = [p.example for p in prompts]

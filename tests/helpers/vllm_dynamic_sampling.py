@@ -11,8 +11,9 @@ import warnings
 from transformers import AutoTokenizer
 
 from trainer.answers import AnswerChecker
+from trainer.budgets import DifficultyBudgets
 from trainer.data import PromptStream, build_prompts, load_examples
-from trainer.rewards import DifficultyBudgets, LengthPenaltyConfig
+from trainer.rewards import LengthPenaltyConfig
 from trainer.rollout import VLLMEngine
 from trainer.sampling import DynamicSampler, SamplingConfig
 

@@ -21,8 +21,9 @@ from typing import Any, Literal
 from dler_kernels._validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
+from ..budgets import DifficultyBudgets
 from ..data import TEMPLATES, FieldMap
-from ..rewards import DifficultyBudgets, LengthPenaltyConfig
+from ..rewards import LengthPenaltyConfig
 from ..rollout import ENGINES
 from ..sampling import SamplingConfig
 
