@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from dler_kernels._validate import check_choice, check_number
+from dler_kernels.validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
 from .data import TEMPLATES, FieldMap
