@@ -68,5 +68,6 @@ def compute_advantages(
         eps=eps,
         dynamic_sampling=dynamic_sampling,
     )
-    values, keep, stats = select_backend(rewards, supported=ADVANTAGES_BACKENDS).advantages(rewards, group_ids, **options)
+    backend = select_backend(rewards, supported=ADVANTAGES_BACKENDS)
+    values, keep, stats = backend.advantages(rewards, group_ids, **options)
     return Advantages(values.float(), keep, stats)

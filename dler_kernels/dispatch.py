@@ -73,6 +73,7 @@ def triton_interpret() -> bool:
 
 
 def _make(name: str) -> Backend:
+    """A new backend object (the only place a backend's name maps to its implementation)."""
     if name == "triton":
         from .triton_backend import TritonBackend  # imports triton: only once a call has chosen it
 
@@ -98,6 +99,7 @@ def _backends_here(supported) -> str:
 
 
 def _check_forced(name: str, tensor: torch.Tensor, source: str, supported) -> None:
+    """A ValueError when the backend ``name``, forced by ``source``, cannot run ops on ``tensor`` here."""
     why = None
     if name == "triton":
         if not HAS_TRITON:
@@ -141,7 +143,9 @@ def _choose(tensor: torch.Tensor, backend: str | None, supported) -> str:
     forced = os.environ.get("DLER_BACKEND")
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+            raise ValueError(
+                f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r} ({_backends_here(BACKENDS)})"
+            )
         if forced in supported:
             _check_forced(forced, tensor, "DLER_BACKEND", supported)
             return forced

@@ -41,7 +41,9 @@ class LossOptions:
         check_number("normalizer", self.normalizer, low=0.0, low_open=True, allow_none=True)
         if self.loss_agg == "seq-mean-token-sum-norm":
             if self.norm_length is None:
-                raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
+                raise ValueError(
+                    "norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)"
+                )
             check_number("norm_length", self.norm_length, low=0.0, low_open=True)
 
     @property
@@ -81,6 +83,7 @@ class TokenData(NamedTuple):
         return TokenData(*(None if t is None else t[rows] for t in self))
 
     def contiguous(self) -> TokenData:
+        """The same data, each tensor contiguous (what the kernels of the fused-linear path index)."""
         return TokenData(*(None if t is None else t.contiguous() for t in self))
 
 

@@ -118,7 +118,8 @@ def policy_loss(
         n, logits.shape[1], logits.device, targets, old_logprobs, advantages, mask, options,
         ref_logprobs=ref_logprobs, seq_ids=seq_ids, token_weights=token_weights,
     )  # fmt: skip
-    loss, per_token, logp, entropy, kl = select_backend(logits, backend).policy_loss(logits, data, options, inplace_grad)
+    chosen = select_backend(logits, backend)
+    loss, per_token, logp, entropy, kl = chosen.policy_loss(logits, data, options, inplace_grad)
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
             logp, old_logprobs, advantages, entropy, data.valid, eps_low, eps_high, clip_c, kl, per_token

@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from dler_kernels.validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
+from dler_kernels.validate import check_choice, check_number
 
 from .data import TEMPLATES, FieldMap
 from .fsutil import UserError, atomic_file
