@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.* csrc/*/*.*)
 	$(BIN)/python -c "import torch, transformers, dler_kernels, trainer; print('torch', torch.__version__, '| transformers', transformers.__version__, '| kernels:', dler_kernels.available_backends())"
 	touch $(STAMP)
 
-# The oldest Triton the kernels support (TRITON_OLDEST in dler_kernels/_backend.py), for tests/test_aot_check.py,
+# The oldest Triton the kernels support (TRITON_OLDEST in dler_kernels/dispatch.py), for tests/test_aot_check.py,
 # which compiles every kernel for sm_80/90/100 on it as on the pinned one. Installed once (no dependencies: it
 # only needs the venv's python), outside the repository, so that later runs download nothing.
 TRITON_OLDEST ?= 3.6.0

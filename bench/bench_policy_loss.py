@@ -23,7 +23,8 @@ import time
 import torch
 from cpu_memory import peak_growth, peak_in_child
 
-from dler_kernels import _ext, policy_loss
+from dler_kernels import available_backends, policy_loss
+from dler_kernels.dispatch import usable_backends
 from dler_kernels.reference import policy_loss_ref
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,11 +58,11 @@ def implementations(args, inputs):
         impls["dler triton"] = ours("triton")
         impls["dler triton (inplace grad)"] = ours_inplace("triton")
     ext = "cuda" if logits.is_cuda else "cpu"
-    if _ext.has_cuda() if logits.is_cuda else _ext.has_cpu():
+    if ext in usable_backends(ext):
         impls[f"dler C++ {ext}"] = ours(ext)
         impls[f"dler C++ {ext} (inplace grad)"] = ours_inplace(ext)
     else:
-        print(f"dler_kernels._C {ext} kernels: skipped ({_ext.status()[logits.is_cuda]})")
+        print(f"dler_kernels._C {ext} kernels: skipped ({available_backends()[ext]})")
     impls["eager reference"] = eager
     compiled = torch.compile(lambda x: policy_loss_ref(x, targets, old, adv, mask, **opts)[0])
     impls["torch.compile reference"] = lambda x: compiled(x).backward()

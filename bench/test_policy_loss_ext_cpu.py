@@ -16,7 +16,8 @@ import pytest
 import torch
 from bench_policy_loss import implementations, make_inputs, peak_memory_cpu
 
-from dler_kernels import _ext
+from dler_kernels import available_backends
+from dler_kernels.dispatch import usable_backends
 
 N, V, THREADS = 2048, 49152, 2
 ARGS = argparse.Namespace(n=N, vocab=V, dtype="fp32", seq_len=512, temperature=1.0, repeats=1, threads=THREADS,
@@ -25,7 +26,9 @@ OURS, EAGER = "dler C++ cpu", "eager reference"
 LOGITS_BYTES = N * V * 4
 measured: dict[str, dict] = {}
 
-pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason=f"dler_kernels._C is {_ext.why_not()}")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in usable_backends("cpu"), reason=f"cpu backend: {available_backends()['cpu']}"
+)
 
 
 @pytest.fixture(scope="module")

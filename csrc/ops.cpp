@@ -9,7 +9,7 @@
 //   slab_grad_         the vocab pass of the fused-linear path.
 //
 // The user-facing validation (with messages naming the argument of the public Python API) is in
-// dler_kernels/_validate.py and runs before these ops; the checks here guard memory safety for
+// dler_kernels/validate.py and runs before these ops; the checks here guard memory safety for
 // direct callers of torch.ops.dler.*, and refuse what a conversion would silently change (float
 // targets, a non-bool valid) or what has no meaning (a vocab of 0 columns).
 #include <Python.h>

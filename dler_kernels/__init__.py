@@ -4,8 +4,8 @@ Depends on torch (and numpy); uses triton where it is installed, else the plain-
 references in ``dler_kernels.reference``. ``python -m dler_kernels.info`` lists the backends.
 """
 
-from ._backend import HAS_TRITON, available_backends, backend_for
 from .advantages import Advantages, compute_advantages
+from .dispatch import HAS_TRITON, available_backends, backend_for
 from .linear_policy_loss import linear_policy_loss, linear_token_logprobs
 from .policy_loss import PolicyLossOutput, policy_loss, token_logprobs
 

@@ -3,7 +3,8 @@
 Loaded lazily, on the first op that could use it, never at ``import dler_kernels``. An extension
 that is missing, fails to load, or is stale (built for another op ABI, another torch, or, in a
 source checkout, from other sources than those in ``csrc/``) gives one warning that says why and
-how to rebuild, and the ops fall back to Triton / the plain-torch reference.
+how to rebuild, and the ops fall back to Triton / the plain-torch reference. The kernels as a backend:
+``dler_kernels.ext_backend``.
 
 The ops are PyTorch custom ops (``torch.ops.dler.*``, schemas in ``csrc/ops.cpp``). This module
 registers their fake (meta) implementations, so that ``torch.compile`` traces through them, and
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import reference as ref
+from .stored_grad import scale_stored_grads
 
 # Must equal DLER_ABI_VERSION in csrc/ops.cpp: bumped whenever an op's schema or semantics change.
 ABI_VERSION = 1
@@ -83,7 +85,7 @@ def warn_fallback(device_type: str) -> None:
         f"dler_kernels._C is {_state['why']}; {device_type.upper()} tensors use {fallback}. To use the C++ "
         f"kernels, {REBUILD_HINT}.",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=5,  # the line that called the op: warn_fallback <- dispatch (2) <- the public op <- its caller
     )
 
 
@@ -112,27 +114,23 @@ def status() -> tuple[str, str]:
 # ---------------------------------------------------------------- fake implementations and autograd
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _register_python_parts() -> None:
     lib = "dler::"
 
     @torch.library.register_fake(lib + "policy_loss")
     def _(logits, targets, valid, old, adv, ref_lp, weights, temperature, eps_low, eps_high, clip_c, beta, kl_type,
           entropy_coef, write_grad):  # fmt: skip
-        n, acc = logits.shape[0], _acc_dtype(logits)
+        n, acc = logits.shape[0], ref.accumulation_dtype(logits)
         grad = logits.new_empty(logits.shape) if write_grad else logits.new_empty(0)
         return (logits.new_empty((), dtype=acc), *(logits.new_empty(n, dtype=acc) for _ in range(4)), grad)
 
     @torch.library.register_fake(lib + "policy_loss_rows_")
     def _(grad, logits, *args):
-        return tuple(logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits)) for _ in range(7))
+        return tuple(logits.new_empty(logits.shape[0], dtype=ref.accumulation_dtype(logits)) for _ in range(7))
 
     @torch.library.register_fake(lib + "token_logprobs")
     def _(logits, targets, temperature):
-        return tuple(logits.new_empty(logits.shape[0], dtype=_acc_dtype(logits)) for _ in range(2))
+        return tuple(logits.new_empty(logits.shape[0], dtype=ref.accumulation_dtype(logits)) for _ in range(2))
 
     @torch.library.register_fake(lib + "slab_grad_")
     def _(slab, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
@@ -150,54 +148,6 @@ def _register_python_parts() -> None:
             raise RuntimeError("dler::policy_loss was called with write_grad=False; it has no gradient to give")
         if grad_loss is None:
             return (None,) * 15
-        from .policy_loss import scale_stored_grads
-
         return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * 14))
 
     torch.library.register_autograd(lib + "policy_loss", backward, setup_context=setup_context)
-
-
-# ---------------------------------------------------------------- what the public ops call
-
-
-def loss_args(targets, valid, old, adv, ref_lp, weights, *, temperature, eps_low, eps_high, clip_c, beta, kl_type,
-              entropy_coef):  # fmt: skip
-    """The op arguments after the logits (and before write_grad), on already validated inputs."""
-    kl_code = ref.KL_CODES[kl_type] if beta != 0.0 else 0
-    return (
-        torch.where(valid, targets, 0), valid, old, adv, ref_lp if kl_code else None, weights, float(temperature),
-        float(eps_low), float(eps_high), None if clip_c is None else float(clip_c), float(beta), kl_code,
-        float(entropy_coef),
-    )  # fmt: skip
-
-
-def token_logprobs(logits, targets, temperature):
-    """(logp, entropy) in the accumulation dtype; negative targets mark padding rows (0 for both)."""
-    return torch.ops.dler.token_logprobs(logits, targets, float(temperature))
-
-
-def policy_loss(logits, args, weights, *, inplace_grad):
-    """(loss, per_token, logp, entropy, kl) for ``policy_loss`` (kl: zeros without a KL term)."""
-    if inplace_grad:  # the gradient lands in the logits even when autograd does not ask for it
-        from .policy_loss import _StoredGradLoss
-
-        def kernel(z, grad):
-            return torch.ops.dler.policy_loss_rows_(grad, z, *args)[:4]
-
-        return _StoredGradLoss.apply(logits, weights, kernel, True)
-    return torch.ops.dler.policy_loss(logits, *args, torch.is_grad_enabled() and logits.requires_grad)[:5]
-
-
-def rows_(z, args, want_grad):
-    """The fused-linear row pass on one chunk: (per_token, logp, entropy, kl, (lse, dlogp, dent)); with
-    want_grad, z is overwritten with d(loss)/d(z)."""
-    if want_grad:
-        per_token, logp, entropy, kl, lse, dlogp, dent = torch.ops.dler.policy_loss_rows_(z, z, *args)
-        return per_token, logp, entropy, kl, (lse, dlogp, dent)
-    _, per_token, logp, entropy, kl, _ = torch.ops.dler.policy_loss(z, *args, False)
-    return per_token, logp, entropy, kl, None
-
-
-def slab_grad_(slab, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
-    torch.ops.dler.slab_grad_(slab, targets, valid, lse, entropy, dlogp, dent, int(col0), float(temperature))
-    return slab

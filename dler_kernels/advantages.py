@@ -1,5 +1,6 @@
 """Public API of the advantage computation (GRPO, Dr.GRPO, DLER batch normalisation) and the
-dynamic-sampling keep-mask. Semantics: ``reference.compute_advantages_ref``."""
+dynamic-sampling keep-mask: the arguments checked, then handed to the backend ``dispatch`` chooses.
+Semantics: ``reference.compute_advantages_ref``."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import NamedTuple
 import torch
 
 from . import reference as ref
-from ._backend import backend_for
-from ._validate import check_choice, check_no_grad, check_number, check_tensor
+from .dispatch import ADVANTAGES_BACKENDS, select_backend
+from .validate import check_choice, check_no_grad, check_number, check_tensor
 
 
 class Advantages(NamedTuple):
@@ -67,9 +68,6 @@ def compute_advantages(
         eps=eps,
         dynamic_sampling=dynamic_sampling,
     )
-    if backend_for(rewards, supported=("reference", "triton")) == "triton":
-        from .triton_advantages import triton_advantages
-
-        return Advantages(*triton_advantages(rewards, group_ids, **options))
-    values, keep, stats = ref.compute_advantages_ref(rewards, group_ids, **options)
+    backend = select_backend(rewards, supported=ADVANTAGES_BACKENDS)
+    values, keep, stats = backend.advantages(rewards, group_ids, **options)
     return Advantages(values.float(), keep, stats)

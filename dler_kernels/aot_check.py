@@ -139,24 +139,27 @@ def _token_inputs(n):
 
 
 def _loss_options(kl_type):
-    return dict(eps_low=0.2, eps_high=0.28, clip_c=10.0, beta=0.0 if kl_type is None else 0.04,
-                kl_type=kl_type or "k3", entropy_coef=0.0, temperature=1.0)  # fmt: skip
+    from .loss_inputs import LossOptions
+
+    return LossOptions(beta=0.0 if kl_type is None else 0.04, kl_type=kl_type or "k3")
+
+
+def _token_data(t):
+    from .loss_inputs import TokenData
+
+    return TokenData(t["targets"], t["valid"], t["old"], t["adv"], t["ref_lp"], None, None)
 
 
 def _logits_loss(dtype, vocab, kl_type, grad):
     """policy_loss on [N, V] logits: grad 'grad' (autograd), 'inplace' (inplace_grad) or 'none'."""
     import torch
 
-    from .triton_policy_loss import triton_policy_loss
+    from .triton_backend import TritonBackend
 
     t = _token_inputs(N_TOKENS)
     logits = _meta((N_TOKENS, vocab), _torch_dtype(dtype)).requires_grad_(grad == "grad")
     with torch.set_grad_enabled(grad == "grad"):
-        triton_policy_loss(
-            logits, t["targets"], t["old"], t["adv"], t["valid"], ref_logprobs=t["ref_lp"], seq_ids=None,
-            loss_agg="token-mean", normalizer=None, norm_length=None, token_weights=None,
-            inplace_grad=grad == "inplace", **_loss_options(kl_type),
-        )  # fmt: skip
+        TritonBackend().policy_loss(logits, _token_data(t), _loss_options(kl_type), inplace_grad=grad == "inplace")
 
 
 def _logprobs(dtype, vocab):
@@ -168,16 +171,18 @@ def _logprobs(dtype, vocab):
 
 def _linear_loss(dtype, kl_type):
     """linear_policy_loss from hidden states: row pass per chunk, vocab pass per slab (bf16/fp16)."""
-    from . import reference as ref
     from .linear_policy_loss import fused_linear, rows_per_chunk
+    from .triton_backend import TritonBackend
 
     dt = _torch_dtype(dtype)
     t = _token_inputs(N_TOKENS)
-    weights = ref.aggregation_weights(t["valid"], "token-mean", None, None, None)
+    options = _loss_options(kl_type)
+    data = _token_data(t)
+    backend = TritonBackend()
     fused_linear(
-        _meta((N_TOKENS, HIDDEN), dt), _meta((VOCAB, HIDDEN), dt), None, t["targets"], t["valid"], t["old"],
-        t["adv"], t["ref_lp"], weights, _loss_options(kl_type), rows=rows_per_chunk(N_TOKENS, VOCAB, None, "triton"),
-        backend="triton", need_dx=True, need_dw=True, need_db=False,
+        _meta((N_TOKENS, HIDDEN), dt), _meta((VOCAB, HIDDEN), dt), None, data, data.aggregation_weights(options),
+        options, rows=rows_per_chunk(N_TOKENS, VOCAB, None, backend), backend=backend, need_dx=True, need_dw=True,
+        need_db=False,
     )  # fmt: skip
 
 
@@ -186,13 +191,15 @@ def _linear_logprobs_backward(dtype):
     import torch
 
     from .linear_policy_loss import logprobs_grads, rows_per_chunk
+    from .triton_backend import TritonBackend
 
     dt = _torch_dtype(dtype)
     t = _token_inputs(N_TOKENS)
     f = [_meta(N_TOKENS, torch.float32) for _ in range(4)]
+    backend = TritonBackend()
     logprobs_grads(
         _meta((N_TOKENS, HIDDEN), dt), _meta((VOCAB, HIDDEN), dt), None, t["targets"], t["valid"], *f, 1.0,
-        rows_per_chunk(N_TOKENS, VOCAB, None, "triton"), "triton", (True, True, False),
+        rows_per_chunk(N_TOKENS, VOCAB, None, backend), backend, (True, True, False),
     )  # fmt: skip
 
 

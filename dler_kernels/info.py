@@ -5,7 +5,7 @@ import platform
 import torch
 
 from . import __version__
-from ._backend import available_backends
+from .dispatch import available_backends
 
 
 def main() -> None:

@@ -25,37 +25,34 @@ How (one design for every backend; only the per-slab arithmetic differs):
 Memory bound: besides inputs, outputs, gradients and O(N) float32 vectors, one buffer of
 ``chunk_size * V`` elements in the hidden dtype, reused by both passes (the vocab pass uses
 ``Vs = chunk_size * V // N`` columns, rounded down to a multiple of 8 so that every slice is 16-byte
-aligned: ``slab_columns``). The default ``chunk_size`` keeps it at
-``DEFAULT_SLAB_ELEMENTS = 2**26`` (128 MiB in bf16; 2.7% of the bf16 logits at N=16384, V=151936).
-The plain-torch backend holds about four float32 copies of a chunk: its default is
-``TORCH_SLAB_ELEMENTS = 2**20`` elements per chunk.
+aligned: ``slab_columns``). The default ``chunk_size`` keeps it at the backend's ``chunk_elements``
+(``backend.DEFAULT_SLAB_ELEMENTS = 2**26`` on a GPU: 128 MiB in bf16, 2.7% of the bf16 logits at
+N=16384, V=151936; ``TORCH_SLAB_ELEMENTS = 2**20`` on a CPU and for the plain-torch backend, which
+holds about four float32 copies of a chunk).
 No [N, V] tensor exists at any point.
 
 The whole gradient is computed in the forward call when autograd will need it (as in the logits
 path); backward only scales the stored gradients by the incoming one.
 
-Backends (``dler_kernels._backend``): ``triton`` runs the row and slab arithmetic in the Triton
-kernels, ``cpu`` / ``cuda`` in the kernels of the extension ``dler_kernels._C`` (the same
-row sweep as the logits path, and ``slab_grad_``), ``reference`` in plain torch (the reference's
-per-token formulas, differentiated by autograd on one chunk at a time); all with the same chunking
-and the same memory bound.
+The per-slab arithmetic is the chosen backend's (``backend.Backend.rows`` and ``slab_grad_``;
+``dler_kernels.dispatch``): ``triton`` runs it in the Triton kernels, ``cpu`` / ``cuda`` in the kernels
+of the extension ``dler_kernels._C`` (the same row sweep as the logits path, and ``slab_grad_``),
+``reference`` in plain torch (the reference's per-token formulas, differentiated by autograd on one
+chunk at a time); all with the same chunking and the same memory bound; this module holds the chunking,
+the matmuls and the autograd functions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _ext
 from . import reference as ref
-from ._backend import backend_for
-from ._validate import check_number, check_targets, check_tensor
-from .policy_loss import PolicyLossOutput, _check_loss_options, _token_logprobs, scale_stored_grads
-
-DEFAULT_SLAB_ELEMENTS = 1 << 26
-# The plain-torch backend holds about four float32 copies of a chunk (the buffer, log-probs,
-# probabilities, one temporary) and runs faster on chunks that stay in a CPU's cache: 2**20
-# (bench/bench_linear_policy_loss.py on the CPU, 2026-11-21: 16 rows beat 128 at V=32000).
-TORCH_SLAB_ELEMENTS = 1 << 20
+from .backend import Backend
+from .dispatch import select_backend
+from .loss_inputs import LossOptions, TokenData, check_token_data
+from .policy_loss import PolicyLossOutput
+from .stored_grad import StoredGradFunction
+from .validate import check_number, check_targets, check_tensor
 
 
 def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
@@ -87,11 +84,9 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
     return hidden.shape[0], weight.shape[0]
 
 
-def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: str) -> int:
+def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: Backend) -> int:
     if chunk_size is None:
-        # On a CPU a chunk that stays in cache is faster (the C++ kernels too: see TORCH_SLAB_ELEMENTS).
-        budget = TORCH_SLAB_ELEMENTS if backend in ("reference", "cpu") else DEFAULT_SLAB_ELEMENTS
-        chunk_size = max(16, budget // vocab // 16 * 16)
+        chunk_size = max(16, backend.chunk_elements // vocab // 16 * 16)
     return max(1, min(chunk_size, n))
 
 
@@ -145,89 +140,20 @@ class _Slabs:
             yield v0, v1, z
 
 
-# ---------------------------------------------------------------- per-slab arithmetic, two backends
-
-
-def _torch_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    """Plain torch on one row chunk, the arithmetic of the Triton row kernel: log-softmax statistics,
-    then the reference's per-token loss on the [rows] vectors (log-prob, entropy), differentiated by
-    autograd there, then the gradient formula of ``_grad_tile`` over the chunk. Returns
-    (per_token, logp, entropy, kl, row_state or None); overwrites z with dZ when want_grad.
-    Working memory: two float32 copies of the chunk and one temporary."""
-    opts = dict(opts)
-    temperature = opts.pop("temperature")
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    logp_all = z.to(dtype, copy=True).masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(1.0 / temperature)
-    lse = torch.logsumexp(logp_all, dim=-1)
-    logp_all.sub_(lse.unsqueeze(-1))
-    p = torch.exp(logp_all)
-    tgt = torch.where(valid, targets, 0).unsqueeze(-1)
-    logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1), 0.0)
-    entropy = torch.where(valid, -(p * logp_all).sum(-1), 0.0)
-    with torch.enable_grad():
-        lp, ent = logp.requires_grad_(want_grad), entropy.requires_grad_(want_grad)
-        per_token, kl = ref.per_token_loss_from_logprobs(lp, ent, old, adv, valid, ref_logprobs=ref_lp, **opts)
-        if want_grad:
-            loss = (per_token * weights.to(dtype)).sum()
-            dlogp, dent = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    if not want_grad:
-        return detach(per_token), detach(logp), detach(entropy), detach(kl), None
-    _write_grad_(z, logp_all, p, targets, valid, entropy.detach(), dlogp, dent, 0, temperature)
-    state = (lse, dlogp, dent) if want_state else None
-    return detach(per_token), detach(logp), detach(entropy), detach(kl), state
-
-
-def _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, temperature):
-    """z <- d(loss)/d(z) for the vocab columns col0 .. col0 + width of each row, the formula of the
-    Triton ``_grad_tile``: [dlogp (onehot - p) - dent p (log p + H)] / T. ``logp_all`` (log p) and
-    ``p`` (float32 [rows, width]) are used up as the buffers it is built in; masked rows get 0."""
-    logp_all.add_(entropy.unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
-    p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
-    local = targets - col0
-    hit = valid & (local >= 0) & (local < z.shape[1])
-    p[hit, local[hit]] += dlogp[hit]
-    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
-    z.copy_(p)
-
-
-def _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
-    """Plain torch version of ``triton_policy_loss.slab_grad_``: z (logits of the vocab columns
-    col0 ..) becomes their gradient, from the row state of the row pass."""
-    logp_all = z.to(lse.dtype, copy=True).mul_(1.0 / temperature).sub_(lse.unsqueeze(-1))
-    _write_grad_(z, logp_all, torch.exp(logp_all), targets, valid, entropy, dlogp, dent, col0, temperature)
-
-
-def _ext_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    args = _ext.loss_args(targets, valid, old, adv, ref_lp, weights, **opts)
-    per_token, logp, entropy, kl, state = _ext.rows_(z, args, want_grad)
-    return per_token, logp, entropy, kl, state if want_state else None
-
-
-def _triton_rows(z, targets, valid, old, adv, ref_lp, weights, opts, want_grad, want_state):
-    from .triton_policy_loss import launch_rows
-
-    n = z.shape[0]
-    state = tuple(torch.empty(n, dtype=torch.float32, device=z.device) for _ in range(3)) if want_state else None
-    logp, entropy, per_token, kl = launch_rows(
-        z, torch.where(valid, targets, 0), valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights,
-        grad=z if want_grad else None, compute_loss=True, row_state=state, **opts,
-    )  # fmt: skip
-    return per_token, logp, entropy, kl, state
-
-
 # ---------------------------------------------------------------- the two passes
 
 
-def fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, *, rows, backend,
-                  need_dx, need_dw, need_db):  # fmt: skip
+def fused_linear(hidden, weight, bias, data: TokenData, weights, options: LossOptions, *, rows, backend: Backend,
+                 need_dx, need_dw, need_db):  # fmt: skip
+    """Both passes over checked inputs: (per_token, logp, entropy, kl or None, dX, dW, db), each gradient
+    None unless asked for. ``weights``: the aggregation weights of the tokens."""
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    f32 = ref.accumulation_dtype(hidden)
     per_token = torch.zeros(n, dtype=f32, device=dev)
     logp = torch.zeros(n, dtype=f32, device=dev)
     entropy = torch.zeros(n, dtype=f32, device=dev)
-    kl = torch.zeros(n, dtype=f32, device=dev) if opts["beta"] != 0.0 else None
+    kl = torch.zeros(n, dtype=f32, device=dev) if options.beta != 0.0 else None
     want_grad = need_dx or need_dw or need_db
     direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
     vocab_pass = need_dw and not direct_dw
@@ -235,15 +161,11 @@ def fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights
     dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
     db = torch.zeros(vocab, dtype=f32, device=dev) if need_db else None
     state = tuple(torch.zeros(n, dtype=f32, device=dev) for _ in range(3)) if vocab_pass else None
-    row_op = {"triton": _triton_rows, "cpu": _ext_rows, "cuda": _ext_rows}.get(backend, _torch_rows)
     slabs = _Slabs(hidden, weight, bias, rows)
 
     for r0, r1, z in slabs.row_chunks():
         sl = slice(r0, r1)
-        pt, lp, ent, k, st = row_op(
-            z, targets[sl], valid[sl], old[sl], adv[sl], None if ref_lp is None else ref_lp[sl], weights[sl],
-            opts, want_grad, vocab_pass,
-        )  # fmt: skip
+        pt, lp, ent, k, st = backend.rows(z, data.rows(sl), weights[sl], options, want_grad, vocab_pass)
         per_token[sl], logp[sl], entropy[sl] = pt, lp, ent
         if kl is not None:
             kl[sl] = k
@@ -255,7 +177,8 @@ def fused_linear(hidden, weight, bias, targets, valid, old, adv, ref_lp, weights
         _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)  # z now holds dZ for these rows
 
     if vocab_pass:
-        _weight_grad_by_vocab_slices(slabs, dw, targets, valid, *state, entropy, opts["temperature"], backend)
+        _weight_grad_by_vocab_slices(slabs, dw, data.targets, data.valid, *state, entropy, options.temperature,
+                                     backend)  # fmt: skip
     return per_token, logp, entropy, kl, dx, dw, (db.to(weight.dtype) if db is not None else None)
 
 
@@ -270,43 +193,27 @@ def _chunk_grads_(dz, rows, hidden, weight, dx, dw_direct, db):
         db += dz.sum(0, dtype=db.dtype)
 
 
-def _slab_grad_(backend, z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
-    """z (logits of vocab columns col0 .. of some rows) <- their gradient, from those rows' state."""
-    if backend == "triton":
-        from .triton_policy_loss import slab_grad_
-
-        slab_grad_(z, targets, valid.to(torch.int8), lse, entropy, dlogp, dent, col0, temperature)
-    elif backend in ("cpu", "cuda"):
-        _ext.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature)
-    else:
-        _torch_slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, col0, temperature)
-
-
 def _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend):
     """The vocab pass: dW[v0:v1] = dZ[:, v0:v1]^T X, one matmul over all N rows per slice (float32
     accumulation and one rounding, for bf16/fp16 weights)."""
     for v0, v1, z in slabs.vocab_slices():
-        _slab_grad_(backend, z, targets, valid, lse, entropy, dlogp, dent, v0, temperature)
+        backend.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, temperature)
         torch.mm(z.t(), slabs.hidden, out=dw[v0:v1])
 
 
-class _LinearPolicyLoss(torch.autograd.Function):
+class _LinearPolicyLoss(StoredGradFunction):
     """Forward runs both passes (gradients included when autograd needs them); backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows, backend, needs):
+    def forward(ctx, hidden, weight, bias, data, weights, options, rows, backend, needs):
         per_token, logp, entropy, kl, dx, dw, db = fused_linear(
-            hidden, weight, bias, targets, valid, old, adv, ref_lp, weights, opts, rows=rows, backend=backend,
+            hidden, weight, bias, data, weights, options, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
         )  # fmt: skip
         loss = (per_token * weights.to(per_token.dtype)).sum()
         ctx.save_for_backward(dx, dw, db)
         ctx.mark_non_differentiable(per_token, logp, entropy, *([kl] if kl is not None else []))
         return loss, per_token, logp, entropy, kl
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * 10))
 
 
 def linear_policy_loss(
@@ -345,22 +252,18 @@ def linear_policy_loss(
     elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V``, at least 16, on
     plain torch). Rows whose mask is false need finite hidden states
     (as with ``F.linear``, their zero gradient still meets their hidden state in dW). ``backend``:
-    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels._backend``).
+    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels.dispatch``).
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size)
-    dev = hidden.device
-    valid = _check_loss_options(
-        n, vocab, dev, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
-        eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
-        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
-        token_weights=token_weights, what="hidden",
+    options = LossOptions(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
+                          entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg,
+                          normalizer=normalizer, norm_length=norm_length)  # fmt: skip
+    data = check_token_data(
+        n, vocab, hidden.device, targets, old_logprobs, advantages, mask, options, ref_logprobs=ref_logprobs,
+        seq_ids=seq_ids, token_weights=token_weights, what="hidden",
     )  # fmt: skip
-    backend = backend_for(hidden, backend)
-    weights = ref.aggregation_weights(
-        valid, loss_agg, seq_ids, normalizer, norm_length, ref._compute_dtype(hidden), token_weights
-    )
-    opts = dict(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
-                entropy_coef=entropy_coef, temperature=temperature)  # fmt: skip
+    chosen = select_backend(hidden, backend)
+    weights = data.aggregation_weights(options, ref.accumulation_dtype(hidden))
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
@@ -368,13 +271,12 @@ def linear_policy_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
-        hidden, weight, bias, targets.contiguous(), valid.contiguous(), old_logprobs.contiguous(),
-        advantages.contiguous(), ref_logprobs.contiguous() if beta != 0.0 else None, weights, opts,
-        rows_per_chunk(n, vocab, chunk_size, backend), backend, needs,
+        hidden, weight, bias, data.contiguous(), weights, options, rows_per_chunk(n, vocab, chunk_size, chosen),
+        chosen, needs,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
-            logp, old_logprobs, advantages, entropy, valid, eps_low, eps_high, clip_c, kl, per_token
+            logp, old_logprobs, advantages, entropy, data.valid, eps_low, eps_high, clip_c, kl, per_token
         )
     if hidden.dtype == torch.float64:
         return PolicyLossOutput(loss, per_token, logp, entropy, metrics)
@@ -387,7 +289,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, rows, backend):
-        f32 = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        f32 = ref.accumulation_dtype(hidden)
         n = hidden.shape[0]
         valid = targets >= 0
         safe = torch.where(valid, targets, 0)
@@ -395,7 +297,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         entropy = torch.zeros(n, dtype=f32, device=hidden.device)
         lse = torch.zeros(n, dtype=f32, device=hidden.device)
         for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
-            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, True, backend)
+            lp, ent = backend.token_logprobs(z, targets[r0:r1], temperature, True)
             logp[r0:r1], entropy[r0:r1] = lp, ent
             # log-sum-exp of z / T from the kernel's own log-prob: lse = z[target] / T - logp (exact up to one
             # float32 rounding of |lse|, ~1e-7 relative in the probabilities of the backward).
@@ -433,8 +335,7 @@ def logprobs_grads(hidden, weight, bias, targets, valid, lse, entropy, dlogp, de
     if need_dx or direct_dw or need_db:
         for r0, r1, z in slabs.row_chunks():
             sl = slice(r0, r1)
-            _slab_grad_(backend, z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0,
-                        temperature)  # fmt: skip
+            backend.slab_grad_(z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0, temperature)
             _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
     if need_dw and not direct_dw:
         _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
@@ -464,10 +365,10 @@ def linear_token_logprobs(
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
-    backend = backend_for(hidden, backend)
-    rows = rows_per_chunk(n, vocab, chunk_size, backend)
+    chosen = select_backend(hidden, backend)
+    rows = rows_per_chunk(n, vocab, chunk_size, chosen)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, backend)
+        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, chosen)
         if hidden.dtype != torch.float64:
             logp, entropy = logp.float(), entropy.float()
         return (logp, entropy) if return_entropy else logp
@@ -475,7 +376,7 @@ def linear_token_logprobs(
     entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     with torch.no_grad():
         for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
-            lp, ent = _token_logprobs(z, targets[r0:r1], temperature, return_entropy, backend)
+            lp, ent = chosen.token_logprobs(z, targets[r0:r1], temperature, return_entropy)
             logp[r0:r1] = lp
             if return_entropy:
                 entropy[r0:r1] = ent

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_mask, check_no_grad
+from .validate import check_mask, check_no_grad
 
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
@@ -40,7 +40,9 @@ ADVANTAGE_METHODS = ("grpo", "dr_grpo", "dler")
 WEIGHTINGS = ("token", "sample")
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype every implementation accumulates ``t``'s arithmetic in: float64 for float64 inputs,
+    float32 for every other dtype (half inputs included)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -51,7 +53,7 @@ def token_logprobs_ref(
 
     Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0.
     """
-    z = logits.to(_compute_dtype(logits)) / temperature
+    z = logits.to(accumulation_dtype(logits)) / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -255,20 +257,32 @@ def policy_loss_ref(
                         ref_logprobs=ref_logprobs if beta != 0.0 else None).items():  # fmt: skip
         check_no_grad(name, t)
     valid = check_mask(mask)
-    per_token, logp, entropy, kl = per_token_loss_ref(
-        logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, eps_low=eps_low,
-        eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
-        temperature=temperature,
+    loss, per_token, logp, entropy, kl = policy_loss_terms_ref(
+        logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
+        eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
+        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
+        token_weights=token_weights,
     )  # fmt: skip
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
-    weighted = per_token if token_weights is None else per_token * torch.where(valid, token_weights.to(dtype), 0.0)
-    loss = aggregate_ref(weighted, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
-
     with torch.no_grad():
         metrics = policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token)
     return loss, per_token.detach(), logp.detach(), entropy.detach(), metrics
+
+
+def policy_loss_terms_ref(
+    logits, targets, old_logprobs, advantages, valid, *, seq_ids, loss_agg, normalizer, norm_length, token_weights,
+    **options,
+):  # fmt: skip
+    """``policy_loss_ref`` on checked inputs (``valid`` bool), without the metrics: ``(loss, per_token, logp,
+    entropy, kl)``, all differentiable w.r.t. ``logits``; ``kl`` is None when ``beta == 0``. ``options``:
+    those of ``per_token_loss_ref``."""
+    per_token, logp, entropy, kl = per_token_loss_ref(logits, targets, old_logprobs, advantages, valid, **options)
+    dtype = per_token.dtype
+    weighted = per_token if token_weights is None else per_token * torch.where(valid, token_weights.to(dtype), 0.0)
+    loss = aggregate_ref(weighted, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
+    return loss, per_token, logp, entropy, kl
 
 
 def policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token):
@@ -334,7 +348,7 @@ def compute_advantages_ref(
         check_no_grad(name, t)  # data, as on every backend: the advantages are the policy loss's constants
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(rewards)
     r = rewards.to(dtype)
     c = (correctness if correctness is not None else rewards).to(dtype)
     _, g = torch.unique(group_ids, return_inverse=True)

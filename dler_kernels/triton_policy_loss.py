@@ -26,7 +26,6 @@ import triton.language as tl
 
 from . import reference as ref
 from ._launch import KernelLaunch, is_compiled, launch_device, rows_aligned
-from .policy_loss import _StoredGradLoss
 
 KL_CODES = ref.KL_CODES
 
@@ -325,47 +324,3 @@ def triton_token_logprobs(logits, targets, temperature=1.0):
     valid = targets >= 0
     logp, entropy, _, _ = launch_rows(logits, torch.where(valid, targets, 0), valid, temperature=temperature)
     return logp, entropy
-
-
-def triton_policy_loss(
-    logits,
-    targets,
-    old_logprobs,
-    advantages,
-    valid,
-    *,
-    ref_logprobs,
-    seq_ids,
-    eps_low,
-    eps_high,
-    clip_c,
-    beta,
-    kl_type,
-    entropy_coef,
-    temperature,
-    loss_agg,
-    normalizer,
-    norm_length,
-    token_weights,
-    inplace_grad,
-):
-    """Arguments already validated by ``policy_loss``. Returns (loss, per_token, logp, entropy, kl or None)."""
-    targets = torch.where(valid, targets, 0)  # masked rows may carry -100 and are never read
-    weights = ref.aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, token_weights=token_weights)
-    opts = dict(temperature=temperature, eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta,
-                kl_type=kl_type, entropy_coef=entropy_coef)  # fmt: skip
-    targets, old, adv = targets.contiguous(), old_logprobs.contiguous(), advantages.contiguous()
-    ref_lp = ref_logprobs.contiguous() if ref_logprobs is not None else None  # read only when beta != 0
-
-    def kernel(z, grad):
-        logp, entropy, per_token, kl = launch_rows(
-            z, targets, valid, old=old, adv=adv, ref_lp=ref_lp, weights=weights, grad=grad, compute_loss=True, **opts
-        )
-        return per_token, logp, entropy, kl
-
-    if inplace_grad or (torch.is_grad_enabled() and logits.requires_grad):
-        loss, per_token, logp, entropy, kl = _StoredGradLoss.apply(logits, weights, kernel, inplace_grad)
-    else:
-        per_token, logp, entropy, kl = kernel(logits, None)
-        loss = (per_token * weights).sum()
-    return loss, per_token, logp, entropy, kl

@@ -1,5 +1,5 @@
 """Every Triton kernel compiled for real GPUs (sm_80, sm_90, sm_100) without a GPU: ``dler_kernels.aot_check``
-on the pinned Triton and on the oldest one the package supports (``_backend.TRITON_OLDEST``, installed by
+on the pinned Triton and on the oldest one the package supports (``dispatch.TRITON_OLDEST``, installed by
 ``make triton-oldest``, part of ``make test``, into ``~/.cache/dler/triton-<version>``; elsewhere
 ``DLER_TRITON_OLDEST_DIR``), plus the rules it applies, shown on real
 compiles of tiny kernels.
@@ -20,7 +20,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from dler_kernels import aot_check  # noqa: E402
-from dler_kernels._backend import TRITON_OLDEST, triton_supported  # noqa: E402
+from dler_kernels.dispatch import TRITON_OLDEST, triton_supported  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OLDEST_DIR = Path(os.environ.get("DLER_TRITON_OLDEST_DIR", Path.home() / ".cache" / "dler" / f"triton-{TRITON_OLDEST}"))

@@ -1,7 +1,7 @@
 """Edge-case inputs of the kernel ops get the same answer from every backend (issue 23, item 9): the same
 clear ValueError naming the argument, raised before any kernel runs, or the same result.
 
-Rules (docstrings of ``dler_kernels.policy_loss`` and ``dler_kernels._validate``):
+Rules (docstrings of ``dler_kernels.policy_loss`` and ``dler_kernels.validate``):
 
 * Only ``logits`` / ``hidden`` / ``weight`` / ``bias`` are differentiated; any other tensor argument
   that requires grad (with grad mode on) is refused, by the reference too.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dler_kernels import _ext, linear_policy_loss, linear_token_logprobs, policy_loss, reference, token_logprobs
-from dler_kernels._backend import usable_backends
+from dler_kernels.dispatch import usable_backends
 from dler_kernels.reference import LOSS_AGGS
 
 BACKENDS = usable_backends("cpu")  # conftest sets TRITON_INTERPRET=1; "cpu" where dler_kernels._C is built

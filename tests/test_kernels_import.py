@@ -1,11 +1,16 @@
+import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import dler_kernels
+from dler_kernels.backend import AdvantagesBackend, Backend
+from dler_kernels.dispatch import ADVANTAGES_BACKENDS, backend_named, select_backend, usable_backends
+from dler_kernels.loss_inputs import LossOptions
 
 
 def test_import_without_triton_falls_back_to_reference():
@@ -54,3 +59,32 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "dler_kernels.info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "reference" in out.stdout and "triton" in out.stdout
+
+
+def test_a_refused_backend_says_why_and_lists_every_backend_with_its_state_here(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError) as refused:
+        dler_kernels.backend_for(torch.zeros(2), "cuda")
+    message = str(refused.value)
+    assert message.startswith("backend=cuda runs the extension's CUDA kernels, got cpu tensors")
+    for name, state in dler_kernels.available_backends().items():
+        assert f"{name}: {state}" in message
+
+
+def test_every_usable_backend_is_one_object_implementing_the_interface():
+    for name in usable_backends("cpu"):
+        backend = backend_named(name)
+        assert isinstance(backend, Backend) and backend.name == name
+        assert isinstance(backend, AdvantagesBackend) == (name in ADVANTAGES_BACKENDS)
+        assert select_backend(torch.zeros(1), name) is backend
+
+
+def test_loss_options_are_checked_when_made_and_frozen_after():
+    with pytest.raises(ValueError, match="^eps_low must be < 1.0, got 1.5"):
+        LossOptions(eps_low=1.5)
+    with pytest.raises(ValueError, match="^norm_length is required for loss_agg='seq-mean-token-sum-norm'"):
+        LossOptions(loss_agg="seq-mean-token-sum-norm")
+    options = LossOptions(beta=0.1, kl_type="low_var_kl")
+    assert options.kl_code == 3 and LossOptions().kl_code == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.beta = 0.0

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss, reference
-from dler_kernels._backend import usable_backends
+from dler_kernels.dispatch import backend_named, usable_backends
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
 
 BACKENDS = usable_backends("cpu")  # conftest sets TRITON_INTERPRET=1; "cpu" where dler_kernels._C is built
@@ -442,7 +442,7 @@ def test_vocab_slices_start_16_byte_aligned_within_the_chunk_buffer(n, vocab, ba
     import sys
 
     module = sys.modules["dler_kernels.linear_policy_loss"]
-    rows = module.rows_per_chunk(n, vocab, None, backend)
+    rows = module.rows_per_chunk(n, vocab, None, backend_named(backend))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         hidden = torch.empty(n, 64, dtype=dtype, device="meta")  # meta: the real buffer and views, no data
         slabs = module._Slabs(hidden, torch.empty(vocab, 64, dtype=dtype, device="meta"), None, rows)

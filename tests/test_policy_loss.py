@@ -15,7 +15,7 @@ import torch
 
 import dler_kernels
 from dler_kernels import policy_loss, reference, token_logprobs
-from dler_kernels._backend import usable_backends
+from dler_kernels.dispatch import usable_backends
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
 
 BACKENDS = usable_backends("cpu")  # conftest sets TRITON_INTERPRET=1; "cpu" where dler_kernels._C is built

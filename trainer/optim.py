@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from dler_kernels._validate import check_number
+from dler_kernels.validate import check_number
 
 from .config import OptimConfig
 

@@ -109,7 +109,7 @@ def compute_policy_loss_dler(
         response_mask, old_log_prob, log_prob, advantages, response_mask, rollout_is_weights
     )
     valid = mask > 0
-    dtype = ref._compute_dtype(lp)
+    dtype = ref.accumulation_dtype(lp)
     per_token, _ = ref.per_token_loss_from_logprobs(
         lp.to(dtype), torch.zeros_like(lp, dtype=dtype), old, adv, valid,
         eps_low=opts["eps_low"], eps_high=opts["eps_high"], clip_c=opts["clip_c"],

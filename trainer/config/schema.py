@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dler_kernels._validate import check_choice, check_number
+from dler_kernels.validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
 from ..budgets import DifficultyBudgets

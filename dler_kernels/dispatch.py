@@ -1,4 +1,6 @@
-"""Which implementation runs a given call.
+"""Which backend runs a given call: ``select_backend`` chooses the object (``backend.Backend``) once per
+call, ``backend_for`` is its public name; ``available_backends`` says which backends are usable here and why
+the others are not (every refusal's error lists it too).
 
 Backends:
 
@@ -25,6 +27,9 @@ import warnings
 import torch
 
 from . import _ext
+from .backend import Backend
+from .ext_backend import ExtensionBackend
+from .torch_backend import TorchBackend
 
 # The Triton versions the kernels are checked on (pyproject.toml says the same): the oldest is torch
 # 2.11's Triton; every kernel is compiled for sm_80/90/100 on both ends by dler_kernels.aot_check
@@ -60,46 +65,89 @@ if TRITON_VERSION is not None and not triton_supported(TRITON_VERSION):
     )
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
+ADVANTAGES_BACKENDS = ("reference", "triton")  # the extension has no advantages kernel
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_forced(name: str, tensor: torch.Tensor, source: str) -> None:
+def _make(name: str) -> Backend:
+    """A new backend object (the only place a backend's name maps to its implementation)."""
+    if name == "triton":
+        from .triton_backend import TritonBackend  # imports triton: only once a call has chosen it
+
+        return TritonBackend()
+    if name in ("cpu", "cuda"):
+        return ExtensionBackend(name)
+    return TorchBackend()
+
+
+_made: dict[str, Backend] = {}
+
+
+def backend_named(name: str) -> Backend:
+    """The backend object called ``name`` (one of BACKENDS), whether or not it can run here."""
+    if name not in _made:
+        _made[name] = _make(name)
+    return _made[name]
+
+
+def _backends_here(supported) -> str:
+    states = available_backends()
+    return "backends here: " + "; ".join(f"{name}: {states[name]}" for name in supported)
+
+
+def _check_forced(name: str, tensor: torch.Tensor, source: str, supported) -> None:
+    """A ValueError when the backend ``name``, forced by ``source``, cannot run ops on ``tensor`` here."""
+    why = None
     if name == "triton":
         if not HAS_TRITON:
-            raise ValueError(f"{source}=triton but triton is not installed")
-        if not tensor.is_cuda and not triton_interpret():
-            raise ValueError(f"{source}=triton with CPU tensors needs TRITON_INTERPRET=1")
+            why = f"{source}=triton but triton is not installed"
+        elif not tensor.is_cuda and not triton_interpret():
+            why = f"{source}=triton with CPU tensors needs TRITON_INTERPRET=1"
     elif name in ("cpu", "cuda"):
         if tensor.device.type != name:
-            raise ValueError(
-                f"{source}={name} runs the extension's {name.upper()} kernels, got {tensor.device} tensors"
-            )
-        if _ext.load() is None:
-            raise ValueError(f"{source}={name} but dler_kernels._C is {_ext.why_not()}; {_ext.REBUILD_HINT}")
-        if name == "cuda" and not _ext.has_cuda():
-            raise ValueError(f"{source}=cuda but dler_kernels._C was built without CUDA; {_ext.REBUILD_HINT}")
+            why = f"{source}={name} runs the extension's {name.upper()} kernels, got {tensor.device} tensors"
+        elif _ext.load() is None:
+            why = f"{source}={name} but dler_kernels._C is {_ext.why_not()}; {_ext.REBUILD_HINT}"
+        elif name == "cuda" and not _ext.has_cuda():
+            why = f"{source}=cuda but dler_kernels._C was built without CUDA; {_ext.REBUILD_HINT}"
+    if why is not None:
+        raise ValueError(f"{why} ({_backends_here(supported)})")
 
 
 def backend_for(tensor: torch.Tensor, backend: str | None = None, supported=BACKENDS) -> str:
-    """The backend that runs an op whose main input is ``tensor``.
+    """The name of the backend that runs an op whose main input is ``tensor`` (``select_backend``)."""
+    return select_backend(tensor, backend, supported).name
+
+
+def select_backend(tensor: torch.Tensor, backend: str | None = None, supported=BACKENDS) -> Backend:
+    """The backend that runs an op whose main input is ``tensor``, chosen once per call.
 
     ``backend``: the op's argument (None: ``DLER_BACKEND`` or the default). ``supported``: the
     backends that implement the op.
     """
+    return backend_named(_choose(tensor, backend, supported))
+
+
+def _choose(tensor: torch.Tensor, backend: str | None, supported) -> str:
     if backend is not None:
         if backend not in supported:
-            raise ValueError(f"backend must be one of {', '.join(supported)} for this op, got {backend!r}")
-        _check_forced(backend, tensor, "backend")
+            raise ValueError(
+                f"backend must be one of {', '.join(supported)} for this op, got {backend!r} "
+                f"({_backends_here(supported)})"
+            )
+        _check_forced(backend, tensor, "backend", supported)
         return backend
     forced = os.environ.get("DLER_BACKEND")
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r}")
+            raise ValueError(
+                f"DLER_BACKEND must be one of {', '.join(BACKENDS)}, got {forced!r} ({_backends_here(BACKENDS)})"
+            )
         if forced in supported:
-            _check_forced(forced, tensor, "DLER_BACKEND")
+            _check_forced(forced, tensor, "DLER_BACKEND", supported)
             return forced
     if tensor.is_cuda:
         if HAS_TRITON and "triton" in supported:
