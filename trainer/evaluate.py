@@ -18,14 +18,15 @@ tokens are thought.
 
 Each model runs in its own child process: a vLLM engine does not give its memory back inside a process, so a
 second model would not fit. The child writes raw generations and timings; this process scores them and writes
-``results.json``, ``results.md``, ``samples/``, ``pareto.png`` and ``scaling.png`` into OUT, atomically.
+``results.json``, ``results.md``, ``samples/``, ``pareto.png`` and ``scaling.png`` into OUT, atomically. The
+engines' own output (vLLM's log, what loading a model prints) goes to ``engine.log`` in OUT, every model's
+after the previous one's; the console keeps the progress and the engines' errors.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .engine_log import ENGINE_LOG, last_lines
 from .fsutil import UserError, atomic_directory, check_output
 from .weights import check_safetensors_folder
 
@@ -282,7 +284,7 @@ def run_eval(
         work = tmp / ".work"
         work.mkdir()
         for model in specs:
-            _generate_in_child(model, benches, settings, kind, work / model.name, progress)
+            _generate_in_child(model, benches, settings, kind, work / model.name, tmp / ENGINE_LOG, progress)
         results = _score(specs, benches, settings, kind, work, tmp)
         results["seconds"] = round(time.perf_counter() - started, 2)
         (tmp / RESULTS_JSON).write_text(json.dumps(results, indent=1) + "\n")
@@ -296,20 +298,24 @@ def run_eval(
     return results
 
 
-def _generate_in_child(model: ModelSpec, benches, settings: EvalSettings, kind: str, work: Path, progress: bool):
+def _generate_in_child(
+    model: ModelSpec, benches, settings: EvalSettings, kind: str, work: Path, engine_log: Path, progress: bool
+):
     work.mkdir(parents=True)
     job = {
         "model": str(model.path),
         "name": model.name,
         "engine": kind,
+        "engine_log": str(engine_log),
         "settings": asdict(settings),
         "progress": progress,
         "datasets": [{"name": b.name, "examples": [[e.id, e.question, e.answer] for e in b.examples]} for b in benches],
     }
     (work / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ)
-    env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(work)], env=env)
+    proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(work)])
+    if proc.returncode != 0 and last_lines(engine_log):
+        # A failed eval leaves no OUT folder, and so no engine.log: its end goes with the error.
+        print(f"dler eval: the end of {model.name}'s engine log:\n{last_lines(engine_log)}", file=sys.stderr)
     if proc.returncode == 2 and (work / "error.txt").is_file():
         raise UserError(f"model {model.name}: {(work / 'error.txt').read_text().strip()}")
     if proc.returncode != 0:
@@ -329,10 +335,10 @@ def _child_main(work: Path) -> int:
 
 
 def _child_generate(job: dict, work: Path) -> None:
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from .data import Example, build_prompts
+    from .progress import progress
     from .rollout import make_engine
 
     settings = EvalSettings(**job["settings"])
@@ -351,7 +357,7 @@ def _child_generate(job: dict, work: Path) -> None:
         ]
         for d in job["datasets"]
     }
-    options: dict = {"seed": settings.seed, "dtype": settings.dtype}
+    options: dict = {"seed": settings.seed, "dtype": settings.dtype, "log_file": Path(job["engine_log"])}
     if job["engine"] == "vllm":
         longest = max(len(p) for ps in prompts.values() for p in ps)
         generated = settings.max_tokens
@@ -362,7 +368,7 @@ def _child_generate(job: dict, work: Path) -> None:
         options["gpu_memory_utilization"] = settings.gpu_memory_utilization
     engine = make_engine(job["engine"], model_dir, **options)
     runs = [(name, None) for name in prompts] + [(name, k) for name in prompts for k in settings.scaling_ks]
-    bar = tqdm(runs, desc=f"eval {job['name']}", unit="run", disable=not job["progress"], dynamic_ncols=True)
+    bar = progress(runs, desc=f"eval {job['name']}", unit="run", enabled=job["progress"], dynamic_ncols=True)
     for name, k in bar:
         bar.set_postfix_str(f"{name} {'main' if k is None else f'K={k}'}")
         n = settings.samples if k is None else k

@@ -253,7 +253,8 @@ def merge_models(
 ) -> dict:
     """Write ``theta_base + scale * top_k(theta_tuned - theta_base)`` into ``out``; return the report."""
     import torch
-    from tqdm import tqdm
+
+    from .progress import progress as progress_bar
 
     if not 0 <= top_k <= 1:
         raise UserError(f"--top-k must be a fraction in [0, 1] (0.25 keeps 25%), got {top_k}")
@@ -270,7 +271,7 @@ def merge_models(
     base_reader, tuned_reader = _Reader(base_info), _Reader(tuned_info)
 
     def pairs(label):
-        for name in tqdm(floats, desc=f"merge: {label}", unit="tensor", disable=not progress, leave=False):
+        for name in progress_bar(floats, desc=f"merge: {label}", unit="tensor", enabled=progress, leave=False):
             base, tuned = base_reader.get(name), tuned_reader.get(name)
             _check_finite(name, base, tuned)
             yield base, tuned
@@ -287,7 +288,7 @@ def merge_models(
         by_file: dict[Path, list[TensorInfo]] = {}
         for info in tuned_info.values():
             by_file.setdefault(info.file, []).append(info)
-        bar = tqdm(total=len(tuned_info), desc="merge: write", unit="tensor", disable=not progress, leave=False)
+        bar = progress_bar(total=len(tuned_info), desc="merge: write", unit="tensor", enabled=progress, leave=False)
         for file, infos in sorted(by_file.items()):
             infos.sort(key=lambda i: i.offset)
             header, _ = read_header(file)

@@ -8,15 +8,18 @@ Both engines follow one protocol (``RolloutEngine``): ``generate``, ``update_wei
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from .chunking import chunks_by_size, nbytes
 from .devices import synchronize
+from .engine_log import VLLMLogging, output_to
 from .fsutil import UserError
 from .weights import check_safetensors_file, check_safetensors_folder
 
@@ -204,6 +207,10 @@ class VLLMEngine:
     pass ``"float32"`` where log-probs must match the trainer's float32 forward closely.
     ``device`` is where weight updates are sent (the trainer's device; by default vLLM's platform's).
     ``engine_args`` go to ``vllm.LLM`` as they are (e.g. ``max_num_seqs``).
+
+    ``log_file`` (the trainer's: ``engine.log`` in the run folder) takes vLLM's log records and
+    everything vLLM prints while it starts; the console keeps vLLM's errors only
+    (:mod:`trainer.engine_log`). None leaves vLLM's logging as vLLM sets it up.
     """
 
     def __init__(
@@ -220,7 +227,10 @@ class VLLMEngine:
         bucket_bytes: int = 256 << 20,
         device: str | None = None,
         engine_args: dict | None = None,
+        log_file: Path | str | None = None,
     ):
+        # Before vLLM is imported: it logs while its modules load.
+        self._logging = VLLMLogging(Path(log_file)) if log_file is not None else None
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -255,28 +265,34 @@ class VLLMEngine:
         kwargs = {"enable_chunked_prefill": False} if on_host else {}
         kwargs.update(engine_args or {})
         kwargs.update(_executor_args(tensor_parallel_size))
+        if self._logging is not None:
+            kwargs.update(self._logging.engine_args())
+        logging.getLogger(_LAYERWISE_RELOAD_LOGGER).addFilter(_rotary_cache_reload_warning)
         try:
-            self.llm = vllm.LLM(
-                model=str(self.model_dir),
-                dtype=dtype,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                seed=seed,
-                tensor_parallel_size=tensor_parallel_size,
-                enforce_eager=on_host,
-                enable_sleep_mode=self._can_sleep,
-                # Log-probs of the distribution actually sampled from (after temperature and top-p).
-                logprobs_mode="processed_logprobs",
-                **kwargs,
-            )
+            with output_to(Path(log_file)) if log_file is not None else nullcontext():
+                self.llm = vllm.LLM(
+                    model=str(self.model_dir),
+                    dtype=dtype,
+                    max_model_len=max_model_len,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    seed=seed,
+                    tensor_parallel_size=tensor_parallel_size,
+                    enforce_eager=on_host,
+                    enable_sleep_mode=self._can_sleep,
+                    # Log-probs of the distribution actually sampled from (after temperature and top-p).
+                    logprobs_mode="processed_logprobs",
+                    **kwargs,
+                )
         except Exception as e:  # vLLM raises many types here; all mean "this configuration does not start"
+            self.close()
             where = "host memory (CPU)" if on_host else "GPU memory"
+            log = f" (vLLM's log: {log_file})" if log_file is not None else ""
             raise UserError(
                 f"vLLM failed to start on {self.device_name} with gpu_memory_utilization={gpu_memory_utilization} "
                 f"(fraction of {where}) and max_model_len={max_model_len}: {type(e).__name__}: "
                 f"{_last_line(e)} -- the reserved memory must hold the weights and a KV cache for max_model_len "
                 f"tokens: raise gpu_memory_utilization (CPU: 0.1-0.3) or lower max_model_len; if the machine itself "
-                f"is short of memory, lower gpu_memory_utilization"
+                f"is short of memory, lower gpu_memory_utilization{log}"
             ) from e
 
     @property
@@ -410,6 +426,25 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+        if self._logging is not None:
+            self._logging.close()
+
+
+# vLLM's in-place reload (``reload_weights``, model_executor/model_loader/reload/layerwise.py in 0.32)
+# counts every parameter *and buffer* of a layer as weights to load, and warns "<Layer>: Failed to load
+# weights" for a layer that received none, then puts the layer's old tensors back. A rotary embedding's
+# only tensor is ``cos_sin_cache``, a non-persistent buffer vLLM computes from the config (rope theta,
+# positions); no checkpoint holds it and the model's ``load_weights`` skips rotary names, so every
+# reload of a RoPE model warns once per rotary embedding while the cache it keeps is the right one.
+# This filter drops exactly that record; the same warning for any other layer (a weight really not
+# loaded) passes.
+_LAYERWISE_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _rotary_cache_reload_warning(record: logging.LogRecord) -> bool:
+    layer = record.args[0] if isinstance(record.args, tuple) and record.args else None
+    benign = record.msg == "%s: Failed to load weights" and str(layer).endswith("RotaryEmbedding")
+    return not benign
 
 
 def _sleep_tags(tags: Sequence[str] | None) -> set[str]:
@@ -444,7 +479,8 @@ class HFEngine:
     """The same protocol on ``transformers`` ``generate`` (batched, KV cache, left padding).
 
     Slower than vLLM but needs nothing else; sampling log-probs are those of the processed
-    distribution (after temperature and top-p), as vLLM reports them.
+    distribution (after temperature and top-p), as vLLM reports them. ``log_file`` takes what loading
+    the model prints (transformers' loading bar and warnings); generating prints nothing.
     """
 
     def __init__(
@@ -455,6 +491,7 @@ class HFEngine:
         device: str | None = None,
         seed: int = 0,
         batch_size: int = 64,
+        log_file: Path | str | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -467,11 +504,12 @@ class HFEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), padding_side="left")
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir), dtype=torch_dtype, use_safetensors=True
-        ).to(self.device)
+        with output_to(Path(log_file)) if log_file is not None else nullcontext():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.model_dir), dtype=torch_dtype, use_safetensors=True
+            ).to(self.device)
         self.model.eval()
         self.batch_size, self.seed = batch_size, seed
         eos = self.model.generation_config.eos_token_id
