@@ -52,3 +52,22 @@ def test_a_disabled_phase_prints_nothing_anywhere_and_still_iterates(capsys):
         bar.close()
     assert log.getvalue() == screen.getvalue() == ""
     assert capsys.readouterr() == ("", "")
+
+
+def test_library_bars_go_off_off_a_terminal_or_when_disabled_and_stay_as_they_are_on_one():
+    from transformers.utils import logging as transformers_logging
+
+    from trainer.progress import library_bars
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    try:
+        transformers_logging.enable_progress_bar()
+        library_bars(stream=Terminal())
+        assert transformers_logging.is_progress_bar_enabled()
+        library_bars(enabled=False, stream=Terminal())
+        assert not transformers_logging.is_progress_bar_enabled()
+        transformers_logging.enable_progress_bar()
+        library_bars(stream=io.StringIO())
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        (transformers_logging.enable_progress_bar if was_enabled else transformers_logging.disable_progress_bar)()

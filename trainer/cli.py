@@ -90,8 +90,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
         return 0
     print(config_mod.describe(cfg), flush=True)
+    from .progress import library_bars
     from .train import train
 
+    library_bars(enabled=not args.no_progress)
     summary = train(cfg, resume=args.resume is not None, from_step=args.from_step, progress=not args.no_progress)
     # A stop request that cut anything (steps or the final evaluation) is an interrupted run.
     return 0 if summary["finished"] and not summary.get("stopped") else 130

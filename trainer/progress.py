@@ -79,3 +79,13 @@ class PhaseSummary:
             return
         self.closed = True
         print(self.line(), file=self.stream, flush=True)
+
+
+def library_bars(*, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    """Turn off the bars transformers and huggingface_hub draw themselves (a model's "Loading weights")
+    unless ``enabled`` and ``stream`` (default stderr) is a terminal: they have no summary line to give.
+    Never turns them on (``HF_HUB_DISABLE_PROGRESS_BARS=1`` keeps them off)."""
+    if not (enabled and _is_terminal(sys.stderr if stream is None else stream)):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
