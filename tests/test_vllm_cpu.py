@@ -96,5 +96,5 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     if result["reloaded"]:
         assert "Reloading weights inplace" in text and "Successfully reset prefix cache" in text
         # vLLM's reload warns about the rotary embedding's computed cache on every reload; the engine drops
-        # exactly that record (see trainer.rollout), so the log carries no false alarm either.
+        # exactly that record (trainer.vllm_engine.RotaryCacheReloadWarning), so the log carries no false alarm either.
         assert "Failed to load weights" not in text

@@ -26,8 +26,9 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .engines import make_engine
     from .models import resolve_model
-    from .rollout import chat_prompts, make_engine
+    from .rollout import chat_prompts
 
     model_dir = resolve_model(args.model)
     prompts = args.prompt or ["What is 3 + 4?"]

@@ -37,9 +37,9 @@ from dler_kernels._validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 
 from .data import TEMPLATES, FieldMap
+from .engines import ENGINES
 from .fsutil import UserError, atomic_file
 from .rewards import DifficultyBudgets, LengthPenaltyConfig
-from .rollout import ENGINES
 from .sampling import SamplingConfig
 
 __all__ = [
@@ -128,7 +128,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """The rollout engine (``trainer.rollout.make_engine``) and how it samples (``SamplingConfig``).
+    """The rollout engine (``trainer.engines.make_engine``) and how it samples (``SamplingConfig``).
 
     ``gpu_memory_utilization`` None keeps the engine's default (vLLM: 0.85 on CUDA, 0.15 of host memory on
     a CPU); ``max_model_len`` None is the longest prompt plus the longest response (training or evaluation).
@@ -473,7 +473,7 @@ class TrainConfig:
         return self.data.max_prompt_tokens + longest
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``trainer.rollout.make_engine`` (after its ``kind`` and model folder)."""
+        """Keyword arguments of ``trainer.engines.make_engine`` (after its ``kind`` and model folder)."""
         options: dict[str, Any] = dict(dtype=self.rollout.dtype, seed=self.run.seed)
         if self.rollout.engine == "hf":
             options["device"] = None if self.run.device == "auto" else self.run.device

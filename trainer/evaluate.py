@@ -276,7 +276,7 @@ def run_eval(
     if dup is not None:
         raise UserError(f"two models are named {dup!r}; name them apart with --model NAME=DIR")
     benches = load_benchmarks(list(data), limit=settings.limit, seed=settings.seed)
-    from .rollout import resolve_engine
+    from .engines import resolve_engine
 
     kind = resolve_engine(settings.engine)
     started = time.perf_counter()
@@ -338,8 +338,8 @@ def _child_generate(job: dict, work: Path) -> None:
     from transformers import AutoTokenizer
 
     from .data import Example, build_prompts
+    from .engines import make_engine
     from .progress import progress
-    from .rollout import make_engine
 
     settings = EvalSettings(**job["settings"])
     model_dir = Path(job["model"])

@@ -66,6 +66,7 @@ from .config import TrainConfig
 from .data import Example, Prompt, PromptStream, build_prompts, load_examples
 from .devices import release_cached_memory
 from .engine_log import ENGINE_LOG
+from .engines import make_engine
 from .fsdp import (
     DistEnv,
     check_weights,
@@ -78,7 +79,6 @@ from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_own
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
-from .rollout import make_engine
 from .sampling import DynamicSampler, RolloutBatch, SamplingStats, SamplingWarning, ScoredGroup
 
 CONFIG_FILE = "config.yaml"

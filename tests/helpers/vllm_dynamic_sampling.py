@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from trainer.answers import AnswerChecker
 from trainer.data import PromptStream, build_prompts, load_examples
 from trainer.rewards import DifficultyBudgets, LengthPenaltyConfig
-from trainer.rollout import VLLMEngine
 from trainer.sampling import DynamicSampler, SamplingConfig
+from trainer.vllm_engine import VLLMEngine
 
 if __name__ == "__main__":
     model_dir, spec = sys.argv[1], json.loads(sys.argv[2])

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trainer.rollout import VLLMEngine
+from trainer.vllm_engine import VLLMEngine
 
 if __name__ == "__main__":
     model_dir, log_file = sys.argv[1], sys.argv[2]
