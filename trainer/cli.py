@@ -110,7 +110,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, ThinkBudget, run_eval
+    from .budget_forcing import ThinkBudget
+    from .evaluate import EvalSettings, run_eval
 
     think = None
     if args.think_budget is not None:
