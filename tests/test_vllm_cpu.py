@@ -66,6 +66,8 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     log = tmp_path / "run" / "engine.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if engine_process == "in-process" else "1")
     env.pop("VLLM_LOGGING_LEVEL", None)
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the engine's logging config file is written, then removed
+    (tmp_path / "tmp").mkdir()
     helper = Path(__file__).parent / "helpers" / "vllm_engine_log.py"
     out = subprocess.run(
         [sys.executable, str(helper), str(tiny_llama_dir), str(log)],
@@ -82,6 +84,7 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     assert out.stdout.strip().splitlines() == [json.dumps(result)]
     assert out.stderr.strip().splitlines() == [f"vllm ERROR: a real engine error (engine log: {log})"]
 
+    assert not list((tmp_path / "tmp").glob("dler-vllm-logging-*"))
     text = log.read_text()
     assert "non-default args" in text  # vLLM's start-up lines, in this process
     assert "init engine (profile, create kv cache, warmup model)" in text  # the engine core's, wherever it runs

@@ -63,8 +63,9 @@ def vllm_logging_config(log_file: Path) -> dict:
 class VLLMLogging:
     """vLLM's logging into ``log_file`` for one engine: applied in this process at once (vLLM logs while
     it is imported, before it applies any config), and handed to ``vllm.LLM`` by :meth:`engine_args` as
-    the ``LoggingConfig`` that vLLM re-applies in each of its processes. :meth:`close` removes the
-    JSON file that config names."""
+    the ``LoggingConfig`` that vLLM re-applies in each of its processes. That config names a JSON file,
+    read only while the engine starts (by ``vllm.LLM`` and by each process it spawns then): :meth:`close`
+    removes it once ``vllm.LLM(...)`` has returned or failed."""
 
     def __init__(self, log_file: Path):
         import logging.config

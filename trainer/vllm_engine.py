@@ -79,7 +79,7 @@ class VLLMEngine:
         log_file: Path | str | None = None,
     ):
         # Before vLLM is imported: it logs while its modules load.
-        self._logging = VLLMLogging(Path(log_file)) if log_file is not None else None
+        vllm_logging = VLLMLogging(Path(log_file)) if log_file is not None else None
         try:
             import vllm
             from vllm.platforms import current_platform
@@ -114,8 +114,8 @@ class VLLMEngine:
         kwargs = {"enable_chunked_prefill": False} if on_host else {}
         kwargs.update(engine_args or {})
         kwargs.update(_executor_args(tensor_parallel_size))
-        if self._logging is not None:
-            kwargs.update(self._logging.engine_args())
+        if vllm_logging is not None:
+            kwargs.update(vllm_logging.engine_args())
         logging.getLogger(RotaryCacheReloadWarning.LOGGER).addFilter(ROTARY_CACHE_RELOAD_WARNING)
         try:
             with output_to(Path(log_file)) if log_file is not None else nullcontext():
@@ -133,7 +133,6 @@ class VLLMEngine:
                     **kwargs,
                 )
         except Exception as e:  # vLLM raises many types here; all mean "this configuration does not start"
-            self.close()
             where = "host memory (CPU)" if on_host else "GPU memory"
             log = f" (vLLM's log: {log_file})" if log_file is not None else ""
             raise UserError(
@@ -143,6 +142,9 @@ class VLLMEngine:
                 f"tokens: raise gpu_memory_utilization (CPU: 0.1-0.3) or lower max_model_len; if the machine itself "
                 f"is short of memory, lower gpu_memory_utilization{log}"
             ) from e
+        finally:
+            if vllm_logging is not None:
+                vllm_logging.close()  # every process vLLM started has applied it by now
 
     @property
     def can_sleep(self) -> bool:
@@ -275,8 +277,6 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-        if self._logging is not None:
-            self._logging.close()
 
 
 class RotaryCacheReloadWarning(logging.Filter):
