@@ -332,7 +332,8 @@ def test_section_errors_name_the_field():
 
 def test_derived_arguments_fit_the_components():
     from dler_kernels import compute_advantages, policy_loss
-    from trainer.rollout import HFEngine, VLLMEngine
+    from trainer.hf_engine import HFEngine
+    from trainer.vllm_engine import VLLMEngine
 
     cfg = load_config("r1-distill-7b-dler")
     for kwargs, fn in [

@@ -17,8 +17,9 @@ import torch
 import trainer.train as train_mod
 from trainer.config import load_config
 from trainer.fsutil import UserError
-from trainer.rollout import SLEEP_TAGS, VLLMEngine
+from trainer.rollout import SLEEP_TAGS
 from trainer.train import train
+from trainer.vllm_engine import VLLMEngine
 
 _spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parent / "helpers" / "fake_vllm.py")
 fake_vllm = importlib.util.module_from_spec(_spec)
@@ -33,10 +34,10 @@ def vllm_double(monkeypatch):
     """Installs the double as ``vllm``; yields a function that switches its wake_up contract."""
 
     def install(contract: str = "0.32"):
-        vllm, platforms = fake_vllm.module(contract)
-        monkeypatch.setitem(sys.modules, "vllm", vllm)
-        monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
-        return vllm.LLM
+        modules = fake_vllm.modules(contract)
+        for name, module in modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+        return modules["vllm"].LLM
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     return install
@@ -105,6 +106,8 @@ def test_fit_with_a_sleeping_engine_runs_the_gpu_sequence_and_samples_with_the_s
 
     (llm,) = llm_class.instances
     assert llm.kwargs["enable_sleep_mode"] is True
+    # vLLM's log goes to the run folder: applied here, and named in the config vLLM applies in its processes.
+    assert (tmp_path / "run" / "engine.log").is_file() and llm.kwargs["logging_config"].configure_logging
     step_calls = [
         ("generate", 2),
         ("sleep", sleep_level),

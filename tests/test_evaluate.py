@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 
 from trainer.benchmarks import benchmark_record, load_benchmark, load_benchmarks, parse_spec
+from trainer.budget_forcing import Response, ThinkBudget, generate
 from trainer.cli import main
-from trainer.evaluate import (
-    Response,
-    ThinkBudget,
-    default_ks,
-    generate,
-    majority_vote,
-    pass_at_k,
-    results_markdown,
-    summarise,
-)
+from trainer.eval_metrics import default_ks, majority_vote, pass_at_k, summarise
+from trainer.eval_report import results_markdown
 from trainer.fsutil import UserError
 from trainer.rollout import Sample
 
@@ -267,14 +260,18 @@ def test_eval_refuses_an_existing_output_folder(tmp_path, capsys, tiny_llama_dir
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_eval_end_to_end_with_vllm_writes_consistent_results(tmp_path, tiny_llama_dir, capsys):
+def test_eval_end_to_end_with_vllm_writes_consistent_results(tmp_path, tiny_llama_dir, capfd):
     pytest.importorskip("vllm", reason="vLLM is not installed")
     out = tmp_path / "eval"
     args = ["--model", f"tiny={tiny_llama_dir}", "--data", FIXTURES / "math500.jsonl", "--data",
             f"amc={FIXTURES / 'amc.jsonl'}", "--samples", "4", "--max-tokens", "12", "--out", out, "--no-progress",
             "--checker", "exact", "--think-budget", "6", "--answer-tokens", "3"]  # fmt: skip
     rc = main(["eval", *map(str, args)])
-    assert rc == 0, capsys.readouterr().err[-3000:]
+    console = capfd.readouterr()  # this process's output and the generating child's
+    assert rc == 0, console.err[-3000:]
+    # vLLM's log is in OUT, not on the console.
+    assert "non-default args" in (out / "engine.log").read_text()
+    assert "non-default args" not in console.out + console.err and "INFO" not in console.out + console.err
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == {"tiny"} and set(results["results"]["tiny"]) == {"math500", "amc"}
     for name, questions in (("math500", 3), ("amc", 2)):

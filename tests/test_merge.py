@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from trainer.cli import main
 from trainer.fsutil import UserError
-from trainer.merge import global_threshold, keep_count, merge_models
+from trainer.merge import merge_models
+from trainer.merge_selection import global_threshold, keep_count
 
 
 def _folder(path: Path, tensors: dict, arch="LlamaForCausalLM", shards=None) -> Path:

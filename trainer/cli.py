@@ -31,8 +31,9 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .engines import make_engine
     from .models import resolve_model
-    from .rollout import chat_prompts, make_engine
+    from .rollout import chat_prompts
 
     model_dir = resolve_model(args.model)
     prompts = args.prompt or ["What is 3 + 4?"]
@@ -95,8 +96,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
         return 0
     print(config_mod.describe(cfg), flush=True)
+    from .progress import library_bars
     from .train import train
 
+    library_bars(enabled=not args.no_progress)
     summary = train(cfg, resume=args.resume is not None, from_step=args.from_step, progress=not args.no_progress)
     # A stop request that cut anything (steps or the final evaluation) is an interrupted run.
     return 0 if summary["finished"] and not summary.get("stopped") else EXIT_INTERRUPTED
@@ -112,7 +115,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalSettings, ThinkBudget, run_eval
+    from .budget_forcing import ThinkBudget
+    from .evaluate import EvalSettings, run_eval
 
     think = None
     if args.think_budget is not None:

@@ -190,7 +190,8 @@ def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
     """Next-token cross-entropy on the response tokens, AdamW with warmup and cosine decay."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
+
+    from .progress import progress as progress_bar
 
     rng = random.Random(cfg.seed)
     order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(rows)), len(rows))]
@@ -207,7 +208,7 @@ def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
     losses = []
-    bar = tqdm(batches, desc="warm start (SFT)", unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(batches, desc="warm start (SFT)", unit="batch", enabled=progress, leave=False)
     for batch in bar:
         ids, mask, targets = _padded([rows[i] for i in batch], torch.device("cpu"))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

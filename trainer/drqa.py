@@ -120,8 +120,8 @@ def build_drqa_data(
     from .answers import AnswerChecker
     from .benchmarks import load_benchmark
     from .data import Example, build_prompts
+    from .engines import make_engine, resolve_engine
     from .evaluate import ModelSpec, parse_model
-    from .rollout import make_engine, resolve_engine
 
     if k < 1 or samples < 1 or max_tokens < 1:
         raise UserError(f"-k, --samples and --max-tokens must be >= 1, got {k}, {samples}, {max_tokens}")

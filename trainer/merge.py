@@ -26,188 +26,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from .fsutil import UserError, atomic_directory, check_output
-from .weights import PICKLE_SUFFIXES, check_safetensors_file, check_safetensors_folder, read_header
+from .merge_selection import global_threshold, keep_count, magnitudes, tensor_threshold
+from .tensor_files import ShardWriter, TensorInfo, TensorReader, list_tensors
+from .weights import PICKLE_SUFFIXES, read_header
 
 SCOPES = ("tensor", "global")
 REPORT = "dler_merge.json"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-# ------------------------------------------------------------------------------------ safetensors files
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors code: F32, BF16, I64, ...
-    shape: tuple[int, ...]
-    file: Path
-    offset: int  # begin of the data, relative to the data section
-    data_start: int  # where the file's data section begins
-    nbytes: int
-
-
-def list_tensors(folder: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a model folder's ``*.safetensors`` files (from the headers alone)."""
-    # Safetensors only, each whole (trainer.weights). Not the index: the merge reads the files themselves and
-    # mirrors the tuned folder's index as it is.
-    files = check_safetensors_folder(folder, index=False)
-    tensors: dict[str, TensorInfo] = {}
-    for f in files:
-        header, start = check_safetensors_file(f)
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if name in tensors:
-                raise UserError(f"tensor {name!r} is stored twice in {folder} ({tensors[name].file.name}, {f.name})")
-            begin, end = meta["data_offsets"]
-            tensors[name] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), f, begin, start, end - begin)
-    return tensors
-
-
-class _Reader:
-    """Reads tensors by name with plain file reads into fresh tensors. Not through a memory map: every page
-    of a mapped checkpoint that has been read stays in this process's resident set while the file is open,
-    so reading two whole models that way would show as their full size."""
-
-    def __init__(self, tensors: dict[str, TensorInfo]):
-        self.tensors = tensors
-
-    def get(self, name: str):
-        import torch
-
-        info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=_torch_dtype(info.dtype))
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        if buf.nbytes != info.nbytes:
-            raise UserError(f"{info.file}: tensor {name!r} holds {info.nbytes} bytes, expected {buf.nbytes}")
-        with open(info.file, "rb") as f:
-            f.seek(info.data_start + info.offset)
-            if f.readinto(buf) != info.nbytes:
-                raise UserError(f"{info.file} is truncated: tensor {name!r} is incomplete")
-        return out
-
-
-class ShardWriter:
-    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is fixed
-    first, then each tensor's bytes are appended in header order."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        header: dict = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        self.expected: list[tuple[str, int]] = []
-        for name, dtype, shape in entries:
-            nbytes = math.prod(shape) * _torch_dtype(dtype).itemsize
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.expected.append((name, nbytes))
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        self.next = 0
-
-    def write(self, name: str, tensor) -> None:
-        want, nbytes = self.expected[self.next]
-        import torch
-
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-        if name != want or data.nbytes != nbytes:
-            raise RuntimeError(f"shard writer: got {name} ({data.nbytes} bytes), expected {want} ({nbytes} bytes)")
-        self.file.write(memoryview(data))
-        self.next += 1
-
-    def close(self) -> None:
-        self.file.close()
-        if self.next != len(self.expected):
-            raise RuntimeError(f"shard writer: {len(self.expected) - self.next} tensors were never written")
-
-
-def _torch_dtype(code: str):
-    import torch
-
-    codes = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    if code not in codes:
-        raise UserError(f"tensor dtype {code} is not supported by dler merge")
-    return codes[code]
-
-
-# -------------------------------------------------------------------------------------------- selection
-
-
-def _magnitudes(base, tuned):
-    """(delta in the compute dtype, |delta| as float32)."""
-    import torch
-
-    # float32 weights are subtracted in float64, 16-bit ones in float32 (memory: a few copies of the largest
-    # tensor in that dtype); the merged value is rounded once, into the tuned model's dtype.
-    wide = torch.float64 if {base.dtype, tuned.dtype} & {torch.float32, torch.float64} else torch.float32
-    delta = tuned.to(wide) - base.to(wide)
-    return delta, delta.abs().to(torch.float32)
-
-
-def keep_count(top_k: float, n: int) -> int:
-    """m = round(k * n), half up (so that k = 0.5 of 3 entries keeps 2)."""
-    return min(n, math.floor(top_k * n + 0.5))
-
-
-def tensor_threshold(magnitude, m: int) -> float:
-    """The m-th largest value of ``magnitude`` (+inf for m = 0: nothing reaches it)."""
-    import torch
-
-    if m == 0:
-        return math.inf
-    flat = magnitude.reshape(-1)
-    return float(torch.kthvalue(flat, flat.numel() - m + 1).values)
-
-
-def global_threshold(pairs: Callable[[str], Iterator[tuple]], m: int, n: int) -> float:
-    """The m-th largest |delta| over every pair of (base, tuned) tensors that ``pairs(label)`` yields, in two
-    streaming passes of a 16+16-bit radix selection over float32 bit patterns."""
-    import torch
-
-    if m == 0:
-        return math.inf
-    if m == n:
-        return 0.0
-
-    def bits_of(base, tuned):
-        return _magnitudes(base, tuned)[1].reshape(-1).view(torch.int32)
-
-    high = torch.zeros(1 << 16, dtype=torch.int64)
-    for base, tuned in pairs("threshold 1/2"):
-        high += torch.bincount(bits_of(base, tuned) >> 16, minlength=1 << 16)
-    # The bin holding the m-th largest: walk down from the top until m values are covered.
-    above = torch.flip(torch.cumsum(torch.flip(high, [0]), 0), [0])  # above[b] = count of values in bins >= b
-    b = int(torch.nonzero(above >= m).max())
-    m_in_bin = m - (int(above[b + 1]) if b + 1 < (1 << 16) else 0)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for base, tuned in pairs("threshold 2/2"):
-        bits = bits_of(base, tuned)
-        low += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=1 << 16)
-    low_above = torch.flip(torch.cumsum(torch.flip(low, [0]), 0), [0])
-    lo = int(torch.nonzero(low_above >= m_in_bin).max())
-    return float(torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32))
-
-
-# ------------------------------------------------------------------------------------------------ merge
 
 
 def _check_pair(base_dir: Path, tuned_dir: Path) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
@@ -253,7 +81,8 @@ def merge_models(
 ) -> dict:
     """Write ``theta_base + scale * top_k(theta_tuned - theta_base)`` into ``out``; return the report."""
     import torch
-    from tqdm import tqdm
+
+    from .progress import progress as progress_bar
 
     if not 0 <= top_k <= 1:
         raise UserError(f"--top-k must be a fraction in [0, 1] (0.25 keeps 25%), got {top_k}")
@@ -267,10 +96,10 @@ def merge_models(
     check_output(out, "merge", overwrite=overwrite, inputs=inputs)
     base_info, tuned_info = _check_pair(base_dir, tuned_dir)
     floats = [n for n in tuned_info if tuned_info[n].dtype in _FLOAT_DTYPES]
-    base_reader, tuned_reader = _Reader(base_info), _Reader(tuned_info)
+    base_reader, tuned_reader = TensorReader(base_info), TensorReader(tuned_info)
 
     def pairs(label):
-        for name in tqdm(floats, desc=f"merge: {label}", unit="tensor", disable=not progress, leave=False):
+        for name in progress_bar(floats, desc=f"merge: {label}", unit="tensor", enabled=progress, leave=False):
             base, tuned = base_reader.get(name), tuned_reader.get(name)
             _check_finite(name, base, tuned)
             yield base, tuned
@@ -287,7 +116,7 @@ def merge_models(
         by_file: dict[Path, list[TensorInfo]] = {}
         for info in tuned_info.values():
             by_file.setdefault(info.file, []).append(info)
-        bar = tqdm(total=len(tuned_info), desc="merge: write", unit="tensor", disable=not progress, leave=False)
+        bar = progress_bar(total=len(tuned_info), desc="merge: write", unit="tensor", enabled=progress, leave=False)
         for file, infos in sorted(by_file.items()):
             infos.sort(key=lambda i: i.offset)
             header, _ = read_header(file)
@@ -302,7 +131,7 @@ def merge_models(
                     else:
                         base = base_reader.get(info.name)
                         _check_finite(info.name, base, tuned)
-                        delta, magnitude = _magnitudes(base, tuned)
+                        delta, magnitude = magnitudes(base, tuned)
                         if scope == "tensor":
                             limit = tensor_threshold(magnitude, keep_count(top_k, magnitude.numel()))
                         else:

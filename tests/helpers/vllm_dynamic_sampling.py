@@ -14,8 +14,8 @@ from trainer.answers import AnswerChecker
 from trainer.budgets import DifficultyBudgets
 from trainer.data import PromptStream, build_prompts, load_examples
 from trainer.rewards import LengthPenaltyConfig
-from trainer.rollout import VLLMEngine
 from trainer.sampling import DynamicSampler, SamplingConfig
+from trainer.vllm_engine import VLLMEngine
 
 if __name__ == "__main__":
     model_dir, spec = sys.argv[1], json.loads(sys.argv[2])

@@ -9,7 +9,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from trainer.rollout import VLLMEngine, chat_prompts
+from trainer.rollout import chat_prompts
+from trainer.vllm_engine import VLLMEngine
 
 
 def run(engine, model_dir, spec):

@@ -16,7 +16,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.rollout import VLLMEngine, chat_prompts
+from trainer.rollout import chat_prompts
+from trainer.vllm_engine import VLLMEngine
 
 
 def sampled_logprobs(model, prompt_ids, samples, temperature):

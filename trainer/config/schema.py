@@ -24,7 +24,7 @@ from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGH
 from ..budgets import DifficultyBudgets
 from ..data import TEMPLATES, FieldMap
 from ..rewards import LengthPenaltyConfig
-from ..rollout import ENGINES
+from ..engines import ENGINES
 from ..sampling import SamplingConfig
 
 # Choices the config owns are written here; the others are the owning module's list, made a Literal.
@@ -120,7 +120,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """The rollout engine (``trainer.rollout.make_engine``) and how it samples (``SamplingConfig``)."""
+    """The rollout engine (``trainer.engines.make_engine``) and how it samples (``SamplingConfig``)."""
 
     engine: EngineName = "vllm"
     """vLLM, or transformers ``generate`` (``hf``)."""
@@ -500,7 +500,7 @@ class TrainConfig:
         return self.data.max_prompt_tokens + longest
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``trainer.rollout.make_engine`` (after its ``kind`` and model folder)."""
+        """Keyword arguments of ``trainer.engines.make_engine`` (after its ``kind`` and model folder)."""
         options: dict[str, Any] = dict(dtype=self.rollout.dtype, seed=self.run.seed)
         if self.rollout.engine == "hf":
             options["device"] = None if self.run.device == "auto" else self.run.device
