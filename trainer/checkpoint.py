@@ -432,7 +432,7 @@ def _gather_rng() -> list[dict] | None:
         return [state]
     import torch.distributed as dist
 
-    states = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    states = [None] * collective.world_size() if collective.rank() == 0 else None
     dist.gather_object(state, states, dst=0)
     return states
 
