@@ -226,7 +226,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(finished_run, tmp_
     assert _steps(run) == [1, 2]
     # the damaged one is set aside (kept), and the new step 2 verifies
     assert [p.name.rsplit("-", 1)[0] for p in (run / "checkpoints").glob("abandoned-*")] == ["abandoned-step-00000002"]
-    from trainer.checkpoint import verify_checkpoint
+    from trainer.checkpoint_verify import verify_checkpoint
 
     verify_checkpoint(bad)
 

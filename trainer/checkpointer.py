@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import collective
-from .checkpoint import MODEL_DIR, CheckpointManager
+from .checkpoint import CheckpointManager
+from .checkpoint_layout import MODEL_DIR
 from .config import TrainConfig
 from .data import PromptStream
 from .fsutil import UserError

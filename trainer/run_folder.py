@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import collective
-from .checkpoint import CHECKPOINTS_DIR, CheckpointManager
+from .checkpoint import CheckpointManager
+from .checkpoint_layout import CHECKPOINTS_DIR
 from .fsutil import OWNER_MARKER, UserError, check_output, mark_owner, owner
 from .run_log import CONFIG_FILE, METRICS_FILE
 

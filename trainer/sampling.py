@@ -3,7 +3,8 @@
 One call of ``DynamicSampler.collect`` turns "the next prompts of the data stream" into exactly
 ``prompts_per_step`` scored groups that carry a learning signal (DAPO / DLER dynamic sampling):
 groups whose correctness has zero spread (all right or all wrong, judged before any length
-penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds.
+penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds. Under several
+ranks each sampler draws from its rank's share of the stream (:class:`RankSlice`).
 """
 
 from __future__ import annotations

@@ -173,19 +173,25 @@ class Trainer:
                 update = self.update(rows, step)  # the policy update
                 self.sync_weights()  # weights to the rollout engine
                 record = self.record(step, sampling, advantages, update, rows)
-                verdict = control.vote(update, self.policy)
-                if control.eval_due(step, verdict):
-                    record["eval"] = self.heldout.run(f"step {step}").as_dict()
-                self.log.record(record)
-                if verdict.diverged is not None:
-                    raise self.checkpointer.divergence_error(step, verdict.diverged)
-                if self.checkpointer.due(step, stopping=verdict.stop):
-                    self.checkpointer.save(step, self.history)
+                verdict = control.vote(update, self.policy)  # a stop request or divergence, on every rank alike
+                self.close_step(step, record, verdict, control)
                 if verdict.stop:
-                    self.log.say(f"stopped after step {step}; resume with: dler train --resume {self.out}")
                     break
         self.log.close_bar()
         return self.finish(step, stopped=verdict.stop)
+
+    def close_step(self, step: int, record: dict[str, Any], verdict: Verdict, control: RunControl) -> None:
+        """After the step: the evaluation if due, the record, then a diverged run's error (nothing of the
+        step saved) or the checkpoint if due."""
+        if control.eval_due(step, verdict):
+            record["eval"] = self.heldout.run(f"step {step}").as_dict()
+        self.log.record(record)
+        if verdict.diverged is not None:
+            raise self.checkpointer.divergence_error(step, verdict.diverged)
+        if self.checkpointer.due(step, stopping=verdict.stop):
+            self.checkpointer.save(step, self.history)
+        if verdict.stop:
+            self.log.say(f"stopped after step {step}; resume with: dler train --resume {self.out}")
 
     def finish(self, step: int, *, stopped: bool) -> dict[str, Any]:
         """The final evaluation (unless a stop request skipped it) and the run's summary."""
