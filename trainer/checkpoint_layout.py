@@ -23,6 +23,7 @@ STEP_DIR = re.compile(r"step-(\d{8,})")
 
 
 def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """The step folders under ``root`` as (step, path), oldest first, complete or not."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
