@@ -184,12 +184,10 @@ def fill_old_logprobs(model, rows, mode: str, vocab: int, token_budget: int, ctx
     g = torch.Generator().manual_seed(1)
     if mode == "model":
         with ctx():
-            compute_logprobs(
-                model, rows, token_budget=token_budget, temperature=LOSS["temperature"], field="old_logprobs"
-            )
-    for row in rows:
+            logps = compute_logprobs(model, rows, token_budget=token_budget, temperature=LOSS["temperature"])
+    for i, row in enumerate(rows):
         n = len(row.response_ids)
-        base = row.old_logprobs.float() if mode == "model" else torch.full((n,), -math.log(vocab))
+        base = logps[i].float() if mode == "model" else torch.full((n,), -math.log(vocab))
         row.old_logprobs = base + OLD_LOGPROB_NOISE * torch.randn(n, generator=g)
 
 

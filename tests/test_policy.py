@@ -91,7 +91,8 @@ def grads(model):
 def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg, fused_head):
     rows = make_rows(1)
     settings = dict(eps_low=0.2, eps_high=0.28, clip_c=10.0, loss_agg=loss_agg, temperature=0.8)
-    compute_logprobs(model, rows, token_budget=10**6, temperature=0.8, field="old_logprobs")
+    for row, logp in zip(rows, compute_logprobs(model, rows, token_budget=10**6, temperature=0.8)):
+        row.old_logprobs = logp
     # perturb the "old" policy so that ratios differ from 1 and both clips engage
     gen = torch.Generator().manual_seed(2)
     for r in rows:
@@ -118,7 +119,8 @@ def test_packed_micro_batches_equal_the_per_sequence_big_batch(model, loss_agg, 
 @pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
 def test_old_logprobs_match_an_unpacked_forward(model, fused_head):
     rows = make_rows(3)
-    compute_logprobs(model, rows, token_budget=8, temperature=0.7, field="old_logprobs", fused_head=fused_head)
+    for row, logp in zip(rows, compute_logprobs(model, rows, token_budget=8, temperature=0.7, fused_head=fused_head)):
+        row.old_logprobs = logp
     for row in rows:
         assert row.old_logprobs.shape == (len(row.response_ids),)
         if not row.response_ids:
@@ -142,7 +144,7 @@ def test_update_needs_old_logprobs(model):
 
 def test_fused_head_leaves_the_model_as_it_was(model):
     rows = make_rows(5)
-    compute_logprobs(model, rows, token_budget=8, temperature=1.0, field="old_logprobs", fused_head=True)
+    compute_logprobs(model, rows, token_budget=8, temperature=1.0, fused_head=True)
     assert "forward" not in vars(model.lm_head)  # the swapped forward is gone
     ids = torch.tensor([[1, 2, 3]])
     assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from trainer import cli
+from trainer.heldout import HeldOutEval
 from trainer.train import Trainer
 
 
@@ -225,7 +226,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(finished_run, tmp_
     assert _steps(run) == [1, 2]
     # the damaged one is set aside (kept), and the new step 2 verifies
     assert [p.name.rsplit("-", 1)[0] for p in (run / "checkpoints").glob("abandoned-*")] == ["abandoned-step-00000002"]
-    from trainer.checkpoint import verify_checkpoint
+    from trainer.checkpoint_verify import verify_checkpoint
 
     verify_checkpoint(bad)
 
@@ -333,7 +334,7 @@ def test_sigterm_during_the_last_step_stops_after_the_checkpoint_without_the_fin
 ):
     out = tmp_path / "run"
     evaluated = []
-    evaluate, record = Trainer.evaluate, Trainer.record
+    evaluate, record = HeldOutEval.run, Trainer.record
 
     def counting_evaluate(self, label):
         evaluated.append(label)
@@ -344,7 +345,7 @@ def test_sigterm_during_the_last_step_stops_after_the_checkpoint_without_the_fin
         signal.raise_signal(signal.SIGTERM)  # as a cluster's scheduler does, during the last step
         return result
 
-    monkeypatch.setattr(Trainer, "evaluate", counting_evaluate)
+    monkeypatch.setattr(HeldOutEval, "run", counting_evaluate)
     monkeypatch.setattr(Trainer, "record", record_then_terminate)
     assert _train(*_overrides(demo_model, out, 1)) == 130
     assert evaluated == ["before training"], "no evaluation runs after a stop request"

@@ -1,7 +1,9 @@
-"""Rank 0 does, every rank agrees: the few collectives the trainer needs outside the update itself.
+"""The distributed helpers: whether a process group is up, this rank's place, and the few collectives
+the trainer needs outside FSDP's own (gather, vote, scalar reduce, broadcast, rank 0 does and tells).
 
-Without a process group each function is its single-process meaning (rank 0 of 1, broadcast is the
-identity), so the same code serves one process and many.
+Without a process group each function is its single-process meaning (rank 0 of 1, a gather of one,
+broadcast is the identity), so the same code serves one process and many. This is the one place that
+asks ``torch.distributed`` whether a group is up.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from .fsutil import UserError
@@ -19,6 +22,7 @@ T = TypeVar("T")
 
 
 def is_distributed() -> bool:
+    """Whether a default process group is up (created by ``torchrun``'s job, FSDP or an engine)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -28,6 +32,30 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def gather(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order, on every rank (pickled; a list of one without a group)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank: a vote every rank reaches alike."""
+    return any(gather(bool(flag)))
+
+
+def reduce_scalar(x: float, device: torch.device, op: dist.ReduceOp | None = None) -> float:
+    """``x`` reduced over the ranks with ``op`` (default: sum), in float64 on ``device`` (the process
+    group's backend for that device carries it); ``x`` itself without a group of several ranks."""
+    if world_size() == 1:
+        return float(x)
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    return float(t.item())
 
 
 def broadcast(obj: T) -> T:
@@ -45,7 +73,7 @@ def on_rank0(os_error: str, fn: Callable[..., T], *args: Any, path: Path | None 
     Without this, a rank-0 failure (full disk, corrupt file, a refused folder, a bug) would leave the other
     ranks blocked in the next collective forever. A storage failure (OSError, or torch's and safetensors'
     write and read errors) becomes a one-line UserError prefixed with ``os_error``
-    (``fsutil.storage_error``; ``path``: the folder being written or read, for errors that name no file).
+    (``storage_errors.storage_error``; ``path``: the folder being written or read, for errors that name no file).
     """
     result, failure = None, None
     if rank() == 0:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import collective
 from .chunking import chunks_by_size, nbytes
 from .config import DEVICES, FSDPConfig, ModelConfig
 from .devices import can_pin_host_memory
@@ -94,12 +95,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} are inconsistent (need 0 <= RANK < WORLD_SIZE)")
     torch_device = _pick_device(device, local_rank)
-    if dist.is_initialized() and (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+    if collective.is_distributed() and (collective.rank(), collective.world_size()) != (rank, world_size):
         raise RuntimeError(
-            f"the process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+            f"the process group is rank {collective.rank()} of {collective.world_size()}, "
             f"the environment says RANK={rank} of WORLD_SIZE={world_size}"
         )
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not collective.is_distributed():
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
             raise UserError(
@@ -142,9 +143,7 @@ def sum_replicated_gradients(model: nn.Module) -> None:
     gradients in the backward."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(model, FSDPModule) or not (dist.is_available() and dist.is_initialized()):
-        return
-    if dist.get_world_size() == 1:
+    if isinstance(model, FSDPModule) or collective.world_size() == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     # One flat all-reduce per bucket instead of one per tensor: fewer, larger messages.
@@ -160,7 +159,7 @@ _GRAD_BUCKET_BYTES = 64 << 20
 
 def destroy_distributed() -> None:
     """Leave the default process group if this module created it; a no-op otherwise (safe in ``finally``)."""
-    if _OWNED_GROUP[0] and dist.is_available() and dist.is_initialized():
+    if _OWNED_GROUP[0] and collective.is_distributed():
         dist.destroy_process_group()
     _OWNED_GROUP[0] = False
 
@@ -168,10 +167,10 @@ def destroy_distributed() -> None:
 def _ensure_process_group(env: DistEnv) -> None:
     """FSDP2 shards over a process group; one process gets an in-memory one (a HashStore needs no
     address or port), several must have joined theirs with :func:`init_distributed`."""
-    if dist.is_initialized():
-        if dist.get_world_size() != env.world_size:
+    if collective.is_distributed():
+        if collective.world_size() != env.world_size:
             raise RuntimeError(
-                f"the process group has {dist.get_world_size()} ranks but env.world_size is {env.world_size}"
+                f"the process group has {collective.world_size()} ranks but env.world_size is {env.world_size}"
             )
         return
     if env.world_size > 1:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import dler_kernels as dk
 
 from .chunking import chunks_by_size
+from .collective import reduce_scalar
 
 
 @dataclass
@@ -36,7 +37,7 @@ class UpdateRow:
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
-    old_logprobs: torch.Tensor | None = None  # [len(response_ids)], filled by compute_logprobs
+    old_logprobs: torch.Tensor | None = None  # [len(response_ids)], from compute_logprobs
     ref_logprobs: torch.Tensor | None = None
 
     @property
@@ -58,7 +59,7 @@ def _synced_plan(rows: Sequence[UpdateRow], token_budget: int, device: torch.dev
     Under FSDP2 every forward all-gathers parameters, so every rank must run the same number of
     forwards; ranks with fewer tokens run dummy ones whose loss is multiplied by zero."""
     plan: list[list[int] | None] = list(plan_micro_batches([r.tokens for r in rows], token_budget))
-    most = int(_world_reduce(len(plan), device, dist.ReduceOp.MAX))
+    most = int(reduce_scalar(len(plan), device, dist.ReduceOp.MAX))
     return plan + [None] * (most - len(plan))
 
 
@@ -139,14 +140,6 @@ class Packed:
         ).logits
 
 
-def _world_reduce(x: float, device: torch.device, op=None) -> float:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
-        return float(t.item())
-    return float(x)
-
-
 # Model configs whose logits are not the plain LM-head output (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -171,15 +164,15 @@ def compute_logprobs(
     *,
     token_budget: int,
     temperature: float,
-    field: str,
     device: torch.device | None = None,
     fused_head: bool = False,
-) -> None:
-    """Fill ``row.<field>`` (``old_logprobs`` or ``ref_logprobs``) with the model's log-probs of each
-    response token at ``temperature``, with the no-grad kernel (no autograd graph, no N x V kept;
-    with ``fused_head`` no N x V at all)."""
+) -> list[torch.Tensor]:
+    """The model's log-probs of each row's response tokens at ``temperature`` (one CPU tensor per row,
+    in row order), with the no-grad kernel (no autograd graph, no N x V kept; with ``fused_head`` no
+    N x V at all)."""
     device = device or _device_of(model)
     was_training = model.training
+    out: list[torch.Tensor | None] = [None] * len(rows)
     model.eval()
     try:
         for plan in _synced_plan(rows, token_budget, device):
@@ -192,10 +185,11 @@ def compute_logprobs(
                 logp = packed.through_head(model, head)
             else:
                 logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
-            for row, part in zip(packed.rows, logp.split([len(r.response_ids) for r in packed.rows])):
-                setattr(row, field, part.cpu())
+            for i, part in zip(plan, logp.split([len(r.response_ids) for r in packed.rows])):
+                out[i] = part.cpu()
     finally:
         model.train(was_training)
+    return out
 
 
 def _device_of(model) -> torch.device:
@@ -221,13 +215,13 @@ def accumulate_gradients(
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):
-        raise ValueError("old_logprobs missing: call compute_logprobs(..., field='old_logprobs') before the update")
+        raise ValueError("old_logprobs missing: set them from compute_logprobs(...) before the update")
     if beta > 0 and any(r.ref_logprobs is None for r in rows):
         raise ValueError("ref_logprobs missing while beta > 0: compute them with the reference model first")
     tokens = sum(len(r.response_ids) for r in rows)
     # as the kernel counts: tokens, or sequences that have at least one token
     count = tokens if loss_agg == "token-mean" else sum(1 for r in rows if r.response_ids)
-    normalizer = _world_reduce(count, device)
+    normalizer = reduce_scalar(count, device)
     if normalizer == 0:  # only empty responses anywhere: nothing to learn from, on every rank alike
         return {}
     totals: dict[str, float] = {}
@@ -282,12 +276,12 @@ def _add(totals: dict, key: str, value: float) -> None:
 
 def _reduce_metrics(totals: dict[str, float], device: torch.device) -> dict[str, float]:
     keys = ["loss", "tokens", "num_nonfinite"] + [k for k in TOKEN_MEAN_METRICS if k in totals]
-    world = {k: _world_reduce(totals.get(k, 0.0), device, dist.ReduceOp.SUM) for k in keys}
+    world = {k: reduce_scalar(totals.get(k, 0.0), device, dist.ReduceOp.SUM) for k in keys}
     tokens = max(world["tokens"], 1.0)
     out = {"loss": world["loss"], "tokens": world["tokens"], "num_nonfinite": world["num_nonfinite"]}
     out.update({k: world[k] / tokens for k in TOKEN_MEAN_METRICS if k in world})
-    out["ratio_max"] = _world_reduce(totals.get("ratio_max", -math.inf), device, dist.ReduceOp.MAX)
-    out["ratio_min"] = _world_reduce(totals.get("ratio_min", math.inf), device, dist.ReduceOp.MIN)
+    out["ratio_max"] = reduce_scalar(totals.get("ratio_max", -math.inf), device, dist.ReduceOp.MAX)
+    out["ratio_min"] = reduce_scalar(totals.get("ratio_min", math.inf), device, dist.ReduceOp.MIN)
     return out
 
 

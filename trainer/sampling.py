@@ -3,7 +3,8 @@
 One call of ``DynamicSampler.collect`` turns "the next prompts of the data stream" into exactly
 ``prompts_per_step`` scored groups that carry a learning signal (DAPO / DLER dynamic sampling):
 groups whose correctness has zero spread (all right or all wrong, judged before any length
-penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds.
+penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds. Under several
+ranks each sampler draws from its rank's share of the stream (:class:`RankSlice`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .budgets import DifficultyBudgets
 from .data import Example, PromptStream
 from .rewards import LengthPenaltyConfig, apply_length_penalty
 from .rollout import RolloutEngine, Sample
+from .seeds import round_seed
 
 
 class Scorer(Protocol):
@@ -112,6 +114,17 @@ class SamplingStats:
         return out
 
 
+class RankSlice:
+    """The prompts of one rank: each ``take(k)`` draws ``k * world`` from the shared order and keeps
+    every ``world``-th, so ranks see disjoint prompts while their streams advance alike."""
+
+    def __init__(self, stream: PromptStream, rank: int, world: int):
+        self.stream, self.rank, self.world = stream, rank, world
+
+    def take(self, k: int) -> list[Example]:
+        return self.stream.take(k * self.world)[self.rank :: self.world]
+
+
 class DynamicSampler:
     """Draws prompts from ``stream``, samples ``samples_per_prompt`` responses each with ``engine``,
     scores them (``scorer`` for correctness, the length penalty for the reward, DA-DLER budgets
@@ -153,7 +166,7 @@ class DynamicSampler:
             if not self.another_round(missing > 0):
                 break
             examples = self.stream.take(self._round_size(missing, stats)) if missing > 0 else []
-            groups = self._generate_and_score(examples, step, seed + 7919 * round_, stats)
+            groups = self._generate_and_score(examples, step, round_seed(seed, round_), stats)
             stats.rounds += bool(examples)
             generated += groups
             kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]

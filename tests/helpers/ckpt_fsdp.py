@@ -24,7 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-import trainer.checkpoint as checkpoint
+import trainer.checkpoint_files as checkpoint_files
 from trainer.checkpoint import CheckpointManager
 from trainer.fsutil import UserError
 
@@ -76,12 +76,12 @@ def disk_full(*args) -> None:
 def rank0_failures(manager, path, model, optimizer, scheduler, rank: int, out: Path) -> dict:
     """What every rank sees when rank 0 fails during a save and during a load (gathered from all ranks)."""
     seen = []
-    original, checkpoint._write_optimizer = checkpoint._write_optimizer, disk_full
+    original, checkpoint_files.write_optimizer = checkpoint_files.write_optimizer, disk_full
     try:
         manager.save(2, model, optimizer, scheduler, {})
     except UserError as e:
         seen.append(str(e))
-    checkpoint._write_optimizer = original
+    checkpoint_files.write_optimizer = original
     damaged = out / "damaged" / "step-00000001"
     if rank == 0:
         shutil.copytree(path, damaged)

@@ -1,7 +1,7 @@
 """Run in a subprocess by tests/test_checkpoint.py: save checkpoint 1, then block in the middle of
 checkpoint 2 (weights written, optimizer not yet) until the test kills this process with SIGKILL.
 
-The block replaces ``trainer.checkpoint._write_optimizer``: it writes SIGNAL_FILE (the test's cue to
+The block replaces ``trainer.checkpoint_files.write_optimizer``: it writes SIGNAL_FILE (the test's cue to
 kill) and sleeps. Nothing in the library knows about it.
 
 usage: python ckpt_kill.py MODEL_DIR RUN_DIR SIGNAL_FILE
@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import trainer.checkpoint as checkpoint
+import trainer.checkpoint_files as checkpoint_files
 
 
 def train_step(model, optimizer, scheduler) -> None:
@@ -40,6 +41,6 @@ if __name__ == "__main__":
     manager = checkpoint.CheckpointManager(run_dir, source_model_dir=model_dir)
     train_step(model, optimizer, scheduler)
     manager.save(1, model, optimizer, scheduler, {"step": 1})
-    checkpoint._write_optimizer = block_until_killed
+    checkpoint_files.write_optimizer = block_until_killed
     train_step(model, optimizer, scheduler)
     manager.save(2, model, optimizer, scheduler, {"step": 2})

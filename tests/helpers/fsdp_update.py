@@ -48,9 +48,9 @@ def rows_of(case: dict, rank: int = 0, world: int = 1) -> tuple[list[UpdateRow],
 def old_logprobs(model, rows: list[UpdateRow], shifts: list[torch.Tensor], case: dict) -> None:
     """The model's log-probs, shifted so that ratios differ from 1 and both clips engage."""
     temperature = case["loss"]["temperature"]
-    compute_logprobs(model, rows, token_budget=case["big_budget"], temperature=temperature, field="old_logprobs")
-    for row, shift in zip(rows, shifts):
-        row.old_logprobs = row.old_logprobs + shift
+    logps = compute_logprobs(model, rows, token_budget=case["big_budget"], temperature=temperature)
+    for row, logp, shift in zip(rows, logps, shifts):
+        row.old_logprobs = logp + shift
 
 
 def run_update(model, rows: list[UpdateRow], shifts: list[torch.Tensor], case: dict) -> dict:
@@ -121,19 +121,21 @@ def worker(rank: int, model_dir: str, out: str, port: str) -> None:
     result["fused_grads"] = full_grads(checkpointed)
     temperature = case["loss"]["temperature"]
     fused_rows = [UpdateRow(r.prompt_ids, r.response_ids, r.advantage) for r in rows]
-    compute_logprobs(
-        checkpointed, fused_rows, token_budget=case["small_budget"], temperature=temperature, field="old_logprobs",
-        fused_head=True,
-    )  # fmt: skip
+    fused = compute_logprobs(
+        checkpointed, fused_rows, token_budget=case["small_budget"], temperature=temperature, fused_head=True
+    )
     plain_rows = [UpdateRow(r.prompt_ids, r.response_ids, r.advantage) for r in rows]
-    compute_logprobs(checkpointed, plain_rows, token_budget=case["small_budget"], temperature=temperature,
-                     field="old_logprobs")  # fmt: skip
+    plain = compute_logprobs(checkpointed, plain_rows, token_budget=case["small_budget"], temperature=temperature)
+    for fused_row, fused_logp, plain_row, plain_logp in zip(fused_rows, fused, plain_rows, plain):
+        fused_row.old_logprobs, plain_row.old_logprobs = fused_logp, plain_logp
     facts["fused_loss"] = fused_loss
     errors = [(a.old_logprobs - b.old_logprobs).abs().max() for a, b in zip(fused_rows, plain_rows) if a.response_ids]
     facts["fused_logprob_error"] = float(max(errors, default=0.0))
 
     reference = load_policy(model_dir, ModelConfig(path=str(model_dir)), FLOAT32, env, trainable=False)
-    compute_logprobs(reference, rows, token_budget=case["big_budget"], temperature=temperature, field="ref_logprobs")
+    ref = compute_logprobs(reference, rows, token_budget=case["big_budget"], temperature=temperature)
+    for row, logp in zip(rows, ref):
+        row.ref_logprobs = logp
     ref_error = max(float((row.ref_logprobs - want).abs().max()) for row, want in zip(rows, before_update))
     facts.update(
         ref_logprob_error=ref_error,

@@ -48,7 +48,7 @@ def main(model_dir: str, out: str) -> None:
     prompt = next(iter(trainer.prompt_ids.values()))
     sample = trainer.engine.generate([prompt], n=1, max_tokens=24, temperature=1.0, top_p=1.0, seed=5)[0][0]
     row = UpdateRow(list(prompt), list(sample.token_ids), 0.0)
-    compute_logprobs(trainer.policy, [row], token_budget=1024, temperature=1.0, field="old_logprobs")
+    (row.old_logprobs,) = compute_logprobs(trainer.policy, [row], token_budget=1024, temperature=1.0)
     engine_gap = float((row.old_logprobs - torch.tensor(sample.logprobs)).abs().max())
     trainer.engine.close()
     destroy_distributed()

@@ -20,8 +20,8 @@ import torch
 def main(record_dir: str, *args: str) -> None:
     from trainer.config import load_config
     from trainer.policy import UpdateRow, compute_logprobs, full_weights
-    from trainer.sampling import RolloutBatch
-    from trainer.train import RankSlice, Trainer, load_run_config, train
+    from trainer.sampling import RankSlice, RolloutBatch
+    from trainer.train import Trainer, load_run_config, train
 
     resume = args[:1] == ("--resume",)
     overrides = list(args[2:] if resume else args)
@@ -70,8 +70,8 @@ def main(record_dir: str, *args: str) -> None:
         # every rank samples here: the engines step in lockstep
         sample = self.engine.generate([prompt], n=1, max_tokens=16, temperature=1.0, seed=11)[0][0]
         row = UpdateRow(list(prompt), list(sample.token_ids), 0.0)
-        compute_logprobs(self.policy, [row], token_budget=1024, temperature=1.0, field="old_logprobs",
-                         device=self.env.device)  # fmt: skip
+        (row.old_logprobs,) = compute_logprobs(self.policy, [row], token_budget=1024, temperature=1.0,
+                                               device=self.env.device)  # fmt: skip
         gap = float((row.old_logprobs - torch.tensor(sample.logprobs)).abs().max())
         steps[current["step"]].update(weights=digest.hexdigest(), engine_gap=gap, sample_tokens=len(sample.token_ids))
         return seconds

@@ -18,13 +18,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dler_kernels.validate import check_choice, check_number
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
+from dler_kernels.validate import check_choice, check_number
 
 from ..budgets import DifficultyBudgets
 from ..data import TEMPLATES, FieldMap
-from ..rewards import LengthPenaltyConfig
 from ..engines import ENGINES
+from ..rewards import LengthPenaltyConfig
 from ..sampling import SamplingConfig
 
 # Choices the config owns are written here; the others are the owning module's list, made a Literal.

@@ -1,0 +1,70 @@
+"""Advantages over the batch of every rank: each rank's kept rollouts are gathered (as named records),
+the kernel computes the advantages of the whole batch, so DLER's batch statistics are those of the
+global batch, and each rank takes back the values of its own responses as update rows."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import dler_kernels as dk
+
+from . import collective
+from .policy import UpdateRow
+from .sampling import RolloutBatch, ScoredGroup
+
+
+@dataclass
+class RankBatch:
+    """One rank's kept responses as the advantages need them (gathered from every rank)."""
+
+    rewards: list[float]
+    correct: list[float]
+    lengths: list[int]
+    group_ids: list[int]  # index of each response's group among this rank's groups
+    groups: int
+
+    @classmethod
+    def of(cls, batch: RolloutBatch, groups: int) -> RankBatch:
+        return cls(
+            batch.rewards.tolist(), batch.correct.tolist(), batch.lengths.tolist(), batch.group_ids.tolist(), groups
+        )
+
+
+def global_advantages(
+    groups: Sequence[ScoredGroup], advantage_kwargs: Mapping[str, Any]
+) -> tuple[list[UpdateRow], dict[str, float]]:
+    """One update row per local response, with its advantage over the global batch, and the batch's
+    advantage statistics (collective). ``advantage_kwargs``: ``TrainConfig.advantage_kwargs()``."""
+    batch = RolloutBatch.from_groups(groups)
+    everyone = collective.gather(RankBatch.of(batch, len(groups)))
+    rewards = torch.tensor([r for rank in everyone for r in rank.rewards], dtype=torch.float32)
+    correct = torch.tensor([c for rank in everyone for c in rank.correct], dtype=torch.float32)
+    lengths = torch.tensor([n for rank in everyone for n in rank.lengths], dtype=torch.float32)
+    group_ids, offset = [], 0
+    for rank in everyone:  # local group indices -> indices into the global batch
+        group_ids += [offset + g for g in rank.group_ids]
+        offset += rank.groups
+    result = dk.compute_advantages(
+        rewards,
+        torch.tensor(group_ids, dtype=torch.long),
+        correctness=correct,
+        token_counts=lengths,
+        **advantage_kwargs,
+    )
+    start = sum(len(rank.rewards) for rank in everyone[: collective.rank()])
+    values = result.values[start : start + len(batch)].tolist()
+    rows = [UpdateRow(list(p), list(r), float(a)) for p, r, a in zip(batch.prompt_ids, batch.response_ids, values)]
+    kept = result.values[result.keep]
+    stats = {
+        "advantage_mean": float(kept.mean()) if kept.numel() else 0.0,
+        "advantage_std": float(kept.std(unbiased=False)) if kept.numel() else 0.0,
+        "advantage_min": float(kept.min()) if kept.numel() else 0.0,
+        "advantage_max": float(kept.max()) if kept.numel() else 0.0,
+        "batch_prompts": offset,
+        "batch_responses": int(rewards.numel()),
+    }
+    return rows, stats
