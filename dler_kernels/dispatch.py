@@ -33,7 +33,7 @@ from .torch_backend import TorchBackend
 
 # The Triton versions the kernels are checked on (pyproject.toml says the same): the oldest is torch
 # 2.11's Triton; every kernel is compiled for sm_80/90/100 on both ends by dler_kernels.aot_check
-# (tests/test_aot_check.py; `make triton-oldest` installs the oldest next to the pinned one).
+# (tests/kernels/test_aot_check.py; `make triton-oldest` installs the oldest next to the pinned one).
 TRITON_OLDEST = "3.6.0"
 TRITON_NEWEST = "3.9"  # every 3.9.x
 

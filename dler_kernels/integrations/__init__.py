@@ -27,7 +27,7 @@ def warn_if_untested(package: str, version: str, tested: tuple[str, str]) -> boo
         warnings.warn(
             f"dler_kernels.integrations: {package} {version} is outside the tested versions "
             f"(>={low}, <{high}); the integration reads {package}'s internals and may compute a different loss. "
-            f"Run tests/test_integration_{package}.py against this version before training with it.",
+            f"Run tests/integrations/test_{package}.py against this version before training with it.",
             UserWarning,
             stacklevel=3,
         )

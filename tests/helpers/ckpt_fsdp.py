@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/test_checkpoint.py: FSDP2 checkpoints with 2 CPU processes (gloo).
+"""Run in a subprocess by tests/trainer/test_checkpoint.py: FSDP2 checkpoints with 2 CPU processes (gloo).
 
 Each rank: the tiny model with ``fully_shard`` on every decoder layer and on the root, one AdamW
 step on its own data, ``CheckpointManager.save``. Then, as an oracle independent of the code under

@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/test_checkpoint.py: save checkpoint 1, then block in the middle of
+"""Run in a subprocess by tests/trainer/test_checkpoint.py: save checkpoint 1, then block in the middle of
 checkpoint 2 (weights written, optimizer not yet) until the test kills this process with SIGKILL.
 
 The block replaces ``trainer.checkpoint_files.write_optimizer``: it writes SIGNAL_FILE (the test's cue to

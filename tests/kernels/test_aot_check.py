@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 from dler_kernels import aot_check  # noqa: E402
 from dler_kernels.dispatch import TRITON_OLDEST, triton_supported  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLDEST_DIR = Path(os.environ.get("DLER_TRITON_OLDEST_DIR", Path.home() / ".cache" / "dler" / f"triton-{TRITON_OLDEST}"))
 
 

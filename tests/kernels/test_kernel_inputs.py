@@ -15,12 +15,11 @@ Rules (docstrings of ``dler_kernels.policy_loss`` and ``dler_kernels.validate``)
 
 import pytest
 import torch
+from oracle_checks import BACKENDS
 
 from dler_kernels import _ext, linear_policy_loss, linear_token_logprobs, policy_loss, reference, token_logprobs
-from dler_kernels.dispatch import usable_backends
 from dler_kernels.reference import LOSS_AGGS
 
-BACKENDS = usable_backends("cpu")  # conftest sets TRITON_INTERPRET=1; "cpu" where dler_kernels._C is built
 needs_ext = pytest.mark.skipif(not _ext.has_cpu(), reason=f"dler_kernels._C is {_ext.why_not()}")
 N, V, H = 6, 11, 4
 

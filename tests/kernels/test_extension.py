@@ -23,7 +23,7 @@ import torch
 import dler_kernels
 from dler_kernels import _ext, policy_loss, reference, token_logprobs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 needs_ext = pytest.mark.skipif(not _ext.has_cpu(), reason=f"dler_kernels._C is {_ext.why_not()}")
 
 

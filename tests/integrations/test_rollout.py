@@ -12,7 +12,7 @@ import torch
 from trainer.engines import make_engine
 from trainer.hf_engine import HFEngine
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 def _vllm(helper, model_dir, **spec):

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainer.checkpoint import CheckpointManager, export_hf, find_checkpoint, load_trainer_state
 from trainer.fsutil import COMPLETE_MARKER, UserError
 
-HELPERS = Path(__file__).parent / "helpers"
-REPO = Path(__file__).parent.parent
+HELPERS = Path(__file__).parents[1] / "helpers"
+REPO = Path(__file__).parents[2]
 STATE = {"data": {"epoch": 0, "position": 7}, "record": {"q1": [0.5, 3]}, "best": None, "lr": 1e-3}
 
 

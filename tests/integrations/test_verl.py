@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VERL_PYTHON = ROOT / os.environ.get("DLER_VERL_VENV", ".venv-verl") / "bin" / "python"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TRITON_INTERPRET": "1"}
 

@@ -540,7 +540,7 @@ def test_a_huge_row_is_dropped_and_reported_without_being_tokenised_in_bounded_m
     path = tmp_path / "big.jsonl"
     row = 24 << 20
     _data_with_a_huge_row(path, row)
-    bench = Path(__file__).parent.parent / "bench"
+    bench = Path(__file__).parents[2] / "bench"
     out = subprocess.run(
         [sys.executable, "-c", _HUGE_ROW_CHILD, str(bench), str(tiny_llama_dir), str(path)],
         capture_output=True, text=True, timeout=300,

@@ -21,7 +21,7 @@ from trainer.rollout import SLEEP_TAGS
 from trainer.train import train
 from trainer.vllm_engine import VLLMEngine
 
-_spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parent / "helpers" / "fake_vllm.py")
+_spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parents[1] / "helpers" / "fake_vllm.py")
 fake_vllm = importlib.util.module_from_spec(_spec)
 sys.modules["fake_vllm"] = fake_vllm  # its dataclasses look their module up there
 _spec.loader.exec_module(fake_vllm)

@@ -267,7 +267,7 @@ def test_memory_does_not_grow_with_the_model(tmp_path):
         half = count // 2
         _folder(tmp_path / f"m{count}" / "base", base, shards=[names[:half], names[half:]])
         _folder(tmp_path / f"m{count}" / "tuned", tuned, shards=[names[:3], names[3:]])
-    bench = Path(__file__).parent.parent / "bench"
+    bench = Path(__file__).parents[2] / "bench"
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_CHILD, str(bench), str(tmp_path / "m16"), str(tmp_path / "m64")],
         capture_output=True, text=True, timeout=600,

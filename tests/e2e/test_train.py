@@ -17,7 +17,7 @@ from trainer.fsutil import UserError
 from trainer.run_log import METRICS_FILE, before_after_table
 from trainer.train import Trainer, load_run_config, train
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 
 # Wall-clock figures differ between two runs of the same computation; everything else must not.
 TIMING_KEYS = {
@@ -167,7 +167,7 @@ def test_end_to_end_with_vllm(demo_model, tmp_path):
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},  # this checkout's packages
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},  # this checkout's packages
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

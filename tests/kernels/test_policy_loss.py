@@ -12,24 +12,11 @@ import itertools
 
 import pytest
 import torch
+from oracle_checks import OPTION_SETS, assert_bad_input_named, check_loss_terms, rel, store_rounding
 
 import dler_kernels
 from dler_kernels import policy_loss, reference, token_logprobs
-from dler_kernels.dispatch import usable_backends
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
-
-BACKENDS = usable_backends("cpu")  # conftest sets TRITON_INTERPRET=1; "cpu" where dler_kernels._C is built
-# Relative error of one rounding to the storage dtype: half the spacing for round-to-nearest.
-# Triton's interpreter (checked with triton 3.9) truncates float32 -> bfloat16 stores, even with
-# fp_downcast_rounding="rtne", so there the bound is a full spacing; compiled Triton rounds to nearest.
-ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-INTERPRETER_ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("DLER_BACKEND", request.param)
-    return request.param
 
 
 def make_inputs(n, v, dtype=torch.float32, seed=0, masked_frac=0.25, scale=3.0):
@@ -68,44 +55,20 @@ def run(tensors, extra, **opts):
     return out, x.grad
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def check_against_oracle(out, grad, tensors, extra, opts, backend_used):
     loss64, pt64, lp64, ent64, m64, grad64 = oracle(tensors, extra, **opts)
-    assert torch.isfinite(out.loss)
-    # Relative to the same aggregation of |per-token loss|: the loss is a sum of signed terms whose
-    # float32 rounding scales with sum |term| (a near-cancelling batch makes |loss| itself tiny).
-    scale = reference.aggregate_ref(
-        pt64.abs() * (1.0 if opts.get("token_weights") is None else opts["token_weights"].double()),
-        tensors["mask"], opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
-        normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
-    ).item()  # fmt: skip
-    assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
-    assert (out.logprobs.double() - lp64).abs().max() <= 1e-5
-    assert (out.entropy.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    check_loss_terms(out, loss64, pt64, lp64, ent64, m64, tensors["mask"], extra, opts)
     dtype = tensors["logits"].dtype
     if dtype == torch.float32:
         assert rel(grad, grad64) <= 1e-4
     else:
-        interpreted = backend_used == "triton" and not tensors["logits"].is_cuda
-        rounding = (INTERPRETER_ROUNDING if interpreted else ROUNDING)[dtype]
+        rounding = store_rounding(dtype, backend_used, tensors["logits"].is_cuda)
         bound = rounding * grad64.abs() + 1e-4 * grad64.abs().max()
         assert bool(((grad.double() - grad64).abs() <= bound).all()), rel(grad, grad64)
-    for key in ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite"):
-        assert out.metrics[key].item() == pytest.approx(m64[key].item(), abs=1e-6), key
 
 
 # Each shape gets a different option set, so that together they cover every choice.
 SHAPES = [(1, 1), (3, 7), (17, 1000), (5, 4097), (2, 49152), (6, 33)]
-OPTION_SETS = [
-    dict(loss_agg="token-mean", kl_type="k3", beta=0.05, clip_c=10.0, entropy_coef=0.0, temperature=1.0),
-    dict(loss_agg="seq-mean-token-mean", kl_type="k1", beta=0.1, clip_c=None, entropy_coef=0.01, temperature=0.6),
-    dict(loss_agg="seq-mean-token-sum", kl_type="k2", beta=0.2, clip_c=3.0, entropy_coef=-0.02, temperature=1.3),
-    dict(loss_agg="seq-mean-token-sum-norm", kl_type="low_var_kl", beta=0.0, clip_c=2.0, entropy_coef=0.005,
-         temperature=0.9, norm_length=64.0),
-]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -319,11 +282,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name,mutate,message", BAD_INPUTS, ids=[b[0] + str(i) for i, b in enumerate(BAD_INPUTS)])
 def test_bad_input_names_the_argument(name, mutate, message):
-    args = _good()
-    mutate(args)
-    with pytest.raises(ValueError, match=name) as info:
-        policy_loss(**args)
-    assert message in str(info.value)
+    assert_bad_input_named(policy_loss, _good(), mutate, name, message)
 
 
 def test_token_logprobs_bad_input():
@@ -378,7 +337,7 @@ def test_no_recompilation_for_a_new_number_of_tokens_compiled_for_sm90_without_a
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", RECOMPILATION_SCRIPT], cwd=root, env=env,

@@ -27,7 +27,7 @@ from trainer.train import Trainer
 
 
 def _overrides(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    """A run of the demo model that takes a second or two per step (as tests/test_train.py's)."""
+    """A run of the demo model that takes a second or two per step (as tests/e2e/test_train.py's)."""
     return [
         f"model.path={model}",
         f"run.out={out}",
@@ -148,7 +148,7 @@ def test_an_oversized_data_row_is_one_line_naming_its_file_and_line_and_nothing_
     demo_model, tmp_path, capsys
 ):
     """A 16 MiB question among normal rows: with data.on_bad_row=error the run stops at the data check, before
-    the model loads, naming the file and line (it is never tokenised whole: tests/test_data.py measures the
+    the model loads, naming the file and line (it is never tokenised whole: tests/trainer/test_data.py measures the
     memory); the data file is untouched and no run folder is left."""
     data = tmp_path / "data" / "train.jsonl"
     data.parent.mkdir()

@@ -25,8 +25,8 @@ from trainer.fsdp import DistEnv, decoder_layers, destroy_distributed, init_dist
 from trainer.fsutil import UserError
 from trainer.policy import Packed, plan_micro_batches
 
-HELPERS = Path(__file__).parent / "helpers"
-REPO = Path(__file__).parent.parent
+HELPERS = Path(__file__).parents[1] / "helpers"
+REPO = Path(__file__).parents[2]
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 FLOAT32 = dict(param_dtype="float32", reduce_dtype="float32")
 

@@ -1,6 +1,6 @@
 """Dynamic sampling: the batch is filled exactly, only zero-spread groups are dropped, the round
 cap stops it. A scripted engine makes every group's correctness known in advance; the answer
-checker is the real one. The same sampler on the real vLLM engine: tests/test_rollout.py."""
+checker is the real one. The same sampler on the real vLLM engine: tests/integrations/test_rollout.py."""
 
 import warnings
 
@@ -221,7 +221,7 @@ def test_dynamic_sampling_on_the_real_engine(smollm2_dir):
         "budgets": [32, 16],
         "sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": 1.0, "max_rounds": 6},
     }
-    helper = Path(__file__).parent / "helpers" / "vllm_dynamic_sampling.py"
+    helper = Path(__file__).parents[1] / "helpers" / "vllm_dynamic_sampling.py"
     out = subprocess.run(
         [sys.executable, str(helper), str(smollm2_dir), json.dumps(spec)], capture_output=True, text=True, timeout=900
     )

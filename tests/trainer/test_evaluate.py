@@ -15,7 +15,7 @@ from trainer.eval_report import results_markdown
 from trainer.fsutil import UserError
 from trainer.rollout import Sample
 
-FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "benchmarks"
 
 
 # ------------------------------------------------------------------------------------------------- pass@k

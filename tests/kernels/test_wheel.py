@@ -21,7 +21,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Environment variables that would change what is built or imported, or where from.
 BUILD_KNOBS = ("DLER_BUILD_CUDA", "DLER_BUILD_EXT", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH", "DLER_BACKEND")
 

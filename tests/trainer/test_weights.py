@@ -19,7 +19,7 @@ from trainer.hf_engine import HFEngine
 from trainer.rollout import CheckpointLayout
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-BENCHMARK = Path(__file__).parent / "fixtures" / "benchmarks" / "amc.jsonl"
+BENCHMARK = Path(__file__).parents[1] / "fixtures" / "benchmarks" / "amc.jsonl"
 _NOT_WEIGHTS = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.vllm
-HELPER = Path(__file__).parent / "helpers" / "vllm_generate.py"
+HELPER = Path(__file__).parents[1] / "helpers" / "vllm_generate.py"
 
 
 def _generate(model_dir, **spec):
@@ -68,7 +68,7 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     env.pop("VLLM_LOGGING_LEVEL", None)
     env["TMPDIR"] = str(tmp_path / "tmp")  # where the engine's logging config file is written, then removed
     (tmp_path / "tmp").mkdir()
-    helper = Path(__file__).parent / "helpers" / "vllm_engine_log.py"
+    helper = Path(__file__).parents[1] / "helpers" / "vllm_engine_log.py"
     out = subprocess.run(
         [sys.executable, str(helper), str(tiny_llama_dir), str(log)],
         capture_output=True,

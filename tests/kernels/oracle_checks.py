@@ -1,0 +1,68 @@
+"""What the logits path and the fused-linear path are both checked for against the float64 oracle:
+the rounding bounds, the option sets that together cover every choice, the loss / log-prob / entropy /
+metric comparison, and the bad-input harness (the error names the argument). Imported by the test
+files beside it (pytest puts this folder on ``sys.path``: the test folders are not packages)."""
+
+import pytest
+import torch
+
+from dler_kernels import reference
+from dler_kernels.dispatch import usable_backends
+
+# TRITON_INTERPRET=1 (tests/conftest.py) makes "triton" usable here; "cpu" where dler_kernels._C is built.
+BACKENDS = usable_backends("cpu")
+
+# Relative error of one rounding to the storage dtype: half the spacing for round-to-nearest.
+# Triton's interpreter (checked with triton 3.9) truncates float32 -> bfloat16 stores, even with
+# fp_downcast_rounding="rtne", so there the bound is a full spacing; compiled Triton rounds to nearest.
+STORE_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+INTERPRETER_STORE_ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-11}
+
+# Each test shape gets one of these, so that together the shapes cover every loss_agg and kl_type.
+OPTION_SETS = [
+    dict(loss_agg="token-mean", kl_type="k3", beta=0.05, clip_c=10.0, entropy_coef=0.0, temperature=1.0),
+    dict(loss_agg="seq-mean-token-mean", kl_type="k1", beta=0.1, clip_c=None, entropy_coef=0.01, temperature=0.6),
+    dict(loss_agg="seq-mean-token-sum", kl_type="k2", beta=0.2, clip_c=3.0, entropy_coef=-0.02, temperature=1.3),
+    dict(loss_agg="seq-mean-token-sum-norm", kl_type="low_var_kl", beta=0.0, clip_c=2.0, entropy_coef=0.005,
+         temperature=0.9, norm_length=64.0),
+]  # fmt: skip
+
+METRIC_KEYS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite")
+
+
+def store_rounding(dtype: torch.dtype, backend: str, on_cuda: bool) -> float:
+    """The relative error of one store in ``dtype`` by ``backend`` (the interpreter truncates)."""
+    interpreted = backend == "triton" and not on_cuda
+    return (INTERPRETER_STORE_ROUNDING if interpreted else STORE_ROUNDING)[dtype]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error in the Frobenius norm, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_loss_terms(out, loss64, per_token64, logp64, entropy64, metrics64, mask, extra, opts) -> None:
+    """The forward outputs against the float64 oracle: loss rel <= 1e-5 of the same aggregation of
+    |per-token loss| (the loss is a sum of signed terms whose float32 rounding scales with sum |term|;
+    a near-cancelling batch makes |loss| itself tiny), log-prob abs <= 1e-5, entropy <= 1e-5 of its
+    scale, and the clip metrics exactly (to 1e-6)."""
+    assert torch.isfinite(out.loss)
+    weights = opts.get("token_weights")
+    scale = reference.aggregate_ref(
+        per_token64.abs() * (1.0 if weights is None else weights.double()),
+        mask, opts.get("loss_agg", "token-mean"), seq_ids=extra["seq_ids"],
+        normalizer=opts.get("normalizer"), norm_length=opts.get("norm_length"),
+    ).item()  # fmt: skip
+    assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(scale, 1e-12)
+    assert (out.logprobs.double() - logp64).abs().max() <= 1e-5
+    assert (out.entropy.double() - entropy64).abs().max() <= 1e-5 * max(1.0, entropy64.abs().max().item())
+    for key in METRIC_KEYS:
+        assert out.metrics[key].item() == pytest.approx(metrics64[key].item(), abs=1e-6), key
+
+
+def assert_bad_input_named(call, args: dict, mutate, name: str, message: str) -> None:
+    """``call(**args)`` after ``mutate(args)`` raises a ValueError that names ``name`` and says ``message``."""
+    mutate(args)
+    with pytest.raises(ValueError, match=name) as info:
+        call(**args)
+    assert message in str(info.value)
