@@ -69,7 +69,8 @@ import torch
 
 from trainer.config import OptimConfig
 from trainer.optim import build_optimizer, clip_gradients
-from trainer.policy import UpdateRow, accumulate_gradients, compute_logprobs
+from trainer.packing import UpdateRow
+from trainer.policy import accumulate_gradients, compute_logprobs
 
 CONFIGS = {
     # Qwen2-1.5B's architecture (its config.json); random weights.

@@ -227,7 +227,7 @@ def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None
     """The warm-started demo policy as a HF folder (built once, then reused from the cache)."""
     import torch
 
-    from .policy import UpdateRow
+    from .packing import UpdateRow
 
     out = Path(out).expanduser() if out is not None else cache_dir() / f"demo-verbose-arith-{cfg.key()}"
     if is_complete(out):

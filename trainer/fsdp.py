@@ -1,9 +1,10 @@
-"""Processes, devices and the FSDP2-sharded policy (and reference) model.
+"""The policy (and reference) model over the ranks: loaded from its folder, sharded with FSDP2 or
+replicated, and the two things that depend on that layout (summing a replicated model's gradients,
+gathering a sharded model's full weights).
 
-One process per device, launched by ``torchrun`` (or ``python -m trainer`` for one process).
-:func:`init_distributed` reads torchrun's environment and joins the default process group;
 :func:`load_policy` loads a Hugging Face causal LM and, when FSDP is active, shards every decoder
-layer and then the root with ``fully_shard`` (FSDP2: parameters become DTensors sharded on dim 0).
+layer and then the root with ``fully_shard`` (FSDP2: parameters become DTensors sharded on dim 0),
+over the process group of ``distributed_env``.
 
 **Why gradients are summed.** :func:`trainer.policy.accumulate_gradients` already divides the loss
 by the *global* normaliser (tokens or sequences of the whole mini-batch, over all ranks), so the
@@ -12,15 +13,13 @@ exact gradient of the big batch is the *sum* of the ranks' gradients. FSDP2 aver
 factor is set to 1 and its collectives to plain sums.
 
 **One process with FSDP** (``fsdp.enabled: true`` without torchrun) needs a process group too:
-:func:`load_policy` creates a one-process group in memory for it (no port, no rendezvous), which
-:func:`destroy_distributed` removes like any other.
+:func:`load_policy` has ``distributed_env.ensure_process_group`` create a one-process group in memory.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,110 +28,13 @@ from torch import nn
 
 from . import collective
 from .chunking import chunks_by_size, nbytes
-from .config import DEVICES, FSDPConfig, ModelConfig
+from .config import FSDPConfig, ModelConfig
 from .devices import can_pin_host_memory
+from .distributed_env import DistEnv, ensure_process_group
 from .fsutil import UserError
 from .weights import check_safetensors_folder
 
 logger = logging.getLogger("trainer.fsdp")
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in the job: its global rank, the number of processes, its rank on this
-    node (which CUDA device it owns), and the device it computes on."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the process that logs, writes files and talks to the user."""
-        return self.rank == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
-
-
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(map(repr, DEVICES))}; got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if not use_cuda:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError(
-            "device 'cuda' was asked for but this torch sees no CUDA device "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use run.device=cpu or auto"
-        )
-    count = torch.cuda.device_count()
-    if local_rank >= count:
-        raise UserError(
-            f"LOCAL_RANK={local_rank} but this node has {count} CUDA device(s); "
-            "start at most one process per device (torchrun --nproc-per-node)"
-        )
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (all absent: one process) and pick
-    the device: ``auto`` is CUDA when available, else the CPU; each process owns the CUDA device of
-    its local rank. With more than one process, join the default process group (NCCL on CUDA, gloo
-    on the CPU) unless one is already initialised; with one process, create none.
-    """
-    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", rank)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise UserError(f"RANK={rank} and WORLD_SIZE={world_size} are inconsistent (need 0 <= RANK < WORLD_SIZE)")
-    torch_device = _pick_device(device, local_rank)
-    if collective.is_distributed() and (collective.rank(), collective.world_size()) != (rank, world_size):
-        raise RuntimeError(
-            f"the process group is rank {collective.rank()} of {collective.world_size()}, "
-            f"the environment says RANK={rank} of WORLD_SIZE={world_size}"
-        )
-    if world_size > 1 and not collective.is_distributed():
-        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-        if missing:
-            raise UserError(
-                f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: launch the trainer with torchrun"
-            )
-        dist.init_process_group(
-            process_group_backend(torch_device),
-            rank=rank,
-            world_size=world_size,
-            device_id=torch_device if torch_device.type != "cpu" else None,
-        )
-        _OWNED_GROUP[0] = True
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
-
-
-# Whether this module created the default process group. An in-process vLLM engine creates one of its
-# own (world size 1) and destroys it at exit: destroying it first would make that exit fail.
-_OWNED_GROUP = [False]
-
-
-def process_group_backend(device: torch.device) -> str:
-    """The process group's backends for a job computing on ``device``: gloo on the CPU; on a GPU NCCL for
-    its tensors *and* gloo for CPU tensors, which reach collectives too (FSDP2 ``cpu_offload`` shards:
-    the gradient norm, the weight gather for the engine and the checkpoint's state dicts; and
-    ``all_gather_object``'s pickles)."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return "gloo"
-    accelerator = {"cuda": "nccl", "xpu": "xccl"}.get(device.type)
-    if accelerator is None:
-        raise UserError(f"no process group backend known for device type {device.type!r} (cpu, cuda, xpu are)")
-    return f"cpu:gloo,{device.type}:{accelerator}"
 
 
 def sum_replicated_gradients(model: nn.Module) -> None:
@@ -155,28 +57,6 @@ def sum_replicated_gradients(model: nn.Module) -> None:
 
 
 _GRAD_BUCKET_BYTES = 64 << 20
-
-
-def destroy_distributed() -> None:
-    """Leave the default process group if this module created it; a no-op otherwise (safe in ``finally``)."""
-    if _OWNED_GROUP[0] and collective.is_distributed():
-        dist.destroy_process_group()
-    _OWNED_GROUP[0] = False
-
-
-def _ensure_process_group(env: DistEnv) -> None:
-    """FSDP2 shards over a process group; one process gets an in-memory one (a HashStore needs no
-    address or port), several must have joined theirs with :func:`init_distributed`."""
-    if collective.is_distributed():
-        if collective.world_size() != env.world_size:
-            raise RuntimeError(
-                f"the process group has {collective.world_size()} ranks but env.world_size is {env.world_size}"
-            )
-        return
-    if env.world_size > 1:
-        raise RuntimeError("no process group: call init_distributed() before load_policy() with several processes")
-    dist.init_process_group(process_group_backend(env.device), store=dist.HashStore(), rank=0, world_size=1)
-    _OWNED_GROUP[0] = True
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -253,7 +133,7 @@ def _shard(model: nn.Module, cfg: FSDPConfig, env: DistEnv) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    _ensure_process_group(env)
+    ensure_process_group(env)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     # Pinned host memory needs an accelerator; on a CPU run the "offload" keeps the shards where they are.
     offload = CPUOffloadPolicy(pin_memory=can_pin_host_memory(env.device)) if cfg.cpu_offload else OffloadPolicy()
@@ -274,3 +154,11 @@ def _shard(model: nn.Module, cfg: FSDPConfig, env: DistEnv) -> None:
             module.set_gradient_divide_factor(1.0)
             # plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling anyway
             module.set_force_sum_reduction_for_comms(True)
+
+
+def full_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint-named full tensors, one at a time (an all-gather each under FSDP2: every rank
+    must iterate), for the rollout engine or a checkpoint."""
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        yield name, (t.detach().to(dtype) if dtype is not None else t.detach())

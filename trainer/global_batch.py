@@ -13,7 +13,7 @@ import torch
 import dler_kernels as dk
 
 from . import collective
-from .policy import UpdateRow
+from .packing import UpdateRow
 from .sampling import RolloutBatch, ScoredGroup
 
 

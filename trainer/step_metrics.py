@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from . import collective
-from .policy import TOKEN_MEAN_METRICS, UpdateRow
+from .loss_metrics import TOKEN_MEAN_METRICS
+from .packing import UpdateRow
 from .sampling import SamplingStats
 
 

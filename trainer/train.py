@@ -48,15 +48,18 @@ from .checkpointer import Checkpointer
 from .config import TrainConfig
 from .data import Prompt, PromptStream, build_prompts, load_examples
 from .devices import release_cached_memory
+from .distributed_env import DistEnv, destroy_distributed, init_distributed
 from .engine_log import ENGINE_LOG
 from .engines import make_engine
-from .fsdp import DistEnv, check_weights, destroy_distributed, init_distributed, load_policy, sum_replicated_gradients
+from .fsdp import check_weights, full_weights, load_policy, sum_replicated_gradients
 from .fsutil import UserError
+from .fused_head import fused_head_unsupported
 from .global_batch import global_advantages
 from .heldout import HeldOutEval
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
-from .policy import UpdateRow, accumulate_gradients, compute_logprobs, full_weights, fused_head_unsupported
+from .packing import UpdateRow
+from .policy import accumulate_gradients, compute_logprobs
 from .run_folder import RunFolder
 from .run_log import CONFIG_FILE, RunLog
 from .sampling import DynamicSampler, RankSlice, SamplingStats, SamplingWarning, ScoredGroup

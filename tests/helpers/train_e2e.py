@@ -15,8 +15,9 @@ import torch
 
 def main(model_dir: str, out: str) -> None:
     from trainer.config import load_config
-    from trainer.fsdp import destroy_distributed, init_distributed
-    from trainer.policy import UpdateRow, compute_logprobs
+    from trainer.distributed_env import destroy_distributed, init_distributed
+    from trainer.packing import UpdateRow
+    from trainer.policy import compute_logprobs
     from trainer.train import Trainer
 
     cfg = load_config(

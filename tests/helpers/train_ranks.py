@@ -19,7 +19,9 @@ import torch
 
 def main(record_dir: str, *args: str) -> None:
     from trainer.config import load_config
-    from trainer.policy import UpdateRow, compute_logprobs, full_weights
+    from trainer.fsdp import full_weights
+    from trainer.packing import UpdateRow
+    from trainer.policy import compute_logprobs
     from trainer.sampling import RankSlice, RolloutBatch
     from trainer.train import Trainer, load_run_config, train
 

@@ -21,9 +21,10 @@ from torch.distributed.tensor import DTensor
 
 from trainer import models
 from trainer.config import FSDPConfig, ModelConfig
-from trainer.fsdp import DistEnv, decoder_layers, destroy_distributed, init_distributed, load_policy
+from trainer.distributed_env import DistEnv, destroy_distributed, init_distributed
+from trainer.fsdp import decoder_layers, load_policy
 from trainer.fsutil import UserError
-from trainer.policy import Packed, plan_micro_batches
+from trainer.packing import Packed, plan_micro_batches
 
 HELPERS = Path(__file__).parents[1] / "helpers"
 REPO = Path(__file__).parents[2]
@@ -159,7 +160,7 @@ def test_two_rank_update_equals_the_single_process_update(two_ranks, single, cas
 
 def test_accumulation_loss_and_gradients_equal_one_big_batch(two_ranks, single, case):
     """Also with a different number of micro-batches per rank: every FSDP2 forward is collective, so
-    the rank with fewer must run dummy ones (``trainer.policy`` pads the plans to the longest), or
+    the rank with fewer must run dummy ones (``trainer.packing`` pads the plans to the longest), or
     both would wait for each other for ever."""
     lengths = [len(r["prompt"]) + len(r["response"]) for r in case["rows"]]
     counts = [len(plan_micro_batches(lengths[rank::2], case["uneven_budget"])) for rank in (0, 1)]

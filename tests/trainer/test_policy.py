@@ -4,14 +4,9 @@ import pytest
 import torch
 
 from dler_kernels import reference as ref
-from trainer.policy import (
-    Packed,
-    UpdateRow,
-    accumulate_gradients,
-    compute_logprobs,
-    fused_head_unsupported,
-    plan_micro_batches,
-)
+from trainer.fused_head import fused_head_unsupported
+from trainer.packing import Packed, UpdateRow, plan_micro_batches
+from trainer.policy import accumulate_gradients, compute_logprobs
 
 
 def test_plan_keeps_order_and_respects_the_budget():

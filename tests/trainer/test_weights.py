@@ -13,7 +13,8 @@ import torch
 
 from trainer.cli import main
 from trainer.config import FSDPConfig, ModelConfig
-from trainer.fsdp import DistEnv, check_weights, load_policy
+from trainer.distributed_env import DistEnv
+from trainer.fsdp import check_weights, load_policy
 from trainer.fsutil import UserError
 from trainer.hf_engine import HFEngine
 from trainer.rollout import CheckpointLayout
