@@ -23,9 +23,11 @@ def vllm_logger():
     logger.handlers[:], logger.level, logger.propagate = before
 
 
-def test_vllm_records_go_to_the_log_file_and_only_errors_also_to_stderr(tmp_path, vllm_logger, capsys):
+def test_vllm_records_go_to_the_log_file_and_only_errors_also_to_stderr(tmp_path, vllm_logger, capsys, monkeypatch):
     import logging.config
 
+    # The default level (INFO); importing trl sets VLLM_LOGGING_LEVEL=ERROR for the whole process.
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     log = tmp_path / "run" / "engine.log"
     log.parent.mkdir()
     logging.config.dictConfig(vllm_logging_config(log))
