@@ -35,17 +35,27 @@ class SamplingWarning(UserWarning):
 
 @dataclass
 class SamplingConfig:
+    """How a step's groups are sampled: group size, sampling settings and dynamic sampling's rounds."""
+
     prompts_per_step: int = 8
+    """Groups in a step's batch (per rank): dynamic sampling fills exactly this many."""
     samples_per_prompt: int = 8
-    max_tokens: int | None = None  # default: the largest length budget (DA-DLER: max of its budgets)
+    """G, the responses sampled for each prompt (one group)."""
+    max_tokens: int | None = None
+    """The longest response; None: the largest length budget (DA-DLER: the max of its budgets)."""
     temperature: float = 1.0
+    """The engine's sampling temperature."""
     top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
     dynamic_sampling: bool = True
+    """Drop groups whose responses are all right or all wrong (no correctness spread) and sample more prompts."""
     max_rounds: int = 4
-    # Round 1 asks for ceil(prompts_per_step * oversample) prompts; later rounds size themselves
-    # from the kept fraction seen so far, within max_prompts_per_round.
+    """Sampling rounds at most per step; a batch still short after them trains on what it has (with a warning)."""
     oversample: float = 1.0
+    """Round 1 asks for ceil(prompts_per_step * oversample) prompts; later rounds size themselves from the
+    kept fraction seen so far."""
     max_prompts_per_round: int | None = None
+    """The most prompts one round may ask for (None: no limit)."""
 
     def __post_init__(self):
         for name in ("prompts_per_step", "samples_per_prompt", "max_rounds"):
