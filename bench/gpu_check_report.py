@@ -34,6 +34,11 @@ def _value(target: dict) -> str:
     return f"{value:.2f}"
 
 
+def _note(target: dict) -> str:
+    """The reason beside a measured value (an unmeasured one shows its reason as the value)."""
+    return target.get("reason", "") if target.get("value") is not None else ""
+
+
 def _met(target: dict) -> str:
     return {True: "met", False: "MISSED", None: "n/a"}[target.get("met")]
 
@@ -68,8 +73,8 @@ def write_markdown(path: Path, report: dict) -> None:
         for t in tables:
             lines += ["", f"**{t['title']}**", "", *_table(t["columns"], t["rows"])]
         if targets:
-            rows = [[t["target"], _value(t), t["goal"], _met(t)] for t in targets]
-            lines += ["", "Targets:", "", *_table(["target", "measured", "goal", "verdict"], rows)]
+            rows = [[t["target"], _value(t), t["goal"], _met(t), _note(t)] for t in targets]
+            lines += ["", "Targets:", "", *_table(["target", "measured", "goal", "verdict", "note"], rows)]
         if s.get("error"):
             lines += ["", "Error (last lines of its log, `" + s.get("log", "") + "`):", "", "```", s["error"], "```"]
     path.write_text("\n".join(lines) + "\n")
