@@ -23,23 +23,25 @@ and OUT/gpu_report.md (tables); each stage's log is in OUT/logs/.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shlex
+import shutil
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from gpu_check_report import machine, write_json, write_markdown
-from gpu_check_runner import STATUSES, Stage, not_run, run_stage
+from gpu_check_runner import STATUSES, Stage, kill_started_groups_on_sigterm, not_run, run_command, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 # The issue's order. GPU budgets sum to 480 s, the 8 minutes the whole check must fit in on an H200.
 STAGES = (
-    Stage("environment", "versions, copy bandwidth, matmul rate", 25, 60),
-    Stage("build", "the extension for the local GPU", 105, 30),
-    Stage("correctness", "kernel tests on CUDA, 3-step dler train", 110, 150),
-    Stage("kernel_bench", "logits-path policy loss benchmark", 110, 90),
+    Stage("environment", "versions, copy bandwidth, matmul rate", 20, 60),
+    Stage("build", "the extension for the local GPU", 100, 30),
+    Stage("correctness", "kernel tests on CUDA, 3-step dler train", 130, 150),
+    Stage("kernel_bench", "logits-path policy loss benchmark", 100, 90),
     Stage("linear_bench", "fused-linear policy loss benchmark", 70, 90),
     Stage("train_step", "policy update throughput (FSDP2)", 60, 90),
 )
@@ -60,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
                    help="override one stage's time budget")  # fmt: skip
     p.add_argument("--inject-fault", action="append", default=[], metavar="STAGE=raise|hang",
-                   help="for the tests of this script only: make STAGE raise or hang, to check that the failure "
-                        "is recorded and the next stage still runs")  # fmt: skip
+                   help="for the tests of this script only: make STAGE raise, or hang in a command it started, to "
+                        "check that the failure is recorded, the hung command killed, the next stage run")  # fmt: skip
     p.add_argument("--stage-child", choices=STAGE_NAMES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.selected = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -92,6 +94,7 @@ def child_main(args) -> int:
     """One stage, inside its own process: the parent kills it at its budget and reads OUT/stages/NAME.json."""
     import gpu_check_stages
 
+    kill_started_groups_on_sigterm()
     budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "600"))
     ctx = gpu_check_stages.StageContext(args.stage_child, args.out, args.smoke, args.wheels, budget)
     ctx.save()
@@ -99,8 +102,10 @@ def child_main(args) -> int:
     try:
         if fault == "raise":
             raise RuntimeError(f"fault injected into stage {args.stage_child} (--inject-fault)")
-        if fault == "hang":
-            time.sleep(10**6)
+        if fault == "hang":  # in a command the stage started, as a stuck pytest or compiler would
+            pid_file = args.out / "logs" / f"{args.stage_child}-hang.pid"
+            sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(10**6)"
+            run_command([sys.executable, "-c", sleeper, str(pid_file)], 10**6)
         gpu_check_stages.STAGE_FUNCTIONS[args.stage_child](ctx)
     except Exception as e:
         traceback.print_exc()
@@ -117,15 +122,20 @@ def main(argv=None) -> int:
     if args.stage_child:
         return child_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.out / "stages", ignore_errors=True)  # a stage reads earlier ones': never a previous run's
     # Every stage imports the checkout's dler_kernels, trainer and the bench scripts (and carried wheels).
     paths = [str(ROOT), str(ROOT / "bench")]
     if args.wheels is not None:
+        # Made now, filled by the environment stage: a path entry that exists at start-up is searched afresh.
+        (args.out / "wheels-site").mkdir(exist_ok=True)
         paths.append(str(args.out / "wheels-site"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # Interpreted Triton measures nothing on a GPU; the stages that want it (pytest on a CPU) set it themselves.
+    env.pop("TRITON_INTERPRET", None)
     child_args = ["--out", str(args.out)] + (["--smoke"] if args.smoke else [])
     child_args += ["--wheels", str(args.wheels.resolve())] if args.wheels is not None else []
     child_args += [a for stage, fault in args.faults.items() for a in ("--inject-fault", f"{stage}={fault}")]
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
     for i, stage in enumerate(STAGES, 1):
         if stage.name not in args.selected:
@@ -137,10 +147,13 @@ def main(argv=None) -> int:
         stage_env = dict(env, GPU_CHECK_BUDGET_S=str(budget))
         records.append(run_stage(stage, i, len(STAGES), child_args, args.out, args.smoke, stage_env))
     total = time.perf_counter() - start
+    about = machine(records)
+    if about["date"].startswith("unknown"):  # the environment stage did not record it: when this run started
+        about["date"] = started_at
     report = dict(
         command=shlex.join(["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
         smoke=args.smoke,
-        machine=machine(records),
+        machine=about,
         total_s=round(total, 1),
         total_budget_s=sum(s.budget_s for s in STAGES),
         stages=records,

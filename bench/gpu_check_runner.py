@@ -19,6 +19,8 @@ from pathlib import Path
 
 STATUSES = ("passed", "failed", "skipped", "not run")
 ERROR_TAIL_LINES = 25
+TERM_GRACE_S = 5  # between SIGTERM (a stage kills the commands it started) and SIGKILL
+_LIVE_GROUPS: set[int] = set()  # process groups this process started and has not seen end
 
 
 @dataclass(frozen=True)
@@ -37,25 +39,53 @@ class CommandResult:
 
 
 def run_command(cmd: list[str], timeout_s: float, env: dict | None = None, cwd=None, log: Path | None = None):
-    """``cmd`` in a new process group, output to ``log`` (or captured); the whole group is killed at
-    ``timeout_s``: a stage's own children (pytest, ``dler train``, a compiler) die with it."""
+    """``cmd`` in a new process group, output to ``log`` (or captured). At ``timeout_s`` the group gets
+    SIGTERM, then SIGKILL after a grace: a stage process that gets SIGTERM kills the groups it started in
+    turn (:func:`kill_started_groups_on_sigterm`), so pytest, ``dler train`` or a compiler die with it."""
     start = time.perf_counter()
     sink = open(log, "w") if log is not None else subprocess.PIPE
     try:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True,
                                 start_new_session=True)  # fmt: skip
+        _LIVE_GROUPS.add(proc.pid)
         try:
-            out, _ = proc.communicate(timeout=timeout_s)
+            out, _ = proc.communicate(timeout=max(timeout_s, 0.1))
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                out, _ = proc.communicate(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                out, _ = proc.communicate()
+            _signal_group(proc.pid, signal.SIGKILL)  # whatever of the group outlived its leader
             code = None
+        finally:
+            _LIVE_GROUPS.discard(proc.pid)
     finally:
         if log is not None:
             sink.close()
     output = log.read_text(errors="replace") if log is not None else (out or "")
     return CommandResult(code, time.perf_counter() - start, output)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the whole group has already exited
+        pass
+
+
+def kill_started_groups_on_sigterm() -> None:
+    """In a stage process: on SIGTERM (its budget is up), SIGKILL every command group it started, then exit.
+    Each command runs in a group of its own, which the parent's signal to the stage's group does not reach."""
+
+    def handler(signum, frame):
+        for pgid in list(_LIVE_GROUPS):
+            _signal_group(pgid, signal.SIGKILL)
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:

@@ -115,10 +115,11 @@ def test_a_stage_forced_to_fail_is_reported_failed_and_the_next_stage_still_runs
     assert stages["kernel_bench"]["status"] == "passed"  # without stage 1's figures, the next still measures
     assert stages["build"]["status"] == "not run" and stages["build"]["reason"] == "not selected (--stages)"
     assert report["machine"]["gpu"].startswith("unknown")
+    assert report["machine"]["date"].startswith("20")  # the run's start, where the environment stage had none
     assert "## environment: versions, copy bandwidth, matmul rate (failed)" in (tmp_path / "gpu_report.md").read_text()
 
 
-def test_a_stage_past_its_budget_is_killed_and_reported_failed_and_the_next_stage_still_runs(tmp_path):
+def test_a_stage_past_its_budget_is_killed_with_the_commands_it_started_and_the_next_stage_still_runs(tmp_path):
     start = time.perf_counter()
     proc, report = gpu_check(tmp_path, "--stages", "environment,build", "--inject-fault", "environment=hang",
                              "--budget", "environment=3")  # fmt: skip
@@ -128,6 +129,16 @@ def test_a_stage_past_its_budget_is_killed_and_reported_failed_and_the_next_stag
     assert stages["environment"]["reason"] == "timed out: killed at its budget of 3 s"
     assert 3 <= stages["environment"]["elapsed_s"] < 10
     assert stages["build"]["status"] == "skipped"
+    hung = int((tmp_path / "logs" / "environment-hang.pid").read_text())  # the command the stage was waiting on
+    assert not alive(hung)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has ended; only its exit status is left to collect
 
 
 def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
@@ -135,3 +146,14 @@ def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
                            "--stages", "environment,kernels"], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown stage(s) kernels; the stages are environment, build, correctness" in proc.stderr
+
+
+def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_reason(tmp_path):
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    proc, report = gpu_check(tmp_path / "out", "--stages", "environment", "--wheels", str(empty))
+    env = by_name(report)["environment"]
+    assert env["status"] == "failed" and env["reason"] == "the carried wheels did not install"
+    (part,) = env["parts"]
+    assert part["name"] == "carried wheels" and part["reason"] == f"--wheels {empty}: no *.whl there"
+    assert env["figures"]["copy"]["gbps"] > 0  # the rest of the stage still measured
