@@ -112,6 +112,19 @@ bench: setup
 	$(BIN)/python bench/bench_linear_policy_loss.py $(if $(CUDA),--chunk-sizes auto$(COMMA)1024$(COMMA)4096,--n 4096 --hidden 64 --vocab 32000 --dtype fp32 --seq-len 512 --chunk-sizes auto$(COMMA)16)
 	$(BIN)/python bench/bench_train_step.py $(if $(CUDA),--fsdp,--model-config tiny)
 
+# One command that answers every GPU question (bench/gpu_check.py; README "GPU check"). It depends on no
+# setup step: the GPU machine has no package index, so it runs with whatever Python has torch there
+# (the repository's .venv when present, else python3). WHEELS=DIR: carried pure-Python wheels (liger-kernel).
+GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+.PHONY: gpu-check gpu-check-smoke
+gpu-check:
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
+
+# The same script with tiny shapes, on any machine (tests/integrations/test_gpu_check.py runs it too).
+gpu-check-smoke: setup
+	$(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT)-smoke --smoke
+
 lint: setup
 	$(BIN)/ruff check dler_kernels trainer tests bench
 

@@ -202,7 +202,7 @@ def bench_shape(args, hidden_size, vocab, device):
     dtype = DTYPES[args.dtype]
     inputs = make_inputs(args.n, hidden_size, vocab, dtype, device, args.seq_len, args.temperature)
     logits_bytes = args.n * vocab * inputs[0].element_size()
-    rows = []
+    rows, not_run, failed = [], {}, {}
     mm_fn, scratch = three_matmuls(*inputs[:2])
     mm_ms = time_cuda(mm_fn) if device == "cuda" else time_cpu(mm_fn, args.repeats)
     del scratch, mm_fn
@@ -210,6 +210,7 @@ def bench_shape(args, hidden_size, vocab, device):
     rows.append(dict(impl="3 matmuls (torch.mm)", ms=mm_ms, tflops=flops / mm_ms / 1e9, peak_bytes=None))
     for name, fn in implementations(args, inputs, parse_chunks(args.chunk_sizes)).items():
         if isinstance(fn, str):
+            not_run[name] = fn
             print(f"  {name}: {fn}")
             continue
         try:
@@ -218,7 +219,8 @@ def bench_shape(args, hidden_size, vocab, device):
             ms = time_cuda(run) if device == "cuda" else time_cpu(run, args.repeats)
             peak = peak_cuda(fn, x, w) if device == "cuda" else (peak_cpu(args, name) if args.memory else None)
         except Exception as e:  # one implementation failing must not hide the others' numbers
-            print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            print(f"  {name}: failed ({failed[name]})")
             if device == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -236,10 +238,10 @@ def bench_shape(args, hidden_size, vocab, device):
         pct = f"{100 * peak / logits_bytes:8.2f}%" if peak is not None else f"{'-':>9s}"
         print(f"{r['impl']:38s} {r['ms']:10.2f} {r['ms'] / mm_ms:7.2f}x {r['tflops']:9.1f} {peak_s} {pct}")
     print("* 6 N V H FLOP (the three matmuls) per fwd+bwd, whatever the implementation actually does")
-    return dict(hidden=hidden_size, vocab=vocab, logits_bytes=logits_bytes, rows=rows)
+    return dict(hidden=hidden_size, vocab=vocab, logits_bytes=logits_bytes, rows=rows, not_run=not_run, failed=failed)
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16384, help="tokens")
     p.add_argument("--hidden", type=int, default=None, help="one shape: hidden size (with --vocab)")
@@ -252,9 +254,14 @@ def main():
     p.add_argument("--memory", type=int, default=1, help="CPU only: 1 = measure peak RSS in subprocesses")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.n % args.seq_len:
         args.seq_len = args.n
+    return args
+
+
+def main():
+    args = parse_args()
     if args.rss_child:
         return rss_child(args, args.rss_child)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -62,7 +62,7 @@ def implementations(args, inputs):
         impls[f"dler C++ {ext}"] = ours(ext)
         impls[f"dler C++ {ext} (inplace grad)"] = ours_inplace(ext)
     else:
-        print(f"dler_kernels._C {ext} kernels: skipped ({available_backends()[ext]})")
+        impls[f"dler C++ {ext}"] = f"dler_kernels._C {ext} kernels unusable: {available_backends()[ext]}"
     impls["eager reference"] = eager
     compiled = torch.compile(lambda x: policy_loss_ref(x, targets, old, adv, mask, **opts)[0])
     impls["torch.compile reference"] = lambda x: compiled(x).backward()
@@ -85,7 +85,7 @@ def implementations(args, inputs):
 
             impls["liger triton_grpo_loss"] = liger
         except ImportError:
-            print("liger-kernel not installed: skipped (pip install liger-kernel)")
+            impls["liger triton_grpo_loss"] = "liger-kernel missing (pip install liger-kernel)"
     return impls
 
 
@@ -134,7 +134,7 @@ def peak_memory_cpu(args, impl):
     return peak_in_child(__file__, impl, args)
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16384, help="tokens")
     p.add_argument("--vocab", type=int, default=151936)
@@ -143,40 +143,64 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5, help="CPU only: timed repeats")
     p.add_argument("--threads", type=int, default=None, help="CPU only: torch threads (default: torch's)")
+    p.add_argument("--memory", type=int, default=1, help="CPU only: 1 = measure peak RSS in subprocesses")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.rss_child:
-        return rss_child(args, args.rss_child)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = p.parse_args(argv)
     if args.n % args.seq_len:
         args.seq_len = args.n
+    return args
+
+
+def measure(args, copy_gbps=None, exclude=None) -> dict:
+    """Times every implementation on one shape. ``copy_gbps``: the device copy bandwidth to compare with
+    (measured here on CUDA when not given); ``exclude``: {implementation: why it is not run}. Returns the
+    rows, the implementations not run with the reason, and those that failed with their error."""
+    exclude = exclude or {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     inputs = make_inputs(args.n, args.vocab, dtype, device, args.seq_len)
     logits = inputs[0]
     nominal_bytes = 2 * logits.numel() * logits.element_size()  # logits read once + gradient written once
-    copy_gbps = None
     if device == "cuda":
-        dst = torch.empty_like(logits)
-        copy_ms = time_cuda(lambda _: dst.copy_(logits), logits.detach().requires_grad_(True))
-        copy_gbps = nominal_bytes / copy_ms / 1e6
-        where = f"{torch.cuda.get_device_name()}, measured copy bandwidth {copy_gbps:.0f} GB/s"
+        if copy_gbps is None:
+            dst = torch.empty_like(logits)
+            copy_ms = time_cuda(lambda _: dst.copy_(logits), logits.detach().requires_grad_(True))
+            copy_gbps = nominal_bytes / copy_ms / 1e6
+            del dst
+        where = f"{torch.cuda.get_device_name()}, copy bandwidth {copy_gbps:.0f} GB/s"
     else:
         where = f"CPU, {torch.get_num_threads()} threads (Triton kernels need CUDA: not timed here)"
     print(f"policy loss fwd+bwd  N={args.n} V={args.vocab} {args.dtype}  torch {torch.__version__}  [{where}]")
-    rows = []
+    rows, not_run, failed = [], {}, {}
     for name, fn in implementations(args, inputs).items():
+        if isinstance(fn, str) or name in exclude:
+            not_run[name] = fn if isinstance(fn, str) else exclude[name]
+            print(f"  {name}: not run ({not_run[name]})")
+            continue
         x = logits.clone().requires_grad_(True)
         try:
             ms = time_cuda(fn, x) if device == "cuda" else time_cpu(fn, x, args.repeats)
-            peak = peak_memory_cuda(fn, x) if device == "cuda" else peak_memory_cpu(args, name)
+            if device == "cuda":
+                peak = peak_memory_cuda(fn, x)
+            else:
+                peak = peak_memory_cpu(args, name) if args.memory else None
         except Exception as e:  # one implementation failing must not hide the others' numbers
-            print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            print(f"  {name}: failed ({failed[name]})")
+            if device == "cuda":
+                torch.cuda.empty_cache()
             continue
         rows.append(dict(impl=name, ms=ms, gbps=nominal_bytes / ms / 1e6, peak_bytes=peak))
         del x
+    return dict(args=vars(args), device=where, copy_gbps=copy_gbps, logits_bytes=nominal_bytes // 2, rows=rows,
+                not_run=not_run, failed=failed)  # fmt: skip
+
+
+def print_table(result: dict) -> None:
+    rows, copy_gbps, logits_bytes = result["rows"], result["copy_gbps"], result["logits_bytes"]
     eager_ms = next((r["ms"] for r in rows if r["impl"] == "eager reference"), None)
     columns = ("median ms", 10), ("GB/s", 8), ("% copy BW", 10), ("peak / logits", 14), ("vs eager", 9)
     header = f"{'implementation':30s} " + " ".join(f"{name:>{width}s}" for name, width in columns)
@@ -184,12 +208,20 @@ def main():
     print("-" * len(header))
     for r in rows:
         pct = f"{100 * r['gbps'] / copy_gbps:9.1f}%" if copy_gbps else f"{'-':>10s}"
-        peak = f"{r['peak_bytes'] / (nominal_bytes / 2):13.2f}x" if r["peak_bytes"] is not None else f"{'-':>14s}"
+        peak = f"{r['peak_bytes'] / logits_bytes:13.2f}x" if r["peak_bytes"] is not None else f"{'-':>14s}"
         speedup = f"{eager_ms / r['ms']:8.2f}x" if eager_ms else f"{'-':>9s}"
         print(f"{r['impl']:30s} {r['ms']:10.3f} {r['gbps']:8.1f} {pct} {peak} {speedup}")
+
+
+def main():
+    args = parse_args()
+    if args.rss_child:
+        return rss_child(args, args.rss_child)
+    result = measure(args)
+    print_table(result)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), device=where, copy_gbps=copy_gbps, rows=rows), f, indent=1)
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ calls it alike on every rank.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -126,7 +127,11 @@ class RunLog:
             }
         if self.is_main:
             _write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
-            if records:
+            if records and importlib.util.find_spec("matplotlib") is None:
+                # A full install has matplotlib, but a bare GPU node may not: every figure of the plot is in
+                # metrics.jsonl, so a missing plotting package must not turn a finished run into a crash.
+                self.say(f"{CURVES_FILE} not drawn: matplotlib is not installed (pip install matplotlib)")
+            elif records:
                 plot_curves(records, history, self.out / CURVES_FILE)
             self.say(before_after_table(summary))
         return summary
