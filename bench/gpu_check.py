@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     # Interpreted Triton measures nothing on a GPU; the stages that want it (pytest on a CPU) set it themselves.
     env.pop("TRITON_INTERPRET", None)
+    # A user's DLER_BACKEND would redirect every dler measurement to one backend; the check wants the default.
+    env.pop("DLER_BACKEND", None)
+    env["HF_HUB_OFFLINE"] = "1"  # every model is built locally: a hub lookup is a bug, not a download
     child_args = ["--out", str(args.out)] + (["--smoke"] if args.smoke else [])
     child_args += ["--wheels", str(args.wheels.resolve())] if args.wheels is not None else []
     child_args += [a for stage, fault in args.faults.items() for a in ("--inject-fault", f"{stage}={fault}")]

@@ -247,7 +247,12 @@ def build(ctx: StageContext) -> None:
     if not has_cuda():
         ctx.record.update(status="skipped", reason="no CUDA device")
         return ctx.save()
-    env = child_env(DLER_BUILD_CUDA=1, MAX_JOBS=os.cpu_count() or 4)
+    import torch
+
+    # For this GPU only: a TORCH_CUDA_ARCH_LIST inherited from the container could name several architectures
+    # (nvcc time multiplies) or ones CUDA 13 no longer compiles for (below 7.5), failing a good build.
+    major, minor = torch.cuda.get_device_capability()
+    env = child_env(DLER_BUILD_CUDA=1, MAX_JOBS=os.cpu_count() or 4, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}")
     log = ctx.out / "logs" / "build-ext.log"
     # What is left after the build loads the result in a fresh process (~10 s) and reports.
     done = run_command([sys.executable, "setup.py", "build_ext", "--inplace"], ctx.remaining() - 20, env=env,
@@ -257,9 +262,11 @@ def build(ctx: StageContext) -> None:
         why = "timed out" if done.returncode is None else f"exit {done.returncode}"
         ctx.record.update(status="failed", reason=f"setup.py build_ext --inplace: {why}", error=tail(done.output))
         return ctx.save()
-    probe = "import json, dler_kernels; print(json.dumps(dler_kernels.available_backends()))"
+    # The answer carries a prefix: stderr is merged into the output, and a warning may follow the line.
+    probe = "import json, dler_kernels; print('BACKENDS=' + json.dumps(dler_kernels.available_backends()))"
     loaded = run_command([sys.executable, "-c", probe], max(ctx.remaining() - 2, 5), env=child_env(), cwd=ROOT)
-    backends = json.loads(loaded.output.strip().splitlines()[-1]) if loaded.returncode == 0 else {}
+    answers = [line for line in loaded.output.splitlines() if line.startswith("BACKENDS=")]
+    backends = json.loads(answers[-1].removeprefix("BACKENDS=")) if loaded.returncode == 0 and answers else {}
     ctx.record["figures"]["backends_after_build"] = backends
     if not str(backends.get("cuda", "")).startswith("yes"):
         ctx.record.update(status="failed", reason=f"built, but the CUDA backend is not usable: {backends.get('cuda')}",
