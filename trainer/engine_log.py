@@ -94,9 +94,13 @@ class VLLMLogging:
 
 
 @contextmanager
-def output_to(log_file: Path) -> Iterator[None]:
+def output_to(log_file: Path | str | None) -> Iterator[None]:
     """File descriptors 1 and 2 (and so ``sys.stdout``/``sys.stderr``, C++ and child-process output)
-    appended to ``log_file`` inside the block. An exception leaving the block gets a note naming the log."""
+    appended to ``log_file`` inside the block. An exception leaving the block gets a note naming the log.
+    None leaves the output where it goes (an engine made without a log file)."""
+    if log_file is None:
+        yield
+        return
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     _flush_std_streams()

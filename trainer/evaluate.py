@@ -185,9 +185,10 @@ def _generate_in_child(
     }
     (work / "job.json").write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(work)])
-    if proc.returncode != 0 and last_lines(engine_log):
+    log_end = last_lines(engine_log) if proc.returncode != 0 else ""
+    if log_end:
         # A failed eval leaves no OUT folder, and so no engine.log: its end goes with the error.
-        print(f"dler eval: the end of {model.name}'s engine log:\n{last_lines(engine_log)}", file=sys.stderr)
+        print(f"dler eval: the end of {model.name}'s engine log:\n{log_end}", file=sys.stderr)
     if proc.returncode == 2 and (work / "error.txt").is_file():
         raise UserError(f"model {model.name}: {(work / 'error.txt').read_text().strip()}")
     if proc.returncode != 0:

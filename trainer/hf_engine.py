@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 from .chunking import nbytes
@@ -44,7 +43,7 @@ class HFEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        with output_to(Path(log_file)) if log_file is not None else nullcontext():
+        with output_to(log_file):
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(
                 str(self.model_dir), dtype=torch_dtype, use_safetensors=True

@@ -9,7 +9,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 from .chunking import chunks_by_size, nbytes
@@ -118,7 +117,7 @@ class VLLMEngine:
             kwargs.update(vllm_logging.engine_args())
         logging.getLogger(RotaryCacheReloadWarning.LOGGER).addFilter(ROTARY_CACHE_RELOAD_WARNING)
         try:
-            with output_to(Path(log_file)) if log_file is not None else nullcontext():
+            with output_to(log_file):
                 self.llm = vllm.LLM(
                     model=str(self.model_dir),
                     dtype=dtype,
