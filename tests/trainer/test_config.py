@@ -327,6 +327,23 @@ def test_section_errors_name_the_field():
         DADLERConfig(thresholds=(0.5,), budgets=(4000,))
 
 
+def test_new_length_control_settings_are_checked_with_their_keys():
+    with pytest.raises(UserError, match="reward.budget_schedule: budget schedule decay must be in"):
+        load_config("toy-cpu", ["reward.budget_schedule.decay=1.5"])
+    with pytest.raises(UserError, match="reward.budget_schedule: budget schedule every must be >= 1"):
+        load_config("toy-cpu", ["reward.budget_schedule.every=0"])
+    with pytest.raises(UserError, match="reward.budget_schedule shrinks the length budget.*kimi"):
+        load_config("toy-cpu", ["reward.budget_schedule.enabled=true", "reward.penalty.name=kimi"])
+    with pytest.raises(UserError, match="rollout.sampling: gfpo_sample_size .8. must be larger"):
+        load_config("toy-cpu", ["rollout.sampling.gfpo_sample_size=8"])
+    with pytest.raises(UserError, match="gfpo_metric must be one of"):
+        load_config("toy-cpu", ["rollout.sampling.gfpo_metric=reward"])
+    with pytest.raises(UserError, match="reward.penalty: alp_beta must be >= 0"):
+        load_config("toy-cpu", ["reward.penalty.alp_beta=-1"])
+    cfg = load_config("toy-cpu", ["reward.penalty.name=alp", "rollout.sampling.gfpo_sample_size=16"])
+    assert cfg.reward.penalty.name == "alp" and cfg.rollout.sampling.gfpo_sample_size == 16
+
+
 # ------------------------------------------------------------------------------------ what the trainer reads
 
 

@@ -226,6 +226,11 @@ class RewardConfig:
         check_choices(self)
         check_number("timeout_s", self.timeout_s, low=0.0, low_open=True, allow_none=True)
         check_number("workers", self.workers, low=1, allow_none=True)
+        if self.budget_schedule.enabled and self.penalty.name in _BUDGET_FREE_PENALTIES:
+            raise ValueError(
+                f"reward.budget_schedule shrinks the length budget, which reward.penalty.name={self.penalty.name} "
+                "does not read; choose a penalty with a budget (e.g. truncation) or turn the schedule off"
+            )
         if self.penalty.name == "drqa" and self.da_dler.enabled:
             raise ValueError(
                 "reward.penalty.name=drqa takes each question's budget from its DRQA data; it cannot be combined "
