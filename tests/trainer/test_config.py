@@ -375,3 +375,16 @@ def test_describe_mentions_model_data_and_penalty():
     assert "truncation penalty" in text and "[4000, 2000]" in text
     assert len(text.splitlines()) <= 10
     assert "budget 80" in describe(load_config("toy-cpu"))
+
+
+def test_describe_mentions_gfpo_and_the_budget_schedule_when_on():
+    on = [
+        "rollout.sampling.gfpo_sample_size=16",
+        "reward.budget_schedule.enabled=true",
+        "reward.budget_schedule.every=5",
+    ]
+    text = describe(load_config("toy-cpu", on))
+    assert "8 samples (GFPO: the best of 16 by length)" in text
+    assert "budget 80, x0.75 every 5 steps (floor 1)" in text
+    off = describe(load_config("toy-cpu"))
+    assert "GFPO" not in off and "every" not in off.split("reward")[1].split("\n")[0]
