@@ -125,3 +125,39 @@ def test_smoke_study_writes_its_tables_and_a_rerun_skips_finished_runs(demo_mode
     assert printed.count("done before, skipped") == 2
     assert json.loads((out / "timings.json").read_text()) == timings
     assert json.loads((out / "study.json").read_text())["cells"] == data["cells"]
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_a_fresh_one_starts(tmp_path, monkeypatch):
+    import subprocess
+
+    from trainer import checkpoint, study
+
+    commands = []
+
+    def fake_train(command, **kwargs):
+        commands.append(command)
+        run_dir = tmp_path / "runs" / "dler-alp-seed3-5steps"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps({**summary(0.5, 0.6, 100, 40), "steps": 5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_train)
+    run = study.Run("dler", "alp", 3, 5)
+    study.run_one(run, tmp_path, ["eval.limit=4"])  # no folder yet: a fresh start with the cell's overrides
+    assert commands[0][-1] == "--no-progress" and commands[0][3:5] == ["train", "toy-cpu"]
+    assert "reward.penalty.name=alp" in commands[0] and "run.seed=3" in commands[0]
+    assert commands[0].index("eval.limit=4") > commands[0].index("reward.penalty.name=alp")  # the user's last
+    monkeypatch.setattr(checkpoint.CheckpointManager, "latest", lambda self: tmp_path / "step-00000002")
+    study.run_one(run, tmp_path, ["eval.limit=4"])  # a checkpoint: resume it, with the config it was started with
+    assert commands[1][3:] == ["train", "--resume", str(tmp_path / "runs" / run.name), "--no-progress"]
+    assert (tmp_path / "logs" / f"{run.name}.log").read_text().count("$ ") == 2
+
+
+def test_a_failed_run_stops_the_study_and_names_its_log(tmp_path, monkeypatch):
+    import subprocess
+
+    from trainer import study
+
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 2))
+    with pytest.raises(UserError, match=r"grpo-kimi-seed0-5steps: dler train exited with 2; .*logs/grpo-kimi"):
+        study.run_study(tmp_path, [study.Run("grpo", "kimi", 0, 5)], say=lambda line: None)
