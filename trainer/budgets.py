@@ -126,9 +126,10 @@ class ConciseLengths:
 class BudgetSchedule:
     """A budget that shrinks stepwise during training: B(t) = max(B_min, round(B * decay^floor((t-1) / every))).
 
-    ThinkPrune (Hou et al. 2025, arXiv 2504.01296, section 3.2, iterative pruning) trains in rounds, each
-    with a tighter token limit; "Train Long, Think Short" (Hammoud et al. 2025, arXiv 2508.08940, section 3)
-    writes the exponential curriculum as B(t) = max(1, B0 gamma^floor(t/T)). ``B`` is the budget the prompt
+    ThinkPrune (Hou et al. 2025, arXiv 2504.01296, "iterative length pruning") trains in rounds, each with a
+    tighter token limit; "Train Long, Think Short" (Hammoud et al. 2025, arXiv 2508.08940, its exponential decay
+    schedule, as the issue writes it) uses B(t) = max(1, B0 gamma^floor(t/T)). Trainer steps count from 1, so
+    t - 1 takes the place of t: the first T steps keep B0. ``B`` is the budget the prompt
     has without a schedule (the penalty's ``length_budget``, or its DA-DLER / DRQA budget), so a schedule
     scales every per-prompt budget by the same factor and keeps their ratios; ``min_budget`` is the floor.
     The budget is a function of the step alone, so a resumed run (which restarts at its checkpoint's step)

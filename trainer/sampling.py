@@ -126,11 +126,13 @@ class ScoredGroup:
 
 
 def gfpo_retain(lengths, rewards, k: int, metric: str = "length") -> np.ndarray:
-    """GFPO (Shrivastava et al. 2025, arXiv 2508.09726, section 3): the indices, in group order, of the ``k``
-    responses of a group to train on: the shortest (``length``), or those of the highest reward per token
-    (``token_efficiency``, reward / length). Ties go to the earlier response. The others get no advantage and no
-    loss; the retained group's advantages are normalised over the retained responses alone (the paper's mean and
-    std over the retained set S), which is what computing the advantages of the filtered group does."""
+    """GFPO (Shrivastava et al. 2025, arXiv 2508.09726): the indices, in group order, of the ``k`` responses of a
+    group to train on: the shortest (``length``), or those of the highest reward per token (``token_efficiency``,
+    reward / length), the paper's two metrics. Ties go to the earlier response. The others get no advantage and
+    no loss, and the retained group's advantages are normalised over the retained responses alone, which is
+    what computing the advantages of the filtered group does. The searchable copy of the paper held its abstract
+    and summaries, not its equations: the retained-set normalisation is the one TRL's and EasyDeL's GFPO
+    trainers implement ("the model is trained on the filtered group")."""
     lengths = np.asarray(lengths, dtype=np.float64)
     rewards = np.asarray(rewards, dtype=np.float64)
     if lengths.shape != rewards.shape or lengths.ndim != 1:
