@@ -52,7 +52,7 @@ class LengthPenaltyConfig:
     shorter_better_beta: float = 0.001
     """``shorter_better``: beta, the reward lost per token of distance to the group's sample optimal length."""
     alp_beta: float = 0.5
-    """``alp``: beta, the reward lost by a response of L tokens on a prompt the whole group solved."""
+    """``alp``: beta, what a response of L tokens loses on a prompt the whole group solved (N = L: our choice)."""
 
     def __post_init__(self):
         if self.name not in LENGTH_PENALTIES:
