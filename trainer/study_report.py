@@ -66,7 +66,7 @@ def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any
     if start is not None:
         acc, length = start["accuracy"], start["mean_length"]
         lines.append(
-            f"- warm start (before training, {start['runs']} evaluations): accuracy {acc['mean']:.1%}, "
+            f"- warm start (before training, mean of {start['runs']} runs' evaluations): accuracy {acc['mean']:.1%}, "
             f"mean length {length['mean']:.1f} tokens"
         )
     lines += [
