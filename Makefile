@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 
 COMMA := ,
 
-.PHONY: setup verl-env demo test lint bench clean
+.PHONY: setup verl-env demo study test lint bench clean
 
 setup: $(STAMP)
 
@@ -102,6 +102,11 @@ demo: setup
 	rm -rf runs/demo
 	$(BIN)/dler train run.out=runs/demo/dler
 	$(BIN)/dler train toy-cpu-grpo run.out=runs/demo/grpo --no-progress
+
+# The seeded study of the length penalties (README "A seeded study"): GRPO and DLER x 10 penalties x 3 seeds
+# on the CPU demo, one run at a time; runs/study/ is kept, so a second call continues where the first stopped.
+study: setup
+	$(BIN)/dler study --out runs/study
 
 test: setup verl-env triton-oldest cuda-toolchain
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

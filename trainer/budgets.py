@@ -1,7 +1,9 @@
 """Per-prompt length budgets, the ``budget`` a length penalty judges a group against: DA-DLER's from each
-prompt's difficulty (:class:`DifficultyBudgets`), DRQA's from its data file (:class:`ConciseLengths`).
-Both answer ``observe(prompt_id, correct, step)`` with the prompt's budget and save their state with
-checkpoints; the dynamic sampler asks them, and uses ``max_budget`` as what rollouts must reach."""
+prompt's difficulty (:class:`DifficultyBudgets`), DRQA's from its data file (:class:`ConciseLengths`), and a
+budget that shrinks during training (:class:`BudgetSchedule`, over either of them or the fixed budget:
+:class:`ScheduledBudgets`). All answer ``observe(prompt_id, correct, step)`` with the prompt's budget and save
+their state with checkpoints; the dynamic sampler asks them, and uses ``max_budget`` as what rollouts must
+reach."""
 
 from __future__ import annotations
 
@@ -118,3 +120,65 @@ class ConciseLengths:
 
     def load_state_dict(self, state: Mapping) -> None:
         """Nothing to restore: the lengths come from the data file."""
+
+
+@dataclass
+class BudgetSchedule:
+    """A budget that shrinks stepwise during training: B(t) = max(B_min, round(B * decay^floor((t-1) / every))).
+
+    ThinkPrune (Hou et al. 2025, arXiv 2504.01296, "iterative length pruning") trains in rounds, each with a
+    tighter token limit; "Train Long, Think Short" (Hammoud et al. 2025, arXiv 2508.08940, its exponential decay
+    schedule, as the issue writes it) uses B(t) = max(1, B0 gamma^floor(t/T)). Trainer steps count from 1, so
+    t - 1 takes the place of t: the first T steps keep B0. ``B`` is the budget the prompt
+    has without a schedule (the penalty's ``length_budget``, or its DA-DLER / DRQA budget), so a schedule
+    scales every per-prompt budget by the same factor and keeps their ratios; ``min_budget`` is the floor.
+    The budget is a function of the step alone, so a resumed run (which restarts at its checkpoint's step)
+    continues the schedule where it was, with no state of its own to save.
+    """
+
+    decay: float = 0.75
+    """gamma in (0, 1]: the factor each stage multiplies the budget by."""
+    every: int = 50
+    """T, the steps of one stage (the budget changes after steps T, 2T, ...)."""
+    min_budget: int = 1
+    """B_min, the floor in tokens."""
+
+    def __post_init__(self):
+        if not 0 < self.decay <= 1:
+            raise ValueError(f"budget schedule decay must be in (0, 1], got {self.decay}")
+        if self.every < 1:
+            raise ValueError(f"budget schedule every must be >= 1 step, got {self.every}")
+        if self.min_budget < 1:
+            raise ValueError(f"budget schedule min_budget must be >= 1 token, got {self.min_budget}")
+
+    def budget(self, base: int, step: int) -> int:
+        """The budget at ``step`` (counted from 1, as the trainer's steps) of a prompt whose unscheduled budget is
+        ``base``; step t uses stage floor((t - 1) / every), so the first ``every`` steps keep ``base``."""
+        stage = max(step - 1, 0) // self.every
+        return max(self.min_budget, round(base * self.decay**stage))
+
+
+class ScheduledBudgets:
+    """The per-prompt budgets of ``inner`` (DA-DLER, DRQA; None: every prompt gets ``default``) under a
+    :class:`BudgetSchedule`. Same interface as the budgets it wraps; its checkpoint state is theirs."""
+
+    def __init__(self, schedule: BudgetSchedule, inner=None, default: int = 4000):
+        if default < 1:
+            raise ValueError(f"default budget must be >= 1 token, got {default}")
+        self.schedule, self.inner, self.default = schedule, inner, int(default)
+
+    @property
+    def max_budget(self) -> int:
+        """What rollouts must generate up to: the unscheduled largest (the schedule only shrinks budgets)."""
+        return self.inner.max_budget if self.inner is not None else self.default
+
+    def observe(self, prompt_id: str, correct: Sequence[float], step: int) -> int:
+        base = self.inner.observe(prompt_id, correct, step) if self.inner is not None else self.default
+        return self.schedule.budget(base, step)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state)

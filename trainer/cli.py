@@ -212,6 +212,57 @@ def _cmd_drqa_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    import shlex
+
+    from . import study
+    from .study_report import STUDY_MD, write_report
+
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        raise UserError(f"--set takes key=value (a dler train override), got {bad[0]!r}")
+    runs = study.plan(args.recipes, args.penalties, args.seeds, args.steps)
+    out = args.out.expanduser().absolute()
+    print(f"dler study: {len(runs)} runs into {out} (one at a time; logs in {out / 'logs'})", flush=True)
+    timings = study.run_study(out, runs, args.set, say=lambda line: print(line, flush=True))
+    summaries: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        summary = study.finished_summary(out / "runs" / run.name)
+        summaries.setdefault((run.recipe, run.penalty), []).append(summary)
+    wall = sum(timings.get(run.name, 0.0) for run in runs)
+    header = {
+        "command": shlex.join(
+            [
+                "dler",
+                "study",
+                "--out",
+                str(args.out),
+                "--recipes",
+                ",".join(args.recipes),
+                "--penalties",
+                ",".join(args.penalties),
+                "--seeds",
+                ",".join(map(str, args.seeds)),
+                "--steps",
+                str(args.steps),
+            ]
+            + [f"--set={item}" for item in args.set]
+        ),  # fmt: skip
+        "steps per run": args.steps,
+        "seeds": ", ".join(map(str, args.seeds)),
+        "runs": len(runs),
+        "wall time of the runs": f"{wall / 60:.1f} min ({wall / len(runs):.0f} s per run)",
+    }
+    for note in write_report(out, summaries, header):
+        print(note)
+    print(f"dler study: {out / STUDY_MD}")
+    return 0
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
     """An optional preset name or YAML path first, then key=value overrides."""
     if items and "=" not in items[0]:
@@ -374,6 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N questions")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_drqa_data)
+
+    from .study import DEFAULT_SEEDS, DEFAULT_STEPS, PENALTIES, RECIPES
+
+    p = sub.add_parser(
+        "study",
+        help="a seeded comparison of length penalties under the GRPO and DLER recipes on the CPU demo",
+        description="One `dler train` of the CPU demo per recipe x penalty x seed, one at a time, each with its "
+        "held-out before/after evaluation; writes study.md, study.json and pareto.png into --out. Finished runs "
+        "are not run again (a re-run resumes the study); logs go to OUT/logs.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="the study's folder (default: runs/study)")
+    p.add_argument("--recipes", type=_name_list, default=list(RECIPES), help=f"comma-separated of {','.join(RECIPES)}")
+    p.add_argument(
+        "--penalties", type=_name_list, default=list(PENALTIES), help=f"comma-separated of {','.join(PENALTIES)}"
+    )
+    p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS), help="comma-separated run seeds (0,1,2)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run ({DEFAULT_STEPS})")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a dler train override for every run"
+    )
+    p.set_defaults(func=_cmd_study)
     return parser
 
 

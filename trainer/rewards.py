@@ -47,6 +47,12 @@ class LengthPenaltyConfig:
     """``drqa``: the jsonl of ``dler drqa-data``, with the per-question concise lengths."""
     drqa_verbose_reward: float = 0.5
     """``drqa``: the reward of a correct response longer than its question's concise length."""
+    shorter_better_alpha: float = 2.0
+    """``shorter_better``: alpha, the reward of a correct response (paper: 1 and 2)."""
+    shorter_better_beta: float = 0.001
+    """``shorter_better``: beta, the reward lost per token of distance to the group's sample optimal length."""
+    alp_beta: float = 0.5
+    """``alp``: beta, what a response of L tokens loses on a prompt the whole group solved (N = L: our choice)."""
 
     def __post_init__(self):
         if self.name not in LENGTH_PENALTIES:
@@ -59,6 +65,9 @@ class LengthPenaltyConfig:
             raise ValueError("length penalty 'drqa' needs drqa_data: the jsonl file written by `dler drqa-data`")
         if not 0 <= self.drqa_verbose_reward <= 1:
             raise ValueError(f"drqa_verbose_reward must be in [0, 1], got {self.drqa_verbose_reward}")
+        for key in ("shorter_better_alpha", "shorter_better_beta", "alp_beta"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.name == "overlong" and not 0 < self.overlong_buffer <= self.length_budget:
             raise ValueError(
                 f"overlong_buffer must be in (0, length_budget={self.length_budget}], got {self.overlong_buffer}"
@@ -121,6 +130,29 @@ def drqa(correct, lengths, truncated, budget, cfg):
     return np.where(correct > 0, np.where(concise, 1.0, cfg.drqa_verbose_reward), 0.0)
 
 
+def shorter_better(correct, lengths, truncated, budget, cfg):
+    """ShorterBetter (Yi et al. 2025, arXiv 2504.21370, method, "Sample Optimal Length (SOL)"; the issue's
+    formula and the paper's agree): r = alpha 1[correct] - beta |len - SOL|, where SOL is the length of the
+    group's shortest correct response, or the group's mean length when none is correct. The group's budget
+    counts as the paper's generation limit: a response that did not finish within L tokens is not correct (a
+    response cut at the paper's max length has no answer), neither for its own reward nor for the SOL."""
+    right = (correct > 0) & _finished_within(lengths, truncated, budget)
+    sol = lengths[right].min() if right.any() else lengths.mean()
+    return cfg.shorter_better_alpha * right - cfg.shorter_better_beta * np.abs(lengths - sol)
+
+
+def alp(correct, lengths, truncated, budget, cfg):
+    """ALP, adaptive length penalty (Xiang et al. 2025, arXiv 2506.05256, method, "Adaptive Length Penalty"):
+    r = 1[correct] - (beta / N) max(p_solved, 1/K) |y|, with p_solved the group's solve rate over its K
+    responses, so an easy prompt pays more per token than a hard one. (The searchable copy of the paper held
+    its abstract and introduction; the formula is the method's as a review of the paper quotes it, and it adds
+    the 1/N the issue's formula lacks.) The paper leaves N a normalisation constant; here N is the group's
+    budget L, so ``alp_beta`` is what a response of L tokens loses on a prompt the whole group solved, and a
+    per-prompt budget (DA-DLER, a schedule) scales the penalty."""
+    solved = max(float(correct.mean()), 1.0 / correct.size)
+    return correct - cfg.alp_beta * solved * lengths / budget
+
+
 def no_penalty(correct, lengths, truncated, budget, cfg):
     return correct.copy()
 
@@ -134,6 +166,8 @@ LENGTH_PENALTIES: dict[str, PenaltyFn] = {
     "kimi": kimi,
     "laser": laser,
     "drqa": drqa,
+    "shorter_better": shorter_better,
+    "alp": alp,
     "none": no_penalty,
 }
 

@@ -5,6 +5,9 @@ One call of ``DynamicSampler.collect`` turns "the next prompts of the data strea
 groups whose correctness has zero spread (all right or all wrong, judged before any length
 penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds. Under several
 ranks each sampler draws from its rank's share of the stream (:class:`RankSlice`).
+
+With GFPO group filtering (``gfpo_sample_size``) each prompt gets a larger group, is scored whole, and only
+its ``samples_per_prompt`` best responses (:func:`gfpo_retain`) go on to the advantages and the update.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
@@ -27,6 +30,9 @@ from .seeds import round_seed
 
 class Scorer(Protocol):
     def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]: ...
+
+
+GfpoMetric = Literal["length", "token_efficiency"]
 
 
 class SamplingWarning(UserWarning):
@@ -56,6 +62,11 @@ class SamplingConfig:
     kept fraction seen so far."""
     max_prompts_per_round: int | None = None
     """The most prompts one round may ask for (None: no limit)."""
+    gfpo_sample_size: int | None = None
+    """GFPO group filtering: sample this many responses per prompt and train on the ``samples_per_prompt`` best
+    of them (None: off)."""
+    gfpo_metric: GfpoMetric = "length"
+    """GFPO: keep the shortest responses (``length``) or those of the most reward per token (``token_efficiency``)."""
 
     def __post_init__(self):
         for name in ("prompts_per_step", "samples_per_prompt", "max_rounds"):
@@ -67,6 +78,13 @@ class SamplingConfig:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.gfpo_metric not in get_args(GfpoMetric):
+            raise ValueError(f"gfpo_metric must be one of {list(get_args(GfpoMetric))}, got {self.gfpo_metric!r}")
+        if self.gfpo_sample_size is not None and self.gfpo_sample_size <= self.samples_per_prompt:
+            raise ValueError(
+                f"gfpo_sample_size ({self.gfpo_sample_size}) must be larger than samples_per_prompt "
+                f"({self.samples_per_prompt}), the responses GFPO keeps of each group (or null: no filtering)"
+            )
         if self.max_prompts_per_round is not None and self.max_prompts_per_round < self.prompts_per_step:
             raise ValueError(
                 f"max_prompts_per_round ({self.max_prompts_per_round}) must be >= prompts_per_step "
@@ -86,10 +104,48 @@ class ScoredGroup:
     lengths: np.ndarray  # [G] response tokens
     truncated: np.ndarray  # [G] cut by max_tokens
     budget: int  # the length budget the penalty used (DA-DLER: the prompt's own)
+    retained: np.ndarray | None = None  # GFPO: indices of the responses trained on (None: all)
 
     @property
     def has_spread(self) -> bool:
-        return bool(self.correct.min() != self.correct.max())
+        """Whether the responses trained on differ in correctness (GFPO: the retained ones)."""
+        correct = self.correct if self.retained is None else self.correct[self.retained]
+        return bool(correct.min() != correct.max())
+
+    def filtered(self) -> ScoredGroup:
+        """The group as the update sees it: GFPO's retained responses only (the others take no part in the loss,
+        nor in the group's advantage statistics), or the group itself without filtering."""
+        if self.retained is None:
+            return self
+        keep = self.retained
+        samples = [self.samples[i] for i in keep]
+        return ScoredGroup(
+            self.example, self.prompt_ids, samples, self.correct[keep], self.rewards[keep], self.lengths[keep],
+            self.truncated[keep], self.budget,
+        )  # fmt: skip
+
+
+def gfpo_retain(lengths, rewards, k: int, metric: str = "length") -> np.ndarray:
+    """GFPO (Shrivastava et al. 2025, arXiv 2508.09726): the indices, in group order, of the ``k`` responses of a
+    group to train on: the shortest (``length``), or those of the highest reward per token (``token_efficiency``,
+    reward / length), the paper's two metrics. Ties go to the earlier response. The others get no advantage and
+    no loss, and the retained group's advantages are normalised over the retained responses alone, which is
+    what computing the advantages of the filtered group does. The searchable copy of the paper held its abstract
+    and summaries, not its equations: the retained-set normalisation is the one TRL's and EasyDeL's GFPO
+    trainers implement ("the model is trained on the filtered group")."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if lengths.shape != rewards.shape or lengths.ndim != 1:
+        raise ValueError(f"lengths and rewards must be 1-D of one length, got {lengths.shape}, {rewards.shape}")
+    if not 1 <= k <= lengths.size:
+        raise ValueError(f"k must be in [1, {lengths.size}] (the group's responses), got {k}")
+    if metric == "length":
+        order = np.argsort(lengths, kind="stable")
+    elif metric == "token_efficiency":
+        order = np.argsort(-rewards / np.maximum(lengths, 1.0), kind="stable")  # an empty response counts as 1 token
+    else:
+        raise ValueError(f"metric must be one of {list(get_args(GfpoMetric))}, got {metric!r}")
+    return np.sort(order[:k])
 
 
 @dataclass
@@ -180,7 +236,7 @@ class DynamicSampler:
             stats.rounds += bool(examples)
             generated += groups
             kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]
-        batch = kept[:target]
+        batch = [g.filtered() for g in kept[:target]]
         self._summarise(generated, batch, stats)
         if len(kept) < target:
             stats.capped = True
@@ -213,7 +269,7 @@ class DynamicSampler:
         start = time.perf_counter()
         outputs = self.engine.generate(
             prompts,
-            n=cfg.samples_per_prompt,
+            n=cfg.gfpo_sample_size or cfg.samples_per_prompt,
             max_tokens=self.max_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -242,7 +298,10 @@ class DynamicSampler:
         else:
             budget = self.penalty.length_budget
         rewards = apply_length_penalty(self.penalty, correct, lengths, truncated, budget)
-        return ScoredGroup(example, list(ids), samples, correct, rewards, lengths, truncated, budget)
+        group = ScoredGroup(example, list(ids), samples, correct, rewards, lengths, truncated, budget)
+        if self.config.gfpo_sample_size is not None:
+            group.retained = gfpo_retain(lengths, rewards, self.config.samples_per_prompt, self.config.gfpo_metric)
+        return group
 
     @staticmethod
     def _summarise(generated: list[ScoredGroup], batch: list[ScoredGroup], stats: SamplingStats) -> None:

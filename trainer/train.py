@@ -140,6 +140,7 @@ class Trainer:
             penalty = cfg.reward.penalty
             examples = [p.example for p in prompts]
             self.budgets = ConciseLengths.from_file(penalty.drqa_data, examples, penalty.length_budget)
+        self.budgets = cfg.reward.budget_schedule.wrap(self.budgets, cfg.reward.penalty.length_budget)
 
         # The policy, its optimizer and (when beta > 0) the frozen reference.
         self.policy = load_policy(self.model_dir, cfg.model, cfg.fsdp, env)

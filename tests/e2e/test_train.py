@@ -105,6 +105,43 @@ def test_stop_and_resume_equals_straight_run(demo_model, tmp_path, monkeypatch):
     assert "after" in summary
 
 
+def test_budget_schedule_resumes_where_it_was(demo_model, tmp_path, monkeypatch):
+    """A shrinking budget (48 halved every step, floor 6) with DA-DLER under it: 4 steps straight vs 2 steps,
+    Ctrl-C, resume, 2 more through the checkpoint: the resumed run continues the schedule (and the DA-DLER
+    record) exactly, so every step's budgets and figures are the straight run's."""
+    schedule = [
+        "reward.penalty.name=truncation",
+        "reward.budget_schedule.enabled=true",
+        "reward.budget_schedule.every=1",
+        "reward.budget_schedule.decay=0.5",
+        "reward.budget_schedule.min_budget=6",
+        "reward.da_dler.enabled=true",
+        "reward.da_dler.budgets=[48,48]",  # one budget for every difficulty: the schedule alone sets it
+        "reward.da_dler.source=previous",  # the record crosses the resume
+    ]
+    straight = tmp_path / "straight"
+    train(load_config("toy-cpu", _overrides(demo_model, straight, 4) + schedule), progress=False)
+
+    stopped = tmp_path / "stopped"
+    record = Trainer.record
+
+    def record_then_interrupt(self, step, *args):
+        out = record(self, step, *args)
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "record", record_then_interrupt)
+    train(load_config("toy-cpu", _overrides(demo_model, stopped, 4) + schedule), progress=False)
+    monkeypatch.setattr(Trainer, "record", record)
+    summary = train(load_run_config(stopped), resume=True, progress=False)
+    assert summary["finished"] and summary["steps"] == 4
+    a, b = _metrics(straight), _metrics(stopped)
+    # 2 prompts per step; budget 48 * 0.5^(t-1), floored at 6
+    assert [r["budgets"] for r in b] == [{"48": 2}, {"24": 2}, {"12": 2}, {"6": 2}]
+    assert [_without_timings(r) for r in a] == [_without_timings(r) for r in b]
+
+
 def test_fresh_run_refuses_an_existing_run_folder(demo_model, tmp_path):
     out = tmp_path / "run"
     train(load_config("toy-cpu", _overrides(demo_model, out, 1)), progress=False)

@@ -327,6 +327,23 @@ def test_section_errors_name_the_field():
         DADLERConfig(thresholds=(0.5,), budgets=(4000,))
 
 
+def test_new_length_control_settings_are_checked_with_their_keys():
+    with pytest.raises(UserError, match="reward.budget_schedule: budget schedule decay must be in"):
+        load_config("toy-cpu", ["reward.budget_schedule.decay=1.5"])
+    with pytest.raises(UserError, match="reward.budget_schedule: budget schedule every must be >= 1"):
+        load_config("toy-cpu", ["reward.budget_schedule.every=0"])
+    with pytest.raises(UserError, match="reward.budget_schedule shrinks the length budget.*kimi"):
+        load_config("toy-cpu", ["reward.budget_schedule.enabled=true", "reward.penalty.name=kimi"])
+    with pytest.raises(UserError, match="rollout.sampling: gfpo_sample_size .8. must be larger"):
+        load_config("toy-cpu", ["rollout.sampling.gfpo_sample_size=8"])
+    with pytest.raises(UserError, match="gfpo_metric must be one of"):
+        load_config("toy-cpu", ["rollout.sampling.gfpo_metric=reward"])
+    with pytest.raises(UserError, match="reward.penalty: alp_beta must be >= 0"):
+        load_config("toy-cpu", ["reward.penalty.alp_beta=-1"])
+    cfg = load_config("toy-cpu", ["reward.penalty.name=alp", "rollout.sampling.gfpo_sample_size=16"])
+    assert cfg.reward.penalty.name == "alp" and cfg.rollout.sampling.gfpo_sample_size == 16
+
+
 # ------------------------------------------------------------------------------------ what the trainer reads
 
 
@@ -358,3 +375,16 @@ def test_describe_mentions_model_data_and_penalty():
     assert "truncation penalty" in text and "[4000, 2000]" in text
     assert len(text.splitlines()) <= 10
     assert "budget 80" in describe(load_config("toy-cpu"))
+
+
+def test_describe_mentions_gfpo_and_the_budget_schedule_when_on():
+    on = [
+        "rollout.sampling.gfpo_sample_size=16",
+        "reward.budget_schedule.enabled=true",
+        "reward.budget_schedule.every=5",
+    ]
+    text = describe(load_config("toy-cpu", on))
+    assert "8 samples (GFPO: the best of 16 by length)" in text
+    assert "budget 80, x0.75 every 5 steps (floor 1)" in text
+    off = describe(load_config("toy-cpu"))
+    assert "GFPO" not in off and "every" not in off.split("reward")[1].split("\n")[0]

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from trainer.budgets import DifficultyBudgets
+from trainer.budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
 from trainer.rewards import LENGTH_PENALTIES, LengthPenaltyConfig, apply_length_penalty
 
 
@@ -99,6 +99,43 @@ def test_laser_bonus_for_correct_responses_within_the_target():
     close(reward("laser", [1], [10], length_budget=100, laser_bonus=0.2), [1.2])
 
 
+def test_shorter_better_pulls_towards_the_shortest_correct_response():
+    # budget 40: the correct 50-token response did not finish within it, so it is not correct;
+    # SOL = 20 (the shortest correct): 2 - 0.01*10, 2 - 0, 0 - 0.01*10, 0 - 0.01*30
+    out = reward("shorter_better", [1, 1, 0, 1], [30, 20, 10, 50], budget=40, shorter_better_beta=0.01)
+    close(out, [1.9, 2.0, -0.1, -0.3])
+
+
+def test_shorter_better_without_a_correct_response_uses_the_mean_length():
+    # SOL = mean(10, 30) = 20: both are 10 tokens away
+    close(reward("shorter_better", [0, 0], [10, 30], shorter_better_beta=0.01), [-0.1, -0.1])
+    # a truncated correct response is not correct: SOL = 30, the other one's length
+    out = reward("shorter_better", [1, 1], [10, 30], [True, False], budget=100, shorter_better_beta=0.01)
+    close(out, [-0.2, 2.0])
+    close(reward("shorter_better", [1, 0], [10, 30], shorter_better_alpha=1.0, shorter_better_beta=0), [1, 0])
+
+
+def test_alp_penalty_scales_with_the_solve_rate_and_the_budget():
+    # p_solved = 2/4 = 0.5 >= 1/K: penalty 0.5 * 0.5 * len / 400 = len / 1600
+    correct, lengths = [1, 1, 0, 0], [100, 200, 50, 400]
+    close(reward("alp", correct, lengths, budget=400), [0.9375, 0.875, -0.03125, -0.25])
+    # half the budget doubles the penalty per token
+    close(reward("alp", correct, lengths, budget=200), [0.875, 0.75, -0.0625, -0.5])
+
+
+def test_alp_unsolved_prompt_pays_the_floor_rate_one_over_k():
+    # p_solved = 0 < 1/K = 1/4: 0.5 * 0.25 * 400 / 400 = 0.125
+    close(reward("alp", [0, 0, 0, 0], [400, 0, 400, 800], budget=400), [-0.125, 0, -0.125, -0.25])
+    # every response right: p = 1, the highest rate, 1 - 0.5 * 200 / 400
+    close(reward("alp", [1, 1], [200, 0], budget=400), [0.75, 1.0])
+
+
+def test_new_penalty_parameters_are_checked_by_name():
+    for key in ("shorter_better_alpha", "shorter_better_beta", "alp_beta"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0"):
+            LengthPenaltyConfig(**{key: -1.0})
+
+
 def test_none_is_correctness():
     close(reward("none", [1, 0], [10**6, 0], [True, False]), [1, 0])
 
@@ -114,8 +151,9 @@ def test_every_penalty_is_vectorised_and_pure(name):
     assert out.shape == (16,) and np.isfinite(out).all()
     for a, b in zip(before, (correct, lengths, truncated)):
         np.testing.assert_array_equal(a, b)  # inputs untouched
-    # element i depends only on response i, except Kimi's group min/max
-    if name != "kimi":
+    # element i depends only on response i, except where the group sets a scale: Kimi's min/max,
+    # ShorterBetter's sample optimal length, ALP's solve rate
+    if name not in ("kimi", "shorter_better", "alp"):
         close(out[:4], reward(name, correct[:4], lengths[:4], truncated[:4]))
 
 
@@ -199,3 +237,45 @@ def test_da_dler_bad_settings_are_named():
         DifficultyBudgets(budgets=(4000, 0))
     with pytest.raises(ValueError, match="source"):
         DifficultyBudgets(source="next")
+
+
+# ----------------------------------------------------------------------------- budget schedule
+
+
+def test_budget_schedule_shrinks_stepwise_to_its_floor():
+    # B(t) = max(30, round(100 * 0.5^floor((t-1)/10))): steps 1-10 keep 100, 11-20 50, 21- the floor
+    schedule = BudgetSchedule(decay=0.5, every=10, min_budget=30)
+    assert [schedule.budget(100, t) for t in (0, 1, 10, 11, 20, 21, 100)] == [100, 100, 100, 50, 50, 30, 30]
+    assert BudgetSchedule(decay=0.8, every=5).budget(80, 16) == 41  # 80 * 0.8^3 = 40.96, rounded
+    assert BudgetSchedule(decay=1.0, every=1).budget(80, 1000) == 80  # decay 1: a fixed budget
+
+
+def test_budget_schedule_without_per_prompt_budgets_scales_the_fixed_budget():
+    budgets = ScheduledBudgets(BudgetSchedule(decay=0.5, every=10), None, default=80)
+    assert budgets.max_budget == 80  # rollouts still reach the unscheduled budget
+    assert budgets.observe("q", [1, 0], step=11) == 40
+    assert budgets.state_dict() == {}
+    close(reward("truncation", [1, 1], [30, 50], budget=budgets.observe("q", [1, 1], step=11)), [1, 0])
+
+
+def test_budget_schedule_scales_each_da_dler_budget_and_keeps_their_record():
+    inner = DifficultyBudgets()  # easy 2000, hard 4000
+    budgets = ScheduledBudgets(BudgetSchedule(decay=0.5, every=10), inner, default=4000)
+    assert budgets.max_budget == 4000
+    assert budgets.observe("easy", [1, 1, 1, 0], step=11) == 1000
+    assert budgets.observe("hard", [1, 0, 0, 0], step=11) == 2000
+    assert budgets.observe("hard", [1, 0, 0, 0], step=3) == 4000
+    restored = ScheduledBudgets(BudgetSchedule(decay=0.5, every=10), DifficultyBudgets(), default=4000)
+    restored.load_state_dict(json.loads(json.dumps(budgets.state_dict())))
+    assert restored.inner.record == {"easy": (0.75, 11), "hard": (0.25, 3)}
+
+
+def test_budget_schedule_bad_settings_are_named():
+    with pytest.raises(ValueError, match="decay must be in"):
+        BudgetSchedule(decay=0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        BudgetSchedule(decay=1.5)
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        BudgetSchedule(every=0)
+    with pytest.raises(ValueError, match="min_budget must be >= 1"):
+        BudgetSchedule(min_budget=0)

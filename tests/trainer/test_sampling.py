@@ -12,7 +12,7 @@ from trainer.budgets import DifficultyBudgets
 from trainer.data import Example, PromptStream
 from trainer.rewards import LengthPenaltyConfig
 from trainer.rollout import Sample
-from trainer.sampling import DynamicSampler, RolloutBatch, SamplingConfig, SamplingWarning
+from trainer.sampling import DynamicSampler, RolloutBatch, SamplingConfig, SamplingWarning, gfpo_retain
 
 
 class ScriptedEngine:
@@ -202,6 +202,62 @@ def test_sampler_settings_are_checked(checker):
         SamplingConfig(oversample=0.5)
     with pytest.raises(ValueError, match="max_prompts_per_round"):
         SamplingConfig(prompts_per_step=8, max_prompts_per_round=4)
+
+
+def test_gfpo_retains_the_shortest_or_the_most_efficient_responses():
+    lengths, rewards = [40, 10, 30, 10, 0], [1, 0, 1, 1, 0]
+    # shortest: 0 (index 4), 10 (index 1, earlier of the tie), 10 (index 3); returned in group order
+    assert gfpo_retain(lengths, rewards, 3, "length").tolist() == [1, 3, 4]
+    # reward per token: 1/10 (3), 1/30 (2), 1/40 (0); the empty wrong response counts as 1 token (0 / 1)
+    assert gfpo_retain(lengths, rewards, 3, "token_efficiency").tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        gfpo_retain(lengths, rewards, 6)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        gfpo_retain(lengths, rewards, 2, "reward")
+
+
+def test_gfpo_samples_the_larger_group_and_trains_on_the_retained_responses(checker):
+    # 6 responses of 10..60 tokens; the 3 shortest of "WRWRRW" are W R W (spread); of "RRRWWW" R R R (no
+    # spread: dropped by dynamic sampling although the whole group had one)
+    script = ["RRRWWW", "WRWRRW"]
+    sampler, engine = make_sampler(
+        checker,
+        script,
+        prompts_per_step=1,
+        samples_per_prompt=3,
+        gfpo_sample_size=6,
+        max_rounds=2,
+        max_prompts_per_round=1,
+    )
+    batch, stats = sampler.collect(step=0)
+    assert [c["n"] for c in engine.calls] == [6, 6]
+    assert [g.example.id for g in batch] == ["id1"]
+    np.testing.assert_array_equal(batch[0].correct, [0, 1, 0])
+    assert batch[0].lengths.tolist() == [10, 20, 30] and len(batch[0].samples) == 3
+    # the rollout statistics cover every sampled response; the batch only the retained ones
+    assert stats.samples == 12 and stats.accuracy == 6 / 12 and stats.mean_reward == pytest.approx(1 / 3)
+    assert len(RolloutBatch.from_groups(batch)) == 3
+
+
+def test_gfpo_advantages_are_normalised_over_the_retained_responses(checker):
+    from trainer.global_batch import global_advantages
+
+    sampler, _ = make_sampler(checker, ["WRWRRW"], prompts_per_step=1, samples_per_prompt=3, gfpo_sample_size=6)
+    batch, _ = sampler.collect(step=0)
+    rows, stats = global_advantages(batch, dict(method="grpo", eps=1e-6, dynamic_sampling=True))
+    # retained rewards 0, 1, 0 (the filtered-out 1, 1, 0 play no part): mean 1/3, unbiased std
+    # sqrt(((1/3)^2 + (2/3)^2 + (1/3)^2) / 2) = sqrt(1/3), grpo's convention
+    mean, std = 1 / 3, np.sqrt(1 / 3)
+    expected = [(r - mean) / (std + 1e-6) for r in (0, 1, 0)]
+    np.testing.assert_allclose([row.advantage for row in rows], expected, rtol=1e-6)  # float32 kernel
+    assert stats["batch_responses"] == 3
+
+
+def test_gfpo_settings_are_checked():
+    with pytest.raises(ValueError, match=r"gfpo_sample_size \(8\) must be larger than samples_per_prompt \(8\)"):
+        SamplingConfig(samples_per_prompt=8, gfpo_sample_size=8)
+    with pytest.raises(ValueError, match="gfpo_metric must be one of"):
+        SamplingConfig(gfpo_metric="reward")
 
 
 @pytest.mark.vllm

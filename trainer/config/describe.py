@@ -13,7 +13,9 @@ def _penalty_text(reward: RewardConfig) -> str:
         else f"budget {p.length_budget}"
     )
     coef = f", coef {p.truncation_coef:g}" if p.name == "truncation" else ""
-    return f"{p.name} penalty, {budget}{coef}"
+    b = reward.budget_schedule
+    schedule = f", x{b.decay:g} every {b.every} steps (floor {b.min_budget})" if b.enabled else ""
+    return f"{p.name} penalty, {budget}{schedule}{coef}"
 
 
 def describe(cfg: TrainConfig) -> str:
@@ -23,13 +25,14 @@ def describe(cfg: TrainConfig) -> str:
     dual = f", dual clip {a.clip_c:g}" if a.clip_c is not None else ""
     kl = f", KL {a.kl_type} {a.beta:g}" if a.beta > 0 else ""
     dynamic = f", dynamic sampling ({s.max_rounds} rounds)" if s.dynamic_sampling else ""
+    gfpo = f" (GFPO: the best of {s.gfpo_sample_size} by {s.gfpo_metric})" if s.gfpo_sample_size else ""
     updates = s.prompts_per_step // a.mini_batch_prompts * a.epochs_per_step
     clip = "off" if o.grad_clip is None else f"{o.grad_clip:g}"
     lines = [
         f"model      {cfg.model.path} ({cfg.model.dtype} params, {cfg.model.attn_implementation}, {fsdp})",
         f"data       {cfg.data.train} (template {cfg.data.template}, max prompt {cfg.data.max_prompt_tokens} tokens)",
         f"rollout    {cfg.rollout.engine} {cfg.rollout.dtype}: {s.prompts_per_step} prompts x {s.samples_per_prompt} "
-        f"samples, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
+        f"samples{gfpo}, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
         f"reward     {cfg.reward.checker} checker; {_penalty_text(cfg.reward)}",
         f"algorithm  {a.advantage} advantages, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
         f"{updates} optimizer step(s) per step",

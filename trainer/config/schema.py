@@ -21,7 +21,7 @@ from typing import Any, Literal
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 from dler_kernels.validate import check_choice, check_number
 
-from ..budgets import DifficultyBudgets
+from ..budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
 from ..data import TEMPLATES, FieldMap
 from ..engines import ENGINES
 from ..rewards import LengthPenaltyConfig
@@ -176,6 +176,32 @@ class DADLERConfig:
 
 
 @dataclass
+class BudgetScheduleConfig:
+    """A length budget that shrinks during training (``trainer.budgets.BudgetSchedule``: ThinkPrune, "Train Long,
+    Think Short"): from step t the budget is max(min_budget, round(B * decay^floor((t-1)/every))), where B is the
+    prompt's budget without a schedule (``reward.penalty.length_budget``, or its DA-DLER or DRQA budget)."""
+
+    enabled: bool = False
+    """Shrink every budget on this schedule."""
+    decay: float = 0.75
+    """The factor each stage multiplies the budget by, in (0, 1]."""
+    every: int = 50
+    """Steps per stage."""
+    min_budget: int = 1
+    """The floor of the budget, in tokens."""
+
+    def __post_init__(self):
+        self._schedule()  # BudgetSchedule validates
+
+    def _schedule(self) -> BudgetSchedule:
+        return BudgetSchedule(decay=self.decay, every=self.every, min_budget=self.min_budget)
+
+    def wrap(self, budgets, default: int):
+        """``budgets`` (per-prompt budgets or None) under this schedule, or ``budgets`` itself when it is off."""
+        return ScheduledBudgets(self._schedule(), budgets, default) if self.enabled else budgets
+
+
+@dataclass
 class RewardConfig:
     """Correctness (``trainer.answers.AnswerChecker``) times a length penalty, with optional DA-DLER budgets."""
 
@@ -193,11 +219,18 @@ class RewardConfig:
     """The length penalty (``trainer.rewards.LENGTH_PENALTIES``) and its parameters."""
     da_dler: DADLERConfig = field(default_factory=DADLERConfig)
     """Difficulty-aware budgets."""
+    budget_schedule: BudgetScheduleConfig = field(default_factory=BudgetScheduleConfig)
+    """A budget that shrinks during training (composes with DA-DLER: it scales each prompt's budget)."""
 
     def __post_init__(self):
         check_choices(self)
         check_number("timeout_s", self.timeout_s, low=0.0, low_open=True, allow_none=True)
         check_number("workers", self.workers, low=1, allow_none=True)
+        if self.budget_schedule.enabled and self.penalty.name in _BUDGET_FREE_PENALTIES:
+            raise ValueError(
+                f"reward.budget_schedule shrinks the length budget, which reward.penalty.name={self.penalty.name} "
+                "does not read; choose a penalty with a budget (e.g. truncation) or turn the schedule off"
+            )
         if self.penalty.name == "drqa" and self.da_dler.enabled:
             raise ValueError(
                 "reward.penalty.name=drqa takes each question's budget from its DRQA data; it cannot be combined "

@@ -1,0 +1,163 @@
+"""`dler study`: the plan, the per-cell statistics against hand-computed values, and a smoke-size study
+(two cells, one seed, two steps each, the demo's policy at test size on the transformers engine) end to end,
+including a re-run that skips the finished runs."""
+
+import json
+import math
+
+import pytest
+
+from trainer import cli
+from trainer.fsutil import UserError
+from trainer.study import PENALTIES, RECIPES, finished_summary, penalty_overrides, plan
+from trainer.study_report import cell_table, markdown, warm_start
+
+
+def summary(acc_before, acc_after, len_before, len_after):
+    return {
+        "finished": True,
+        "before": {"accuracy": acc_before, "mean_length": len_before},
+        "after": {"accuracy": acc_after, "mean_length": len_after},
+    }
+
+
+def test_the_plan_covers_every_cell_seed_by_seed():
+    runs = plan(["grpo", "dler"], ["truncation", "alp"], [0, 1], steps=5)
+    assert len(runs) == 8
+    assert [r.seed for r in runs] == [0] * 4 + [1] * 4  # every cell at seed 0 before any at seed 1
+    assert runs[0].name == "grpo-truncation-seed0-5steps"
+    assert len(PENALTIES) == 10 and set(RECIPES) == {"grpo", "dler"}
+
+
+def test_every_penalty_of_the_study_is_a_valid_config():
+    from trainer.config import load_config
+
+    for recipe, preset in RECIPES.items():
+        for penalty in PENALTIES:
+            cfg = load_config(preset, penalty_overrides(penalty, steps=30))
+            assert cfg.algorithm.advantage == ("dler" if recipe == "dler" else "grpo")
+    cfg = load_config("toy-cpu", penalty_overrides("schedule", steps=30))
+    assert cfg.reward.budget_schedule.enabled and cfg.reward.budget_schedule.every == 7  # 30 // 4
+    assert load_config("toy-cpu", penalty_overrides("gfpo", 30)).rollout.sampling.gfpo_sample_size == 16
+
+
+def test_bad_study_arguments_are_named():
+    with pytest.raises(UserError, match="unknown recipe 'ppo'"):
+        plan(["ppo"], ["truncation"], [0], 5)
+    with pytest.raises(UserError, match="unknown penalty 'short'"):
+        plan(["dler"], ["short"], [0], 5)
+    with pytest.raises(UserError, match="--steps must be >= 1"):
+        plan(["dler"], ["truncation"], [0], 0)
+    with pytest.raises(UserError, match="at least one recipe, one penalty and one seed"):
+        plan(["dler"], ["truncation"], [], 5)
+
+
+def test_cell_statistics_are_mean_and_sample_std_over_seeds():
+    runs = [summary(0.8, 0.7, 100, 30), summary(0.8, 0.9, 100, 50), summary(0.6, 0.65, 120, 40)]
+    (cell,) = cell_table({("dler", "alp"): runs})
+    # accuracy changes -0.1, +0.1, +0.05: mean 0.05/3, sample std sqrt(sum of squared deviations / 2)
+    changes = [-0.1, 0.1, 0.05]
+    mean = sum(changes) / 3
+    std = math.sqrt(sum((c - mean) ** 2 for c in changes) / 2)
+    assert cell["runs"] == 3
+    assert cell["accuracy_change"]["mean"] == pytest.approx(mean, abs=1e-12)
+    assert cell["accuracy_change"]["std"] == pytest.approx(std, abs=1e-12)
+    assert cell["length_change"]["mean"] == pytest.approx((-70 - 50 - 80) / 3, abs=1e-12)  # -66.67
+    assert cell["length_after"]["mean"] == pytest.approx(40.0, abs=1e-12)
+    start = warm_start({("dler", "alp"): runs})
+    assert start["accuracy"]["mean"] == pytest.approx(2.2 / 3, abs=1e-12) and start["runs"] == 3
+    # one run: no std, and the table says so by leaving the ± out
+    (single,) = cell_table({("grpo", "kimi"): [summary(0.5, 0.6, 80, 20)]})
+    assert single["accuracy_change"]["std"] is None
+    row = markdown([single], None, {}).splitlines()[-1]
+    assert row == "| grpo | kimi | 1 | +10.0 | -60.0 | 60.0% | 20.0 |"
+
+
+def test_only_a_whole_finished_summary_counts(tmp_path):
+    assert finished_summary(tmp_path) is None  # none
+    (tmp_path / "summary.json").write_text('{"finished": true, "before": {')  # cut short
+    assert finished_summary(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps({**summary(0.5, 0.5, 1, 1), "finished": False}))
+    assert finished_summary(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps(summary(0.5, 0.5, 1, 1)))
+    assert finished_summary(tmp_path)["after"]["accuracy"] == 0.5
+
+
+SMOKE = [
+    "rollout.engine=hf",
+    "rollout.sampling.prompts_per_step=2",
+    "rollout.sampling.samples_per_prompt=4",
+    "rollout.sampling.max_rounds=1",
+    "algorithm.mini_batch_prompts=1",
+    "eval.limit=4",
+    "eval.samples_per_prompt=1",
+    "eval.max_tokens=80",
+]
+
+
+def test_smoke_study_writes_its_tables_and_a_rerun_skips_finished_runs(demo_model, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study", "--out", str(out), "--recipes", "grpo,dler", "--penalties", "truncation", "--seeds", "0"]
+    args += ["--steps", "2", f"--set=model.path={demo_model}"] + [f"--set={s}" for s in SMOKE]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    lines = [line for line in printed.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and "[1/2] grpo truncation seed 0" in lines[0] and "skipped" not in printed
+    for name in ("grpo-truncation-seed0-2steps", "dler-truncation-seed0-2steps"):
+        assert finished_summary(out / "runs" / name)["steps"] == 2
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert "-m trainer train" in log and "eval before training" in log  # the run's output is in its log...
+    assert "eval before training" not in printed  # ...not on the console
+
+    data = json.loads((out / "study.json").read_text())
+    assert [(c["recipe"], c["penalty"], c["runs"]) for c in data["cells"]] == [
+        ("grpo", "truncation", 1),
+        ("dler", "truncation", 1),
+    ]
+    assert data["warm_start"]["runs"] == 2 and data["header"]["steps per run"] == 2
+    table = (out / "study.md").read_text()
+    assert "| grpo | truncation | 1 |" in table and "| dler | truncation | 1 |" in table
+    assert (out / "pareto.png").stat().st_size > 0
+    timings = json.loads((out / "timings.json").read_text())
+
+    assert cli.main(args) == 0  # everything finished: nothing runs again
+    printed = capsys.readouterr().out
+    assert printed.count("done before, skipped") == 2
+    assert json.loads((out / "timings.json").read_text()) == timings
+    assert json.loads((out / "study.json").read_text())["cells"] == data["cells"]
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_a_fresh_one_starts(tmp_path, monkeypatch):
+    import subprocess
+
+    from trainer import checkpoint, study
+
+    commands = []
+
+    def fake_train(command, **kwargs):
+        commands.append(command)
+        run_dir = tmp_path / "runs" / "dler-alp-seed3-5steps"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps({**summary(0.5, 0.6, 100, 40), "steps": 5}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_train)
+    run = study.Run("dler", "alp", 3, 5)
+    study.run_one(run, tmp_path, ["eval.limit=4"])  # no folder yet: a fresh start with the cell's overrides
+    assert commands[0][-1] == "--no-progress" and commands[0][3:5] == ["train", "toy-cpu"]
+    assert "reward.penalty.name=alp" in commands[0] and "run.seed=3" in commands[0]
+    assert commands[0].index("eval.limit=4") > commands[0].index("reward.penalty.name=alp")  # the user's last
+    monkeypatch.setattr(checkpoint.CheckpointManager, "latest", lambda self: tmp_path / "step-00000002")
+    study.run_one(run, tmp_path, ["eval.limit=4"])  # a checkpoint: resume it, with the config it was started with
+    assert commands[1][3:] == ["train", "--resume", str(tmp_path / "runs" / run.name), "--no-progress"]
+    assert (tmp_path / "logs" / f"{run.name}.log").read_text().count("$ ") == 2
+
+
+def test_a_failed_run_stops_the_study_and_names_its_log(tmp_path, monkeypatch):
+    import subprocess
+
+    from trainer import study
+
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 2))
+    with pytest.raises(UserError, match=r"grpo-kimi-seed0-5steps: dler train exited with 2; .*logs/grpo-kimi"):
+        study.run_study(tmp_path, [study.Run("grpo", "kimi", 0, 5)], say=lambda line: None)
