@@ -274,3 +274,12 @@ def test_no_measurement_leaves_the_keys_out():
     assert mismatch_record([None, None]) == {}  # the bypass: no trainer old log-probs
     rows = [UpdateRow([1], [2], 0.0, old_logprobs=torch.zeros(1))]  # an engine without log-probs
     assert mismatch_record([MismatchSums.of(rows, corrected=False)]) == {}
+
+
+def test_the_console_table_shows_the_gap_and_a_dash_without_it():
+    from trainer.run_log import TABLE_HEADER, table_row
+
+    assert "dlogp" in TABLE_HEADER.split()
+    column = TABLE_HEADER.split().index("dlogp")
+    assert table_row({"mismatch_logp_abs_max": 0.01234}).split()[column] == "0.0123"
+    assert table_row({}).split()[column] == "-"  # the bypass measures no gap
