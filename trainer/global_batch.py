@@ -57,7 +57,10 @@ def global_advantages(
     )
     start = sum(len(rank.rewards) for rank in everyone[: collective.rank()])
     values = result.values[start : start + len(batch)].tolist()
-    rows = [UpdateRow(list(p), list(r), float(a)) for p, r, a in zip(batch.prompt_ids, batch.response_ids, values)]
+    rows = [
+        UpdateRow(list(p), list(r), float(a), sampler_logprobs=sampler_logprobs(lp, len(r)))
+        for p, r, a, lp in zip(batch.prompt_ids, batch.response_ids, values, batch.sampling_logprobs)
+    ]
     kept = result.values[result.keep]
     stats = {
         "advantage_mean": float(kept.mean()) if kept.numel() else 0.0,
@@ -68,3 +71,8 @@ def global_advantages(
         "batch_responses": int(rewards.numel()),
     }
     return rows, stats
+
+
+def sampler_logprobs(logprobs: Sequence[float], length: int) -> torch.Tensor | None:
+    """The engine's log-probs of a response as the update row keeps them; None unless one per token."""
+    return torch.tensor(logprobs, dtype=torch.float32) if len(logprobs) == length else None

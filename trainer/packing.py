@@ -28,6 +28,9 @@ class UpdateRow:
     advantage: float
     old_logprobs: torch.Tensor | None = None  # [len(response_ids)], from policy.compute_logprobs
     ref_logprobs: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None  # [len(response_ids)], the rollout engine's (None: it gave none)
+    token_weights: torch.Tensor | None = None  # [len(response_ids)] loss weights of a rollout correction (None: 1)
+    loss_mask: torch.Tensor | None = None  # [len(response_ids)] bool, False: masked by a rollout correction
 
     @property
     def tokens(self) -> int:

@@ -79,7 +79,10 @@ def accumulate_gradients(
     ``.grad``. ``loss`` holds the keyword arguments of ``dler_kernels.policy_loss`` that a run
     fixes (``TrainConfig.policy_loss_kwargs()``). ``fused_head``: the loss from the hidden states
     and the LM head weight (``dler_kernels.linear_policy_loss``, see ``fused_head_unsupported``).
-    Returns the mini-batch's loss and metrics (token-weighted means over ranks)."""
+    Returns the mini-batch's loss and metrics (token-weighted means over ranks). Rows with a rollout
+    correction (``UpdateRow.token_weights`` / ``loss_mask``) pass it to the kernel as ``token_weights`` and
+    ``mask``; the normaliser stays the count without it (a masked token leaves the numerator only, see
+    ``trainer.rollout_correction``)."""
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):
@@ -100,8 +103,8 @@ def accumulate_gradients(
         packed = Packed.of([rows[i] for i in plan], device)
         old = torch.cat([rows[i].old_logprobs for i in plan]).to(device)
         ref = torch.cat([rows[i].ref_logprobs for i in plan]).to(device) if beta > 0 else None
-        mask = torch.ones_like(packed.targets, dtype=torch.bool)
-        kwargs = dict(ref_logprobs=ref, seq_ids=packed.seq_ids, normalizer=normalizer, **loss)
+        mask, weights = correction_inputs([rows[i] for i in plan], device)
+        kwargs = dict(ref_logprobs=ref, seq_ids=packed.seq_ids, normalizer=normalizer, token_weights=weights, **loss)
         if fused_head:
             outputs = []
             head = functools.partial(_loss_head, packed=packed, old=old, mask=mask, kwargs=kwargs, outputs=outputs)
@@ -110,8 +113,20 @@ def accumulate_gradients(
         else:
             out = dk.policy_loss(packed.response_logits(model), packed.targets, old, packed.advantages, mask, **kwargs)
             out.loss.backward()
-        metrics.add(out.loss, packed.targets.numel(), out.metrics)
+        metrics.add(out.loss, packed.targets.numel(), out.metrics, valid=int(mask.sum()))
     return metrics.reduced(device)
+
+
+def correction_inputs(rows: Sequence[UpdateRow], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss mask and token weights of ``rows`` packed in order: their rollout correction's
+    (``UpdateRow.loss_mask`` / ``token_weights``), all-true and None (weight 1) where rows carry none."""
+    n = [len(r.response_ids) for r in rows]
+    masks = [r.loss_mask if r.loss_mask is not None else torch.ones(k, dtype=torch.bool) for r, k in zip(rows, n)]
+    mask = torch.cat(masks).to(device) if masks else torch.ones(0, dtype=torch.bool, device=device)
+    if all(r.token_weights is None for r in rows):
+        return mask, None
+    weights = [r.token_weights if r.token_weights is not None else torch.ones(k) for r, k in zip(rows, n)]
+    return mask, torch.cat(weights).float().to(device)
 
 
 def _logprob_head(hidden, weight, bias, *, targets, temperature):

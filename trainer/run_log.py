@@ -177,6 +177,7 @@ TABLE_COLUMNS = (
     ("entropy", "entropy", "{:>8.3f}"),
     ("clip", "clip_frac_high", "{:>6.3f}"),
     ("gnorm", "grad_norm", "{:>7.3f}"),
+    ("dlogp", "mismatch_logp_abs_max", "{:>7.4f}"),  # the trainer-sampler gap ("-" in the bypass)
     ("roll s", "rollout_s", "{:>7.1f}"),
     ("upd s", "update_s", "{:>6.1f}"),
     ("step s", "step_s", "{:>7.1f}"),
@@ -228,14 +229,17 @@ def before_after_table(summary: dict[str, Any]) -> str:
 
 
 def plot_curves(records: list[dict[str, Any]], history: dict[str, Any], path: Path) -> None:
-    """Accuracy and mean response length per step (training rollouts; held-out evaluations as points)."""
+    """Accuracy and mean response length per step (training rollouts; held-out evaluations as points),
+    and the trainer-sampler mismatch when the run measured it (not in the bypass)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    measured = [r for r in records if "mismatch_logp_abs_max" in r]
+    fig, axes = plt.subplots(1, 3 if measured else 2, figsize=(15 if measured else 10, 3.8))
+    acc_ax, len_ax = axes[:2]
     acc_ax.plot(steps, [r["accuracy"] for r in records], label="training rollouts")
     len_ax.plot(steps, [r["mean_response_length"] for r in records], label="training rollouts")
     len_ax.plot(steps, [r["p90_response_length"] for r in records], alpha=0.5, linestyle="--", label="p90")
@@ -247,7 +251,13 @@ def plot_curves(records: list[dict[str, Any]], history: dict[str, Any], path: Pa
         len_ax.plot([s for s, _ in evals], [e["mean_length"] for _, e in evals], "o", label="held-out eval")
     acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(-0.02, 1.02))
     len_ax.set(xlabel="step", ylabel="tokens", title="response length")
-    for ax in (acc_ax, len_ax):
+    if measured:
+        gap_ax, at = axes[2], [r["step"] for r in measured]
+        gap_ax.plot(at, [r["mismatch_logp_abs_max"] for r in measured], label="max |dlogp|")
+        gap_ax.plot(at, [r["mismatch_logp_abs_mean"] for r in measured], label="mean |dlogp|")
+        gap_ax.plot(at, [r["mismatch_kl_k3"] for r in measured], label="KL k3")
+        gap_ax.set(xlabel="step", ylabel="nats", title="trainer-sampler mismatch")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

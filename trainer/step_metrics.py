@@ -12,6 +12,7 @@ import numpy as np
 
 from . import collective
 from .loss_metrics import TOKEN_MEAN_METRICS
+from .mismatch_metrics import MismatchSums
 from .packing import UpdateRow
 from .sampling import SamplingStats
 
@@ -30,21 +31,23 @@ class UpdateTotals:
     non-finite counts, the extreme ratios, and how many optimizer steps ran and were skipped."""
 
     def __init__(self) -> None:
-        self.steps, self.skipped, self.tokens = 0, 0, 0.0
+        self.steps, self.skipped, self.tokens, self.valid = 0, 0, 0.0, 0.0
         self.loss, self.grad_norm, self.num_nonfinite = 0.0, 0.0, 0.0
         self.token_sums: dict[str, float] = {}
         self.ratio_max, self.ratio_min = -math.inf, math.inf
 
     def add(self, metrics: dict[str, float], grad_norm: float) -> None:
         tokens = metrics.get("tokens", 0.0)
+        valid = metrics.get("valid", tokens)  # the tokens the means are over (a rollout correction masks some)
         self.steps += 1
         self.tokens += tokens
+        self.valid += valid
         self.loss += metrics["loss"]
         self.grad_norm += grad_norm
         self.num_nonfinite += metrics.get("num_nonfinite", 0.0)
         for key in TOKEN_MEAN_METRICS:
             if key in metrics:
-                self.token_sums[key] = self.token_sums.get(key, 0.0) + metrics[key] * tokens
+                self.token_sums[key] = self.token_sums.get(key, 0.0) + metrics[key] * valid
         self.ratio_max = max(self.ratio_max, metrics.get("ratio_max", -math.inf))
         self.ratio_min = min(self.ratio_min, metrics.get("ratio_min", math.inf))
 
@@ -57,8 +60,8 @@ class UpdateTotals:
         if self.steps:
             out = {"loss": self.loss / self.steps, "grad_norm": self.grad_norm / self.steps}
             out.update(update_tokens=self.tokens, num_nonfinite=self.num_nonfinite)
-            tokens = max(self.tokens, 1.0)
-            out.update({k: self.token_sums[k] / tokens for k in TOKEN_MEAN_METRICS if k in self.token_sums})
+            valid = max(self.valid, 1.0)
+            out.update({k: self.token_sums[k] / valid for k in TOKEN_MEAN_METRICS if k in self.token_sums})
             out.update(ratio_max=self.ratio_max, ratio_min=self.ratio_min)
         out.update(lr=lr, optimizer_steps=self.steps, skipped_steps=self.skipped)
         return out
@@ -72,11 +75,12 @@ class RankStepStats:
     generated_lengths: list[int]  # of every response it generated, kept or not
     batch_lengths: list[int]  # of the responses it trained on
     update_tokens: int  # prompt and response tokens of its update rows
+    mismatch: MismatchSums | None  # None: the trainer's old log-probs were not computed (bypass)
 
     @classmethod
-    def of(cls, sampling: SamplingStats, rows: Sequence[UpdateRow]) -> RankStepStats:
+    def of(cls, sampling: SamplingStats, rows: Sequence[UpdateRow], mismatch: MismatchSums | None) -> RankStepStats:
         batch_lengths = [len(r.response_ids) for r in rows]
-        return cls(sampling.as_dict(), sampling.lengths, batch_lengths, sum(r.tokens for r in rows))
+        return cls(sampling.as_dict(), sampling.lengths, batch_lengths, sum(r.tokens for r in rows), mismatch)
 
 
 def step_record(
@@ -87,11 +91,13 @@ def step_record(
     update: dict[str, float],
     timings: dict[str, float],
     with_budgets: bool,
+    mismatch: MismatchSums | None = None,
 ) -> dict[str, Any]:
     """One line of OUT/metrics.jsonl (collective): rollout statistics over every generated response of
-    every rank, then the advantages', the update's and the timings' figures. ``with_budgets``: add the
-    DA-DLER budget counts."""
-    everyone = collective.gather(RankStepStats.of(sampling, rows))
+    every rank, then the advantages', the update's, the trainer-sampler mismatch's (``mismatch``: this
+    rank's sums, merged over the ranks; None leaves its keys out) and the timings' figures.
+    ``with_budgets``: add the DA-DLER budget counts."""
+    everyone = collective.gather(RankStepStats.of(sampling, rows, mismatch))
     parts = [rank.sampling for rank in everyone]
     samples = sum(p["samples"] for p in parts)
 
@@ -118,6 +124,7 @@ def step_record(
         "sampling_capped": any(p["capped"] for p in parts),
         **advantages,
         **update,
+        **mismatch_record([rank.mismatch for rank in everyone]),
         **timings,
         "generated_tokens": generated,
         "rollout_tokens_per_s": generated / max(sum(p["generate_seconds"] for p in parts) / len(parts), 1e-9),
@@ -130,3 +137,10 @@ def step_record(
                 merged[budget] = merged.get(budget, 0) + n
         record["budgets"] = merged
     return record
+
+
+def mismatch_record(parts: Sequence[MismatchSums | None]) -> dict[str, Any]:
+    """The mismatch keys of the step (``trainer.mismatch_metrics``) from every rank's sums; none when the
+    ranks did not measure it."""
+    measured = [p for p in parts if p is not None]
+    return MismatchSums.merge(measured).as_record() if measured else {}

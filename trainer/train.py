@@ -56,10 +56,12 @@ from .fsutil import UserError
 from .fused_head import fused_head_unsupported
 from .global_batch import global_advantages
 from .heldout import HeldOutEval
+from .mismatch_metrics import MismatchSums
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
 from .packing import UpdateRow
 from .policy import accumulate_gradients, compute_logprobs
+from .rollout_correction import correct_rows
 from .run_folder import RunFolder
 from .run_log import CONFIG_FILE, RunLog
 from .sampling import DynamicSampler, RankSlice, SamplingStats, SamplingWarning, ScoredGroup
@@ -232,16 +234,37 @@ class Trainer:
         return global_advantages(groups, self.cfg.advantage_kwargs())
 
     def log_probs(self, rows: list[UpdateRow]) -> list[UpdateRow]:
-        """The rows with their old log-probs under the current policy (mini-batches make the sampler's
-        stale), and the reference's when the KL term is on; both with the no-grad kernel."""
+        """The rows with their old log-probs, and the reference's when the KL term is on; both with the
+        no-grad kernel. The old ones are the current policy's (``algorithm.old_logprobs: recompute``: the
+        sampler's differ by the engine's numerics, and mini-batches make them stale), with the rollout
+        correction's weights and mask from both; or the engine's own (``sampler``, the bypass: no forward)."""
         a = self.cfg.algorithm
         settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device)
         with self.timer.phase("logprob_s"):
-            old = compute_logprobs(self.policy, rows, **settings, fused_head=self.fused_head)
+            if a.old_logprobs == "sampler":
+                old = [self._sampler_logprobs(i, row) for i, row in enumerate(rows)]
+            else:
+                old = compute_logprobs(self.policy, rows, **settings, fused_head=self.fused_head)
             ref = [None] * len(rows)
             if self.reference is not None:
                 ref = compute_logprobs(self.reference, rows, **settings, fused_head=self.fused_head)
-        return [replace(row, old_logprobs=o, ref_logprobs=r) for row, o, r in zip(rows, old, ref)]
+        rows = [replace(row, old_logprobs=o, ref_logprobs=r) for row, o, r in zip(rows, old, ref)]
+        if a.rollout_correction.mode == "none":
+            return rows
+        try:
+            fixes = correct_rows(a.rollout_correction, old, [row.sampler_logprobs for row in rows])
+        except ValueError as e:
+            raise UserError(f"algorithm.rollout_correction: {e}") from None
+        return [replace(row, token_weights=f.weights, loss_mask=f.mask) for row, f in zip(rows, fixes)]
+
+    def _sampler_logprobs(self, i: int, row: UpdateRow) -> torch.Tensor:
+        if row.sampler_logprobs is None:
+            raise UserError(
+                f"algorithm.old_logprobs=sampler needs the engine's log-prob of every sampled token, and the "
+                f"{self.cfg.rollout.engine} engine gave none (or not one per token) for response {i}; use "
+                "algorithm.old_logprobs=recompute"
+            )
+        return row.sampler_logprobs
 
     def update(self, rows: list[UpdateRow], step: int) -> dict[str, float]:
         """``epochs_per_step`` passes over the batch in mini-batches of whole prompt groups, one optimizer
@@ -299,7 +322,13 @@ class Trainer:
     def record(self, step, sampling: SamplingStats, advantages, update, rows) -> dict[str, Any]:
         """One line of OUT/metrics.jsonl: rollout statistics over every generated response of every rank."""
         timings = {**self.timer.seconds, "step_s": self.timer.step_seconds()}
-        return step_record(step, sampling, rows, advantages, update, timings, with_budgets=self.budgets is not None)
+        a = self.cfg.algorithm
+        # In the bypass the old log-probs are the sampler's: there is no trainer-side figure to compare.
+        measured = a.old_logprobs == "recompute"
+        mismatch = MismatchSums.of(rows, corrected=a.rollout_correction.mode != "none") if measured else None
+        return step_record(
+            step, sampling, rows, advantages, update, timings, with_budgets=self.budgets is not None, mismatch=mismatch
+        )
 
     # -- setup details -------------------------------------------------------------------------
 

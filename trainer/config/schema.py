@@ -25,6 +25,7 @@ from ..budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
 from ..data import TEMPLATES, FieldMap
 from ..engines import ENGINES
 from ..rewards import LengthPenaltyConfig
+from ..rollout_correction import RolloutCorrectionConfig
 from ..sampling import SamplingConfig
 
 # Choices the config owns are written here; the others are the owning module's list, made a Literal.
@@ -42,6 +43,7 @@ AdvantageMethod = Literal[ADVANTAGE_METHODS]
 Weighting = Literal[WEIGHTINGS]
 LossAgg = Literal[LOSS_AGGS]
 KLType = Literal[KL_TYPES]
+OldLogprobs = Literal["recompute", "sampler"]  # trainer.train.Trainer.log_probs
 
 DEVICES = typing.get_args(Device)
 # Penalties that read no length budget: a max_tokens below length_budget is no contradiction for them.
@@ -294,6 +296,11 @@ class AlgorithmConfig:
     use_fused_linear: bool = True
     """Loss and log-probs from the hidden states and the LM head (no [tokens, vocab] logits); models whose
     logits are not the plain head's output (soft-capped, scaled) warn and take the logits path."""
+    # -- the trainer-sampler mismatch (trainer.rollout_correction, trainer.mismatch_metrics) --
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+    """Weights / masks from the ratio pi_old(trainer) / pi_sampler per token (TIS, MIS, IcePop; ``none``)."""
+    old_logprobs: OldLogprobs = "recompute"
+    """The PPO ratio's old log-probs: the trainer's own (``recompute``) or the engine's (``sampler``, bypass)."""
 
     def __post_init__(self):
         check_choices(self)
@@ -307,6 +314,14 @@ class AlgorithmConfig:
         check_number("norm_length", self.norm_length, low=0.0, low_open=True, allow_none=True)
         for name in ("mini_batch_prompts", "epochs_per_step", "micro_batch_tokens"):
             check_number(name, getattr(self, name), low=1, allow_none=True)
+        if self.old_logprobs == "sampler" and self.rollout_correction.mode != "none":
+            raise ValueError(
+                f"old_logprobs=sampler (bypass) takes the engine's log-probs as the old policy, so the correction's "
+                f"ratio pi_old / pi_sampler is 1 on every token and rollout_correction.mode="
+                f"{self.rollout_correction.mode} would change nothing; the PPO ratio pi_theta / pi_sampler and its "
+                "clip already correct against the sampler. Set rollout_correction.mode=none, or "
+                "old_logprobs=recompute to correct pi_old(trainer) against the sampler"
+            )
 
 
 @dataclass
