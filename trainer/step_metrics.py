@@ -62,7 +62,10 @@ class UpdateTotals:
             out.update(update_tokens=self.tokens, num_nonfinite=self.num_nonfinite)
             valid = max(self.valid, 1.0)
             out.update({k: self.token_sums[k] / valid for k in TOKEN_MEAN_METRICS if k in self.token_sums})
-            out.update(ratio_max=self.ratio_max, ratio_min=self.ratio_min)
+            if (
+                self.valid > 0
+            ):  # a step whose every token a rollout correction masked has no ratio (not +-inf in the JSON)
+                out.update(ratio_max=self.ratio_max, ratio_min=self.ratio_min)
         out.update(lr=lr, optimizer_steps=self.steps, skipped_steps=self.skipped)
         return out
 

@@ -2,6 +2,7 @@
 corrected loss and gradients against the float64 reference, the normaliser a masked token leaves as it
 is, the update path carrying the correction into the fused loss, and the metrics of a hand-made batch."""
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from trainer.mismatch_metrics import MismatchSums
 from trainer.packing import UpdateRow
 from trainer.policy import accumulate_gradients, compute_logprobs
 from trainer.rollout_correction import RolloutCorrectionConfig, correct_rows, correction
-from trainer.step_metrics import mismatch_record
+from trainer.step_metrics import UpdateTotals, mismatch_record
 
 # Four responses with chosen per-token ratios rho = pi_old(trainer) / pi_sampler:
 #   response 0: 4, 1/4, 1   (product 1, geometric mean 1)
@@ -283,3 +284,16 @@ def test_the_console_table_shows_the_gap_and_a_dash_without_it():
     column = TABLE_HEADER.split().index("dlogp")
     assert table_row({"mismatch_logp_abs_max": 0.01234}).split()[column] == "0.0123"
     assert table_row({}).split()[column] == "-"  # the bypass measures no gap
+
+
+def test_a_step_whose_every_token_was_masked_records_no_ratio_extremes():
+    # seq_mis's tight default band can mask a whole mini-batch on a bf16 engine: the kernel then has no
+    # ratio to report (+-inf), which must not reach metrics.jsonl as Infinity (not JSON).
+    all_masked = UpdateTotals()
+    all_masked.add({"loss": 0.0, "tokens": 12.0, "valid": 0.0, "ratio_max": -math.inf, "ratio_min": math.inf}, 0.0)
+    record = all_masked.means(lr=1e-3)
+    assert "ratio_max" not in record and "ratio_min" not in record
+    json.dumps(record, allow_nan=False)
+    kept = UpdateTotals()
+    kept.add({"loss": 0.1, "tokens": 12.0, "valid": 3.0, "ratio_max": 1.5, "ratio_min": 0.75}, 0.2)
+    assert kept.means(lr=1e-3)["ratio_max"] == 1.5 and kept.means(lr=1e-3)["ratio_min"] == 0.75
