@@ -234,7 +234,8 @@ class Trainer:
         """The rows with their old log-probs under the current policy (mini-batches make the sampler's
         stale), and the reference's when the KL term is on; both with the no-grad kernel."""
         a = self.cfg.algorithm
-        settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device)
+        settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device,
+                        lm_head_fp32=a.lm_head_fp32)  # fmt: skip
         with self.timer.phase("logprob_s"):
             old = compute_logprobs(self.policy, rows, **settings, fused_head=self.fused_head)
             ref = [None] * len(rows)
@@ -268,6 +269,7 @@ class Trainer:
                         token_budget=a.micro_batch_tokens,
                         device=self.env.device,
                         fused_head=self.fused_head,
+                        lm_head_fp32=a.lm_head_fp32,
                     )
                     sum_replicated_gradients(self.policy)  # data parallel without FSDP: one gradient for all
                     grad_norm = clip_gradients(self.policy, cfg.optim.grad_clip)
