@@ -255,3 +255,26 @@ def test_fp32_head_leaves_the_model_as_it_was(model):
     for fused_head in (False, True):
         compute_logprobs(model, rows, token_budget=8, temperature=1.0, fused_head=fused_head, lm_head_fp32=True)
         assert "forward" not in vars(model.lm_head)
+
+
+def test_fp32_head_uses_a_float32_head_weight_as_it_is(bf16_model):
+    """A float32 head weight under bf16 activations: the fused head upcasts the hidden states instead of
+    rounding the weight to bf16 (which the option off does, as before)."""
+    import copy
+
+    model = copy.deepcopy(bf16_model)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+    model.set_output_embeddings(head)
+    rows = make_rows(10)
+    targets = torch.tensor([t for r in rows for t in r.response_ids])
+    errors = {}
+    for lm_head_fp32 in (True, False):
+        logp, seen, _ = head_inputs(
+            model, compute_logprobs, rows, token_budget=10**6, temperature=1.0, fused_head=True,
+            lm_head_fp32=lm_head_fp32,
+        )  # fmt: skip
+        want = ref.token_logprobs_ref(seen[0].double() @ head.weight.detach().double().t(), targets)
+        errors[lm_head_fp32] = (torch.cat(logp).double() - want).abs().max().item()
+    assert errors[True] <= 1e-5 and errors[False] >= 1e-3, errors
