@@ -434,6 +434,17 @@ def test_fp32_head_changes_nothing_for_float32_inputs(backend):
         assert torch.equal(a, b)
 
 
+def test_fp32_head_default_chunk_is_tall_enough_to_amortise_the_upcast():
+    import sys
+
+    module = sys.modules["dler_kernels.linear_policy_loss"]
+    cpu = backend_named("reference")
+    assert module.rows_per_chunk(4096, 32000, None, cpu) == 32  # 2**20 // 32000, in multiples of 16
+    assert module.rows_per_chunk(4096, 32000, None, cpu, upcast=True) == module.UPCAST_MIN_ROWS == 256
+    assert module.rows_per_chunk(100, 32000, None, cpu, upcast=True) == 100  # never more rows than there are
+    assert module.rows_per_chunk(4096, 32000, 8, cpu, upcast=True) == 8  # an explicit chunk_size stands
+
+
 def test_fp32_head_never_holds_a_float32_copy_of_the_weight(backend):
     """Upcast tile by tile: no op's allocation reaches 4 V H bytes (a float32 copy of the weight, as
     ``weight.float()`` makes). The largest (measured 2.34 MB) is the autograd function's own outputs:
