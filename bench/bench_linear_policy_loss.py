@@ -95,6 +95,10 @@ def implementations(args, inputs, chunk_sizes):
         impls[label] = lambda x, w, c=chunk: linear_policy_loss(
             x, w, targets, old, adv, mask, chunk_size=c, **opts
         ).loss.backward()  # fmt: skip
+    if args.dtype != "fp32":  # the fp32 LM head: float32 logits from upcast tiles (a no-op on float32 inputs)
+        impls["dler linear_policy_loss, fp32_head"] = lambda x, w: linear_policy_loss(
+            x, w, targets, old, adv, mask, fp32_head=True, **opts
+        ).loss.backward()  # fmt: skip
     impls["chunked torch (verl-style, 512)"] = lambda x, w: _ChunkedTorch.apply(
         x, w, targets, old, adv, mask, 512, args.temperature
     ).backward()  # fmt: skip

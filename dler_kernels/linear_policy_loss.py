@@ -31,6 +31,18 @@ N=16384, V=151936; ``TORCH_SLAB_ELEMENTS = 2**20`` on a CPU and for the plain-to
 holds about four float32 copies of a chunk).
 No [N, V] tensor exists at any point.
 
+**fp32 LM head** (``fp32_head=True``, for bf16/fp16 inputs): the logits, and so dZ, are float32,
+computed from float32 copies of the inputs (``reference.linear_logits_ref(..., fp32_head=True)``): the
+hidden states of one row chunk at a time (all N once, for the vocab pass), the weight (and bias) one
+tile of ``weight_rows`` vocab rows at a time, never the whole [V, H] weight. The buffer is float32
+(twice the bytes at the same ``chunk_size``; the default chunk is at least ``UPCAST_MIN_ROWS`` = 256
+rows, which amortise the weight's upcast); the extra memory is one float32 weight tile (a quarter
+of the buffer's elements, at least 8 vocab rows), a float32 [rows, H] accumulator of dX and, with a weight gradient,
+a float32 copy of hidden [N, H]. Every backend's row and slab kernels take float32 logits, so every
+backend supports it. dX, dW, db are float32 sums rounded once to the parameters' own dtypes. The
+weight is upcast twice per row chunk (logits, dX) and once per vocab slice: bandwidth, small next to
+the float32 matmuls themselves (no tensor cores on a GPU unless TF32 is allowed).
+
 The whole gradient is computed in the forward call when autograd will need it (as in the logits
 path); backward only scales the stored gradients by the incoming one.
 
@@ -55,7 +67,7 @@ from .stored_grad import StoredGradFunction
 from .validate import check_number, check_targets, check_tensor
 
 
-def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
+def _check_linear(hidden, weight, bias, chunk_size, fp32_head) -> tuple[int, int]:
     check_tensor("hidden", hidden, ndim=2, kind="float")
     check_tensor("weight", weight, ndim=2, kind="float")
     if weight.device != hidden.device:
@@ -79,14 +91,24 @@ def _check_linear(hidden, weight, bias, chunk_size) -> tuple[int, int]:
             raise ValueError(
                 f"bias must have {weight.shape[0]} entries (one per vocab row of weight), got {bias.shape[0]}"
             )
+    if not isinstance(fp32_head, bool):
+        raise ValueError(f"fp32_head must be a bool (compute the logits in float32), got {fp32_head!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return hidden.shape[0], weight.shape[0]
 
 
-def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: Backend) -> int:
+# The least default chunk of an upcast (fp32 head on bf16/fp16): each chunk upcasts the whole weight twice
+# (tile by tile), which short chunks do not amortise. CPU, N=1024, H=512, V=32000, bf16, fwd+bwd: 62 s at
+# 32 rows (the CPU default), 10.3 s at 128, 3.5 s at 256, 2.6 s at 1024 (bf16 head, default chunk: 2.5 s).
+UPCAST_MIN_ROWS = 256
+
+
+def rows_per_chunk(n: int, vocab: int, chunk_size: int | None, backend: Backend, upcast: bool = False) -> int:
     if chunk_size is None:
         chunk_size = max(16, backend.chunk_elements // vocab // 16 * 16)
+        if upcast:
+            chunk_size = max(chunk_size, UPCAST_MIN_ROWS)
     return max(1, min(chunk_size, n))
 
 
@@ -106,45 +128,103 @@ def slab_columns(n: int, vocab: int, rows: int) -> int:
     return max(1, min(vocab, cols))
 
 
-class _Slabs:
-    """One flat buffer, viewed as the logits of a row chunk [rows, V] or of a vocab slice [N, cols]."""
+def logits_dtype(hidden: torch.Tensor, fp32_head: bool) -> torch.dtype:
+    """The dtype the logits are computed and kept in: the inputs', or with ``fp32_head`` at least float32."""
+    return torch.promote_types(hidden.dtype, torch.float32) if fp32_head else hidden.dtype
 
-    def __init__(self, hidden, weight, bias, rows):
+
+class _Slabs:
+    """One flat buffer, viewed as the logits of a row chunk [rows, V] or of a vocab slice [N, cols], and
+    the matmuls of both passes.
+
+    With logits in a wider dtype than the inputs (``fp32_head`` on bf16/fp16) the buffer is float32 and
+    every matmul runs in float32 on upcast copies: the hidden states of one row chunk (or, for the vocab
+    pass, all N once), and the weight ``weight_rows`` vocab rows at a time, never the whole [V, H] weight
+    (4 V H bytes: 0.9 GB at V=151936, H=1536). Otherwise each matmul is one ``torch.mm`` on the inputs."""
+
+    def __init__(self, hidden, weight, bias, rows, dtype=None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.rows = rows
         self.cols = slab_columns(self.n, self.vocab, rows)
+        self.dtype = dtype = hidden.dtype if dtype is None else dtype
+        self.upcast = dtype != hidden.dtype
         numel = max(rows * self.vocab, self.n * self.cols)
-        self.buffer = torch.empty(numel, dtype=hidden.dtype, device=hidden.device)
+        self.buffer = torch.empty(numel, dtype=dtype, device=hidden.device)
+        # An upcast weight tile holds a quarter of the buffer's elements (at least 8 vocab rows).
+        self.weight_rows = max(SLAB_ALIGN_COLUMNS, numel // (4 * hidden.shape[1]))
+        self._wide_hidden = None
+
+    def _weight_tiles(self, v0, v1):
+        """(t0, t1, weight[t0:t1], bias[t0:t1] or None) in the logits dtype: [v0, v1) in one piece, or in
+        upcast tiles of ``weight_rows`` rows."""
+        step = self.weight_rows if self.upcast else v1 - v0
+        for t0 in range(v0, v1, step):
+            t1 = min(t0 + step, v1)
+            w = self.weight[t0:t1].to(self.dtype)
+            b = self.bias[t0:t1].to(self.dtype) if self.bias is not None else None
+            yield t0, t1, w, b
+
+    def _logits_(self, x, v0, z):
+        """z <- x @ weight[v0 : v0 + z.shape[1]]^T (+ bias), x in the logits dtype."""
+        for t0, t1, w, b in self._weight_tiles(v0, v0 + z.shape[1]):
+            out = z[:, t0 - v0 : t1 - v0]
+            if b is None:
+                torch.mm(x, w.t(), out=out)
+            else:
+                torch.addmm(b, x, w.t(), out=out)
+
+    def _all_hidden(self):
+        """All N hidden states in the logits dtype (one upcast copy, made once, when needed)."""
+        if not self.upcast:
+            return self.hidden
+        if self._wide_hidden is None:
+            self._wide_hidden = self.hidden.to(self.dtype)
+        return self._wide_hidden
 
     def row_chunks(self):
         for r0 in range(0, self.n, self.rows):
             r1 = min(r0 + self.rows, self.n)
             z = self.buffer[: (r1 - r0) * self.vocab].view(r1 - r0, self.vocab)
-            x = self.hidden[r0:r1]
-            if self.bias is None:
-                torch.mm(x, self.weight.t(), out=z)
-            else:
-                torch.addmm(self.bias, x, self.weight.t(), out=z)
+            self._logits_(self.hidden[r0:r1].to(self.dtype), 0, z)
             yield r0, r1, z
 
     def vocab_slices(self):
+        x = self._all_hidden()
         for v0 in range(0, self.vocab, self.cols):
             v1 = min(v0 + self.cols, self.vocab)
             z = self.buffer[: self.n * (v1 - v0)].view(self.n, v1 - v0)
-            w = self.weight[v0:v1]
-            if self.bias is None:
-                torch.mm(self.hidden, w.t(), out=z)
-            else:
-                torch.addmm(self.bias[v0:v1], self.hidden, w.t(), out=z)
+            self._logits_(x, v0, z)
             yield v0, v1, z
+
+    def hidden_grad_(self, dz, rows, dx):
+        """dx[rows] = dZ W for the row chunk ``rows`` (float32 accumulation inside the matmul or across the
+        upcast tiles, one rounding to dx's dtype)."""
+        if not self.upcast:
+            torch.mm(dz, self.weight, out=dx[rows])
+            return
+        acc = torch.zeros(dz.shape[0], self.weight.shape[1], dtype=self.dtype, device=dz.device)
+        for t0, t1, w, _ in self._weight_tiles(0, self.vocab):
+            acc.addmm_(dz[:, t0:t1], w)
+        dx[rows] = acc
+
+    def weight_grad_(self, dz, v0, dw):
+        """dw[v0 : v0 + width] = dZ^T X over all N rows for the vocab slice ``dz`` [N, width] (float32
+        accumulation, one rounding to dw's dtype; upcast: one weight tile's rows at a time)."""
+        if not self.upcast:
+            torch.mm(dz.t(), self.hidden, out=dw[v0 : v0 + dz.shape[1]])
+            return
+        x = self._all_hidden()
+        for t0 in range(0, dz.shape[1], self.weight_rows):
+            t1 = min(t0 + self.weight_rows, dz.shape[1])
+            dw[v0 + t0 : v0 + t1] = torch.mm(dz[:, t0:t1].t(), x)
 
 
 # ---------------------------------------------------------------- the two passes
 
 
 def fused_linear(hidden, weight, bias, data: TokenData, weights, options: LossOptions, *, rows, backend: Backend,
-                 need_dx, need_dw, need_db):  # fmt: skip
+                 need_dx, need_dw, need_db, fp32_head=False):  # fmt: skip
     """Both passes over checked inputs: (per_token, logp, entropy, kl or None, dX, dW, db), each gradient
     None unless asked for. ``weights``: the aggregation weights of the tokens."""
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -161,7 +241,7 @@ def fused_linear(hidden, weight, bias, data: TokenData, weights, options: LossOp
     dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
     db = torch.zeros(vocab, dtype=f32, device=dev) if need_db else None
     state = tuple(torch.zeros(n, dtype=f32, device=dev) for _ in range(3)) if vocab_pass else None
-    slabs = _Slabs(hidden, weight, bias, rows)
+    slabs = _Slabs(hidden, weight, bias, rows, logits_dtype(hidden, fp32_head))
 
     for r0, r1, z in slabs.row_chunks():
         sl = slice(r0, r1)
@@ -174,7 +254,7 @@ def fused_linear(hidden, weight, bias, data: TokenData, weights, options: LossOp
                 full[sl] = part
         if not want_grad:
             continue
-        _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)  # z now holds dZ for these rows
+        _chunk_grads_(z, sl, slabs, dx, dw if direct_dw else None, db)  # z now holds dZ for these rows
 
     if vocab_pass:
         _weight_grad_by_vocab_slices(slabs, dw, data.targets, data.valid, *state, entropy, options.temperature,
@@ -182,13 +262,13 @@ def fused_linear(hidden, weight, bias, data: TokenData, weights, options: LossOp
     return per_token, logp, entropy, kl, dx, dw, (db.to(weight.dtype) if db is not None else None)
 
 
-def _chunk_grads_(dz, rows, hidden, weight, dx, dw_direct, db):
+def _chunk_grads_(dz, rows, slabs, dx, dw_direct, db):
     """From dZ of one row chunk: dX[rows] = dZ W, dW += dZ^T X[rows] (float32/float64 weights, accumulated
     in place; bf16/fp16 ones go through the vocab pass), db += colsum(dZ) in float32 (None: not needed)."""
     if dx is not None:
-        torch.mm(dz, weight, out=dx[rows])
+        slabs.hidden_grad_(dz, rows, dx)
     if dw_direct is not None:
-        dw_direct.addmm_(dz.t(), hidden[rows])
+        dw_direct.addmm_(dz.t(), slabs.hidden[rows])
     if db is not None:
         db += dz.sum(0, dtype=db.dtype)
 
@@ -196,19 +276,19 @@ def _chunk_grads_(dz, rows, hidden, weight, dx, dw_direct, db):
 def _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend):
     """The vocab pass: dW[v0:v1] = dZ[:, v0:v1]^T X, one matmul over all N rows per slice (float32
     accumulation and one rounding, for bf16/fp16 weights)."""
-    for v0, v1, z in slabs.vocab_slices():
+    for v0, _, z in slabs.vocab_slices():
         backend.slab_grad_(z, targets, valid, lse, entropy, dlogp, dent, v0, temperature)
-        torch.mm(z.t(), slabs.hidden, out=dw[v0:v1])
+        slabs.weight_grad_(z, v0, dw)
 
 
 class _LinearPolicyLoss(StoredGradFunction):
     """Forward runs both passes (gradients included when autograd needs them); backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, data, weights, options, rows, backend, needs):
+    def forward(ctx, hidden, weight, bias, data, weights, options, rows, backend, needs, fp32_head):
         per_token, logp, entropy, kl, dx, dw, db = fused_linear(
             hidden, weight, bias, data, weights, options, rows=rows, backend=backend,
-            need_dx=needs[0], need_dw=needs[1], need_db=needs[2],
+            need_dx=needs[0], need_dw=needs[1], need_db=needs[2], fp32_head=fp32_head,
         )  # fmt: skip
         loss = (per_token * weights.to(per_token.dtype)).sum()
         ctx.save_for_backward(dx, dw, db)
@@ -240,6 +320,7 @@ def linear_policy_loss(
     token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
+    fp32_head: bool = False,
 ) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
@@ -253,8 +334,14 @@ def linear_policy_loss(
     plain torch). Rows whose mask is false need finite hidden states
     (as with ``F.linear``, their zero gradient still meets their hidden state in dW). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels.dispatch``).
+    ``fp32_head``: an fp32 LM head for bf16/fp16 inputs: the logits (and dZ) in float32 from upcast tiles
+    of hidden, weight and bias (``reference.linear_logits_ref(..., fp32_head=True)``), on every backend;
+    the buffer is then float32 (twice the bytes; default chunk at least 256 rows), plus one float32 weight
+    tile of a quarter of its elements and, with a weight gradient, a float32 copy of hidden. Gradients
+    keep their dtypes.
+    No effect on float32/float64 inputs.
     """
-    n, vocab = _check_linear(hidden, weight, bias, chunk_size)
+    n, vocab = _check_linear(hidden, weight, bias, chunk_size, fp32_head)
     options = LossOptions(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
                           entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg,
                           normalizer=normalizer, norm_length=norm_length)  # fmt: skip
@@ -271,8 +358,9 @@ def linear_policy_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
-        hidden, weight, bias, data.contiguous(), weights, options, rows_per_chunk(n, vocab, chunk_size, chosen),
-        chosen, needs,
+        hidden, weight, bias, data.contiguous(), weights, options,
+        rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype),
+        chosen, needs, fp32_head,
     )  # fmt: skip
     with torch.no_grad():
         metrics = ref.policy_metrics_ref(
@@ -288,7 +376,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     incoming d/d(log-prob) and d/d(entropy) of each row are exactly the row state of the slab kernels)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, rows, backend):
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows, backend, fp32_head):
         f32 = ref.accumulation_dtype(hidden)
         n = hidden.shape[0]
         valid = targets >= 0
@@ -296,7 +384,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         logp = torch.zeros(n, dtype=f32, device=hidden.device)
         entropy = torch.zeros(n, dtype=f32, device=hidden.device)
         lse = torch.zeros(n, dtype=f32, device=hidden.device)
-        for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
+        for r0, r1, z in _Slabs(hidden, weight, bias, rows, logits_dtype(hidden, fp32_head)).row_chunks():
             lp, ent = backend.token_logprobs(z, targets[r0:r1], temperature, True)
             logp[r0:r1], entropy[r0:r1] = lp, ent
             # log-sum-exp of z / T from the kernel's own log-prob: lse = z[target] / T - logp (exact up to one
@@ -304,39 +392,40 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             z_target = z.gather(1, safe[r0:r1, None])[:, 0].to(f32) * (1.0 / temperature)
             lse[r0:r1] = torch.where(valid[r0:r1], z_target - lp.to(f32), 0.0)
         ctx.save_for_backward(hidden, weight, bias, safe, valid, lse, entropy)
-        ctx.opts = (temperature, rows, backend)
+        ctx.opts = (temperature, rows, backend, fp32_head)
         ctx.mark_non_differentiable(lse)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
-        temperature, rows, backend = ctx.opts
+        temperature, rows, backend, fp32_head = ctx.opts
         f32 = lse.dtype
         dlogp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(f32).contiguous()
         dent = torch.zeros_like(lse) if grad_entropy is None else grad_entropy.to(f32).contiguous()
         dx, dw, db = logprobs_grads(
             hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend,
-            ctx.needs_input_grad[:3],
+            ctx.needs_input_grad[:3], fp32_head,
         )  # fmt: skip
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
-def logprobs_grads(hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend, needs):
+def logprobs_grads(hidden, weight, bias, targets, valid, lse, entropy, dlogp, dent, temperature, rows, backend, needs,
+                   fp32_head=False):  # fmt: skip
     """(dX, dW, db) of the log-probs and entropies (incoming gradients ``dlogp``, ``dent``), each None
-    unless ``needs`` (three bools) asks for it: the logits recomputed chunk by chunk, turned into their
-    gradient by the slab kernel from the saved row statistics."""
+    unless ``needs`` (three bools) asks for it: the logits recomputed chunk by chunk (in float32 with
+    ``fp32_head``), turned into their gradient by the slab kernel from the saved row statistics."""
     need_dx, need_dw, need_db = needs
     direct_dw = need_dw and weight.dtype in (torch.float32, torch.float64)
     dx = torch.empty_like(hidden) if need_dx else None
     dw = torch.zeros_like(weight) if direct_dw else (torch.empty_like(weight) if need_dw else None)
     db = torch.zeros(weight.shape[0], dtype=lse.dtype, device=hidden.device) if need_db else None
-    slabs = _Slabs(hidden, weight, bias, rows)
+    slabs = _Slabs(hidden, weight, bias, rows, logits_dtype(hidden, fp32_head))
     if need_dx or direct_dw or need_db:
         for r0, r1, z in slabs.row_chunks():
             sl = slice(r0, r1)
             backend.slab_grad_(z, targets[sl], valid[sl], lse[sl], entropy[sl], dlogp[sl], dent[sl], 0, temperature)
-            _chunk_grads_(z, sl, hidden, weight, dx, dw if direct_dw else None, db)
+            _chunk_grads_(z, sl, slabs, dx, dw if direct_dw else None, db)
     if need_dw and not direct_dw:
         _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, entropy, temperature, backend)
     return dx, dw, (db.to(weight.dtype) if db is not None else None)
@@ -352,6 +441,7 @@ def linear_token_logprobs(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
+    fp32_head: bool = False,
 ):
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
@@ -359,23 +449,24 @@ def linear_token_logprobs(
     [N], or ``(logprobs, entropy)`` with ``return_entropy``. Memory: one ``chunk_size * V`` buffer.
     Differentiable w.r.t. hidden, weight and bias when autograd needs it (both outputs): the backward
     recomputes the logits chunk by chunk from O(N) saved row statistics (verl's and Liger's fused
-    log-prob + entropy op); without gradient nothing is saved.
+    log-prob + entropy op); without gradient nothing is saved. ``fp32_head``: the logits in float32 from
+    upcast tiles of bf16/fp16 inputs, as in ``linear_policy_loss``.
     """
-    n, vocab = _check_linear(hidden, weight, bias, chunk_size)
+    n, vocab = _check_linear(hidden, weight, bias, chunk_size, fp32_head)
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
     check_number("temperature", temperature, low=0.0, low_open=True)
     check_targets(targets, targets >= 0, vocab, what="weight")
     chosen = select_backend(hidden, backend)
-    rows = rows_per_chunk(n, vocab, chunk_size, chosen)
+    rows = rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, chosen)
+        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, chosen, fp32_head)
         if hidden.dtype != torch.float64:
             logp, entropy = logp.float(), entropy.float()
         return (logp, entropy) if return_entropy else logp
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device) if return_entropy else None
     with torch.no_grad():
-        for r0, r1, z in _Slabs(hidden, weight, bias, rows).row_chunks():
+        for r0, r1, z in _Slabs(hidden, weight, bias, rows, logits_dtype(hidden, fp32_head)).row_chunks():
             lp, ent = chosen.token_logprobs(z, targets[r0:r1], temperature, return_entropy)
             logp[r0:r1] = lp
             if return_entropy:

@@ -405,19 +405,31 @@ def advantage_stats(rewards, values, keep, group_keep):
     }
 
 
-def linear_logits_ref(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_logits_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp32_head: bool = False
+) -> torch.Tensor:
     """The logits the fused-linear path never materialises: ``hidden @ weight.T (+ bias)``, [N, V],
-    in the inputs' dtype (as an ``nn.Linear`` LM head produces them)."""
+    in the inputs' dtype (as an ``nn.Linear`` LM head produces them); with ``fp32_head`` (an fp32 LM head)
+    in float32 at least: hidden, weight and bias upcast before the matmul."""
+    if fp32_head:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def linear_policy_loss_ref(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, **options):
-    """``policy_loss_ref`` on ``linear_logits_ref(hidden, weight, bias)``: the specification of
-    ``dler_kernels.linear_policy_loss``. Differentiable w.r.t. hidden, weight and bias."""
-    return policy_loss_ref(linear_logits_ref(hidden, weight, bias), targets, old_logprobs, advantages, mask, **options)
+def linear_policy_loss_ref(
+    hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, fp32_head=False, **options
+):  # fmt: skip
+    """``policy_loss_ref`` on ``linear_logits_ref(hidden, weight, bias, fp32_head=...)``: the specification
+    of ``dler_kernels.linear_policy_loss``. Differentiable w.r.t. hidden, weight and bias."""
+    logits = linear_logits_ref(hidden, weight, bias, fp32_head=fp32_head)
+    return policy_loss_ref(logits, targets, old_logprobs, advantages, mask, **options)
 
 
-def linear_token_logprobs_ref(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False):
-    """``token_logprobs_ref`` on ``linear_logits_ref(hidden, weight, bias)``."""
-    logits = linear_logits_ref(hidden, weight, bias)
+def linear_token_logprobs_ref(
+    hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False, fp32_head=False
+):  # fmt: skip
+    """``token_logprobs_ref`` on ``linear_logits_ref(hidden, weight, bias, fp32_head=...)``."""
+    logits = linear_logits_ref(hidden, weight, bias, fp32_head=fp32_head)
     return token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)

@@ -20,7 +20,7 @@ import torch
 import dler_kernels as dk
 
 from .collective import reduce_scalar
-from .fused_head import through_head
+from .fused_head import fp32_head_logits, through_head
 from .loss_metrics import MiniBatchMetrics
 from .packing import DUMMY_ROW, Packed, UpdateRow, synced_plan
 
@@ -34,10 +34,11 @@ def compute_logprobs(
     temperature: float,
     device: torch.device | None = None,
     fused_head: bool = False,
+    lm_head_fp32: bool = False,
 ) -> list[torch.Tensor]:
     """The model's log-probs of each row's response tokens at ``temperature`` (one CPU tensor per row,
     in row order), with the no-grad kernel (no autograd graph, no N x V kept; with ``fused_head`` no
-    N x V at all)."""
+    N x V at all). ``lm_head_fp32``: the LM head's matmul in float32 (both paths)."""
     device = device or _device_of(model)
     was_training = model.training
     out: list[torch.Tensor | None] = [None] * len(rows)
@@ -49,10 +50,12 @@ def compute_logprobs(
                 continue
             packed = Packed.of([rows[i] for i in plan], device)
             if fused_head:
-                head = functools.partial(_logprob_head, targets=packed.targets, temperature=temperature)
-                logp = through_head(model, packed, head)
+                head = functools.partial(
+                    _logprob_head, targets=packed.targets, temperature=temperature, fp32_head=lm_head_fp32
+                )
+                logp = through_head(model, packed, head, fp32_head=lm_head_fp32)
             else:
-                logp = dk.token_logprobs(packed.response_logits(model), packed.targets, temperature=temperature)
+                logp = dk.token_logprobs(_logits(model, packed, lm_head_fp32), packed.targets, temperature=temperature)
             for i, part in zip(plan, logp.split([len(r.response_ids) for r in packed.rows])):
                 out[i] = part.cpu()
     finally:
@@ -74,15 +77,16 @@ def accumulate_gradients(
     token_budget: int,
     device: torch.device | None = None,
     fused_head: bool = False,
+    lm_head_fp32: bool = False,
 ) -> dict[str, float]:
     """Forward + backward of one mini-batch over its micro-batches; gradients accumulate in
     ``.grad``. ``loss`` holds the keyword arguments of ``dler_kernels.policy_loss`` that a run
     fixes (``TrainConfig.policy_loss_kwargs()``). ``fused_head``: the loss from the hidden states
     and the LM head weight (``dler_kernels.linear_policy_loss``, see ``fused_head_unsupported``).
-    Returns the mini-batch's loss and metrics (token-weighted means over ranks). Rows with a rollout
-    correction (``UpdateRow.token_weights`` / ``loss_mask``) pass it to the kernel as ``token_weights`` and
-    ``mask``; the normaliser stays the count without it (a masked token leaves the numerator only, see
-    ``trainer.rollout_correction``)."""
+    ``lm_head_fp32``: the LM head's matmul in float32 (both paths). Returns the mini-batch's loss and
+    metrics (token-weighted means over ranks). Rows with a rollout correction (``UpdateRow.token_weights``
+    / ``loss_mask``) pass it to the kernel as ``token_weights`` and ``mask``; the normaliser stays the count
+    without it (a masked token leaves the numerator only, see ``trainer.rollout_correction``)."""
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):
@@ -107,11 +111,13 @@ def accumulate_gradients(
         kwargs = dict(ref_logprobs=ref, seq_ids=packed.seq_ids, normalizer=normalizer, token_weights=weights, **loss)
         if fused_head:
             outputs = []
-            head = functools.partial(_loss_head, packed=packed, old=old, mask=mask, kwargs=kwargs, outputs=outputs)
-            through_head(model, packed, head).sum().backward()
+            head = functools.partial(_loss_head, packed=packed, old=old, mask=mask, kwargs=kwargs, outputs=outputs,
+                                     fp32_head=lm_head_fp32)  # fmt: skip
+            through_head(model, packed, head, fp32_head=lm_head_fp32).sum().backward()
             out = outputs[-1]
         else:
-            out = dk.policy_loss(packed.response_logits(model), packed.targets, old, packed.advantages, mask, **kwargs)
+            logits = _logits(model, packed, lm_head_fp32)
+            out = dk.policy_loss(logits, packed.targets, old, packed.advantages, mask, **kwargs)
             out.loss.backward()
         metrics.add(out.loss, packed.targets.numel(), out.metrics, valid=int(mask.sum()))
     return metrics.reduced(device)
@@ -129,12 +135,17 @@ def correction_inputs(rows: Sequence[UpdateRow], device: torch.device) -> tuple[
     return mask, torch.cat(weights).float().to(device)
 
 
-def _logprob_head(hidden, weight, bias, *, targets, temperature):
-    return dk.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
+def _logits(model, packed: Packed, fp32_head: bool) -> torch.Tensor:
+    return fp32_head_logits(model, packed) if fp32_head else packed.response_logits(model)
 
 
-def _loss_head(hidden, weight, bias, *, packed, old, mask, kwargs, outputs):
-    out = dk.linear_policy_loss(hidden, weight, packed.targets, old, packed.advantages, mask, bias=bias, **kwargs)
+def _logprob_head(hidden, weight, bias, *, targets, temperature, fp32_head):
+    return dk.linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, fp32_head=fp32_head)
+
+
+def _loss_head(hidden, weight, bias, *, packed, old, mask, kwargs, outputs, fp32_head):
+    out = dk.linear_policy_loss(hidden, weight, packed.targets, old, packed.advantages, mask, bias=bias,
+                                fp32_head=fp32_head, **kwargs)  # fmt: skip
     outputs.append(out)
     # Returned as the model's output, so that FSDP2's backward hooks fire; a copy, not a view (FSDP2
     # warns that an in-place op on a returned view would drop its hook).

@@ -239,7 +239,8 @@ class Trainer:
         sampler's differ by the engine's numerics, and mini-batches make them stale), with the rollout
         correction's weights and mask from both; or the engine's own (``sampler``, the bypass: no forward)."""
         a = self.cfg.algorithm
-        settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device)
+        settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device,
+                        lm_head_fp32=a.lm_head_fp32)  # fmt: skip
         with self.timer.phase("logprob_s"):
             if a.old_logprobs == "sampler":
                 old = [self._sampler_logprobs(i, row) for i, row in enumerate(rows)]
@@ -292,6 +293,7 @@ class Trainer:
                         token_budget=a.micro_batch_tokens,
                         device=self.env.device,
                         fused_head=self.fused_head,
+                        lm_head_fp32=a.lm_head_fp32,
                     )
                     sum_replicated_gradients(self.policy)  # data parallel without FSDP: one gradient for all
                     grad_norm = clip_gradients(self.policy, cfg.optim.grad_clip)

@@ -55,6 +55,8 @@ class VLLMEngine:
     pass ``"float32"`` where log-probs must match the trainer's float32 forward closely.
     ``device`` is where weight updates are sent (the trainer's device; by default vLLM's platform's).
     ``engine_args`` go to ``vllm.LLM`` as they are (e.g. ``max_num_seqs``).
+    ``lm_head_fp32``: vLLM computes the LM head in float32 (``hf_overrides={"head_dtype": "float32"}``:
+    vLLM's ``LogitsProcessor._apply_head`` then upcasts, or on CUDA accumulates straight into float32).
 
     ``log_file`` (the trainer's: ``engine.log`` in the run folder) takes vLLM's log records and
     everything vLLM prints while it starts; the console keeps vLLM's errors only
@@ -76,6 +78,7 @@ class VLLMEngine:
         device: str | None = None,
         engine_args: dict | None = None,
         log_file: Path | str | None = None,
+        lm_head_fp32: bool = False,
     ):
         # Before vLLM is imported: it logs while its modules load.
         vllm_logging = VLLMLogging(Path(log_file)) if log_file is not None else None
@@ -112,6 +115,8 @@ class VLLMEngine:
         # step's token budget: whole prefills avoid it.
         kwargs = {"enable_chunked_prefill": False} if on_host else {}
         kwargs.update(engine_args or {})
+        if lm_head_fp32:
+            kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), "head_dtype": "float32"}
         kwargs.update(_executor_args(tensor_parallel_size))
         if vllm_logging is not None:
             kwargs.update(vllm_logging.engine_args())

@@ -319,6 +319,149 @@ def test_linear_token_logprobs_gradient_matches_float64(backend, shape, chunk, d
     assert leaves[0].grad[0].abs().max() == 0.0
 
 
+# ---------------------------------------------------------------- fp32 LM head
+#
+# With fp32_head the logits of bf16/fp16 inputs are computed in float32 from the inputs' own values
+# (bf16 -> float32 is exact), so the oracle is float64 from those values on: F.linear of the upcast
+# inputs in float64, no rounding of the logits anywhere. The forward outputs then meet the float32
+# inputs' bounds (check_loss_terms: loss rel <= 1e-5 of sum |per-token loss|, log-prob abs <= 1e-5).
+# Gradients: float32 arithmetic (relative ~1e-7 per term of |dZ| |W|, bounded here by 1e-5 of the
+# absolute sum), then one rounding to the parameter's dtype (u = STORE_ROUNDING, round to nearest;
+# below fp16's smallest normal the spacing is fixed, u * smallest_normal absolute):
+# |g - g64| <= u (|g64| + smallest_normal) + 1e-5 * abs_terms. Without fp32_head the logits are rounded to bf16 first
+# (relative 2^-8 of values up to ~10: ~0.04 absolute), far outside these bounds.
+
+
+def upcast_to_float64(tensors, extra):
+    """The same inputs as float64 values (exact), for the oracle of an fp32 head."""
+    wide = {**tensors, "hidden": tensors["hidden"].double(), "weight": tensors["weight"].double()}
+    return wide, {**extra, "bias": extra["bias"].double() if extra["bias"] is not None else None}
+
+
+def check_fp32_head_grad(name, got, want, abs_terms, dtype):
+    assert got.dtype == dtype, f"{name} dtype {got.dtype}"
+    bound = STORE_ROUNDING[dtype] * (want.abs() + torch.finfo(dtype).smallest_normal) + 1e-5 * abs_terms
+    err = (got.double() - want).abs()
+    assert bool((err <= bound).all()), (name, (err - bound).max().item(), rel(got, want))
+
+
+FP32_HEAD_SHAPES = [(7, 16, 33, 3), (17, 24, 1000, 5), (5, 32, 4097, 2), (9, 40, 257, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", FP32_HEAD_SHAPES, ids=lambda s: f"N{s[0]}-H{s[1]}-V{s[2]}-chunk{s[3]}")
+def test_fp32_head_matches_float64_of_the_input_values_to_float32_rounding(backend, shape, dtype):
+    n, h, v, chunk = shape
+    i = FP32_HEAD_SHAPES.index(shape)
+    opts = OPTION_SETS[i % 4]
+    tensors, extra = make_inputs(n, h, v, dtype, seed=n * 100 + v, with_bias=i % 2 == 0)
+    out, dx, dw, db = run(tensors, extra, chunk_size=chunk, fp32_head=True, **opts)
+    wide, wide_extra = upcast_to_float64(tensors, extra)
+    loss64, pt64, lp64, ent64, m64, dz, dx64, dw64, db64 = oracle(wide, wide_extra, **opts)
+    check_loss_terms(out, loss64, pt64, lp64, ent64, m64, tensors["mask"], extra, opts)
+    x, w = wide["hidden"], wide["weight"]
+    check_fp32_head_grad("dhidden", dx, dx64, dz.abs() @ w.abs(), dtype)
+    check_fp32_head_grad("dweight", dw, dw64, dz.abs().t() @ x.abs(), dtype)
+    if extra["bias"] is not None:
+        check_fp32_head_grad("dbias", db, db64, dz.abs().sum(0), dtype)
+
+
+def test_fp32_head_error_is_float32_rounding_where_the_bf16_head_is_not(backend):
+    """The same bf16 inputs against float64 of their values, with and without fp32_head: the fp32 head
+    within the float32 bounds, the bf16 head far outside them (the errors of logits rounded to bf16)."""
+    tensors, extra = make_inputs(64, 64, 2000, torch.bfloat16, seed=11)
+    opts = dict(entropy_coef=0.01, temperature=0.8)
+    loss64, pt64, lp64, *_ = oracle(*upcast_to_float64(tensors, extra), **opts)
+    errors = {}
+    for fp32_head in (True, False):
+        out = run(tensors, extra, chunk_size=16, fp32_head=fp32_head, **opts)[0]
+        valid = tensors["mask"]
+        errors[fp32_head] = (
+            abs(out.loss.item() - loss64.item()) / pt64[valid].abs().mean().item(),
+            (out.logprobs.double() - lp64)[valid].abs().max().item(),
+        )
+    assert errors[True][0] <= 1e-5 and errors[True][1] <= 1e-5, errors
+    # Measured (cpu and reference backends): fp32 head 5.1e-8 (loss) and 1.0e-6 (log-prob); bf16 head 1.2e-3, 1.6e-2.
+    assert errors[False][0] >= 1e-4 and errors[False][1] >= 1e-2, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_head_linear_token_logprobs_and_gradient_match_float64(backend, dtype):
+    n, h, v = 13, 16, 4097
+    tensors, extra = make_inputs(n, h, v, dtype, seed=9)
+    targets = tensors["targets"].clone()
+    targets[0] = -100  # a padding row
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.8,
+                                    return_entropy=True, chunk_size=2, fp32_head=True)  # fmt: skip
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    no_grad = linear_token_logprobs(tensors["hidden"], tensors["weight"], targets, bias=extra["bias"],
+                                    temperature=0.8, chunk_size=2, fp32_head=True)  # fmt: skip
+
+    wide = [t.double().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    logits64 = F.linear(*wide).detach().requires_grad_(True)
+    lp64, ent64 = reference.token_logprobs_ref(logits64, targets, temperature=0.8, return_entropy=True)
+    ((a.double() * lp64).sum() + (b.double() * ent64).sum()).backward()
+    assert (lp.detach().double() - lp64.detach()).abs().max() <= 1e-5
+    assert (ent.detach().double() - ent64.detach()).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    assert (no_grad.double() - lp64.detach()).abs().max() <= 1e-5
+    dz = logits64.grad
+    x, w = wide[0].detach(), wide[1].detach()
+    check_fp32_head_grad("dhidden", leaves[0].grad, dz @ w, dz.abs() @ w.abs(), dtype)
+    check_fp32_head_grad("dweight", leaves[1].grad, dz.t() @ x, dz.abs().t() @ x.abs(), dtype)
+    check_fp32_head_grad("dbias", leaves[2].grad, dz.sum(0), dz.abs().sum(0), dtype)
+
+
+def test_fp32_head_equals_the_reference_spec(backend):
+    """reference.linear_policy_loss_ref(..., fp32_head=True) is the spec: float32 logits of the upcast
+    inputs; same float32 arithmetic, another summation order (a few ulps)."""
+    tensors, extra = make_inputs(10, 24, 300, torch.bfloat16, seed=2)
+    out = run(tensors, extra, chunk_size=3, fp32_head=True)[0]
+    spec = reference.linear_policy_loss_ref(**tensors, **extra, fp32_head=True)
+    assert out.loss.item() == pytest.approx(spec[0].item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(out.logprobs, spec[2], rtol=1e-6, atol=2e-6)
+    assert reference.linear_logits_ref(tensors["hidden"], tensors["weight"], fp32_head=True).dtype == torch.float32
+
+
+def test_fp32_head_changes_nothing_for_float32_inputs(backend):
+    tensors, extra = make_inputs(9, 16, 100, torch.float32, seed=6)
+    (off, *off_grads), (on, *on_grads) = (run(tensors, extra, chunk_size=4, fp32_head=f) for f in (False, True))
+    assert torch.equal(on.loss, off.loss) and torch.equal(on.logprobs, off.logprobs)
+    assert torch.equal(on.entropy, off.entropy) and torch.equal(on.per_token_loss, off.per_token_loss)
+    for a, b in zip(on_grads, off_grads):
+        assert torch.equal(a, b)
+
+
+def test_fp32_head_default_chunk_is_tall_enough_to_amortise_the_upcast():
+    import sys
+
+    module = sys.modules["dler_kernels.linear_policy_loss"]
+    cpu = backend_named("reference")
+    assert module.rows_per_chunk(4096, 32000, None, cpu) == 32  # 2**20 // 32000, in multiples of 16
+    assert module.rows_per_chunk(4096, 32000, None, cpu, upcast=True) == module.UPCAST_MIN_ROWS == 256
+    assert module.rows_per_chunk(100, 32000, None, cpu, upcast=True) == 100  # never more rows than there are
+    assert module.rows_per_chunk(4096, 32000, 8, cpu, upcast=True) == 8  # an explicit chunk_size stands
+
+
+def test_fp32_head_never_holds_a_float32_copy_of_the_weight(backend):
+    """Upcast tile by tile: no op's allocation reaches 4 V H bytes (a float32 copy of the weight, as
+    ``weight.float()`` makes). The largest (measured 2.34 MB) is the autograd function's own outputs:
+    the bf16 weight gradient (2 V H = 2.05 MB) and dX."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, h, v = 64, 256, 4000  # the float32 row buffer (16 rows) and the hidden copy are far below 2 V H
+    tensors, extra = make_inputs(n, h, v, torch.bfloat16, seed=8, with_bias=False)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out, dx, dw, _ = run(tensors, extra, chunk_size=16, fp32_head=True)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 2 * v * h <= largest < 4 * v * h, largest
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        tensors["weight"].float()
+    assert max(e.cpu_memory_usage for e in prof.events()) == 4 * v * h  # what the check would see
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -344,6 +487,7 @@ BAD_INPUTS = [
     ("loss_agg", lambda a: a.update(loss_agg="mean"), "loss_agg must be one of"),
     ("beta", lambda a: a.update(beta=0.1, ref_logprobs=None), "ref_logprobs is required"),
     ("chunk_size", lambda a: a.update(chunk_size=0), "chunk_size must be a positive int"),
+    ("fp32_head", lambda a: a.update(fp32_head=1), "fp32_head must be a bool"),
 ]  # fmt: skip
 
 

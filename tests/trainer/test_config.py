@@ -388,3 +388,16 @@ def test_describe_mentions_gfpo_and_the_budget_schedule_when_on():
     assert "budget 80, x0.75 every 5 steps (floor 1)" in text
     off = describe(load_config("toy-cpu"))
     assert "GFPO" not in off and "every" not in off.split("reward")[1].split("\n")[0]
+
+
+def test_lm_head_fp32_reaches_the_trainer_and_the_vllm_engine():
+    default = load_config("toy-cpu")
+    assert default.algorithm.lm_head_fp32 is False and default.engine_kwargs()["lm_head_fp32"] is False
+    cfg = load_config("toy-cpu", ["algorithm.lm_head_fp32=true", "rollout.lm_head_fp32=true"])
+    assert cfg.algorithm.lm_head_fp32 is True and cfg.engine_kwargs()["lm_head_fp32"] is True
+    printed = to_dict(cfg)  # what --print-config shows
+    assert printed["algorithm"]["lm_head_fp32"] is True and printed["rollout"]["lm_head_fp32"] is True
+    with pytest.raises(UserError, match="rollout: lm_head_fp32 needs engine 'vllm'.*rollout.dtype=float32"):
+        load_config("toy-cpu", ["rollout.engine=hf", "rollout.lm_head_fp32=true"])
+    with pytest.raises(UserError, match="algorithm.lm_head_fp32.*true or false"):
+        load_config("toy-cpu", ["algorithm.lm_head_fp32=maybe"])

@@ -153,3 +153,128 @@ def test_fused_head_support_is_checked(model):
     finally:
         del model.config.final_logit_softcapping
     assert "not an nn.Linear" in fused_head_unsupported(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------- fp32 LM head (algorithm.lm_head_fp32)
+#
+# On a bf16 model the oracle is float64 from the LM head's own inputs on: the bf16 hidden states the
+# packed forward hands the head (captured by a pre-hook, which fires on both paths) and the bf16 head
+# weight, upcast exactly. With lm_head_fp32 the head's logits are float32 of those values: log-probs
+# within 1e-5 absolute and the loss within 1e-5 relative (float32 rounding, as the kernels' float32
+# tests); without it they are rounded to bf16 first. Measured here: log-prob error 1.1e-6 with the fp32
+# head, 5.7e-3 without; loss 1.7e-7 and 2.3e-4 relative to mean |per-token loss|.
+
+
+@pytest.fixture(scope="module")
+def bf16_model(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def head_inputs(model, run, *args, **kwargs):
+    """``run(model, *args, **kwargs)`` and the hidden states [N, H] each head call of ``model`` received,
+    with their gradients."""
+    seen, grads = [], []
+
+    def keep(module, args):
+        hidden = args[0]
+        seen.append(hidden.detach()[0])
+        if hidden.requires_grad:
+            hidden.register_hook(lambda g: grads.append(g[0]))
+
+    handle = model.lm_head.register_forward_pre_hook(keep)
+    try:
+        result = run(model, *args, **kwargs)
+    finally:
+        handle.remove()
+    return result, seen, grads
+
+
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
+def test_fp32_head_logprobs_of_a_bf16_model_match_float64(bf16_model, fused_head):
+    rows = make_rows(6)
+    weight64 = bf16_model.lm_head.weight.detach().double()
+    errors = {}
+    for lm_head_fp32 in (True, False):
+        logp, seen, _ = head_inputs(
+            bf16_model, compute_logprobs, rows, token_budget=10**6, temperature=0.8, fused_head=fused_head,
+            lm_head_fp32=lm_head_fp32,
+        )  # fmt: skip
+        assert len(seen) == 1 and seen[0].dtype == torch.bfloat16
+        targets = torch.tensor([t for r in rows for t in r.response_ids])
+        want = ref.token_logprobs_ref(seen[0].double() @ weight64.t(), targets, temperature=0.8)
+        assert all(p.dtype == torch.float32 for p in logp)
+        errors[lm_head_fp32] = (torch.cat(logp).double() - want).abs().max().item()
+    assert errors[True] <= 1e-5, errors
+    assert errors[False] >= 1e-3, errors  # the bf16 head's rounding, for contrast
+
+
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
+def test_fp32_head_loss_and_head_gradient_of_a_bf16_model_match_float64(bf16_model, fused_head):
+    rows = make_rows(7)
+    for row, logp in zip(rows, compute_logprobs(bf16_model, rows, token_budget=10**6, temperature=0.8)):
+        row.old_logprobs = logp + 0.3 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(len(logp)))
+    settings = dict(eps_low=0.2, eps_high=0.28, clip_c=10.0, loss_agg="token-mean", temperature=0.8)
+    bf16_model.zero_grad(set_to_none=True)
+    metrics, seen, dx = head_inputs(
+        bf16_model, accumulate_gradients, rows, settings, token_budget=10**6, fused_head=fused_head, lm_head_fp32=True
+    )
+    bf16_model.zero_grad(set_to_none=True)
+    assert len(seen) == 1 and len(dx) == 1 and dx[0].dtype == torch.bfloat16
+
+    x64, w64 = seen[0].double(), bf16_model.lm_head.weight.detach().double()
+    logits64 = (x64 @ w64.t()).requires_grad_(True)
+    targets = torch.tensor([t for r in rows for t in r.response_ids])
+    seq = torch.tensor([i for i, r in enumerate(rows) for _ in r.response_ids])
+    adv = torch.tensor([r.advantage for r in rows for _ in r.response_ids], dtype=torch.float64)
+    old = torch.cat([r.old_logprobs for r in rows]).double()
+    loss64, per_token64, *_ = ref.policy_loss_ref(
+        logits64, targets, old, adv, torch.ones_like(targets, dtype=torch.bool), seq_ids=seq, **settings
+    )
+    loss64.backward()
+    # float32 arithmetic on sums of signed terms: 1e-5 of sum |per-token loss| (as the kernels' tests)
+    assert abs(metrics["loss"] - loss64.item()) <= 1e-5 * per_token64.abs().mean().item()
+    # d(loss)/d(hidden): float32 sums rounded once to bf16 (2^-8 relative) plus 1e-5 of the absolute sum
+    dz = logits64.grad
+    want, terms = dz @ w64, dz.abs() @ w64.abs()
+    assert bool(((dx[0].double() - want).abs() <= 2.0**-8 * want.abs() + 1e-5 * terms).all())
+
+
+def test_fp32_head_logits_path_needs_a_linear_head(model):
+    import copy
+
+    odd = copy.deepcopy(model)
+    odd.set_output_embeddings(torch.nn.Identity())
+    with pytest.raises(ValueError, match="lm_head_fp32 needs an nn.Linear LM head; .* is Identity"):
+        compute_logprobs(odd, make_rows(8), token_budget=64, temperature=1.0, lm_head_fp32=True)
+
+
+def test_fp32_head_leaves_the_model_as_it_was(model):
+    rows = make_rows(5)
+    for fused_head in (False, True):
+        compute_logprobs(model, rows, token_budget=8, temperature=1.0, fused_head=fused_head, lm_head_fp32=True)
+        assert "forward" not in vars(model.lm_head)
+
+
+def test_fp32_head_uses_a_float32_head_weight_as_it_is(bf16_model):
+    """A float32 head weight under bf16 activations: the fused head upcasts the hidden states instead of
+    rounding the weight to bf16 (which the option off does, as before)."""
+    import copy
+
+    model = copy.deepcopy(bf16_model)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+    model.set_output_embeddings(head)
+    rows = make_rows(10)
+    targets = torch.tensor([t for r in rows for t in r.response_ids])
+    errors = {}
+    for lm_head_fp32 in (True, False):
+        logp, seen, _ = head_inputs(
+            model, compute_logprobs, rows, token_budget=10**6, temperature=1.0, fused_head=True,
+            lm_head_fp32=lm_head_fp32,
+        )  # fmt: skip
+        want = ref.token_logprobs_ref(seen[0].double() @ head.weight.detach().double().t(), targets)
+        errors[lm_head_fp32] = (torch.cat(logp).double() - want).abs().max().item()
+    assert errors[True] <= 1e-5 and errors[False] >= 1e-3, errors

@@ -136,6 +136,8 @@ class RolloutConfig:
     """GPUs one engine spans."""
     sleep_level: SleepLevel = 1
     """How vLLM frees the device during the update (CUDA): 1 offloads the weights to host memory, 2 discards them."""
+    lm_head_fp32: bool = False
+    """vLLM computes its LM head (and so the sampling log-probs) in float32 (its ``head_dtype`` override)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Prompts and samples per step, max tokens, temperature, top-p, dynamic sampling."""
 
@@ -148,6 +150,11 @@ class RolloutConfig:
         check_number("sampling.temperature", self.sampling.temperature, low=0.0, low_open=True, allow_none=True)
         if not 0 < self.sampling.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1]; got {self.sampling.top_p}")
+        if self.lm_head_fp32 and self.engine != "vllm":
+            raise ValueError(
+                f"lm_head_fp32 needs engine 'vllm' (its head_dtype override); the {self.engine!r} engine computes "
+                "its head in rollout.dtype: set rollout.dtype=float32 for a float32 head there"
+            )
 
 
 @dataclass
@@ -296,6 +303,8 @@ class AlgorithmConfig:
     use_fused_linear: bool = True
     """Loss and log-probs from the hidden states and the LM head (no [tokens, vocab] logits); models whose
     logits are not the plain head's output (soft-capped, scaled) warn and take the logits path."""
+    lm_head_fp32: bool = False
+    """The LM head's matmul in float32 (upcast hidden states and weight) in the log-prob passes and the update."""
     # -- the trainer-sampler mismatch (trainer.rollout_correction, trainer.mismatch_metrics) --
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     """Weights / masks from the ratio pi_old(trainer) / pi_sampler per token (TIS, MIS, IcePop; ``none``)."""
@@ -560,6 +569,7 @@ class TrainConfig:
             gpu_memory_utilization=self.rollout.gpu_memory_utilization,
             tensor_parallel_size=self.rollout.tensor_parallel_size,
             sleep_level=self.rollout.sleep_level,
+            lm_head_fp32=self.rollout.lm_head_fp32,
         )
 
     def advantage_kwargs(self) -> dict[str, Any]:
