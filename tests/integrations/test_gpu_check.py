@@ -1,7 +1,8 @@
 """``make gpu-check`` on the CPU: ``bench/gpu_check.py --smoke`` in a subprocess, as the CI runs it, with the
 packages the GPU machine lacks hidden (helpers/gpu_machine_site), so that its imports are the ones that
 machine can satisfy. Checks the report's keys, each stage's outcome on a machine without CUDA, and that a
-failing or hanging stage is reported as failed while the next stage still runs."""
+failing or hanging stage is reported as failed while the next stage still runs; and, as pure functions on any
+machine, the budget arithmetic under the whole check's deadline."""
 
 import json
 import os
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
+from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
+
 GPU_MACHINE_SITE = Path(__file__).parents[1] / "helpers" / "gpu_machine_site"
 STAGES = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
-pytestmark = pytest.mark.skipif(
+without_cuda = pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="asserts the outcomes on a machine without CUDA"
 )
 
@@ -41,6 +45,7 @@ def smoke(tmp_path_factory):
     return out, proc, report, time.perf_counter() - start
 
 
+@without_cuda
 def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and_budget(smoke):
     out, proc, report, _ = smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -59,6 +64,7 @@ def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and
     assert "| # | stage | status | seconds | budget s | reason |" in markdown
 
 
+@without_cuda
 def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
     _, _, report, _ = smoke
     stages = by_name(report)
@@ -84,6 +90,7 @@ def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
     assert train["status"] == "passed" and [s["step"] for s in train["steps"]] == [1, 2, 3]
 
 
+@without_cuda
 def test_comparisons_that_cannot_run_here_are_not_run_with_the_reason_never_passed(smoke):
     _, _, report, _ = smoke
     stages = by_name(report)
@@ -100,11 +107,13 @@ def test_comparisons_that_cannot_run_here_are_not_run_with_the_reason_never_pass
     assert liger_targets and all(t["met"] is None and t["reason"].startswith("not run") for t in liger_targets)
 
 
+@without_cuda
 def test_the_smoke_run_stays_within_a_ci_minute_and_a_half(smoke):
     *_, seconds = smoke
     assert seconds < 90
 
 
+@without_cuda
 def test_a_stage_forced_to_fail_is_reported_failed_and_the_next_stage_still_runs(tmp_path):
     proc, report = gpu_check(tmp_path, "--stages", "environment,kernel_bench", "--inject-fault", "environment=raise")
     assert proc.returncode == 1
@@ -119,6 +128,7 @@ def test_a_stage_forced_to_fail_is_reported_failed_and_the_next_stage_still_runs
     assert "## environment: versions, copy bandwidth, matmul rate (failed)" in (tmp_path / "gpu_report.md").read_text()
 
 
+@without_cuda
 def test_a_stage_past_its_budget_is_killed_with_the_commands_it_started_and_the_next_stage_still_runs(tmp_path):
     start = time.perf_counter()
     proc, report = gpu_check(tmp_path, "--stages", "environment,build", "--inject-fault", "environment=hang",
@@ -141,6 +151,7 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in state  # a zombie has ended; only its exit status is left to collect
 
 
+@without_cuda
 def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path),
                            "--stages", "environment,kernels"], capture_output=True, text=True)  # fmt: skip
@@ -148,6 +159,7 @@ def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
     assert "unknown stage(s) kernels; the stages are environment, build, correctness" in proc.stderr
 
 
+@without_cuda
 def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_reason(tmp_path):
     empty = tmp_path / "wheels"
     empty.mkdir()
@@ -157,3 +169,47 @@ def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_rea
     (part,) = env["parts"]
     assert part["name"] == "carried wheels" and part["reason"] == f"--wheels {empty}: no *.whl there"
     assert env["figures"]["copy"]["gbps"] > 0  # the rest of the stage still measured
+
+
+# ---------------------------------------------------------------- the budget arithmetic (any machine)
+
+
+def test_a_stage_gets_its_own_budget_plus_what_the_earlier_stages_left_unused():
+    # Stages of 20 s and 100 s took 30 s together: the third (130 s of its own) gets the 90 s they left.
+    assert stage_budget(130, planned_s=120, elapsed_s=30, total_s=480) == 220
+
+
+def test_a_stage_that_ran_long_takes_nothing_from_the_next_stages_own_budget_until_the_deadline():
+    # The earlier stages overran their 120 s by 6 s (the kill's grace): the next keeps its own 130 s...
+    assert stage_budget(130, planned_s=120, elapsed_s=126, total_s=480) == 130
+    # ...unless the deadline is nearer: 480 - 400 = 80 s left.
+    assert stage_budget(130, planned_s=390, elapsed_s=400, total_s=480) == 80
+
+
+def test_the_deadline_cuts_every_budget_when_the_total_is_smaller_than_the_stages_sum():
+    assert stage_budget(100, planned_s=0, elapsed_s=0, total_s=60) == 60
+    assert stage_budget(100, planned_s=20, elapsed_s=15, total_s=60) == 45  # 105 carried, 45 to the deadline
+
+
+def test_a_stage_left_under_the_floor_is_not_run_unless_its_own_budget_is_smaller_still():
+    assert MIN_STAGE_S == 10
+    assert stage_budget(90, planned_s=400, elapsed_s=471, total_s=480) is None  # 9 s left
+    assert stage_budget(90, planned_s=400, elapsed_s=470, total_s=480) == 10  # exactly the floor
+    assert stage_budget(3, planned_s=0, elapsed_s=0, total_s=480) == 3  # --budget STAGE=3 asks for 3 s
+    assert stage_budget(3, planned_s=0, elapsed_s=478, total_s=480) is None  # 2 s left of the 3 asked for
+
+
+@without_cuda
+def test_a_stage_left_too_little_of_the_total_budget_is_reported_not_run_out_of_time(tmp_path):
+    # The environment stage hangs and is killed at its 3 s (>= 3 s gone), so at most 9 s of the 12 s are left
+    # for the build stage: under the 10 s floor.
+    proc, report = gpu_check(tmp_path, "--stages", "environment,build", "--inject-fault", "environment=hang",
+                             "--budget", "environment=3", "--total-budget", "12")  # fmt: skip
+    stages = by_name(report)
+    assert report["total_budget_s"] == 12
+    assert stages["environment"]["status"] == "failed" and stages["environment"]["budget_s"] == 3
+    build = stages["build"]
+    assert build["status"] == "not run" and build["reason"].startswith("out of time: ")
+    assert build["reason"].endswith(" s left of the 12 s total budget (--total-budget)")
+    assert build["budget_s"] < MIN_STAGE_S and build["own_budget_s"] == 30
+    assert "build: not run: out of time" in proc.stdout
