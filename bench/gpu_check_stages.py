@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -303,14 +304,33 @@ def pytest_counts(junit: Path) -> dict:
                 failed_tests=failed[:30])  # fmt: skip
 
 
+# A test's outcome as ``pytest -v`` prints it while it runs: what a killed pytest leaves of its counts.
+VERBOSE_OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.MULTILINE)
+
+
+def counts_from_verbose_output(output: str) -> dict:
+    """Passed / failed / skipped counts from ``pytest -v`` output (a pytest killed before writing its junit
+    report): each test's line as it finished."""
+    outcomes = {}
+    for node, outcome in VERBOSE_OUTCOME.findall(output):
+        outcomes[node] = outcome  # a test that errors in teardown prints a second line: the last one counts
+    failed = [node for node, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
+    passed = sum(outcome in ("PASSED", "XFAIL", "XPASS") for outcome in outcomes.values())
+    skipped = sum(outcome == "SKIPPED" for outcome in outcomes.values())
+    return dict(passed=passed, failed=len(failed), skipped=skipped, failed_tests=failed[:30])
+
+
 def run_pytest(
     ctx: StageContext, label: str, selection: list[str], env: dict, timeout: float, why_skipped: str = ""
 ) -> None:
-    junit = ctx.out / "logs" / f"pytest-{label.replace(' ', '-').replace('(', '').replace(')', '')}.xml"
-    cmd = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    junit = ctx.out / "logs" / f"pytest-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label).strip('-')}.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *selection, "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     done = run_command(cmd, timeout, env=env, cwd=ROOT)
     if done.returncode is None:
-        ctx.part(label, "failed", f"timed out after {timeout:.0f} s", command=" ".join(cmd[1:]),
+        partial = counts_from_verbose_output(done.output)
+        ctx.part(label, "failed", f"timed out after {timeout:.0f} s (counts: the tests done by then)",
+                 command=" ".join(cmd[1:]), seconds=round(done.seconds, 1), **partial,
                  error=tail(done.output))  # fmt: skip
         return
     if not junit.exists():
@@ -327,6 +347,27 @@ def run_pytest(
         status, reason = "passed", ""
     ctx.part(label, status, reason, command="pytest " + " ".join(selection), seconds=round(done.seconds, 1),
              **counts, error=tail(done.output) if status == "failed" else "")  # fmt: skip
+
+
+def gpu_test_files() -> list[str]:
+    """The kernel test files with tests marked ``gpu``, test_cuda_oracles.py (the longest) last."""
+    files = [p for p in sorted((ROOT / "tests" / "kernels").glob("test_*.py")) if "mark.gpu" in p.read_text()]
+    files.sort(key=lambda p: p.name == "test_cuda_oracles.py")
+    return [str(p.relative_to(ROOT)) for p in files]
+
+
+def run_gpu_tests(ctx: StageContext, env: dict, share_s: float, why_skipped: str) -> None:
+    """``pytest -m gpu``, one process and one junit report per file, within ``share_s`` seconds in all: a file
+    killed at the end of the share still reports the tests it finished, the files before it theirs; a file
+    left no time is a failed part (not run: out of time), never a silent pass."""
+    deadline = time.monotonic() + share_s
+    for path in gpu_test_files():
+        label = f"kernel tests on CUDA (-m gpu, {Path(path).name})"
+        left = deadline - time.monotonic()
+        if left < 5:
+            ctx.part(label, "failed", f"not run: out of time (the kernel tests' {share_s:.0f} s were spent)")
+            continue
+        run_pytest(ctx, label, [path, "-m", "gpu"], env, left, why_skipped=why_skipped)
 
 
 def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
@@ -379,8 +420,7 @@ def correctness(ctx: StageContext) -> None:
     cuda = has_cuda()
     # tests/conftest.py turns the Triton interpreter on unless told otherwise: on a GPU the kernels must compile.
     env = child_env(TRITON_INTERPRET=0) if cuda else child_env()
-    run_pytest(ctx, "kernel tests on CUDA (-m gpu)", ["tests/kernels", "-m", "gpu"], env, ctx.budget_s * 0.6,
-               why_skipped="" if cuda else ": no CUDA device")  # fmt: skip
+    run_gpu_tests(ctx, env, ctx.budget_s * 0.6, why_skipped="" if cuda else ": no CUDA device")
     if ctx.smoke and not cuda:
         run_pytest(ctx, "kernel tests, CPU subset", SMOKE_KERNEL_TESTS, env, ctx.budget_s * 0.2)
     train_smoke(ctx, cuda, ctx.remaining() - 5)

@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
 from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
+from gpu_check_stages import counts_from_verbose_output, gpu_test_files  # noqa: E402
 
 GPU_MACHINE_SITE = Path(__file__).parents[1] / "helpers" / "gpu_machine_site"
 STAGES = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
@@ -88,6 +89,17 @@ def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
     assert parts["kernel tests"]["status"] == "passed" and parts["kernel tests"]["passed"] > 0
     train = parts["dler train"]
     assert train["status"] == "passed" and [s["step"] for s in train["steps"]] == [1, 2, 3]
+
+
+@without_cuda
+def test_the_gpu_kernel_tests_run_file_by_file_each_with_its_counts(smoke):
+    _, _, report, _ = smoke
+    parts = {p["name"]: p for p in by_name(report)["correctness"]["parts"]}
+    files = [Path(f).name for f in gpu_test_files()]
+    assert files[-1] == "test_cuda_oracles.py" and {"test_policy_loss.py", "test_extension.py"} <= set(files)
+    for name in files:
+        part = parts[f"kernel tests on CUDA (-m gpu, {name})"]
+        assert part["status"] == "skipped" and part["skipped"] > 0 and part["passed"] == part["failed"] == 0, name
 
 
 @without_cuda
@@ -213,3 +225,19 @@ def test_a_stage_left_too_little_of_the_total_budget_is_reported_not_run_out_of_
     assert build["reason"].endswith(" s left of the 12 s total budget (--total-budget)")
     assert build["budget_s"] < MIN_STAGE_S and build["own_budget_s"] == 30
     assert "build: not run: out of time" in proc.stdout
+
+
+def test_a_killed_pytest_still_reports_the_tests_it_finished():
+    """The lines `pytest -v` prints as each test ends; the summary's FAILED line and a cut-off last line
+    (the kill came mid-test) are not tests."""
+    output = "\n".join([
+        "tests/kernels/test_a.py::test_one PASSED                                  [ 10%]",
+        "tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32] FAILED        [ 20%]",
+        "tests/kernels/test_a.py::test_three SKIPPED (needs a CUDA device)         [ 30%]",
+        "tests/kernels/test_a.py::test_four PASSED                                 [ 40%]",
+        "tests/kernels/test_a.py::test_four ERROR                                  [ 40%]",
+        "FAILED tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32] - AssertionError",
+        "tests/kernels/test_a.py::test_five ",
+    ])  # fmt: skip
+    failed = ["tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32]", "tests/kernels/test_a.py::test_four"]
+    assert counts_from_verbose_output(output) == dict(passed=1, failed=2, skipped=1, failed_tests=failed)

@@ -264,8 +264,10 @@ def test_linear_policy_loss_on_cuda_matches_float64(backend, shape, dtype):
     check_loss_terms(on_cpu(out), loss64.detach(), pt64, lp64, ent64, m64, tensors["mask"], extra, opts)
     dz, x, w = z64.grad, tensors["hidden"].double(), tensors["weight"].double()
     # (name, gradient, float64 gradient, sum of |terms|, sum of |the factor each rounded dZ meets|)
-    grads = [("dhidden", leaves["hidden"].grad, dz @ w, dz.abs() @ w.abs(), w.abs().sum(0).expand(n, h)),
-             ("dweight", leaves["weight"].grad, dz.t() @ x, dz.abs().t() @ x.abs(), x.abs().sum(0).expand(v, h))]
+    grads = [
+        ("dhidden", leaves["hidden"].grad, dz @ w, dz.abs() @ w.abs(), w.abs().sum(0).expand(n, h)),
+        ("dweight", leaves["weight"].grad, dz.t() @ x, dz.abs().t() @ x.abs(), x.abs().sum(0).expand(v, h)),
+    ]
     if bias is not None:
         grads.append(("dbias", bias.grad, dz.sum(0), dz.abs().sum(0), torch.full((v,), float(n))))
     for name, got, want, abs_terms, term_counts in grads:
