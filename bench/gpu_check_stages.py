@@ -119,6 +119,11 @@ def nvcc_version() -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"{nvcc}: exit {out.returncode}"
 
 
+# What the environment stage keeps for itself after installing the carried wheels: two short do_bench timings
+# (the copy, the 8192^3 matmul), their tensors' allocation and the stage's JSON, with a wide margin.
+ENVIRONMENT_MEASURE_S = 8.0
+
+
 def install_wheels(ctx: StageContext) -> None:
     """Carried pure-Python wheels (liger-kernel, math-verify) into OUT/wheels-site, never into the
     machine's environment; gpu_check.py puts that folder on every later stage's PYTHONPATH."""
@@ -128,10 +133,15 @@ def install_wheels(ctx: StageContext) -> None:
         return
     target = ctx.out / "wheels-site"
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(target)]
-    done = run_command(cmd + [str(w) for w in wheels], 120)
+    # Within the stage's budget, leaving the measurements after it their time (a stuck pip is killed first).
+    timeout = max(ctx.remaining() - ENVIRONMENT_MEASURE_S, 1.0)
+    done = run_command(cmd + [str(w) for w in wheels], timeout)
     if done.returncode == 0:
         importlib.invalidate_caches()  # the folder was empty when this process started
-        ctx.part("carried wheels", "passed", wheels=[w.name for w in wheels])
+        ctx.part("carried wheels", "passed", wheels=[w.name for w in wheels], seconds=round(done.seconds, 1))
+    elif done.returncode is None:
+        ctx.part("carried wheels", "failed", f"pip install --no-index --no-deps timed out after {timeout:.0f} s "
+                 "(the environment stage's budget less its measurements)", error=tail(done.output))  # fmt: skip
     else:
         ctx.part("carried wheels", "failed", "pip install --no-index --no-deps failed", error=tail(done.output))
 

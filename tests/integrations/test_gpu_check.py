@@ -183,6 +183,27 @@ def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_rea
     assert env["figures"]["copy"]["gbps"] > 0  # the rest of the stage still measured
 
 
+@without_cuda
+def test_a_carried_wheel_is_installed_into_the_runs_own_site_within_the_stages_budget(tmp_path):
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    dist = "gpu_check_probe-0.1.dist-info"
+    with zipfile.ZipFile(wheels / "gpu_check_probe-0.1-py3-none-any.whl", "w") as whl:
+        whl.writestr("gpu_check_probe/__init__.py", "")
+        whl.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 0.1\n")
+        whl.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist}/RECORD", "")
+    proc, report = gpu_check(tmp_path / "out", "--stages", "environment", "--wheels", str(wheels))
+    env = by_name(report)["environment"]
+    assert env["status"] == "passed", env
+    (part,) = env["parts"]
+    assert part["status"] == "passed" and part["wheels"] == ["gpu_check_probe-0.1-py3-none-any.whl"]
+    assert 0 < part["seconds"] < env["budget_s"]
+    assert (tmp_path / "out" / "wheels-site" / "gpu_check_probe" / "__init__.py").exists()
+
+
 # ---------------------------------------------------------------- the budget arithmetic (any machine)
 
 
