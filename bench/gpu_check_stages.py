@@ -383,7 +383,8 @@ def run_gpu_tests(ctx: StageContext, env: dict, share_s: float, why_skipped: str
 def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
     """``dler train`` for 3 steps on the tiny demo model with the transformers engine (vLLM is not on the GPU
     machine), the fused LM-head path (the default), FSDP2 on one process; the loop calls the engine's
-    sleep / wake_up around every update (the HF engine's are no-ops that check their tags)."""
+    sleep / wake_up around every update. The transformers engine reports that it cannot sleep (its calls are
+    no-ops that check their tags): the report's note says so, from the engine's own ``can_sleep``."""
     from trainer.demo import WarmStartConfig, warm_start
 
     start = time.perf_counter()
@@ -420,8 +421,35 @@ def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
         problems.append("no step had a gradient")
     steps = [{k: r[k] for k in ("step", "loss", "grad_norm", "entropy", "mean_response_length", "step_s")}
              for r in records]  # fmt: skip
+    can_sleep = engine_can_sleep(model, cuda)
     ctx.part(label, "failed" if problems else "passed", "; ".join(problems), seconds=round(done.seconds, 1),
-             steps=steps, error=tail(done.output) if problems else "")  # fmt: skip
+             steps=steps, engine_can_sleep=can_sleep, error=tail(done.output) if problems else "")  # fmt: skip
+    ctx.record.setdefault("notes", []).append(sleep_note(can_sleep))
+    ctx.save()
+
+
+def engine_can_sleep(model: Path, cuda: bool) -> bool:
+    """What the rollout engine of the train run (the transformers one) says of itself: whether its ``sleep``
+    frees device memory (``trainer.rollout.RolloutEngine.can_sleep``)."""
+    from trainer.hf_engine import HFEngine
+
+    engine = HFEngine(model, device="cuda" if cuda else "cpu")
+    try:
+        return engine.can_sleep
+    finally:
+        engine.close()
+
+
+def sleep_note(can_sleep: bool) -> str:
+    """What the 3-step train showed of the loop's engine sleep / wake sequence, and what it did not."""
+    if can_sleep:
+        return ("Engine sleep/wake: the loop's sleep(), wake_up(['weights']) and wake_up(['kv_cache']) ran with an "
+                "engine that reports it can sleep: its device memory was released and re-allocated around each "
+                "update.")  # fmt: skip
+    return ("Engine sleep/wake: the loop's sleep(), wake_up(['weights']) and wake_up(['kv_cache']) calls ran in "
+            "their order with the transformers engine, which reports that it cannot sleep (can_sleep = False: both "
+            "free and re-allocate nothing, they only check their tags). Releasing and re-allocating a sleeping "
+            "engine's memory (vLLM's sleep mode) was NOT exercised: vLLM is not on the GPU machine.")  # fmt: skip
 
 
 def correctness(ctx: StageContext) -> None:

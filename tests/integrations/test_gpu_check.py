@@ -92,6 +92,17 @@ def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
 
 
 @without_cuda
+def test_the_report_says_the_engine_sleep_sequence_ran_with_an_engine_that_cannot_sleep(smoke):
+    out, _, report, _ = smoke
+    correctness = by_name(report)["correctness"]
+    (train,) = [p for p in correctness["parts"] if p["name"].startswith("dler train")]
+    assert train["engine_can_sleep"] is False  # the transformers engine's own answer
+    (note,) = correctness["notes"]
+    assert "reports that it cannot sleep" in note and "was NOT exercised" in note
+    assert f"- {note}" in (out / "gpu_report.md").read_text()
+
+
+@without_cuda
 def test_the_gpu_kernel_tests_run_file_by_file_each_with_its_counts(smoke):
     _, _, report, _ = smoke
     parts = {p["name"]: p for p in by_name(report)["correctness"]["parts"]}
