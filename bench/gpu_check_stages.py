@@ -713,8 +713,22 @@ def train_step(ctx: StageContext) -> None:
                fmt(None if r["mfu_vs_measured_matmul"] is None else 100 * r["mfu_vs_measured_matmul"], ".1f")]
               for r in result["rows"]],
     )]  # fmt: skip
+    ctx.record["notes"] = [flops_note(result)]
     ctx.record.update(status="passed", reason="")
     ctx.save()
+
+
+def flops_note(result: dict) -> str:
+    """How bench_train_step counts the model FLOPs and which steps it times (its docstring has the detail)."""
+    a = result["args"]
+    return (f"Model FLOPs per step ({result['flops_per_step'] / 1e12:.3f} TFLOP): 6 * P * T with P the "
+            f"{result['non_embedding_params'] / 1e6:.1f}M non-embedding parameters and T the "
+            f"{result['tokens_per_step']} tokens, + 6 * V * H * T_resp for the LM head at the "
+            f"{result['response_tokens_per_step']} response positions, + the sum over sequences of "
+            "6 * layers * d_attn * S^2 for causal attention; recomputation is not counted. Times are medians over "
+            f"{a['steps']} timed steps after {a['warmup']} untimed warm-up step(s) (compilation, autotuning and "
+            "allocator growth excluded), each between device synchronisations. MFU = FLOPs / median seconds / "
+            "peak.")  # fmt: skip
 
 
 STAGE_FUNCTIONS = dict(environment=environment, build=build, correctness=correctness, kernel_bench=kernel_bench,

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
+from cuda_timing import MIN_TIMED_CALLS, repetition_ms  # noqa: E402
 from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
 from gpu_check_stages import counts_from_verbose_output, gpu_test_files  # noqa: E402
 
@@ -100,6 +101,17 @@ def test_the_report_says_the_engine_sleep_sequence_ran_with_an_engine_that_canno
     (note,) = correctness["notes"]
     assert "reports that it cannot sleep" in note and "was NOT exercised" in note
     assert f"- {note}" in (out / "gpu_report.md").read_text()
+
+
+@without_cuda
+def test_the_policy_update_reports_how_it_counts_flops_and_which_steps_it_times(smoke):
+    out, _, report, _ = smoke
+    stage = by_name(report)["train_step"]
+    (note,) = stage["notes"]
+    figures = stage["figures"]
+    assert f"{figures['flops_per_step'] / 1e12:.3f} TFLOP" in note and "6 * P * T" in note
+    assert "6 * layers * d_attn * S^2" in note and "medians over 2 timed steps after 1 untimed warm-up" in note
+    assert note in (out / "gpu_report.md").read_text()
 
 
 @without_cuda
@@ -273,3 +285,12 @@ def test_a_killed_pytest_still_reports_the_tests_it_finished():
     ])  # fmt: skip
     failed = ["tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32]", "tests/kernels/test_a.py::test_four"]
     assert counts_from_verbose_output(output) == dict(passed=1, failed=2, skipped=1, failed_tests=failed)
+
+
+def test_a_slow_cuda_call_is_timed_at_least_five_times():
+    assert MIN_TIMED_CALLS == 5
+    assert repetition_ms(once_ms=2.0, rep_ms=200) == 200  # fast calls: do_bench's usual 200 ms (~100 calls)
+    # A 300 ms call: 200 ms would time it once; 1.5 * 5 * 300 ms times it at least 5 times whatever do_bench's
+    # own estimate adds (an L2 flush per call) and its truncation of rep / estimate.
+    assert repetition_ms(once_ms=300.0, rep_ms=200) == 2250
+    assert int(repetition_ms(once_ms=300.0, rep_ms=200) / (300.0 * 1.4)) >= MIN_TIMED_CALLS
