@@ -316,18 +316,40 @@ def pytest_counts(junit: Path) -> dict:
 
 # A test's outcome as ``pytest -v`` prints it while it runs: what a killed pytest leaves of its counts.
 VERBOSE_OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.MULTILINE)
+OUTCOMES = dict(PASSED="passed", XFAIL="passed", XPASS="passed", FAILED="failed", ERROR="failed", SKIPPED="skipped")
+
+
+def verbose_outcomes(output: str) -> dict[str, str]:
+    """{test id: passed / failed / skipped} from ``pytest -v`` output, each test's line as it finished (a test
+    that errors in teardown prints a second line: the last one counts)."""
+    return {node: OUTCOMES[outcome] for node, outcome in VERBOSE_OUTCOME.findall(output)}
+
+
+def junit_outcomes(junit: Path) -> list[tuple[str, str, str, float]]:
+    """(classname, name, passed / failed / skipped, seconds) of every test case of a junit report."""
+    cases = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        elif case.find("skipped") is not None:
+            outcome = "skipped"
+        else:
+            outcome = "passed"
+        cases.append((case.get("classname", ""), case.get("name", ""), outcome, float(case.get("time", 0.0))))
+    return cases
+
+
+def tally(outcomes: dict[str, str]) -> dict:
+    """Passed / failed / skipped counts (and the first failed tests) of {test id: outcome}."""
+    failed = [node for node, outcome in outcomes.items() if outcome == "failed"]
+    passed = sum(outcome == "passed" for outcome in outcomes.values())
+    skipped = sum(outcome == "skipped" for outcome in outcomes.values())
+    return dict(passed=passed, failed=len(failed), skipped=skipped, failed_tests=failed[:30])
 
 
 def counts_from_verbose_output(output: str) -> dict:
-    """Passed / failed / skipped counts from ``pytest -v`` output (a pytest killed before writing its junit
-    report): each test's line as it finished."""
-    outcomes = {}
-    for node, outcome in VERBOSE_OUTCOME.findall(output):
-        outcomes[node] = outcome  # a test that errors in teardown prints a second line: the last one counts
-    failed = [node for node, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
-    passed = sum(outcome in ("PASSED", "XFAIL", "XPASS") for outcome in outcomes.values())
-    skipped = sum(outcome == "SKIPPED" for outcome in outcomes.values())
-    return dict(passed=passed, failed=len(failed), skipped=skipped, failed_tests=failed[:30])
+    """The counts a killed pytest leaves in its ``-v`` output."""
+    return tally(verbose_outcomes(output))
 
 
 def run_pytest(
@@ -366,18 +388,64 @@ def gpu_test_files() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in files]
 
 
+def outcomes_by_file(files: list[str], killed: bool, output: str, junit: Path) -> tuple[dict, dict]:
+    """({file: {test id: outcome}}, {file: seconds}) from the junit report, or from the ``-v`` lines of a killed
+    pytest (which wrote none, nor any time); the key None collects what belongs to no file of ``files`` (a
+    collection error, say)."""
+    grouped: dict[str | None, dict[str, str]] = {}
+    seconds: dict[str | None, float] = {}
+    if killed:
+        for node, outcome in verbose_outcomes(output).items():
+            path = node.split("::")[0]
+            grouped.setdefault(path if path in files else None, {})[node] = outcome
+        return grouped, seconds
+    modules = {f.removesuffix(".py").replace("/", "."): f for f in files}
+    for classname, name, outcome, took in junit_outcomes(junit):
+        path = next((f for m, f in modules.items() if classname == m or classname.startswith(m + ".")), None)
+        grouped.setdefault(path, {})[f"{path or classname}::{name}"] = outcome
+        seconds[path] = seconds.get(path, 0.0) + took
+    return grouped, seconds
+
+
 def run_gpu_tests(ctx: StageContext, env: dict, share_s: float, why_skipped: str) -> None:
-    """``pytest -m gpu``, one process and one junit report per file, within ``share_s`` seconds in all: a file
-    killed at the end of the share still reports the tests it finished, the files before it theirs; a file
-    left no time is a failed part (not run: out of time), never a silent pass."""
-    deadline = time.monotonic() + share_s
-    for path in gpu_test_files():
+    """``pytest -m gpu`` on every kernel test file with gpu tests, in one process (one start-up, one Triton
+    cache) killed at ``share_s``; one part per file with its counts, from the junit report, or, when pytest
+    was killed, from the lines ``-v`` printed as each test ended: the files done keep their counts, the file
+    cut off reports those it finished, the files not reached are failed parts (not run: out of time)."""
+    files = gpu_test_files()
+    junit = ctx.out / "logs" / "pytest-gpu.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    done = run_command(cmd, share_s, env=env, cwd=ROOT, log=ctx.out / "logs" / "pytest-gpu.log")
+    killed = done.returncode is None
+    if not killed and not junit.exists():
+        ctx.part("kernel tests on CUDA (-m gpu)", "failed", f"pytest exited {done.returncode} with no report",
+                 command=" ".join(cmd[1:]), error=tail(done.output))  # fmt: skip
+        return
+    grouped, seconds = outcomes_by_file(files, killed, done.output, junit)
+    reached = [f for f in files if grouped.get(f)]
+    cut_off = (reached[-1] if reached else files[0]) if killed else None
+    for path in files:
         label = f"kernel tests on CUDA (-m gpu, {Path(path).name})"
-        left = deadline - time.monotonic()
-        if left < 5:
-            ctx.part(label, "failed", f"not run: out of time (the kernel tests' {share_s:.0f} s were spent)")
-            continue
-        run_pytest(ctx, label, [path, "-m", "gpu"], env, left, why_skipped=why_skipped)
+        counts = tally(grouped.get(path, {}))
+        timing = dict(seconds=round(seconds[path], 1)) if path in seconds else {}
+        if path == cut_off:
+            ctx.part(label, "failed", f"timed out: pytest killed at the end of the kernel tests' {share_s:.0f} s "
+                     "(counts: the tests done by then)", **counts, error=tail(done.output))  # fmt: skip
+        elif killed and path not in reached:
+            ctx.part(label, "failed", "not run: out of time (pytest was killed before this file)", **counts)
+        elif counts["failed"]:
+            ctx.part(label, "failed", f"{counts['failed']} failed", **counts, **timing, error=tail(done.output))
+        elif counts["passed"] == 0:
+            ctx.part(label, "skipped", f"all {counts['skipped']} selected tests skipped{why_skipped}", **counts,
+                     **timing)  # fmt: skip
+        else:
+            ctx.part(label, "passed", "", **counts, **timing)
+    if grouped.get(None) or (not killed and done.returncode not in (0, 1, 5)):
+        ctx.part("kernel tests on CUDA (-m gpu): pytest itself", "failed",
+                 f"pytest exited with status {done.returncode}" if done.returncode not in (0, 1, 5) else
+                 "tests outside the selected files failed (a collection error?)",
+                 **tally(grouped.get(None, {})), error=tail(done.output))  # fmt: skip
 
 
 def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:

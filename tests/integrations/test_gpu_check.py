@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
 from cuda_timing import MIN_TIMED_CALLS, repetition_ms  # noqa: E402
 from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
-from gpu_check_stages import counts_from_verbose_output, gpu_test_files  # noqa: E402
+from gpu_check_stages import counts_from_verbose_output, gpu_test_files, outcomes_by_file  # noqa: E402
 
 GPU_MACHINE_SITE = Path(__file__).parents[1] / "helpers" / "gpu_machine_site"
 STAGES = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
@@ -115,7 +115,7 @@ def test_the_policy_update_reports_how_it_counts_flops_and_which_steps_it_times(
 
 
 @without_cuda
-def test_the_gpu_kernel_tests_run_file_by_file_each_with_its_counts(smoke):
+def test_the_gpu_kernel_tests_report_counts_file_by_file(smoke):
     _, _, report, _ = smoke
     parts = {p["name"]: p for p in by_name(report)["correctness"]["parts"]}
     files = [Path(f).name for f in gpu_test_files()]
@@ -294,3 +294,29 @@ def test_a_slow_cuda_call_is_timed_at_least_five_times():
     # own estimate adds (an L2 flush per call) and its truncation of rep / estimate.
     assert repetition_ms(once_ms=300.0, rep_ms=200) == 2250
     assert int(repetition_ms(once_ms=300.0, rep_ms=200) / (300.0 * 1.4)) >= MIN_TIMED_CALLS
+
+
+def test_per_file_outcomes_come_from_the_junit_report_or_from_a_killed_pytests_lines(tmp_path):
+    files = ["tests/kernels/test_a.py", "tests/kernels/test_b.py"]
+    junit = tmp_path / "report.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest" tests="4">'
+        '<testcase classname="tests.kernels.test_a" name="test_one" time="1.5" />'
+        '<testcase classname="tests.kernels.test_a.TestGroup" name="test_two" time="0.5"><failure message="x"/>'
+        "</testcase>"
+        '<testcase classname="tests.kernels.test_b" name="test_three" time="2.0"><skipped message="no CUDA"/>'
+        "</testcase>"
+        '<testcase classname="" name="tests.kernels.test_c" time="0.0"><error message="collection"/></testcase>'
+        "</testsuite></testsuites>"
+    )  # fmt: skip
+    grouped, seconds = outcomes_by_file(files, killed=False, output="", junit=junit)
+    assert grouped == {
+        "tests/kernels/test_a.py": {"tests/kernels/test_a.py::test_one": "passed",
+                                    "tests/kernels/test_a.py::test_two": "failed"},
+        "tests/kernels/test_b.py": {"tests/kernels/test_b.py::test_three": "skipped"},
+        None: {"::tests.kernels.test_c": "failed"},
+    }  # fmt: skip
+    assert seconds == {"tests/kernels/test_a.py": 2.0, "tests/kernels/test_b.py": 2.0, None: 0.0}
+    output = "tests/kernels/test_a.py::test_one PASSED   [ 50%]\ntests/kernels/test_b.py::test_three "
+    grouped, seconds = outcomes_by_file(files, killed=True, output=output, junit=tmp_path / "none.xml")
+    assert grouped == {"tests/kernels/test_a.py": {"tests/kernels/test_a.py::test_one": "passed"}} and seconds == {}
