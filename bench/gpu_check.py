@@ -11,7 +11,7 @@ time) when under 10 s would be left:
 
   1 environment   GPU, driver, versions; device copy bandwidth and matmul rate measured in this run
   2 build         dler_kernels._C built in place for the local GPU, CUDA kernels included (time-boxed)
-  3 correctness   pytest -m gpu, file by file (counts per file), and a 3-step `dler train` of the tiny demo model
+  3 correctness   pytest -m gpu (counts per file, kept by a kill), and a 3-step `dler train` of the tiny demo model
   4 kernel_bench  bench_policy_loss: bf16, V=151936, N in {4096, 16384}, against eager, compile, Liger
   5 linear_bench  bench_linear_policy_loss: N=16384, the issue's (H, V), against the 3 matmuls, Liger
   6 train_step    bench_train_step --fsdp: Qwen2-1.5B config, MFU against stage 1's matmul and the datasheet
