@@ -123,8 +123,11 @@ bench: setup
 GPU_CHECK_OUT ?= gpu-check
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 .PHONY: gpu-check gpu-check-smoke
+# One NVIDIA GPU, <= 8 minutes: make gpu-check [WHEELS=dir/] [GPU_CHECK_TOTAL=seconds] [GPU_CHECK_OUT=dir]
+# (python bench/gpu_check.py --help lists every option: --stages, --budget STAGE=S, --total-budget S).
 gpu-check:
-	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
+	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS)) \
+		$(if $(GPU_CHECK_TOTAL),--total-budget $(GPU_CHECK_TOTAL))
 
 # The same script with tiny shapes, on any machine (tests/integrations/test_gpu_check.py runs it too).
 gpu-check-smoke: setup

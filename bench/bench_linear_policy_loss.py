@@ -6,14 +6,15 @@ LigerFusedLinearGRPOLoss (when installed).
     python bench/bench_linear_policy_loss.py            # CUDA: N=16384, bf16, (H, V) of issue 4
     python bench/bench_linear_policy_loss.py --n 1024 --hidden 256 --vocab 32000 --dtype fp32   # CPU
 
-Per shape one table: median time (triton.testing.do_bench on CUDA; median of timed repeats on the
-CPU), the ratio to the three matmuls (X W^T, dZ W, dZ^T X with torch.mm into preallocated outputs,
-timed in the same run), and the peak memory above inputs, outputs and gradients, also as % of the
-N x V logits in the input dtype. CUDA: torch.cuda.max_memory_allocated. CPU (Linux): in a fresh
-process, the peak resident set (VmHWM, reset through /proc/self/clear_refs just before the call)
-minus the resident set before it, minus the gradients (glibc returns large freed blocks to the OS,
-so the resident set follows live tensors). Every number
-is measured in this run; an implementation that cannot run here is listed with the reason.
+Per shape one table: median time (triton.testing.do_bench on CUDA, at least 5 timed calls:
+cuda_timing; median of timed repeats on the CPU), the ratio to the three matmuls (X W^T, dZ W, dZ^T
+X with torch.mm into preallocated outputs, timed in the same run), and the peak memory above inputs,
+outputs and gradients, also as % of the N x V logits in the input dtype. CUDA:
+torch.cuda.max_memory_allocated. CPU (Linux): in a fresh process, the peak resident set (VmHWM,
+reset through /proc/self/clear_refs just before the call) minus the resident set before it, minus
+the gradients (glibc returns large freed blocks to the OS, so the resident set follows live
+tensors). Every number is measured in this run; an implementation that cannot run here is listed
+with the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from cpu_memory import peak_growth, peak_in_child
+from cuda_timing import median_ms
 
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss
 from dler_kernels.reference import per_token_loss_ref, policy_loss_ref
@@ -129,9 +131,7 @@ def implementations(args, inputs, chunk_sizes):
 
 
 def time_cuda(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+    return median_ms(fn, warmup_ms=10, rep_ms=100)
 
 
 def time_cpu(fn, repeats):

@@ -5,12 +5,12 @@ Liger-Kernel's triton_grpo_loss (when installed).
     python bench/bench_policy_loss.py                       # CUDA: N=16384, V=151936, bf16
     python bench/bench_policy_loss.py --n 2048 --vocab 49152 --dtype fp32   # any shape; CPU works too
 
-Prints one table: median time (triton.testing.do_bench on CUDA; median of timed repeats on
-the CPU), effective GB/s on the nominal bytes (logits read once + gradient written once),
-that as % of the measured device copy bandwidth (CUDA), peak memory above the inputs (the
-gradient included; on the CPU the peak resident-set growth of one call in a fresh process), and
-the speed-up over eager. Every number is measured in this run; implementations that cannot
-run here are listed with the reason.
+Prints one table: median time (triton.testing.do_bench on CUDA, at least 5 timed calls: cuda_timing;
+median of timed repeats on the CPU), effective GB/s on the nominal bytes (logits read once +
+gradient written once), that as % of the measured device copy bandwidth (CUDA), peak memory above
+the inputs (the gradient included; on the CPU the peak resident-set growth of one call in a fresh
+process), and the speed-up over eager. Every number is measured in this run; implementations that
+cannot run here are listed with the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 
 import torch
 from cpu_memory import peak_growth, peak_in_child
+from cuda_timing import median_ms
 
 from dler_kernels import available_backends, policy_loss
 from dler_kernels.dispatch import usable_backends
@@ -92,9 +93,7 @@ def implementations(args, inputs):
 
 
 def time_cuda(fn, x):
-    import triton.testing
-
-    return triton.testing.do_bench(lambda: fn(x), grad_to_none=[x], warmup=25, rep=200, return_mode="median")
+    return median_ms(lambda: fn(x), warmup_ms=25, rep_ms=200, grad_to_none=[x])
 
 
 def time_cpu(fn, x, repeats):

@@ -5,11 +5,13 @@
     python bench/gpu_check.py --out /tmp/gc --smoke            # tiny shapes, any machine (the CI runs this)
 
 Stages, in order, each in its own process with its own time budget (killed there); a failed stage
-records its error and the next one runs:
+records its error and the next one runs. The whole check has a deadline (--total-budget, 480 s): a stage
+gets its own budget plus what earlier stages left unused, never past the deadline, or is not run (out of
+time) when under 10 s would be left:
 
   1 environment   GPU, driver, versions; device copy bandwidth and matmul rate measured in this run
   2 build         dler_kernels._C built in place for the local GPU, CUDA kernels included (time-boxed)
-  3 correctness   pytest -m gpu tests/kernels (counts), and a 3-step `dler train` of the tiny demo model
+  3 correctness   pytest -m gpu (counts per file, kept by a kill), and a 3-step `dler train` of the tiny demo model
   4 kernel_bench  bench_policy_loss: bf16, V=151936, N in {4096, 16384}, against eager, compile, Liger
   5 linear_bench  bench_linear_policy_loss: N=16384, the issue's (H, V), against the 3 matmuls, Liger
   6 train_step    bench_train_step --fsdp: Qwen2-1.5B config, MFU against stage 1's matmul and the datasheet
@@ -33,9 +35,20 @@ import traceback
 from pathlib import Path
 
 from gpu_check_report import machine, write_json, write_markdown
-from gpu_check_runner import STATUSES, Stage, kill_started_groups_on_sigterm, not_run, run_command, run_stage
+from gpu_check_runner import (
+    STATUSES,
+    Stage,
+    kill_started_groups_on_sigterm,
+    not_run,
+    run_command,
+    run_stage,
+    stage_budget,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
+# The whole check's deadline: the issue's 8 minutes on an H200. Each stage gets its own budget plus what the
+# stages before it left unused, never past the deadline (gpu_check_runner.stage_budget).
+TOTAL_BUDGET_S = 480.0
 # The issue's order. GPU budgets sum to 480 s, the 8 minutes the whole check must fit in on an H200.
 STAGES = (
     Stage("environment", "versions, copy bandwidth, matmul rate", 20, 60),
@@ -60,7 +73,11 @@ def parse_args(argv=None):
                    help=f"comma list of stages to run (default all: {','.join(STAGE_NAMES)}); the others "
                         "are reported as not run")  # fmt: skip
     p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
-                   help="override one stage's time budget")  # fmt: skip
+                   help="override one stage's own time budget")  # fmt: skip
+    p.add_argument("--total-budget", type=float, default=TOTAL_BUDGET_S, metavar="SECONDS",
+                   help=f"the whole check's deadline (default {TOTAL_BUDGET_S:.0f}): each stage gets its own budget "
+                        "plus what earlier stages left unused, never past it; a stage left under "
+                        "10 s is not run (out of time)")  # fmt: skip
     p.add_argument("--inject-fault", action="append", default=[], metavar="STAGE=raise|hang",
                    help="for the tests of this script only: make STAGE raise, or hang in a command it started, to "
                         "check that the failure is recorded, the hung command killed, the next stage run")  # fmt: skip
@@ -71,6 +88,8 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--stages: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
     args.budgets = _pairs(p, "--budget", args.budget, float)
+    if args.total_budget <= 0 or any(b <= 0 for b in args.budgets.values()):
+        p.error("--total-budget and --budget: the seconds must be > 0")
     args.faults = _pairs(p, "--inject-fault", args.inject_fault, str)
     if any(f not in FAULTS for f in args.faults.values()):
         p.error(f"--inject-fault: the fault must be one of {', '.join(FAULTS)}")
@@ -140,15 +159,27 @@ def main(argv=None) -> int:
     child_args += [a for stage, fault in args.faults.items() for a in ("--inject-fault", f"{stage}={fault}")]
     start, started_at = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records = []
+    planned = 0.0  # the own budgets of the stages started so far
     for i, stage in enumerate(STAGES, 1):
         if stage.name not in args.selected:
             records.append(not_run(stage, "not selected (--stages)", args.smoke))
             continue
         if stage.name in args.budgets:
             stage = Stage(stage.name, stage.title, args.budgets[stage.name], args.budgets[stage.name])
-        budget = stage.smoke_budget_s if args.smoke else stage.budget_s
+        own = stage.smoke_budget_s if args.smoke else stage.budget_s
+        elapsed = time.perf_counter() - start
+        budget = stage_budget(own, planned, elapsed, args.total_budget)
+        if budget is None:
+            left = max(args.total_budget - elapsed, 0.0)
+            records.append(not_run(stage, f"out of time: {left:.0f} s left of the {args.total_budget:.0f} s total "
+                                          "budget (--total-budget)", args.smoke, left))  # fmt: skip
+            print(f"[{i}/{len(STAGES)}] {stage.name}: not run: {records[-1]['reason']}", flush=True)
+            continue
+        planned += own
         stage_env = dict(env, GPU_CHECK_BUDGET_S=str(budget))
-        records.append(run_stage(stage, i, len(STAGES), child_args, args.out, args.smoke, stage_env))
+        records.append(run_stage(stage, i, len(STAGES), child_args, args.out, budget, stage_env, own))
+        print(f"    {time.perf_counter() - start:.1f} s of the {args.total_budget:.0f} s total budget used",
+              flush=True)  # fmt: skip
     total = time.perf_counter() - start
     about = machine(records)
     if about["date"].startswith("unknown"):  # the environment stage did not record it: when this run started
@@ -158,7 +189,7 @@ def main(argv=None) -> int:
         smoke=args.smoke,
         machine=about,
         total_s=round(total, 1),
-        total_budget_s=sum(s.budget_s for s in STAGES),
+        total_budget_s=args.total_budget,
         stages=records,
     )  # fmt: skip
     write_json(args.out / "gpu_report.json", report)

@@ -63,7 +63,8 @@ def write_markdown(path: Path, report: dict) -> None:
     ]  # fmt: skip
     for s in report["stages"]:
         parts, tables, targets = s.get("parts", []), s.get("tables", []), s.get("targets", [])
-        if not (parts or tables or targets or s.get("error")):
+        notes = s.get("notes", [])
+        if not (parts or tables or targets or notes or s.get("error")):
             continue
         lines += ["", f"## {s['name']}: {s['title']} ({s['status']})"]
         if parts:
@@ -75,6 +76,8 @@ def write_markdown(path: Path, report: dict) -> None:
         if targets:
             rows = [[t["target"], _value(t), t["goal"], _met(t), _note(t)] for t in targets]
             lines += ["", "Targets:", "", *_table(["target", "measured", "goal", "verdict", "note"], rows)]
+        if notes:
+            lines += ["", *[f"- {note}" for note in notes]]
         if s.get("error"):
             lines += ["", "Error (last lines of its log, `" + s.get("log", "") + "`):", "", "```", s["error"], "```"]
     path.write_text("\n".join(lines) + "\n")

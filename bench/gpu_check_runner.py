@@ -20,6 +20,9 @@ from pathlib import Path
 STATUSES = ("passed", "failed", "skipped", "not run")
 ERROR_TAIL_LINES = 25
 TERM_GRACE_S = 5  # between SIGTERM (a stage kills the commands it started) and SIGKILL
+# A stage that would get less than this (or than its own budget, if that is smaller) is not started: it
+# could not import torch and measure anything before being killed.
+MIN_STAGE_S = 10.0
 _LIVE_GROUPS: set[int] = set()  # process groups this process started and has not seen end
 
 
@@ -29,6 +32,20 @@ class Stage:
     title: str
     budget_s: float  # on a GPU, full sizes: the budgets of all stages sum to the issue's 8 minutes
     smoke_budget_s: float  # --smoke, on whatever device (the CI's CPU is slow and shared)
+
+
+def stage_budget(own_s: float, planned_s: float, elapsed_s: float, total_s: float,
+                 floor_s: float = MIN_STAGE_S) -> float | None:  # fmt: skip
+    """The seconds a stage gets under the whole check's deadline: its own budget plus what the stages before it
+    left unused, never past the deadline; None (not run: out of time) when that is under ``floor_s`` or under
+    the stage's own budget if that is smaller.
+
+    ``planned_s``: the own budgets of the stages run so far, summed; ``elapsed_s``: the wall time since the check
+    began; ``total_s``: the deadline, in seconds from the start. A stage that finished early hands its spare
+    time to the next, a stage that ran long (the kill's grace) takes it from the later ones."""
+    carried = max(0.0, planned_s - elapsed_s)
+    budget = min(own_s + carried, total_s - elapsed_s)
+    return budget if budget >= min(floor_s, own_s) else None
 
 
 @dataclass
@@ -92,20 +109,24 @@ def tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def run_stage(stage: Stage, index: int, total: int, child_args: list[str], out: Path, smoke: bool, env: dict) -> dict:
-    """Runs ``gpu_check.py --stage-child NAME`` with its budget; returns the stage's record for the report."""
-    budget = stage.smoke_budget_s if smoke else stage.budget_s
+def run_stage(stage: Stage, index: int, total: int, child_args: list[str], out: Path, budget: float, env: dict,
+              own_budget: float) -> dict:  # fmt: skip
+    """Runs ``gpu_check.py --stage-child NAME`` for ``budget`` seconds (``own_budget``: the stage's own, before
+    the time carried over or cut by the deadline); returns the stage's record for the report."""
     result_file = out / "stages" / f"{stage.name}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
     log = out / "logs" / f"{stage.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{index}/{total}] {stage.name}: {stage.title} (budget {budget:.0f} s) ...", flush=True)
+    carried = budget - own_budget
+    how = f"{own_budget:.0f} s {'+' if carried >= 0 else '-'} {abs(carried):.0f} s" if abs(carried) >= 0.5 else ""
+    print(f"[{index}/{total}] {stage.name}: {stage.title} (budget {budget:.0f} s{' = ' + how if how else ''}) ...",
+          flush=True)  # fmt: skip
     cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--stage-child", stage.name, *child_args]
     done = run_command(cmd, budget, env=env, log=log)
     record = json.loads(result_file.read_text()) if result_file.exists() else {}
-    record.update(name=stage.name, title=stage.title, budget_s=budget, elapsed_s=round(done.seconds, 2),
-                  log=str(log.relative_to(out)))  # fmt: skip
+    record.update(name=stage.name, title=stage.title, budget_s=round(budget, 1), own_budget_s=own_budget,
+                  elapsed_s=round(done.seconds, 2), log=str(log.relative_to(out)))  # fmt: skip
     if done.returncode is None:
         record.update(status="failed", reason=f"timed out: killed at its budget of {budget:.0f} s",
                       error=tail(done.output))  # fmt: skip
@@ -121,7 +142,9 @@ def run_stage(stage: Stage, index: int, total: int, child_args: list[str], out: 
     return record
 
 
-def not_run(stage: Stage, reason: str, smoke: bool) -> dict:
-    """The record of a stage this run did not start (it still appears in the report, with why)."""
-    budget = stage.smoke_budget_s if smoke else stage.budget_s
-    return dict(name=stage.name, title=stage.title, status="not run", reason=reason, budget_s=budget, elapsed_s=0.0)
+def not_run(stage: Stage, reason: str, smoke: bool, budget: float = 0.0) -> dict:
+    """The record of a stage this run did not start (it still appears in the report, with why); ``budget``:
+    the seconds it was left (0 when it was not selected)."""
+    own = stage.smoke_budget_s if smoke else stage.budget_s
+    return dict(name=stage.name, title=stage.title, status="not run", reason=reason, budget_s=round(budget, 1),
+                own_budget_s=own, elapsed_s=0.0)  # fmt: skip

