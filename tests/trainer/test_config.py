@@ -401,3 +401,14 @@ def test_lm_head_fp32_reaches_the_trainer_and_the_vllm_engine():
         load_config("toy-cpu", ["rollout.engine=hf", "rollout.lm_head_fp32=true"])
     with pytest.raises(UserError, match="algorithm.lm_head_fp32.*true or false"):
         load_config("toy-cpu", ["algorithm.lm_head_fp32=maybe"])
+
+
+def test_describe_names_the_rollout_correction_the_bypass_and_the_fp32_head_when_on():
+    line = describe(load_config("toy-cpu", ["algorithm.rollout_correction.mode=token_tis"])).splitlines()[4]
+    assert line.endswith("; rollout correction token_tis cap 2")
+    icepop = describe(load_config("toy-cpu", ["algorithm.rollout_correction.mode=icepop"]))
+    assert "rollout correction icepop [0.5, 5]" in icepop
+    bypass = describe(load_config("toy-cpu", ["algorithm.old_logprobs=sampler", "algorithm.lm_head_fp32=true"]))
+    assert "old log-probs from the sampler (bypass); fp32 LM head (trainer)" in bypass
+    off = describe(load_config("toy-cpu")).splitlines()[4]
+    assert off.endswith("optimizer step(s) per step")

@@ -18,12 +18,22 @@ def _penalty_text(reward: RewardConfig) -> str:
     return f"{p.name} penalty, {budget}{schedule}{coef}"
 
 
+def _bounds_text(bounds: tuple[float | None, float | None]) -> str:
+    low, high = bounds
+    return f"cap {high:g}" if low is None else f"[{low:g}, {high:g}]"
+
+
 def describe(cfg: TrainConfig) -> str:
     """A few lines for the console at the start of a run: what is trained, on what, and how."""
     s, a, o, r = cfg.rollout.sampling, cfg.algorithm, cfg.optim, cfg.run
     fsdp = {None: "fsdp auto", True: "fsdp on", False: "fsdp off"}[cfg.fsdp.enabled]
     dual = f", dual clip {a.clip_c:g}" if a.clip_c is not None else ""
     kl = f", KL {a.kl_type} {a.beta:g}" if a.beta > 0 else ""
+    old = "; old log-probs from the sampler (bypass)" if a.old_logprobs == "sampler" else ""
+    rc = a.rollout_correction
+    correction = f"; rollout correction {rc.mode} {_bounds_text(rc.bounds)}" if rc.mode != "none" else ""
+    heads = [side for side, on in (("trainer", a.lm_head_fp32), ("engine", cfg.rollout.lm_head_fp32)) if on]
+    fp32_head = f"; fp32 LM head ({', '.join(heads)})" if heads else ""
     dynamic = f", dynamic sampling ({s.max_rounds} rounds)" if s.dynamic_sampling else ""
     gfpo = f" (GFPO: the best of {s.gfpo_sample_size} by {s.gfpo_metric})" if s.gfpo_sample_size else ""
     updates = s.prompts_per_step // a.mini_batch_prompts * a.epochs_per_step
@@ -35,7 +45,7 @@ def describe(cfg: TrainConfig) -> str:
         f"samples{gfpo}, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
         f"reward     {cfg.reward.checker} checker; {_penalty_text(cfg.reward)}",
         f"algorithm  {a.advantage} advantages, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
-        f"{updates} optimizer step(s) per step",
+        f"{updates} optimizer step(s) per step{old}{correction}{fp32_head}",
         f"optim      AdamW lr {o.lr:g}, wd {o.weight_decay:g}, {o.schedule}, warmup {o.warmup_steps}, grad clip {clip}",
         f"run        {r.steps} steps -> {r.out} (seed {r.seed}, device {r.device}, checkpoint every "
         f"{r.save_every or r.steps})",
