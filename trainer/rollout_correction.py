@@ -26,9 +26,13 @@ Modes (defaults from the papers, in brackets):
 
 A masked token leaves the loss's numerator only: the loss normaliser stays what it is without a
 correction (every response token of the mini-batch for ``token-mean``, every non-empty response for the
-``seq-mean-*`` aggregations), as in IcePop's objective, ``1/sum_i |y_i|`` over all tokens. A step that masks
-much therefore takes a smaller step, not a larger one on the few tokens it kept; and the normaliser does
-not depend on the trainer's own log-probs.
+``seq-mean-*`` aggregations), as in IcePop's objective, ``1/sum_i |y_i|`` over all tokens. Under
+``token-mean``, ``seq-mean-token-sum`` and ``seq-mean-token-sum-norm`` a step that masks much therefore
+takes a smaller step, not a larger one on the few tokens it kept. The exception is ``seq-mean-token-mean``:
+the kernel's mask also sets each response's inner mean, so a response is averaged over its kept tokens
+(verl's behaviour for that aggregation too) and a response with k of |y| tokens masked weighs each kept
+one |y| / (|y| - k) times more. The weights multiply each token's whole loss term, KL to the reference and
+entropy bonus included (both off by default); IcePop and verl weigh the policy-gradient term only.
 """
 
 from __future__ import annotations

@@ -316,8 +316,10 @@ class DynamicSampler:
             stats.lengths = lengths.tolist()
             stats.truncation_rate = float(truncated.mean())
             stats.generated_tokens = int(lengths.sum())
-            stats.groups_all_correct = sum(bool(g.correct.min() == 1) for g in generated)
-            stats.groups_all_wrong = sum(bool(g.correct.max() == 0) for g in generated)
+            # Judged on what dynamic sampling judges: GFPO's retained responses (ScoredGroup.has_spread).
+            trained = [g.correct if g.retained is None else g.correct[g.retained] for g in generated]
+            stats.groups_all_correct = sum(bool(c.min() == 1) for c in trained)
+            stats.groups_all_wrong = sum(bool(c.max() == 0) for c in trained)
         if batch:
             stats.mean_reward = float(np.concatenate([g.rewards for g in batch]).mean())
         for g in batch:

@@ -26,14 +26,16 @@ from pathlib import Path
 
 from .fsutil import UserError, atomic_file
 
+OVERRIDES_FILE = "overrides.json"  # the --set overrides every run of the study was made with
 SUMMARY_FILE = "summary.json"  # trainer.run_log's, not imported: `dler --help` builds this command's parser
 RECIPES = {"grpo": "toy-cpu-grpo", "dler": "toy-cpu"}
 """Recipe name -> the demo preset that runs it."""
 DEMO_BUDGET = 80  # toy-cpu's reward.penalty.length_budget
 PAPER_BUDGET = 4000  # DLER's budget, the scale the papers' per-token coefficients were set for
 TOKEN_SCALE = PAPER_BUDGET / DEMO_BUDGET
-# The schedule of the `schedule` cell: the demo's 80 tokens times 0.75 at each quarter of the run (80, 60, 45,
-# 34), never under 30, about the worked sum without re-checks (the demo's trained runs average 26 tokens).
+# The schedule of the `schedule` cell: the demo's 80 tokens times 0.75 every steps // 4 steps, never under 30, about
+# the worked sum without re-checks (the demo's trained runs average 26 tokens). At 30 steps: every 7 steps, so
+# 80, 60, 45, 34 and the floor 30 for the last two steps (34 x 0.75 = 25.5).
 SCHEDULE_DECAY, SCHEDULE_STAGES, SCHEDULE_FLOOR = 0.75, 4, 30
 GFPO_SAMPLES = 16  # GFPO's larger group: twice the demo's 8, of which the 8 shortest are trained on
 
@@ -105,7 +107,8 @@ def plan(recipes: Sequence[str], penalties: Sequence[str], seeds: Sequence[int],
         raise UserError(f"--steps must be >= 1, got {steps}")
     if not (recipes and penalties and seeds):
         raise UserError("the study needs at least one recipe, one penalty and one seed")
-    return [Run(r, p, s, steps) for s in seeds for r in recipes for p in penalties]
+    once = dict.fromkeys  # a name given twice would be averaged twice: each counts once, in its first place
+    return [Run(r, p, s, steps) for s in once(seeds) for r in once(recipes) for p in once(penalties)]
 
 
 def finished_summary(run_dir: Path) -> dict | None:
@@ -140,6 +143,23 @@ def run_one(run: Run, out: Path, extra: Sequence[str]) -> float:
     return time.perf_counter() - start
 
 
+def check_overrides(out: Path, extra: Sequence[str]) -> None:
+    """Record the study's ``--set`` overrides in OUT/overrides.json, or refuse ones that differ from those its
+    runs were made with: run names do not carry them, so a finished run would be reused under a setting it
+    was not trained with."""
+    path = out / OVERRIDES_FILE
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != list(extra):
+            raise UserError(
+                f"{out} holds runs made with --set {before or '(none)'}, not {list(extra) or '(none)'}: give the same "
+                "--set to continue that study, or another --out for a new one"
+            )
+        return
+    with atomic_file(path) as f:
+        json.dump(list(extra), f)
+
+
 def run_study(
     out: Path,
     runs: Sequence[Run],
@@ -149,6 +169,7 @@ def run_study(
     """Run every unfinished run of ``runs`` one at a time; returns the wall seconds of each run (this call's
     and earlier ones', kept in OUT/timings.json)."""
     out.mkdir(parents=True, exist_ok=True)
+    check_overrides(out, extra)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
     for i, run in enumerate(runs, start=1):

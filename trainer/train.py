@@ -241,9 +241,12 @@ class Trainer:
         a = self.cfg.algorithm
         settings = dict(token_budget=a.micro_batch_tokens, temperature=a.temperature, device=self.env.device,
                         lm_head_fp32=a.lm_head_fp32)  # fmt: skip
+        needs_sampler = a.old_logprobs == "sampler" or a.rollout_correction.mode != "none"
+        if needs_sampler:
+            require_sampler_logprobs(rows, self.cfg)
         with self.timer.phase("logprob_s"):
             if a.old_logprobs == "sampler":
-                old = [self._sampler_logprobs(i, row) for i, row in enumerate(rows)]
+                old = [row.sampler_logprobs for row in rows]
             else:
                 old = compute_logprobs(self.policy, rows, **settings, fused_head=self.fused_head)
             ref = [None] * len(rows)
@@ -252,20 +255,8 @@ class Trainer:
         rows = [replace(row, old_logprobs=o, ref_logprobs=r) for row, o, r in zip(rows, old, ref)]
         if a.rollout_correction.mode == "none":
             return rows
-        try:
-            fixes = correct_rows(a.rollout_correction, old, [row.sampler_logprobs for row in rows])
-        except ValueError as e:
-            raise UserError(f"algorithm.rollout_correction: {e}") from None
+        fixes = correct_rows(a.rollout_correction, old, [row.sampler_logprobs for row in rows])
         return [replace(row, token_weights=f.weights, loss_mask=f.mask) for row, f in zip(rows, fixes)]
-
-    def _sampler_logprobs(self, i: int, row: UpdateRow) -> torch.Tensor:
-        if row.sampler_logprobs is None:
-            raise UserError(
-                f"algorithm.old_logprobs=sampler needs the engine's log-prob of every sampled token, and the "
-                f"{self.cfg.rollout.engine} engine gave none (or not one per token) for response {i}; use "
-                "algorithm.old_logprobs=recompute"
-            )
-        return row.sampler_logprobs
 
     def update(self, rows: list[UpdateRow], step: int) -> dict[str, float]:
         """``epochs_per_step`` passes over the batch in mini-batches of whole prompt groups, one optimizer
@@ -375,6 +366,26 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------ entry point
+
+
+def require_sampler_logprobs(rows: Sequence[UpdateRow], cfg: TrainConfig) -> None:
+    """Refuse, on every rank alike, a batch without the engine's log-prob of every sampled token (the
+    bypass and the rollout corrections need them): a rank that raised alone would leave the others waiting
+    in the update's first collective."""
+    missing = [i for i, row in enumerate(rows) if row.sampler_logprobs is None]
+    if collective.any_rank(bool(missing)):
+        which = f"response {missing[0]} of this rank" if missing else "a response of another rank"
+        bypass = cfg.algorithm.old_logprobs == "sampler"
+        key = (
+            "algorithm.old_logprobs=sampler"
+            if bypass
+            else f"algorithm.rollout_correction {cfg.algorithm.rollout_correction.mode!r}"
+        )
+        fix = "algorithm.old_logprobs=recompute" if bypass else "algorithm.rollout_correction.mode=none"
+        raise UserError(
+            f"{key} needs the engine's log-prob of every sampled token, and the {cfg.rollout.engine} engine gave "
+            f"none (or not one per token) for {which}; use {fix}"
+        )
 
 
 def load_run_config(out: Path, overrides: Sequence[str] = ()) -> TrainConfig:

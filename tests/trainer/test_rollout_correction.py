@@ -297,3 +297,31 @@ def test_a_step_whose_every_token_was_masked_records_no_ratio_extremes():
     kept = UpdateTotals()
     kept.add({"loss": 0.1, "tokens": 12.0, "valid": 3.0, "ratio_max": 1.5, "ratio_min": 0.75}, 0.2)
     assert kept.means(lr=1e-3)["ratio_max"] == 1.5 and kept.means(lr=1e-3)["ratio_min"] == 0.75
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["algorithm.old_logprobs=sampler"], "algorithm.old_logprobs=sampler", "algorithm.old_logprobs=recompute"),
+        (["algorithm.rollout_correction.mode=icepop"], "algorithm.rollout_correction 'icepop'", "mode=none"),
+    ],
+)
+def test_a_batch_without_the_engines_log_probs_is_refused_naming_the_key_and_the_fix(overrides, key, fix):
+    from trainer.config import load_config
+    from trainer.fsutil import UserError
+    from trainer.train import require_sampler_logprobs
+
+    cfg = load_config("toy-cpu", overrides)
+    whole = [UpdateRow([1], [2, 3], 0.5, sampler_logprobs=torch.tensor([-0.1, -0.2]))]
+    require_sampler_logprobs(whole, cfg)  # every token has its log-prob: nothing to refuse
+    with pytest.raises(UserError, match=f"{key} needs the engine's log-prob.*response 1 of this rank.*{fix}"):
+        require_sampler_logprobs(whole + [UpdateRow([1], [2], 0.5)], cfg)
+
+
+def test_under_seq_mean_token_mean_a_masked_token_raises_its_responses_kept_tokens_weight():
+    """The documented exception to 'numerator only': response 0 has 9 of its 10 tokens masked, so its kept
+    token weighs 10x a token of the unmasked response 1 (each response's mean is over its kept tokens)."""
+    valid = torch.tensor([True] + [False] * 9 + [True] * 10)
+    seq_ids = torch.tensor([0] * 10 + [1] * 10)
+    weights = ref.aggregation_weights(valid, "seq-mean-token-mean", seq_ids, 2.0, None)
+    assert float(weights[0]) == pytest.approx(0.5) and float(weights[10]) == pytest.approx(0.05)

@@ -237,6 +237,8 @@ def test_gfpo_samples_the_larger_group_and_trains_on_the_retained_responses(chec
     # the rollout statistics cover every sampled response; the batch only the retained ones
     assert stats.samples == 12 and stats.accuracy == 6 / 12 and stats.mean_reward == pytest.approx(1 / 3)
     assert len(RolloutBatch.from_groups(batch)) == 3
+    # the group counts judge what dynamic sampling judged: "RRRWWW" kept R R R (all correct), not its mixed whole
+    assert stats.groups_all_correct == 1 and stats.groups_all_wrong == 0
 
 
 def test_gfpo_advantages_are_normalised_over_the_retained_responses(checker):

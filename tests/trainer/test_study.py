@@ -9,7 +9,7 @@ import pytest
 
 from trainer import cli
 from trainer.fsutil import UserError
-from trainer.study import PENALTIES, RECIPES, finished_summary, penalty_overrides, plan
+from trainer.study import PENALTIES, RECIPES, check_overrides, finished_summary, penalty_overrides, plan
 from trainer.study_report import cell_table, markdown, warm_start
 
 
@@ -27,6 +27,19 @@ def test_the_plan_covers_every_cell_seed_by_seed():
     assert [r.seed for r in runs] == [0] * 4 + [1] * 4  # every cell at seed 0 before any at seed 1
     assert runs[0].name == "grpo-truncation-seed0-5steps"
     assert len(PENALTIES) == 10 and set(RECIPES) == {"grpo", "dler"}
+
+
+def test_a_seed_recipe_or_penalty_named_twice_is_run_and_counted_once():
+    runs = plan(["dler", "dler"], ["alp", "truncation", "alp"], [1, 0, 1], steps=5)
+    assert [(r.penalty, r.seed) for r in runs] == [("alp", 1), ("truncation", 1), ("alp", 0), ("truncation", 0)]
+
+
+def test_a_study_folder_refuses_other_overrides_than_its_runs_were_made_with(tmp_path):
+    check_overrides(tmp_path, ["optim.lr=1e-5"])
+    check_overrides(tmp_path, ["optim.lr=1e-5"])  # the same: the study continues
+    assert json.loads((tmp_path / "overrides.json").read_text()) == ["optim.lr=1e-5"]
+    with pytest.raises(UserError, match=r"made with --set \['optim.lr=1e-5'\], not \(none\).*another --out"):
+        check_overrides(tmp_path, [])
 
 
 def test_every_penalty_of_the_study_is_a_valid_config():
