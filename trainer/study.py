@@ -37,6 +37,7 @@ TOKEN_SCALE = PAPER_BUDGET / DEMO_BUDGET
 # the worked sum without re-checks (the demo's trained runs average 26 tokens). At 30 steps: every 7 steps, so
 # 80, 60, 45, 34 and the floor 30 for the last two steps (34 x 0.75 = 25.5).
 SCHEDULE_DECAY, SCHEDULE_STAGES, SCHEDULE_FLOOR = 0.75, 4, 30
+LASER_MAX_TOKENS = 2 * DEMO_BUDGET  # the laser cell's generation limit, above its target L (see penalty_overrides)
 GFPO_SAMPLES = 16  # GFPO's larger group: twice the demo's 8, of which the 8 shortest are trained on
 
 
@@ -48,7 +49,10 @@ def penalty_overrides(penalty: str, steps: int) -> list[str]:
         "cosine": ["reward.penalty.name=cosine"],
         "l1_max": ["reward.penalty.name=l1_max", f"reward.penalty.l1_alpha={0.0003 * TOKEN_SCALE:g}"],
         "kimi": ["reward.penalty.name=kimi"],
-        "laser": ["reward.penalty.name=laser"],
+        # LASER's target L sits below the generation limit: at the demo's limit of L every correct response is
+        # within L and earns the bonus, 1.5 x correctness, which group normalisation turns into the truncation
+        # cell's advantages exactly (measured: the two seed-0 GRPO runs had identical losses at every step).
+        "laser": ["reward.penalty.name=laser", f"rollout.sampling.max_tokens={LASER_MAX_TOKENS}"],
         "shorter_better": [
             "reward.penalty.name=shorter_better",
             f"reward.penalty.shorter_better_beta={0.001 * TOKEN_SCALE:g}",

@@ -52,6 +52,9 @@ def test_every_penalty_of_the_study_is_a_valid_config():
     cfg = load_config("toy-cpu", penalty_overrides("schedule", steps=30))
     assert cfg.reward.budget_schedule.enabled and cfg.reward.budget_schedule.every == 7  # 30 // 4
     assert load_config("toy-cpu", penalty_overrides("gfpo", 30)).rollout.sampling.gfpo_sample_size == 16
+    # LASER's bonus needs responses longer than its target to exist, or it is the truncation cell's reward x 1.5
+    laser = load_config("toy-cpu", penalty_overrides("laser", 30))
+    assert laser.max_response_tokens == 2 * laser.reward.penalty.length_budget == 160
 
 
 def test_bad_study_arguments_are_named():
