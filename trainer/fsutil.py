@@ -147,6 +147,15 @@ def atomic_file(path: Path) -> Iterator[IO[str]]:
         raise
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure written as a PNG that appears at ``path`` whole or not at all (a temporary sibling,
+    then ``os.replace``), so a plot redrawn while someone opens it is never half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # savefig takes the format from the suffix
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_directory(
     out: Path,

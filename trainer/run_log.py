@@ -17,7 +17,7 @@ from typing import Any
 
 from . import config as config_mod
 from .config import TrainConfig
-from .fsutil import UserError, atomic_file
+from .fsutil import UserError, atomic_file, save_figure
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -261,10 +261,8 @@ def plot_curves(records: list[dict[str, Any]], history: dict[str, Any], path: Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ metrics.jsonl on disk

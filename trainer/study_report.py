@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_file
+from .fsutil import atomic_file, save_figure
 
 STUDY_MD, STUDY_JSON, PARETO_PNG = "study.md", "study.json", "pareto.png"
 
@@ -109,10 +109,8 @@ def plot_pareto(cells: Sequence[dict], start: dict | None, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(
