@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .fsutil import save_figure
+
 
 def results_markdown(results: dict) -> str:
     """Table 1 of the paper (accuracy and length per benchmark, then the average), then pass@k,
@@ -109,5 +111,5 @@ def plot_scaling(results: dict, path: Path) -> None:
 
 def _save(fig, path: Path, plt) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)  # whole or not at all: a report re-run over an open plot never leaves half a PNG
     plt.close(fig)

@@ -152,8 +152,12 @@ def save_figure(fig, path: Path, dpi: int = 110) -> None:
     then ``os.replace``), so a plot redrawn while someone opens it is never half written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")  # savefig takes the format from the suffix
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save leaves neither a half PNG nor a stray temporary
+        raise
 
 
 @contextlib.contextmanager
