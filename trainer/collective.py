@@ -1,5 +1,5 @@
 """The distributed helpers: whether a process group is up, this rank's place, and the few collectives
-the trainer needs outside FSDP's own (gather, vote, scalar reduce, broadcast, rank 0 does and tells).
+the trainer needs outside FSDP's own (gather, vote, reduce, broadcast, rank 0 does and tells).
 
 Without a process group each function is its single-process meaning (rank 0 of 1, a gather of one,
 broadcast is the identity), so the same code serves one process and many. This is the one place that
@@ -8,7 +8,7 @@ asks ``torch.distributed`` whether a group is up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,14 +48,20 @@ def any_rank(flag: bool) -> bool:
     return any(gather(bool(flag)))
 
 
-def reduce_scalar(x: float, device: torch.device, op: dist.ReduceOp | None = None) -> float:
-    """``x`` reduced over the ranks with ``op`` (default: sum), in float64 on ``device`` (the process
-    group's backend for that device carries it); ``x`` itself without a group of several ranks."""
+def reduce_values(xs: Sequence[float], device: torch.device, op: dist.ReduceOp | None = None) -> list[float]:
+    """``xs`` reduced element-wise over the ranks with ``op`` (default: sum) in one collective, in float64
+    on ``device`` (the process group's backend for that device carries it); ``xs`` itself without a group
+    of several ranks. Every rank passes as many values, in the same order."""
     if world_size() == 1:
-        return float(x)
-    t = torch.tensor([x], dtype=torch.float64, device=device)
+        return [float(x) for x in xs]
+    t = torch.tensor(list(xs), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
-    return float(t.item())
+    return t.tolist()
+
+
+def reduce_scalar(x: float, device: torch.device, op: dist.ReduceOp | None = None) -> float:
+    """``x`` reduced over the ranks with ``op`` (default: sum); see :func:`reduce_values`."""
+    return reduce_values([x], device, op)[0]
 
 
 def broadcast(obj: T) -> T:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from .collective import reduce_scalar
+from .collective import reduce_values
 
 # The kernel's per-call token means; weighted by tokens here to give the mini-batch's means.
 TOKEN_MEAN_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "entropy", "kl_ref")
@@ -46,12 +46,17 @@ class MiniBatchMetrics:
 
     def reduced(self, device: torch.device) -> dict[str, float]:
         """The mini-batch's metrics over every rank (collective: every rank calls it, in the same order)."""
-        keys = ["loss", "tokens", "valid", "num_nonfinite"] + [k for k in TOKEN_MEAN_METRICS if k in self.sums]
-        world = {k: reduce_scalar(self.sums.get(k, 0.0), device, dist.ReduceOp.SUM) for k in keys}
+        # The same values on every rank, whatever its micro-batches were: a rank with dummy ones only (no
+        # rows in this mini-batch) has no sums at all, and a list of its own would pair its collective with
+        # a different one on the other ranks. Which means exist is itself summed over the ranks.
+        keys = ("loss", "tokens", "valid", "num_nonfinite", *TOKEN_MEAN_METRICS)
+        present = [float(k in self.sums) for k in TOKEN_MEAN_METRICS]
+        sums = reduce_values([self.sums.get(k, 0.0) for k in keys] + present, device)
+        world, present = dict(zip(keys, sums)), dict(zip(TOKEN_MEAN_METRICS, sums[len(keys) :]))
         valid = max(world["valid"], 1.0)
-        out = {"loss": world["loss"], "tokens": world["tokens"], "valid": world["valid"]}
-        out["num_nonfinite"] = world["num_nonfinite"]
-        out.update({k: world[k] / valid for k in TOKEN_MEAN_METRICS if k in world})
-        out["ratio_max"] = reduce_scalar(self.ratio_max, device, dist.ReduceOp.MAX)
-        out["ratio_min"] = reduce_scalar(self.ratio_min, device, dist.ReduceOp.MIN)
+        out = {k: world[k] for k in ("loss", "tokens", "valid", "num_nonfinite")}
+        out.update({k: world[k] / valid for k in TOKEN_MEAN_METRICS if present[k] > 0})
+        # one MAX for both extremes: the smallest ratio is minus the largest of the negated ones
+        ratio_max, neg_ratio_min = reduce_values([self.ratio_max, -self.ratio_min], device, dist.ReduceOp.MAX)
+        out["ratio_max"], out["ratio_min"] = ratio_max, -neg_ratio_min
         return out
