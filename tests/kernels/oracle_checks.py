@@ -1,10 +1,12 @@
 """What the logits path and the fused-linear path are both checked for against the float64 oracle:
 the rounding bounds, the option sets that together cover every choice, the loss / log-prob / entropy /
-metric comparison, and the bad-input harness (the error names the argument). Imported by the test
+metric comparison, the bad-input harness (the error names the argument), and the input draws the CPU suites
+and the CUDA oracle tests share. Imported by the test
 files beside it (pytest puts this folder on ``sys.path``: the test folders are not packages)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dler_kernels import reference
 from dler_kernels.dispatch import usable_backends
@@ -28,6 +30,50 @@ OPTION_SETS = [
 ]  # fmt: skip
 
 METRIC_KEYS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite")
+
+
+def logits_inputs(n, v, dtype=torch.float32, seed=0, masked_frac=0.25, scale=3.0):
+    """The logits path's inputs, drawn on the CPU: (tensors, extra)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():
+        exact = reference.token_logprobs_ref(logits.double(), targets).float()
+    old = exact + 0.4 * torch.randn(n, generator=g)  # ratios on both sides of the clip range
+    ref_lp = exact + 0.3 * torch.randn(n, generator=g)
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) >= masked_frac
+    tensors = dict(logits=logits, targets=targets, old_logprobs=old, advantages=adv, mask=mask)
+    return tensors, dict(ref_logprobs=ref_lp, seq_ids=torch.arange(n) // 3)
+
+
+def linear_inputs(n, h, v, dtype=torch.float32, seed=0, masked_frac=0.25, with_bias=True):
+    """The fused-linear path's inputs, drawn on the CPU: (tensors, extra)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(dtype)  # logits of scale ~2
+    bias = (0.5 * torch.randn(v, generator=g)).to(dtype) if with_bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():
+        exact = reference.token_logprobs_ref(F.linear(hidden, weight, bias).double(), targets).float()
+    tensors = dict(
+        hidden=hidden, weight=weight, targets=targets,
+        old_logprobs=exact + 0.4 * torch.randn(n, generator=g),  # ratios on both sides of the clip range
+        advantages=torch.randn(n, generator=g), mask=torch.rand(n, generator=g) >= masked_frac,
+    )  # fmt: skip
+    extra = dict(bias=bias, ref_logprobs=exact + 0.3 * torch.randn(n, generator=g), seq_ids=torch.arange(n) // 3)
+    return tensors, extra
+
+
+def advantage_inputs(b=3000, seed=1):
+    """compute_advantages' inputs, more than one tile of the kernel by default: (rewards, groups, correctness,
+    token_counts)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 2, (b,), generator=g).float() * 0.9 + 0.05 * torch.rand(b, generator=g)
+    correct = (rewards > 0.5).float()
+    groups = torch.randint(0, 400, (b,), generator=g) * 7 - 1000  # arbitrary, unsorted ids
+    counts = torch.randint(0, 4000, (b,), generator=g)
+    return rewards, groups, correct, counts
 
 
 def store_rounding(dtype: torch.dtype, backend: str, on_cuda: bool) -> float:

@@ -4,6 +4,7 @@ computations and numpy."""
 import numpy as np
 import pytest
 import torch
+from oracle_checks import advantage_inputs
 
 import dler_kernels
 from dler_kernels import compute_advantages, reference
@@ -77,12 +78,7 @@ def test_dler_token_weighting_equals_replicating_each_response_per_token(backend
 @pytest.mark.parametrize("weighting", ["token", "sample"])
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_matches_float64_reference(backend, method, weighting, dynamic):
-    g = torch.Generator().manual_seed(1)
-    b = 3000  # more than one tile of the kernel
-    rewards = torch.randint(0, 2, (b,), generator=g).float() * 0.9 + 0.05 * torch.rand(b, generator=g)
-    correct = (rewards > 0.5).float()
-    groups = torch.randint(0, 400, (b,), generator=g) * 7 - 1000  # arbitrary, unsorted ids
-    counts = torch.randint(0, 4000, (b,), generator=g)
+    rewards, groups, correct, counts = advantage_inputs()
     kw = dict(method=method, correctness=correct, token_counts=counts, weighting=weighting, dynamic_sampling=dynamic)
     out = compute_advantages(rewards, groups, **kw)
     values64, keep64, stats64 = reference.compute_advantages_ref(rewards.double(), groups, **kw)

@@ -28,8 +28,15 @@ test_linear_policy_loss.py (oracle_checks.check_loss_terms):
 
 import pytest
 import torch
-import torch.nn.functional as F
-from oracle_checks import OPTION_SETS, STORE_ROUNDING, check_loss_terms, rel
+from oracle_checks import (
+    OPTION_SETS,
+    STORE_ROUNDING,
+    advantage_inputs,
+    check_loss_terms,
+    linear_inputs,
+    logits_inputs,
+    rel,
+)
 
 from dler_kernels import (
     PolicyLossOutput,
@@ -104,21 +111,6 @@ def check_half_grad(name, got, want, dtype, abs_terms=0.0, term_counts=0.0):
 # ---------------------------------------------------------------- logits path
 
 
-def make_logits_inputs(n, v, dtype, seed, masked_frac=0.25):
-    """The draws of test_policy_loss.make_inputs, on the CPU: (tensors, extra)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * 3.0).to(dtype)
-    targets = torch.randint(0, v, (n,), generator=g)
-    with torch.no_grad():
-        exact = reference.token_logprobs_ref(logits.double(), targets).float()
-    old = exact + 0.4 * torch.randn(n, generator=g)  # ratios on both sides of the clip range
-    ref_lp = exact + 0.3 * torch.randn(n, generator=g)
-    adv = torch.randn(n, generator=g)
-    mask = torch.rand(n, generator=g) >= masked_frac
-    tensors = dict(logits=logits, targets=targets, old_logprobs=old, advantages=adv, mask=mask)
-    return tensors, dict(ref_logprobs=ref_lp, seq_ids=torch.arange(n) // 3)
-
-
 def logits_oracle(tensors, extra, opts):
     """float64 on the CPU: (loss, per_token, logp, entropy, metrics, d loss / d logits)."""
     x = tensors["logits"].double().requires_grad_(True)
@@ -159,7 +151,7 @@ def test_policy_loss_on_cuda_matches_float64(backend, shape, dtype):
     opts = dict(OPTION_SETS[i % len(OPTION_SETS)], eps_low=0.2, eps_high=0.28)
     if i % 2:
         opts["token_weights"] = torch.rand(n, generator=torch.Generator().manual_seed(i)) * 2.0
-    tensors, extra = make_logits_inputs(n, v, dtype, seed=n * 1000 + v)
+    tensors, extra = logits_inputs(n, v, dtype, seed=n * 1000 + v)
     check_logits_path(backend, tensors, extra, opts)
 
 
@@ -168,7 +160,7 @@ def test_policy_loss_on_cuda_matches_float64(backend, shape, dtype):
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_policy_loss_on_cuda_every_option_combination(backend, loss_agg, kl_type, clip_c):
     """beta > 0 with ref_logprobs, every KL estimator and aggregation, dual clip on and off, asymmetric clip."""
-    tensors, extra = make_logits_inputs(37, 1031, torch.float32, seed=7)
+    tensors, extra = logits_inputs(37, 1031, torch.float32, seed=7)
     opts = dict(loss_agg=loss_agg, kl_type=kl_type, clip_c=clip_c, entropy_coef=0.01, beta=0.1, temperature=0.8,
                 norm_length=40.0, eps_low=0.15, eps_high=0.35)  # fmt: skip
     check_logits_path(backend, tensors, extra, opts)
@@ -176,7 +168,7 @@ def test_policy_loss_on_cuda_every_option_combination(backend, loss_agg, kl_type
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_policy_loss_on_cuda_with_token_weights_and_a_global_normalizer(backend, loss_agg):
-    tensors, extra = make_logits_inputs(29, 4099, torch.bfloat16, seed=12)
+    tensors, extra = logits_inputs(29, 4099, torch.bfloat16, seed=12)
     weights = torch.rand(29, generator=torch.Generator().manual_seed(3)) * 2.0
     opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
                 token_weights=weights, normalizer=50.0)  # fmt: skip
@@ -200,24 +192,6 @@ def test_token_logprobs_on_cuda_matches_float64(backend, shape, dtype):
 
 
 # ---------------------------------------------------------------- fused-linear path
-
-
-def make_linear_inputs(n, h, v, dtype, seed, with_bias):
-    """The draws of test_linear_policy_loss.make_inputs, on the CPU: (tensors, extra)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(dtype)  # logits of scale ~2
-    bias = (0.5 * torch.randn(v, generator=g)).to(dtype) if with_bias else None
-    targets = torch.randint(0, v, (n,), generator=g)
-    with torch.no_grad():
-        exact = reference.token_logprobs_ref(F.linear(hidden, weight, bias).double(), targets).float()
-    tensors = dict(
-        hidden=hidden, weight=weight, targets=targets,
-        old_logprobs=exact + 0.4 * torch.randn(n, generator=g),  # ratios on both sides of the clip range
-        advantages=torch.randn(n, generator=g), mask=torch.rand(n, generator=g) >= 0.25,
-    )  # fmt: skip
-    extra = dict(bias=bias, ref_logprobs=exact + 0.3 * torch.randn(n, generator=g), seq_ids=torch.arange(n) // 3)
-    return tensors, extra
 
 
 def chunk_logits_on_cuda(hidden, weight, bias, chunk_size):
@@ -245,7 +219,7 @@ def test_linear_policy_loss_on_cuda_matches_float64(backend, shape, dtype):
     n, h, v, chunk = shape
     i = (n + DTYPES.index(dtype)) % len(OPTION_SETS)
     opts = dict(OPTION_SETS[i])
-    tensors, extra = make_linear_inputs(n, h, v, dtype, seed=n * 1000 + v, with_bias=i % 2 == 0)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=n * 1000 + v, with_bias=i % 2 == 0)
     on_gpu, extra_gpu = cuda(tensors), cuda(extra)
     leaves = {k: on_gpu[k].clone().requires_grad_(True) for k in ("hidden", "weight")}
     bias = extra_gpu["bias"].clone().requires_grad_(True) if extra["bias"] is not None else None
@@ -285,12 +259,7 @@ def test_linear_policy_loss_on_cuda_matches_float64(backend, shape, dtype):
 @pytest.mark.parametrize("weighting", ["token", "sample"])
 @pytest.mark.parametrize("method", ["grpo", "dr_grpo", "dler"])
 def test_advantages_on_cuda_match_float64(advantages_backend, method, weighting, dynamic):
-    g = torch.Generator().manual_seed(1)
-    b = 3000  # more than one tile of the kernel
-    rewards = torch.randint(0, 2, (b,), generator=g).float() * 0.9 + 0.05 * torch.rand(b, generator=g)
-    correct = (rewards > 0.5).float()
-    groups = torch.randint(0, 400, (b,), generator=g) * 7 - 1000  # arbitrary, unsorted ids
-    counts = torch.randint(0, 4000, (b,), generator=g)
+    rewards, groups, correct, counts = advantage_inputs()
     kw = dict(method=method, weighting=weighting, dynamic_sampling=dynamic)
     out = compute_advantages(rewards.cuda(), groups.cuda(), correctness=correct.cuda(), token_counts=counts.cuda(),
                              **kw)  # fmt: skip

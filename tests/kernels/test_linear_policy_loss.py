@@ -24,6 +24,7 @@ from oracle_checks import (
     STORE_ROUNDING,
     assert_bad_input_named,
     check_loss_terms,
+    linear_inputs,
     rel,
     store_rounding,
 )
@@ -31,23 +32,6 @@ from oracle_checks import (
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss, reference
 from dler_kernels.dispatch import backend_named
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
-
-
-def make_inputs(n, h, v, dtype=torch.float32, seed=0, masked_frac=0.25, with_bias=True):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g).to(dtype)
-    weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(dtype)  # logits of scale ~2
-    bias = (0.5 * torch.randn(v, generator=g)).to(dtype) if with_bias else None
-    targets = torch.randint(0, v, (n,), generator=g)
-    with torch.no_grad():
-        exact = reference.token_logprobs_ref(F.linear(hidden, weight, bias).double(), targets).float()
-    tensors = dict(
-        hidden=hidden, weight=weight, targets=targets,
-        old_logprobs=exact + 0.4 * torch.randn(n, generator=g),  # ratios on both sides of the clip range
-        advantages=torch.randn(n, generator=g), mask=torch.rand(n, generator=g) >= masked_frac,
-    )  # fmt: skip
-    extra = dict(bias=bias, ref_logprobs=exact + 0.3 * torch.randn(n, generator=g), seq_ids=torch.arange(n) // 3)
-    return tensors, extra
 
 
 def oracle(tensors, extra, **opts):
@@ -105,7 +89,7 @@ def test_matches_float64(backend, shape, dtype):
     n, h, v, chunk = shape
     i = SHAPES.index(shape) + DTYPES.index(dtype)
     opts = OPTION_SETS[i % 4]
-    tensors, extra = make_inputs(n, h, v, dtype, seed=n * 1000 + v, with_bias=i % 2 == 0)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=n * 1000 + v, with_bias=i % 2 == 0)
     out, *grads = run(tensors, extra, chunk_size=chunk, **opts)
     check_against_oracle(out, grads, tensors, extra, opts, backend)
 
@@ -114,7 +98,7 @@ def test_matches_float64(backend, shape, dtype):
 @pytest.mark.parametrize("kl_type", KL_TYPES)
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_every_option_combination(backend, loss_agg, kl_type, clip_c):
-    tensors, extra = make_inputs(10, 12, 37, seed=7)
+    tensors, extra = linear_inputs(10, 12, 37, seed=7)
     opts = dict(loss_agg=loss_agg, kl_type=kl_type, clip_c=clip_c, entropy_coef=0.01, beta=0.1, temperature=0.8,
                 norm_length=40.0)  # fmt: skip
     out, *grads = run(tensors, extra, chunk_size=4, **opts)
@@ -124,7 +108,7 @@ def test_every_option_combination(backend, loss_agg, kl_type, clip_c):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_equals_the_logits_path_on_the_same_inputs(backend, dtype):
     """Same backend, same inputs: the fused path and policy_loss(F.linear(...)) + autograd agree."""
-    tensors, extra = make_inputs(13, 20, 301, dtype, seed=21)
+    tensors, extra = linear_inputs(13, 20, 301, dtype, seed=21)
     opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7, loss_agg="seq-mean-token-mean")
     out, dx, dw, db = run(tensors, extra, chunk_size=4, **opts)
     leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
@@ -145,7 +129,7 @@ def test_equals_the_logits_path_on_the_same_inputs(backend, dtype):
 
 
 def test_chunk_size_does_not_change_the_result(backend):
-    tensors, extra = make_inputs(11, 16, 45, seed=3)
+    tensors, extra = linear_inputs(11, 16, 45, seed=3)
     results = [run(tensors, extra, chunk_size=c, entropy_coef=0.01) for c in (1, 4, 11, 1000)]
     base_out, *base_grads = results[0]
     for out, *grads in results[1:]:
@@ -157,7 +141,7 @@ def test_chunk_size_does_not_change_the_result(backend):
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_all_rows_masked(backend, loss_agg):
-    tensors, extra = make_inputs(6, 8, 50, seed=1)
+    tensors, extra = linear_inputs(6, 8, 50, seed=1)
     tensors["mask"] = torch.zeros(6, dtype=torch.bool)
     out, dx, dw, db = run(tensors, extra, loss_agg=loss_agg, beta=0.1, entropy_coef=0.01, norm_length=10.0,
                           chunk_size=4)  # fmt: skip
@@ -168,7 +152,7 @@ def test_all_rows_masked(backend, loss_agg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_masked_rows_take_any_target_and_get_zero_gradient(backend, dtype):
-    tensors, extra = make_inputs(9, 16, 64, dtype, seed=2)
+    tensors, extra = linear_inputs(9, 16, 64, dtype, seed=2)
     mask = tensors["mask"]
     poisoned = {**tensors, "targets": tensors["targets"].masked_fill(~mask, -100)}
     opts = dict(loss_agg="seq-mean-token-mean", entropy_coef=0.01, chunk_size=2)
@@ -181,7 +165,7 @@ def test_masked_rows_take_any_target_and_get_zero_gradient(backend, dtype):
 
 
 def test_backward_scales_the_stored_gradients(backend):
-    tensors, extra = make_inputs(5, 8, 20, seed=5)
+    tensors, extra = linear_inputs(5, 8, 20, seed=5)
     out, dx, dw, db = run(tensors, extra)
     x, w, b = (t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"]))
     (3.0 * linear_policy_loss(**{**tensors, "hidden": x, "weight": w}, **{**extra, "bias": b}).loss).backward()
@@ -192,7 +176,7 @@ def test_backward_scales_the_stored_gradients(backend):
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_token_weights_scale_each_token_loss(backend, loss_agg):
     """As in the logits path: each token's loss times its weight before the aggregation."""
-    tensors, extra = make_inputs(13, 8, 70, seed=21)
+    tensors, extra = linear_inputs(13, 8, 70, seed=21)
     weights = torch.rand(13, generator=torch.Generator().manual_seed(4)) * 2.0
     opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
                 token_weights=weights)  # fmt: skip
@@ -201,7 +185,7 @@ def test_token_weights_scale_each_token_loss(backend, loss_agg):
 
 
 def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
-    tensors, extra = make_inputs(12, 8, 40, seed=6)
+    tensors, extra = linear_inputs(12, 8, 40, seed=6)
     full, fdx, fdw, fdb = run(tensors, extra)
     total = int(tensors["mask"].sum())
     w = tensors["weight"].clone().requires_grad_(True)
@@ -225,7 +209,7 @@ def test_only_the_needed_gradients_are_computed(backend, monkeypatch):
     calls = []
     real = module.fused_linear
     monkeypatch.setattr(module, "fused_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
-    tensors, extra = make_inputs(6, 8, 30, torch.bfloat16, seed=4)
+    tensors, extra = linear_inputs(6, 8, 30, torch.bfloat16, seed=4)
     frozen_head = {**tensors, "hidden": tensors["hidden"].clone().requires_grad_(True)}
     out = linear_policy_loss(**frozen_head, bias=extra["bias"])  # weight and bias do not require grad
     out.loss.backward()
@@ -240,7 +224,7 @@ def test_tied_embedding_gets_both_gradients(backend):
     torch.manual_seed(0)
     emb = torch.nn.Embedding(30, 12)
     ids = torch.randint(0, 30, (9,))
-    tensors, extra = make_inputs(9, 12, 30, seed=8, with_bias=False)
+    tensors, extra = linear_inputs(9, 12, 30, seed=8, with_bias=False)
     rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
 
     def grad_of(fn):
@@ -256,7 +240,7 @@ def test_tied_embedding_gets_both_gradients(backend):
 
 def test_reference_backend_passes_gradcheck(monkeypatch):
     monkeypatch.setenv("DLER_BACKEND", "reference")
-    tensors, extra = make_inputs(5, 4, 6, torch.float64, seed=11)
+    tensors, extra = linear_inputs(5, 4, 6, torch.float64, seed=11)
     rest = {k: v for k, v in tensors.items() if k not in ("hidden", "weight")}
 
     def f(x, w, b):
@@ -275,7 +259,7 @@ def test_reference_backend_passes_gradcheck(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_token_logprobs_matches_float64(backend, shape, dtype):
     n, h, v = shape
-    tensors, extra = make_inputs(n, h, v, dtype, seed=v)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=v)
     targets = tensors["targets"].clone()
     targets[0] = -100  # a padding row
     args = (tensors["hidden"], tensors["weight"], targets)
@@ -296,7 +280,7 @@ def test_linear_token_logprobs_gradient_matches_float64(backend, shape, chunk, d
     """The differentiable path (verl's fused log-prob + entropy op): any incoming gradient of the
     log-probs and entropies, against float64 autograd through F.linear and log_softmax."""
     n, h, v = shape
-    tensors, extra = make_inputs(n, h, v, dtype, seed=v + n)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=v + n)
     targets = tensors["targets"].clone()
     targets[0] = -100  # a padding row: zero outputs, zero gradient
     g = torch.Generator().manual_seed(5)
@@ -354,7 +338,7 @@ def test_fp32_head_matches_float64_of_the_input_values_to_float32_rounding(backe
     n, h, v, chunk = shape
     i = FP32_HEAD_SHAPES.index(shape)
     opts = OPTION_SETS[i % 4]
-    tensors, extra = make_inputs(n, h, v, dtype, seed=n * 100 + v, with_bias=i % 2 == 0)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=n * 100 + v, with_bias=i % 2 == 0)
     out, dx, dw, db = run(tensors, extra, chunk_size=chunk, fp32_head=True, **opts)
     wide, wide_extra = upcast_to_float64(tensors, extra)
     loss64, pt64, lp64, ent64, m64, dz, dx64, dw64, db64 = oracle(wide, wide_extra, **opts)
@@ -369,7 +353,7 @@ def test_fp32_head_matches_float64_of_the_input_values_to_float32_rounding(backe
 def test_fp32_head_error_is_float32_rounding_where_the_bf16_head_is_not(backend):
     """The same bf16 inputs against float64 of their values, with and without fp32_head: the fp32 head
     within the float32 bounds, the bf16 head far outside them (the errors of logits rounded to bf16)."""
-    tensors, extra = make_inputs(64, 64, 2000, torch.bfloat16, seed=11)
+    tensors, extra = linear_inputs(64, 64, 2000, torch.bfloat16, seed=11)
     opts = dict(entropy_coef=0.01, temperature=0.8)
     loss64, pt64, lp64, *_ = oracle(*upcast_to_float64(tensors, extra), **opts)
     errors = {}
@@ -388,7 +372,7 @@ def test_fp32_head_error_is_float32_rounding_where_the_bf16_head_is_not(backend)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fp32_head_linear_token_logprobs_and_gradient_match_float64(backend, dtype):
     n, h, v = 13, 16, 4097
-    tensors, extra = make_inputs(n, h, v, dtype, seed=9)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=9)
     targets = tensors["targets"].clone()
     targets[0] = -100  # a padding row
     g = torch.Generator().manual_seed(5)
@@ -417,7 +401,7 @@ def test_fp32_head_linear_token_logprobs_and_gradient_match_float64(backend, dty
 def test_fp32_head_equals_the_reference_spec(backend):
     """reference.linear_policy_loss_ref(..., fp32_head=True) is the spec: float32 logits of the upcast
     inputs; same float32 arithmetic, another summation order (a few ulps)."""
-    tensors, extra = make_inputs(10, 24, 300, torch.bfloat16, seed=2)
+    tensors, extra = linear_inputs(10, 24, 300, torch.bfloat16, seed=2)
     out = run(tensors, extra, chunk_size=3, fp32_head=True)[0]
     spec = reference.linear_policy_loss_ref(**tensors, **extra, fp32_head=True)
     assert out.loss.item() == pytest.approx(spec[0].item(), rel=1e-5, abs=1e-6)
@@ -426,7 +410,7 @@ def test_fp32_head_equals_the_reference_spec(backend):
 
 
 def test_fp32_head_changes_nothing_for_float32_inputs(backend):
-    tensors, extra = make_inputs(9, 16, 100, torch.float32, seed=6)
+    tensors, extra = linear_inputs(9, 16, 100, torch.float32, seed=6)
     (off, *off_grads), (on, *on_grads) = (run(tensors, extra, chunk_size=4, fp32_head=f) for f in (False, True))
     assert torch.equal(on.loss, off.loss) and torch.equal(on.logprobs, off.logprobs)
     assert torch.equal(on.entropy, off.entropy) and torch.equal(on.per_token_loss, off.per_token_loss)
@@ -452,7 +436,7 @@ def test_fp32_head_never_holds_a_float32_copy_of_the_weight(backend):
     from torch.profiler import ProfilerActivity, profile
 
     n, h, v = 64, 256, 4000  # the float32 row buffer (16 rows) and the hidden copy are far below 2 V H
-    tensors, extra = make_inputs(n, h, v, torch.bfloat16, seed=8, with_bias=False)
+    tensors, extra = linear_inputs(n, h, v, torch.bfloat16, seed=8, with_bias=False)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out, dx, dw, _ = run(tensors, extra, chunk_size=16, fp32_head=True)
     largest = max(e.cpu_memory_usage for e in prof.events())
@@ -466,7 +450,7 @@ def test_fp32_head_never_holds_a_float32_copy_of_the_weight(backend):
 
 
 def _good():
-    tensors, extra = make_inputs(4, 6, 10, seed=0)
+    tensors, extra = linear_inputs(4, 6, 10, seed=0)
     return {**tensors, **extra}
 
 
@@ -514,7 +498,7 @@ def test_linear_token_logprobs_bad_input():
 def test_cuda_memory_stays_within_one_chunk(dtype):
     """Peak extra memory <= the chunk buffer + O(N) vectors + 1% of N x V: no [N, V] tensor."""
     n, h, v, chunk = 4096, 1024, 32000, 128
-    tensors, extra = make_inputs(n, h, v, dtype, seed=0)
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=0)
     tensors = {k: t.cuda() for k, t in tensors.items()}
     bias = extra["bias"].cuda().requires_grad_(True)
     x, w = tensors.pop("hidden").requires_grad_(True), tensors.pop("weight").requires_grad_(True)
@@ -533,7 +517,7 @@ def test_cuda_memory_stays_within_one_chunk(dtype):
 
 @pytest.mark.gpu
 def test_cuda_matches_the_logits_path():
-    tensors, extra = make_inputs(1000, 512, 32003, torch.bfloat16, seed=1)
+    tensors, extra = linear_inputs(1000, 512, 32003, torch.bfloat16, seed=1)
     tensors = {k: t.cuda() for k, t in tensors.items()}
     extra = {k: (t.cuda() if t is not None else None) for k, t in extra.items()}
     opts = dict(beta=0.05, entropy_coef=0.01, temperature=0.9)

@@ -12,28 +12,18 @@ import itertools
 
 import pytest
 import torch
-from oracle_checks import OPTION_SETS, assert_bad_input_named, check_loss_terms, rel, store_rounding
+from oracle_checks import (
+    OPTION_SETS,
+    assert_bad_input_named,
+    check_loss_terms,
+    logits_inputs,
+    rel,
+    store_rounding,
+)
 
 import dler_kernels
 from dler_kernels import policy_loss, reference, token_logprobs
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
-
-
-def make_inputs(n, v, dtype=torch.float32, seed=0, masked_frac=0.25, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
-    targets = torch.randint(0, v, (n,), generator=g)
-    with torch.no_grad():
-        exact = reference.token_logprobs_ref(logits.double(), targets).float()
-    # old log-probs near the current ones, so that ratios fall on both sides of the clip range
-    old = exact + 0.4 * torch.randn(n, generator=g)
-    ref_lp = exact + 0.3 * torch.randn(n, generator=g)
-    adv = torch.randn(n, generator=g)
-    mask = torch.rand(n, generator=g) >= masked_frac
-    seq_ids = torch.arange(n) // 3
-    return dict(logits=logits, targets=targets, old_logprobs=old, advantages=adv, mask=mask), dict(
-        ref_logprobs=ref_lp, seq_ids=seq_ids
-    )
 
 
 def oracle(tensors, extra, **opts):
@@ -76,7 +66,7 @@ SHAPES = [(1, 1), (3, 7), (17, 1000), (5, 4097), (2, 49152), (6, 33)]
 def test_matches_float64(backend, shape, dtype):
     n, v = shape
     opts = OPTION_SETS[(SHAPES.index(shape) + [torch.float32, torch.bfloat16, torch.float16].index(dtype)) % 4]
-    tensors, extra = make_inputs(n, v, dtype, seed=n * 1000 + v)
+    tensors, extra = logits_inputs(n, v, dtype, seed=n * 1000 + v)
     out, grad = run(tensors, extra, **opts)
     check_against_oracle(out, grad, tensors, extra, opts, backend)
 
@@ -85,7 +75,7 @@ def test_matches_float64(backend, shape, dtype):
     "loss_agg,kl_type,clip_c,entropy_coef", list(itertools.product(LOSS_AGGS, KL_TYPES, [10.0, None], [0.0, 0.01]))
 )
 def test_every_option_combination(backend, loss_agg, kl_type, clip_c, entropy_coef):
-    tensors, extra = make_inputs(10, 37, seed=7)
+    tensors, extra = logits_inputs(10, 37, seed=7)
     opts = dict(loss_agg=loss_agg, kl_type=kl_type, clip_c=clip_c, entropy_coef=entropy_coef, beta=0.1,
                 temperature=0.8, norm_length=40.0)  # fmt: skip
     out, grad = run(tensors, extra, **opts)
@@ -98,7 +88,7 @@ def test_kernel_accumulates_in_float32_for_half_inputs(dtype):
     from dler_kernels.reference import aggregation_weights
     from dler_kernels.triton_policy_loss import launch_rows
 
-    tensors, extra = make_inputs(9, 1000, dtype, seed=3)
+    tensors, extra = logits_inputs(9, 1000, dtype, seed=3)
     valid = tensors["mask"]
     weights = aggregation_weights(valid, "token-mean", None, None, None)
     grad = torch.empty(tensors["logits"].shape, dtype=torch.float32)
@@ -110,7 +100,7 @@ def test_kernel_accumulates_in_float32_for_half_inputs(dtype):
 
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_all_rows_masked(backend, loss_agg):
-    tensors, extra = make_inputs(6, 50, seed=1)
+    tensors, extra = logits_inputs(6, 50, seed=1)
     tensors["mask"] = torch.zeros(6, dtype=torch.bool)
     out, grad = run(tensors, extra, loss_agg=loss_agg, beta=0.1, entropy_coef=0.01, norm_length=10.0)
     assert out.loss.item() == 0.0
@@ -119,7 +109,7 @@ def test_all_rows_masked(backend, loss_agg):
 
 
 def test_masked_rows_are_never_read(backend):
-    tensors, extra = make_inputs(8, 64, seed=2)
+    tensors, extra = logits_inputs(8, 64, seed=2)
     mask = tensors["mask"]
     poisoned = {**tensors, "logits": tensors["logits"].clone(), "targets": tensors["targets"].clone()}
     poisoned["logits"][~mask] = float("nan")
@@ -134,7 +124,7 @@ def test_masked_rows_are_never_read(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inplace_gradient_equals_out_of_place(backend, dtype):
-    tensors, extra = make_inputs(7, 300, dtype, seed=4)
+    tensors, extra = logits_inputs(7, 300, dtype, seed=4)
     opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7)
     out, grad = run(tensors, extra, **opts)
     buffer = tensors["logits"].clone()
@@ -144,7 +134,7 @@ def test_inplace_gradient_equals_out_of_place(backend, dtype):
 
 
 def test_backward_scales_the_stored_gradient(backend):
-    tensors, extra = make_inputs(5, 20, seed=5)
+    tensors, extra = logits_inputs(5, 20, seed=5)
     out, grad = run(tensors, extra)
     x = tensors["logits"].clone().requires_grad_(True)
     (3.0 * policy_loss(**{**tensors, "logits": x}, **extra).loss).backward()
@@ -155,7 +145,7 @@ def test_backward_scales_the_stored_gradient(backend):
 def test_token_weights_scale_each_token_loss(backend, loss_agg):
     """Truncated importance-sampling weights: each token's whole loss times its weight, before the
     aggregation (the float64 oracle applies them to the reference's per-token loss)."""
-    tensors, extra = make_inputs(11, 45, seed=12)
+    tensors, extra = logits_inputs(11, 45, seed=12)
     weights = torch.rand(11, generator=torch.Generator().manual_seed(3)) * 2.0
     opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
                 token_weights=weights)  # fmt: skip
@@ -168,7 +158,7 @@ def test_token_weights_scale_each_token_loss(backend, loss_agg):
 
 
 def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
-    tensors, extra = make_inputs(12, 40, seed=6)
+    tensors, extra = logits_inputs(12, 40, seed=6)
     full, full_grad = run(tensors, extra, loss_agg="token-mean")
     total = int(tensors["mask"].sum())
     halves, grads = [], []
@@ -183,14 +173,14 @@ def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
 
 
 def test_seq_normalizer_counts_sequences(backend):
-    tensors, extra = make_inputs(9, 30, seed=8, masked_frac=0.0)
+    tensors, extra = logits_inputs(9, 30, seed=8, masked_frac=0.0)
     out, _ = run(tensors, extra, loss_agg="seq-mean-token-sum", normalizer=6)
     local, _ = run(tensors, extra, loss_agg="seq-mean-token-sum")  # 3 sequences here
     assert out.loss.item() == pytest.approx(local.loss.item() * 3 / 6, rel=1e-6)
 
 
 def test_nonfinite_logits_give_nonfinite_loss_and_a_metric(backend):
-    tensors, extra = make_inputs(4, 16, seed=9, masked_frac=0.0)
+    tensors, extra = logits_inputs(4, 16, seed=9, masked_frac=0.0)
     tensors["logits"][2, 5] = float("inf")
     out = policy_loss(**tensors, **extra)
     assert not torch.isfinite(out.loss)
@@ -216,7 +206,7 @@ def test_clip_metrics_on_a_known_case(backend):
 
 
 def test_reference_gradient_passes_gradcheck():
-    tensors, extra = make_inputs(4, 6, torch.float64, seed=11)
+    tensors, extra = logits_inputs(4, 6, torch.float64, seed=11)
 
     def f(x):
         return reference.policy_loss_ref(
@@ -250,7 +240,7 @@ def test_token_logprobs_matches_float64(backend, shape, dtype):
 
 
 def _good():
-    tensors, extra = make_inputs(4, 10, seed=0)
+    tensors, extra = logits_inputs(4, 10, seed=0)
     return {**tensors, **extra}
 
 
@@ -298,7 +288,7 @@ def test_no_recompilation_for_a_new_number_of_tokens():
     from dler_kernels.triton_policy_loss import _policy_loss_kernel
 
     for n in (17, 1000, 4099):
-        tensors, extra = make_inputs(n, 4097, torch.bfloat16, seed=n)
+        tensors, extra = logits_inputs(n, 4097, torch.bfloat16, seed=n)
         tensors = {k: t.cuda() for k, t in tensors.items()}
         policy_loss(**tensors, ref_logprobs=extra["ref_logprobs"].cuda(), seq_ids=extra["seq_ids"].cuda())
         if n == 17:
@@ -372,7 +362,7 @@ def test_tensor_on_another_device_is_named():
 @pytest.mark.parametrize("inplace", [False, True])
 def test_allocates_nothing_of_size_n_by_v_but_the_gradient(inplace):
     n, v = 4096, 32000
-    tensors, extra = make_inputs(n, v, torch.bfloat16, seed=0)
+    tensors, extra = logits_inputs(n, v, torch.bfloat16, seed=0)
     tensors = {k: t.cuda() for k, t in tensors.items()}
     extra = {k: t.cuda() for k, t in extra.items()}
     logits_bytes = tensors["logits"].numel() * tensors["logits"].element_size()
