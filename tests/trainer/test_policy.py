@@ -191,21 +191,27 @@ def head_inputs(model, run, *args, **kwargs):
     return result, seen, grads
 
 
-@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
-def test_fp32_head_logprobs_of_a_bf16_model_match_float64(bf16_model, fused_head):
-    rows = make_rows(6)
-    weight64 = bf16_model.lm_head.weight.detach().double()
+def logprob_errors(model, rows, temperature: float, fused_head: bool) -> dict[bool, float]:
+    """lm_head_fp32 -> the largest |error| of compute_logprobs against float64 log-probs of the hidden
+    states the head received (bf16: the model's) and its weight as stored."""
+    weight64 = model.get_output_embeddings().weight.detach().double()
+    targets = torch.tensor([t for r in rows for t in r.response_ids])
     errors = {}
     for lm_head_fp32 in (True, False):
         logp, seen, _ = head_inputs(
-            bf16_model, compute_logprobs, rows, token_budget=10**6, temperature=0.8, fused_head=fused_head,
+            model, compute_logprobs, rows, token_budget=10**6, temperature=temperature, fused_head=fused_head,
             lm_head_fp32=lm_head_fp32,
         )  # fmt: skip
         assert len(seen) == 1 and seen[0].dtype == torch.bfloat16
-        targets = torch.tensor([t for r in rows for t in r.response_ids])
-        want = ref.token_logprobs_ref(seen[0].double() @ weight64.t(), targets, temperature=0.8)
         assert all(p.dtype == torch.float32 for p in logp)
+        want = ref.token_logprobs_ref(seen[0].double() @ weight64.t(), targets, temperature=temperature)
         errors[lm_head_fp32] = (torch.cat(logp).double() - want).abs().max().item()
+    return errors
+
+
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
+def test_fp32_head_logprobs_of_a_bf16_model_match_float64(bf16_model, fused_head):
+    errors = logprob_errors(bf16_model, make_rows(6), temperature=0.8, fused_head=fused_head)
     assert errors[True] <= 1e-5, errors
     assert errors[False] >= 1e-3, errors  # the bf16 head's rounding, for contrast
 
@@ -267,14 +273,5 @@ def test_fp32_head_uses_a_float32_head_weight_as_it_is(bf16_model):
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
     model.set_output_embeddings(head)
-    rows = make_rows(10)
-    targets = torch.tensor([t for r in rows for t in r.response_ids])
-    errors = {}
-    for lm_head_fp32 in (True, False):
-        logp, seen, _ = head_inputs(
-            model, compute_logprobs, rows, token_budget=10**6, temperature=1.0, fused_head=True,
-            lm_head_fp32=lm_head_fp32,
-        )  # fmt: skip
-        want = ref.token_logprobs_ref(seen[0].double() @ head.weight.detach().double().t(), targets)
-        errors[lm_head_fp32] = (torch.cat(logp).double() - want).abs().max().item()
+    errors = logprob_errors(model, make_rows(10), temperature=1.0, fused_head=True)
     assert errors[True] <= 1e-5 and errors[False] >= 1e-3, errors
