@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .budget_forcing import ThinkBudget, generate
+from .checkpoint_layout import MODEL_DIR
 from .engine_log import ENGINE_LOG, last_lines
 from .eval_metrics import default_ks, mean, pass_at_k_mean, summarise
 from .eval_report import plot_pareto, plot_scaling, results_markdown
@@ -106,7 +107,8 @@ class ModelSpec:
 
 
 def parse_model(spec: str) -> ModelSpec:
-    """``NAME=DIR``, a folder, or an alias (``smollm2``, ``tiny-llama``); checked before any work starts."""
+    """``NAME=DIR``, a folder, a ``dler train`` checkpoint (its ``model/`` folder, named after the checkpoint),
+    or an alias (``smollm2``, ``tiny-llama``); checked before any work starts."""
     from .models import MODEL_ALIASES, resolve_model
 
     name, eq, rest = spec.partition("=")
@@ -116,8 +118,14 @@ def parse_model(spec: str) -> ModelSpec:
         path = Path(rest).expanduser()
         if not path.is_dir():
             raise UserError(f"model folder {path} not found (from --model {spec!r})")
+        if not (path / "config.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+            name, path = name or path.name, path / MODEL_DIR  # a checkpoint: "model" would name them all alike
+            rest = str(path)
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a model folder: it needs config.json and *.safetensors weights")
+            raise UserError(
+                f"{path} is not a model folder: it needs config.json and *.safetensors weights (or a dler "
+                f"checkpoint folder, RUN/checkpoints/step-N, with them in its {MODEL_DIR}/)"
+            )
         check_safetensors_folder(path)  # safetensors only, whole: refused here, not in the engine's process
     path = resolve_model(rest)
     return ModelSpec(name or (rest if rest in MODEL_ALIASES else path.name), path)

@@ -339,3 +339,30 @@ def test_a_bad_benchmark_row_tells_the_eval_user_what_they_can_do_not_an_option_
     assert f"{bad}:2: no answer field" in line
     assert "on_bad_row" not in line and "--on-bad-row" not in line  # dler eval has no such option
     assert "fix or remove the row" in line
+
+
+def _model_folder(path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    save_file({"w": __import__("torch").zeros(2)}, str(path / "model.safetensors"))
+    return path
+
+
+def test_a_train_checkpoint_is_evaluated_through_its_model_folder_and_named_after_the_step(tmp_path):
+    from trainer.evaluate import parse_model
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000030"
+    _model_folder(step / "model")
+    spec = parse_model(str(step))
+    assert (spec.name, spec.path) == ("step-00000030", step / "model")
+    assert parse_model(f"dler={step}").name == "dler"
+
+
+def test_a_folder_without_a_model_names_what_it_needs(tmp_path):
+    from trainer.evaluate import parse_model
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"is not a model folder: it needs config.json .* RUN/checkpoints/step-N"):
+        parse_model(str(tmp_path / "empty"))
