@@ -228,7 +228,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         summary = study.finished_summary(out / "runs" / run.name)
-        summaries.setdefault((run.recipe, run.penalty), []).append(summary)
+        summaries.setdefault((run.recipe, run.penalty), []).append({**summary, "seed": run.seed})  # pairs by seed
     wall = sum(timings.get(run.name, 0.0) for run in runs)
     header = {
         "command": shlex.join(

@@ -3,12 +3,19 @@ held-out accuracy and mean-length change, written as ``study.md``, ``study.json`
 
 The standard deviation is the sample one (ddof 1) and is reported only with two runs or more; every row says
 how many runs are behind it. The warm start (every run's "before" evaluation) is one more point of the plot.
+
+The question a study asks is whether a recipe beats GRPO, so a second table pairs each recipe's run with GRPO's
+at the same penalty and seed. A pair shares its "before" evaluation (the same warm start, questions and
+sampling seed), so the pair's difference of accuracy changes is the difference of the "after" accuracies,
+free of the spread between seeds' "before" evaluations; pooled over every penalty it says how often the
+recipe was ahead, with the two-sided sign test's p-value (exact binomial, ties dropped).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import Any
 from .fsutil import atomic_file, save_figure
 
 STUDY_MD, STUDY_JSON, PARETO_PNG = "study.md", "study.json", "pareto.png"
+BASELINE = "grpo"  # the recipe the others are paired with
 
 
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
@@ -24,7 +32,8 @@ def _spread(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def cell_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict[str, Any]]:
-    """One entry per cell with runs: (recipe, penalty) -> the finished runs' summaries, in the order given."""
+    """One entry per cell with runs: (recipe, penalty) -> the finished runs' summaries, in the order given (each
+    with its ``"seed"`` where known, as ``dler study`` adds it)."""
     cells = []
     for (recipe, penalty), runs in summaries.items():
         if not runs:
@@ -34,9 +43,10 @@ def cell_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict
             "length_change": [r["after"]["mean_length"] - r["before"]["mean_length"] for r in runs],
             "accuracy_after": [r["after"]["accuracy"] for r in runs],
             "length_after": [r["after"]["mean_length"] for r in runs],
+            "seed": [r.get("seed") for r in runs],
         }
         cell = {"recipe": recipe, "penalty": penalty, "runs": len(runs)}
-        cell.update({k: _spread(v) for k, v in per_run.items()})
+        cell.update({k: _spread(v) for k, v in per_run.items() if k != "seed"})
         cell["per_run"] = per_run
         cells.append(cell)
     return cells
@@ -54,13 +64,56 @@ def warm_start(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> dict[str,
     }
 
 
+def sign_test(ahead: int, behind: int) -> float:
+    """Two-sided exact sign test: the probability, with ahead and behind equally likely, of a split at least
+    as uneven as ``ahead`` : ``behind`` (ties are left out before counting)."""
+    n, k = ahead + behind, min(ahead, behind)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def _pair_stats(acc: Sequence[float], length: Sequence[float]) -> dict[str, Any]:
+    return {
+        "pairs": len(acc), "accuracy_difference": _spread(acc), "length_after_difference": _spread(length),
+        "ahead": sum(d > 0 for d in acc), "behind": sum(d < 0 for d in acc),
+        "sign_test_p": sign_test(sum(d > 0 for d in acc), sum(d < 0 for d in acc)),
+    }  # fmt: skip
+
+
+def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict[str, Any]]:
+    """Each recipe other than GRPO minus GRPO, per penalty and pooled over the penalties (penalty ``None``),
+    pairing runs by their ``"seed"``: the accuracy change's difference (= the "after" accuracies' difference)
+    and the "after" mean lengths' difference. Cells without a GRPO run at the same seed give no pair."""
+    runs = {(r, p, s["seed"]): s for (r, p), cell in summaries.items() for s in cell if "seed" in s}
+    out = []
+    for recipe in dict.fromkeys(r for r, _ in summaries if r != BASELINE):
+        pooled_acc, pooled_len = [], []
+        for penalty in dict.fromkeys(p for r, p in summaries if r == recipe):
+            acc, length = [], []
+            for (r, p, seed), mine in runs.items():
+                base = runs.get((BASELINE, p, seed))
+                if (r, p) != (recipe, penalty) or base is None:
+                    continue
+                acc.append((mine["after"]["accuracy"] - mine["before"]["accuracy"])
+                           - (base["after"]["accuracy"] - base["before"]["accuracy"]))  # fmt: skip
+                length.append(mine["after"]["mean_length"] - base["after"]["mean_length"])
+            if acc:
+                out.append({"recipe": recipe, "penalty": penalty, **_pair_stats(acc, length)})
+                pooled_acc += acc
+                pooled_len += length
+        if pooled_acc and len({row["penalty"] for row in out if row["recipe"] == recipe}) > 1:
+            out.append({"recipe": recipe, "penalty": None, **_pair_stats(pooled_acc, pooled_len)})
+    return out
+
+
 def _pm(spread: Mapping[str, float | None], scale: float, digits: int) -> str:
     mean = f"{spread['mean'] * scale:+.{digits}f}"
     return mean if spread["std"] is None else f"{mean} ± {spread['std'] * scale:.{digits}f}"
 
 
-def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any]) -> str:
-    """study.md: how the study was run, then one row per cell."""
+def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any], pairs: Sequence[dict] = ()) -> str:
+    """study.md: how the study was run, one row per cell, then the pairs with GRPO (:func:`paired_table`)."""
     lines = ["# Length-penalty study", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     if start is not None:
@@ -82,6 +135,25 @@ def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any
             f"| {c['recipe']} | {c['penalty']} | {c['runs']} | {_pm(c['accuracy_change'], 100, 1)} | "
             f"{_pm(c['length_change'], 1, 1)} | {c['accuracy_after']['mean']:.1%} | {c['length_after']['mean']:.1f} |"
         )
+    if pairs:
+        lines += [
+            "",
+            f"## Paired with {BASELINE} at the same penalty and seed",
+            "",
+            f"Recipe minus {BASELINE}: the accuracy change (pt; the pair shares its before evaluation) and the mean "
+            "length after (tokens), mean ± sample std over the pairs; how many pairs the recipe was ahead / behind in "
+            "accuracy, and the two-sided sign test's p-value.",
+            "",
+            "| recipe | penalty | pairs | accuracy difference (pt) | length after difference (tokens) "
+            "| ahead / behind | sign test p |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in pairs:
+            penalty = r["penalty"] if r["penalty"] is not None else "**all penalties**"
+            lines.append(
+                f"| {r['recipe']} | {penalty} | {r['pairs']} | {_pm(r['accuracy_difference'], 100, 1)} | "
+                f"{_pm(r['length_after_difference'], 1, 1)} | {r['ahead']} / {r['behind']} | {r['sign_test_p']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -117,11 +189,11 @@ def write_report(
     out: Path, summaries: Mapping[tuple[str, str], Sequence[dict]], header: Mapping[str, Any]
 ) -> list[str]:
     """Write study.md, study.json and (with matplotlib) pareto.png into ``out``; returns notes for the console."""
-    cells, start = cell_table(summaries), warm_start(summaries)
+    cells, start, pairs = cell_table(summaries), warm_start(summaries), paired_table(summaries)
     with atomic_file(out / STUDY_MD) as f:
-        f.write(markdown(cells, start, header))
+        f.write(markdown(cells, start, header, pairs))
     with atomic_file(out / STUDY_JSON) as f:
-        json.dump({"header": dict(header), "warm_start": start, "cells": cells}, f, indent=1)
+        json.dump({"header": dict(header), "warm_start": start, "cells": cells, "paired": pairs}, f, indent=1)
     if not cells:
         return ["no finished run yet: pareto.png not drawn"]
     if importlib.util.find_spec("matplotlib") is None:

@@ -10,11 +10,12 @@ import pytest
 from trainer import cli
 from trainer.fsutil import UserError
 from trainer.study import PENALTIES, RECIPES, check_overrides, finished_summary, penalty_overrides, plan
-from trainer.study_report import cell_table, markdown, warm_start
+from trainer.study_report import cell_table, markdown, paired_table, sign_test, warm_start
 
 
-def summary(acc_before, acc_after, len_before, len_after):
+def summary(acc_before, acc_after, len_before, len_after, seed=None):
     return {
+        **({} if seed is None else {"seed": seed}),
         "finished": True,
         "before": {"accuracy": acc_before, "mean_length": len_before},
         "after": {"accuracy": acc_after, "mean_length": len_after},
@@ -89,6 +90,36 @@ def test_cell_statistics_are_mean_and_sample_std_over_seeds():
     assert row == "| grpo | kimi | 1 | +10.0 | -60.0 | 60.0% | 20.0 |"
 
 
+def test_recipes_are_paired_with_grpo_by_seed_per_penalty_and_pooled():
+    summaries = {
+        ("grpo", "alp"): [summary(0.8, 0.70, 130, 30, seed=0), summary(0.7, 0.60, 130, 32, seed=1)],
+        ("dler", "alp"): [summary(0.8, 0.75, 130, 28, seed=0), summary(0.7, 0.58, 130, 30, seed=1)],
+        ("grpo", "kimi"): [summary(0.8, 0.60, 130, 20, seed=0)],
+        # seed 5 has no GRPO run to pair with: left out, not paired with another seed's
+        ("dler", "kimi"): [summary(0.8, 0.66, 130, 22, seed=0), summary(0.9, 0.10, 130, 22, seed=5)],
+    }
+    alp, kimi, pooled = paired_table(summaries)
+    assert (alp["recipe"], alp["penalty"], alp["pairs"]) == ("dler", "alp", 2)
+    # accuracy-change differences: (0.75-0.8)-(0.70-0.8) = +0.05 and (0.58-0.7)-(0.60-0.7) = -0.02
+    assert alp["accuracy_difference"]["mean"] == pytest.approx(0.015, abs=1e-12)
+    assert alp["accuracy_difference"]["std"] == pytest.approx(math.sqrt(2 * 0.035**2), abs=1e-12)
+    assert alp["length_after_difference"]["mean"] == pytest.approx(-2.0, abs=1e-12)
+    assert (alp["ahead"], alp["behind"]) == (1, 1)
+    assert kimi["pairs"] == 1 and kimi["accuracy_difference"]["mean"] == pytest.approx(0.06, abs=1e-12)
+    assert kimi["accuracy_difference"]["std"] is None
+    assert pooled["penalty"] is None and pooled["pairs"] == 3 and (pooled["ahead"], pooled["behind"]) == (2, 1)
+    assert pooled["sign_test_p"] == pytest.approx(1.0)
+    table = markdown(cell_table(summaries), None, {}, paired_table(summaries))
+    # pooled accuracy +5, -2, +6 pt: mean 3.0, std sqrt((4 + 25 + 9) / 2) = 4.36; lengths -2, -2, +2: -0.67 ± 2.31
+    assert "| dler | **all penalties** | 3 | +3.0 ± 4.4 | -0.7 ± 2.3 | 2 / 1 | 1.00 |" in table
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    assert sign_test(10, 0) == pytest.approx(2 / 2**10)
+    assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 2**10)  # P(<= 2 of 10) both ways
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
 def test_only_a_whole_finished_summary_counts(tmp_path):
     assert finished_summary(tmp_path) is None  # none
     (tmp_path / "summary.json").write_text('{"finished": true, "before": {')  # cut short
@@ -131,8 +162,10 @@ def test_smoke_study_writes_its_tables_and_a_rerun_skips_finished_runs(demo_mode
         ("dler", "truncation", 1),
     ]
     assert data["warm_start"]["runs"] == 2 and data["header"]["steps per run"] == 2
+    assert [(p["recipe"], p["penalty"], p["pairs"]) for p in data["paired"]] == [("dler", "truncation", 1)]
     table = (out / "study.md").read_text()
     assert "| grpo | truncation | 1 |" in table and "| dler | truncation | 1 |" in table
+    assert "## Paired with grpo at the same penalty and seed" in table
     assert (out / "pareto.png").stat().st_size > 0
     timings = json.loads((out / "timings.json").read_text())
 
