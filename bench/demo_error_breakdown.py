@@ -11,6 +11,14 @@ and counts, per split, the correct ones and three kinds of error:
 
 usage: python bench/demo_error_breakdown.py EVAL_OUT [EVAL_OUT ...]
   EVAL_OUT: a ``dler eval --out`` folder (its samples/MODEL/DATA.jsonl are read)
+
+To sample as the demo's own held-out evaluation does, give ``dler eval`` that evaluation's settings, top-p
+1.0 included (``dler eval``'s default is 0.95, which drops the tiny model's rarest tokens and with them
+most of its garbled lines), e.g. for the warm start and one run's last checkpoint:
+
+  dler eval --model warm=demo-verbose-arith --model run=RUN/checkpoints/step-00000030 \
+    --data "arith=builtin:toy-arith?difficulty=1&size=256&seed=1" --samples 4 --temperature 1.0 --top-p 1.0 \
+    --max-tokens 320 --template plain --checker exact --dtype float32 --scaling-k none --out EVAL_OUT
 """
 
 from __future__ import annotations
