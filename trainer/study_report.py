@@ -158,28 +158,37 @@ def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any
 
 
 def plot_pareto(cells: Sequence[dict], start: dict | None, path: Path) -> None:
-    """Accuracy after training against mean tokens after, one point per cell with std error bars."""
+    """Accuracy after training against mean tokens after, one point per cell with std error bars: the whole
+    picture with the warm start, and beside it the trained cells alone (they crowd together far from it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = {}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    colors: dict[str, str] = {}
     for c in cells:
-        color = colors.setdefault(c["recipe"], f"C{len(colors)}")
-        x, y = c["length_after"], c["accuracy_after"]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt="o", color=color, capsize=3)
-        ax.annotate(c["penalty"], (x["mean"], y["mean"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    for recipe, color in colors.items():
-        ax.plot([], [], "o", color=color, label=recipe)
-    if start is not None:
-        x, y = start["mean_length"], start["accuracy"]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt="*", color="k", markersize=12)
-        ax.plot([], [], "*", color="k", markersize=10, label="warm start (before)")
-    ax.set(xlabel="held-out mean response length (tokens)", ylabel="held-out accuracy", title="after training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        colors.setdefault(c["recipe"], f"C{len(colors)}")
+    for ax, with_start in zip(axes, (True, False)):
+        for c in cells:
+            x, y = c["length_after"], c["accuracy_after"]
+            color = colors[c["recipe"]]
+            ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt="o", color=color, capsize=3)
+            if not with_start:  # names on the zoomed panel, each recipe's on its own side of the point
+                right = list(colors).index(c["recipe"]) % 2 == 1
+                ax.annotate(c["penalty"], (x["mean"], y["mean"]), fontsize=7, color=color,
+                            xytext=(5 if right else -5, 2), textcoords="offset points",
+                            ha="left" if right else "right")  # fmt: skip
+        if with_start and start is not None:
+            x, y = start["mean_length"], start["accuracy"]
+            ax.errorbar(x["mean"], y["mean"], xerr=x["std"] or 0, yerr=y["std"] or 0, fmt="*", color="k", markersize=12)
+            ax.plot([], [], "*", color="k", markersize=10, label="warm start (before)")
+        for recipe, color in colors.items():
+            ax.plot([], [], "o", color=color, label=recipe)
+        title = "after training, with the warm start" if with_start else "after training: the cells"
+        ax.set(xlabel="held-out mean response length (tokens)", ylabel="held-out accuracy", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
