@@ -39,7 +39,7 @@ def cell_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict
         if not runs:
             continue
         per_run = {
-            "accuracy_change": [r["after"]["accuracy"] - r["before"]["accuracy"] for r in runs],
+            "accuracy_change": [_accuracy_change(r) for r in runs],
             "length_change": [r["after"]["mean_length"] - r["before"]["mean_length"] for r in runs],
             "accuracy_after": [r["after"]["accuracy"] for r in runs],
             "length_after": [r["after"]["mean_length"] for r in runs],
@@ -73,36 +73,36 @@ def sign_test(ahead: int, behind: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def _accuracy_change(summary: Mapping[str, Any]) -> float:
+    return summary["after"]["accuracy"] - summary["before"]["accuracy"]
+
+
 def _pair_stats(acc: Sequence[float], length: Sequence[float]) -> dict[str, Any]:
+    ahead, behind = sum(d > 0 for d in acc), sum(d < 0 for d in acc)
     return {
         "pairs": len(acc), "accuracy_difference": _spread(acc), "length_after_difference": _spread(length),
-        "ahead": sum(d > 0 for d in acc), "behind": sum(d < 0 for d in acc),
-        "sign_test_p": sign_test(sum(d > 0 for d in acc), sum(d < 0 for d in acc)),
+        "ahead": ahead, "behind": behind, "sign_test_p": sign_test(ahead, behind),
     }  # fmt: skip
 
 
 def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict[str, Any]]:
     """Each recipe other than GRPO minus GRPO, per penalty and pooled over the penalties (penalty ``None``),
     pairing runs by their ``"seed"``: the accuracy change's difference (= the "after" accuracies' difference)
-    and the "after" mean lengths' difference. Cells without a GRPO run at the same seed give no pair."""
-    runs = {(r, p, s["seed"]): s for (r, p), cell in summaries.items() for s in cell if "seed" in s}
+    and the "after" mean lengths' difference. Runs without a GRPO run at the same penalty and seed give no pair."""
+    baseline = {(p, s["seed"]): s for (r, p), cell in summaries.items() if r == BASELINE for s in cell if "seed" in s}
     out = []
     for recipe in dict.fromkeys(r for r, _ in summaries if r != BASELINE):
         pooled_acc, pooled_len = [], []
-        for penalty in dict.fromkeys(p for r, p in summaries if r == recipe):
-            acc, length = [], []
-            for (r, p, seed), mine in runs.items():
-                base = runs.get((BASELINE, p, seed))
-                if (r, p) != (recipe, penalty) or base is None:
-                    continue
-                acc.append((mine["after"]["accuracy"] - mine["before"]["accuracy"])
-                           - (base["after"]["accuracy"] - base["before"]["accuracy"]))  # fmt: skip
-                length.append(mine["after"]["mean_length"] - base["after"]["mean_length"])
-            if acc:
-                out.append({"recipe": recipe, "penalty": penalty, **_pair_stats(acc, length)})
-                pooled_acc += acc
-                pooled_len += length
-        if pooled_acc and len({row["penalty"] for row in out if row["recipe"] == recipe}) > 1:
+        for (r, penalty), cell in summaries.items():
+            pairs = [(s, baseline[penalty, s["seed"]]) for s in cell if (penalty, s.get("seed")) in baseline]
+            if r != recipe or not pairs:
+                continue
+            acc = [_accuracy_change(m) - _accuracy_change(b) for m, b in pairs]
+            length = [m["after"]["mean_length"] - b["after"]["mean_length"] for m, b in pairs]
+            out.append({"recipe": recipe, "penalty": penalty, **_pair_stats(acc, length)})
+            pooled_acc += acc
+            pooled_len += length
+        if len({row["penalty"] for row in out if row["recipe"] == recipe}) > 1:
             out.append({"recipe": recipe, "penalty": None, **_pair_stats(pooled_acc, pooled_len)})
     return out
 

@@ -342,11 +342,12 @@ def test_a_bad_benchmark_row_tells_the_eval_user_what_they_can_do_not_an_option_
 
 
 def _model_folder(path: Path) -> Path:
+    import torch
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
-    save_file({"w": __import__("torch").zeros(2)}, str(path / "model.safetensors"))
+    save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
     return path
 
 

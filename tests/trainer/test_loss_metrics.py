@@ -45,11 +45,7 @@ TWO_RANKS = r"""
 import datetime, json, os, sys
 import torch, torch.distributed as dist, torch.multiprocessing as mp
 from trainer.loss_metrics import MiniBatchMetrics
-
-def metrics(clip_low, entropy, ratio_max, ratio_min):
-    values = dict(clip_frac_low=clip_low, clip_frac_high=0.0, clip_frac_dual=0.0, approx_kl=0.01,
-                  entropy=entropy, num_nonfinite=0, ratio_max=ratio_max, ratio_min=ratio_min)
-    return {k: torch.tensor(float(v)) for k, v in values.items()}
+from test_loss_metrics import kernel_metrics as metrics
 
 def worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -79,7 +75,9 @@ def _free_port() -> int:
 def test_a_rank_with_only_dummy_micro_batches_reduces_alike_and_gets_the_other_ranks_figures(tmp_path):
     """Before the fix the idle rank reduced 4 values where the others reduced 10: its collectives paired
     with the wrong ones and the busy rank waited for ones never made (a hang, here gloo's 30 s timeout)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # the repository and this folder (the workers take kernel_metrics from this file)
+    path = [str(REPO), str(Path(__file__).parent), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     script = tmp_path / "two_ranks.py"  # a file, not -c: spawned workers import their function from it
     script.write_text(TWO_RANKS)
     proc = subprocess.run([sys.executable, str(script), str(_free_port()), str(tmp_path)], env=env,
