@@ -14,7 +14,7 @@ import dler_kernels as dk
 
 from . import collective
 from .packing import UpdateRow
-from .sampling import RolloutBatch, ScoredGroup
+from .sampling import DynamicSamplingOn, RolloutBatch, ScoredGroup
 
 
 @dataclass
@@ -35,10 +35,19 @@ class RankBatch:
 
 
 def global_advantages(
-    groups: Sequence[ScoredGroup], advantage_kwargs: Mapping[str, Any]
+    groups: Sequence[ScoredGroup],
+    advantage_kwargs: Mapping[str, Any],
+    *,
+    spread_on: DynamicSamplingOn = "reward",
+    correct_boost: float = 0.0,
 ) -> tuple[list[UpdateRow], dict[str, float]]:
     """One update row per local response, with its advantage over the global batch, and the batch's
-    advantage statistics (collective). ``advantage_kwargs``: ``TrainConfig.advantage_kwargs()``."""
+    advantage statistics (collective). ``advantage_kwargs``: ``TrainConfig.advantage_kwargs()``; ``spread_on``:
+    what the kernel's dynamic-sampling keep-mask judges, the sampler's rule (``SamplingConfig.dynamic_sampling_on``),
+    so that a group the sampler kept for its reward spread is not dropped here for its correctness. ``correct_boost``
+    is added, after the normalisation, to the advantage of every kept response the checker scored correct (the DLER
+    release's ``correct_sample_advantage_boost_value``: verl-dler's ``dp_actor.update_policy`` adds it where the
+    verifier's score, before the stop-properly penalty, is at least 1)."""
     batch = RolloutBatch.from_groups(groups)
     everyone = collective.gather(RankBatch.of(batch, len(groups)))
     rewards = torch.tensor([r for rank in everyone for r in rank.rewards], dtype=torch.float32)
@@ -51,17 +60,20 @@ def global_advantages(
     result = dk.compute_advantages(
         rewards,
         torch.tensor(group_ids, dtype=torch.long),
-        correctness=correct,
+        correctness=correct if spread_on == "correctness" else None,
         token_counts=lengths,
         **advantage_kwargs,
     )
+    all_values = result.values
+    if correct_boost:
+        all_values = all_values + correct_boost * ((correct >= 1.0) & result.keep).to(all_values.dtype)
     start = sum(len(rank.rewards) for rank in everyone[: collective.rank()])
-    values = result.values[start : start + len(batch)].tolist()
+    values = all_values[start : start + len(batch)].tolist()
     rows = [
         UpdateRow(list(p), list(r), float(a), sampler_logprobs=sampler_logprobs(lp, len(r)))
         for p, r, a, lp in zip(batch.prompt_ids, batch.response_ids, values, batch.sampling_logprobs)
     ]
-    kept = result.values[result.keep]
+    kept = all_values[result.keep]
     stats = {
         "advantage_mean": float(kept.mean()) if kept.numel() else 0.0,
         "advantage_std": float(kept.std(unbiased=False)) if kept.numel() else 0.0,

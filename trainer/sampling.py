@@ -2,9 +2,13 @@
 
 One call of ``DynamicSampler.collect`` turns "the next prompts of the data stream" into exactly
 ``prompts_per_step`` scored groups that carry a learning signal (DAPO / DLER dynamic sampling):
-groups whose correctness has zero spread (all right or all wrong, judged before any length
-penalty) are dropped and more prompts are drawn, for at most ``max_rounds`` rounds. Under several
-ranks each sampler draws from its rank's share of the stream (:class:`RankSlice`).
+groups whose rewards have zero spread (every response of the group gets the same advantage, 0) are
+dropped and more prompts are drawn, for at most ``max_rounds`` rounds. The rewards are those the update
+sees, after the length penalty, so an all-correct group that the penalty separates by length is kept:
+that is the signal a length penalty exists to give. ``dynamic_sampling_on="correctness"`` judges
+correctness before any penalty instead, as the DLER release does (verl's DAPO filter on ``seq_reward``,
+the verifier's score before the stop-properly penalty). Under several ranks each sampler draws from its
+rank's share of the stream (:class:`RankSlice`).
 
 With GFPO group filtering (``gfpo_sample_size``) each prompt gets a larger group, is scored whole, and only
 its ``samples_per_prompt`` best responses (:func:`gfpo_retain`) go on to the advantages and the update.
@@ -33,6 +37,7 @@ class Scorer(Protocol):
 
 
 GfpoMetric = Literal["length", "token_efficiency"]
+DynamicSamplingOn = Literal["reward", "correctness"]
 
 
 class SamplingWarning(UserWarning):
@@ -54,7 +59,12 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens whose probability reaches ``top_p``."""
     dynamic_sampling: bool = True
-    """Drop groups whose responses are all right or all wrong (no correctness spread) and sample more prompts."""
+    """Drop groups with no spread (see ``dynamic_sampling_on``) and sample more prompts until the batch is full."""
+    dynamic_sampling_on: DynamicSamplingOn = "reward"
+    """What a kept group's responses must differ in: ``reward``, the rewards after the length penalty (what the
+    advantages see), or ``correctness`` before any penalty (the DLER release's filter). They differ on a group whose
+    correct responses the penalty separates: a budget below max_tokens (DA-DLER, a budget schedule), a penalty
+    graded by length (ALP, Kimi, L1-Max, ShorterBetter, cosine), or a correct response cut by max_tokens."""
     max_rounds: int = 4
     """Sampling rounds at most per step; a batch still short after them trains on what it has (with a warning)."""
     oversample: float = 1.0
@@ -78,6 +88,10 @@ class SamplingConfig:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.dynamic_sampling_on not in get_args(DynamicSamplingOn):
+            raise ValueError(
+                f"dynamic_sampling_on must be one of {list(get_args(DynamicSamplingOn))}, got {self.dynamic_sampling_on!r}"
+            )
         if self.gfpo_metric not in get_args(GfpoMetric):
             raise ValueError(f"gfpo_metric must be one of {list(get_args(GfpoMetric))}, got {self.gfpo_metric!r}")
         if self.gfpo_sample_size is not None and self.gfpo_sample_size <= self.samples_per_prompt:
@@ -106,11 +120,13 @@ class ScoredGroup:
     budget: int  # the length budget the penalty used (DA-DLER: the prompt's own)
     retained: np.ndarray | None = None  # GFPO: indices of the responses trained on (None: all)
 
-    @property
-    def has_spread(self) -> bool:
-        """Whether the responses trained on differ in correctness (GFPO: the retained ones)."""
-        correct = self.correct if self.retained is None else self.correct[self.retained]
-        return bool(correct.min() != correct.max())
+    def has_spread(self, on: DynamicSamplingOn = "reward") -> bool:
+        """Whether the responses trained on (GFPO: the retained ones) differ in ``on``: their rewards after the length
+        penalty, or their correctness before it. Exact comparison, as verl's filter (std > 0): any difference in
+        reward gives the group nonzero advantages."""
+        values = self.rewards if on == "reward" else self.correct
+        values = values if self.retained is None else values[self.retained]
+        return bool(values.min() != values.max())
 
     def filtered(self) -> ScoredGroup:
         """The group as the update sees it: GFPO's retained responses only (the others take no part in the loss,
@@ -152,9 +168,13 @@ def gfpo_retain(lengths, rewards, k: int, metric: str = "length") -> np.ndarray:
 class SamplingStats:
     rounds: int = 0
     prompts_generated: int = 0
-    groups_with_spread: int = 0  # among all generated, before the cut to prompts_per_step
+    # The generated groups (before the cut to prompts_per_step), each counted once: with spread (kept), or
+    # dropped as all correct, all wrong, or (dynamic_sampling_on=reward) correctness spread the rewards lose.
+    groups_with_spread: int = 0
     groups_all_correct: int = 0
     groups_all_wrong: int = 0
+    groups_same_reward: int = 0
+    groups_length_signal: int = 0  # groups with spread whose responses are all correct: the length penalty's signal alone
     samples: int = 0
     accuracy: float = 0.0  # over every generated response, not only the kept ones
     mean_length: float = 0.0
@@ -235,15 +255,17 @@ class DynamicSampler:
             groups = self._generate_and_score(examples, step, round_seed(seed, round_), stats)
             stats.rounds += bool(examples)
             generated += groups
-            kept += [g for g in groups if g.has_spread or not cfg.dynamic_sampling]
+            kept += [g for g in groups if g.has_spread(cfg.dynamic_sampling_on) or not cfg.dynamic_sampling]
         batch = [g.filtered() for g in kept[:target]]
         self._summarise(generated, batch, stats)
         if len(kept) < target:
             stats.capped = True
             warnings.warn(
-                f"dynamic sampling: only {len(kept)} of {target} prompts have a correctness spread after "
+                f"dynamic sampling: only {len(kept)} of {target} prompts have a {cfg.dynamic_sampling_on} spread after "
                 f"{stats.rounds} rounds ({stats.prompts_generated} prompts generated: "
-                f"{stats.groups_all_correct} all correct, {stats.groups_all_wrong} all wrong); training on "
+                f"{stats.groups_all_correct} all correct, {stats.groups_all_wrong} all wrong"
+                + (f", {stats.groups_same_reward} of equal rewards" if stats.groups_same_reward else "")
+                + f"); training on "
                 f"{len(kept)}. Raise max_rounds or oversample, or use data of a difficulty that suits the model.",
                 SamplingWarning,
                 stacklevel=2,
@@ -287,7 +309,7 @@ class DynamicSampler:
             groups.append(self._score_group(ex, ids, samples, c, step))
         stats.score_seconds += time.perf_counter() - start
         stats.prompts_generated += len(groups)
-        stats.groups_with_spread += sum(g.has_spread for g in groups)
+        stats.groups_with_spread += sum(g.has_spread(cfg.dynamic_sampling_on) for g in groups)
         return groups
 
     def _score_group(self, example: Example, ids: list[int], samples: list[Sample], correct, step) -> ScoredGroup:
@@ -303,8 +325,7 @@ class DynamicSampler:
             group.retained = gfpo_retain(lengths, rewards, self.config.samples_per_prompt, self.config.gfpo_metric)
         return group
 
-    @staticmethod
-    def _summarise(generated: list[ScoredGroup], batch: list[ScoredGroup], stats: SamplingStats) -> None:
+    def _summarise(self, generated: list[ScoredGroup], batch: list[ScoredGroup], stats: SamplingStats) -> None:
         if generated:
             correct = np.concatenate([g.correct for g in generated])
             lengths = np.concatenate([g.lengths for g in generated])
@@ -317,9 +338,17 @@ class DynamicSampler:
             stats.truncation_rate = float(truncated.mean())
             stats.generated_tokens = int(lengths.sum())
             # Judged on what dynamic sampling judges: GFPO's retained responses (ScoredGroup.has_spread).
-            trained = [g.correct if g.retained is None else g.correct[g.retained] for g in generated]
-            stats.groups_all_correct = sum(bool(c.min() == 1) for c in trained)
-            stats.groups_all_wrong = sum(bool(c.max() == 0) for c in trained)
+            on = self.config.dynamic_sampling_on
+            for g in generated:
+                c = g.correct if g.retained is None else g.correct[g.retained]
+                if g.has_spread(on):
+                    stats.groups_length_signal += bool(c.min() == 1)
+                elif c.min() == 1:
+                    stats.groups_all_correct += 1
+                elif c.max() == 0:
+                    stats.groups_all_wrong += 1
+                else:
+                    stats.groups_same_reward += 1
         if batch:
             stats.mean_reward = float(np.concatenate([g.rewards for g in batch]).mean())
         for g in batch:

@@ -231,7 +231,12 @@ class Trainer:
 
     def advantages(self, groups: Sequence[ScoredGroup]) -> tuple[list[UpdateRow], dict[str, float]]:
         """Advantages over the global batch (gathered from every rank), one row per local response."""
-        return global_advantages(groups, self.cfg.advantage_kwargs())
+        return global_advantages(
+            groups,
+            self.cfg.advantage_kwargs(),
+            spread_on=self.cfg.rollout.sampling.dynamic_sampling_on,
+            correct_boost=self.cfg.algorithm.correct_advantage_boost,
+        )
 
     def log_probs(self, rows: list[UpdateRow]) -> list[UpdateRow]:
         """The rows with their old log-probs, and the reference's when the KL term is on; both with the

@@ -73,10 +73,29 @@ def test_paper_settings_exactly(preset):
     assert (a.eps_low, a.eps_high, a.clip_c) == (0.2, 0.28, 10.0)
     assert (a.beta, a.kl_type) == (0.0005, "low_var_kl")
     assert (a.loss_agg, a.advantage, s.dynamic_sampling) == ("token-mean", "dler", True)
+    assert (a.correct_advantage_boost, s.dynamic_sampling_on, p.truncation_coef) == (0.0, "reward", 0.0)
     assert (p.name, p.truncation_coef) == ("truncation", 0.0)
     assert (cfg.reward.checker, cfg.reward.require_think, cfg.data.template) == ("math", True, "r1")
     assert (cfg.fsdp.enabled, cfg.fsdp.param_dtype, cfg.fsdp.reduce_dtype) == (True, "bfloat16", "float32")
     assert cfg.reward.da_dler.enabled is False
+
+
+def test_the_release_preset_differs_from_the_paper_in_the_release_settings_alone():
+    """NVlabs/DLER verl-dler/dler.sh: stop-properly penalty 0.1, advantage boost 0.1, groups filtered on the verifier
+    score, 256 prompts per step; everything else is the paper's."""
+    paper, release = to_dict(load_config("r1-distill-1.5b-dler")), to_dict(load_config("r1-distill-1.5b-dler-release"))
+    changed = {}
+    for section in paper:
+        for key, value in paper[section].items():
+            if release[section][key] != value:
+                changed[(section, key)] = release[section][key]
+    assert changed == {
+        ("rollout", "sampling"): {**paper["rollout"]["sampling"], "prompts_per_step": 256,
+                                  "dynamic_sampling_on": "correctness"},
+        ("reward", "penalty"): {**paper["reward"]["penalty"], "truncation_coef": 0.1},
+        ("algorithm", "correct_advantage_boost"): 0.1,
+        ("run", "out"): "runs/r1-distill-1.5b-dler-release",
+    }  # fmt: skip
 
 
 def test_da_dler_is_the_7b_recipe_with_difficulty_budgets():

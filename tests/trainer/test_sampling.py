@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainer.answers import AnswerChecker
-from trainer.budgets import DifficultyBudgets
+from trainer.budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
 from trainer.data import Example, PromptStream
 from trainer.rewards import LengthPenaltyConfig
 from trainer.rollout import Sample
@@ -17,10 +17,10 @@ from trainer.sampling import DynamicSampler, RolloutBatch, SamplingConfig, Sampl
 
 class ScriptedEngine:
     """Answers prompt [i] with the pattern script[i]: 'R' a right answer, 'W' a wrong one, 'T' a
-    right answer cut by max_tokens. Response i of a group has 10 * (i + 1) tokens."""
+    right answer cut by max_tokens. Response j of a group has 10 * (j + 1) tokens, or lengths[i][j]."""
 
-    def __init__(self, script: dict[int, str], golds: dict[int, str]):
-        self.script, self.golds, self.calls = script, golds, []
+    def __init__(self, script: dict[int, str], golds: dict[int, str], lengths: dict[int, list[int]] | None = None):
+        self.script, self.golds, self.lengths, self.calls = script, golds, lengths or {}, []
 
     def generate(self, prompts, *, n, max_tokens, temperature, top_p, seed):
         self.calls.append({"prompts": [p[0] for p in prompts], "n": n, "max_tokens": max_tokens, "seed": seed})
@@ -31,7 +31,7 @@ class ScriptedEngine:
             group = []
             for j, kind in enumerate(pattern):
                 answer = self.golds[i] if kind in "RT" else "-1"
-                length = 10 * (j + 1)
+                length = self.lengths[i][j] if i in self.lengths else 10 * (j + 1)
                 group.append(Sample([5] * length, f"so \\boxed{{{answer}}}", "length" if kind == "T" else "stop", []))
             groups.append(group)
         return groups
@@ -52,9 +52,9 @@ def checker():
         yield c
 
 
-def make_sampler(checker, script, *, penalty=None, budgets=None, seed=0, another_round=bool, **config):
+def make_sampler(checker, script, *, penalty=None, budgets=None, seed=0, another_round=bool, lengths=None, **config):
     examples = [Example(f"q{i}", str(i + 100), f"id{i}", "test") for i in range(len(script))]
-    engine = ScriptedEngine(dict(enumerate(script)), {i: str(i + 100) for i in range(len(script))})
+    engine = ScriptedEngine(dict(enumerate(script)), {i: str(i + 100) for i in range(len(script))}, lengths)
     stream = PromptStream(examples, seed=seed, shuffle=False)
     prompt_ids = lambda exs: [[int(e.id[2:])] for e in exs]
     penalty = penalty or LengthPenaltyConfig(name="truncation", length_budget=100)
@@ -304,3 +304,100 @@ def test_dynamic_sampling_on_the_real_engine(smollm2_dir):
             LengthPenaltyConfig(name="truncation"), g["correct"], g["lengths"], g["truncated"], g["budget"]
         )
         np.testing.assert_allclose(g["rewards"], expected)
+
+
+# ------------------------------------------------------------------ what dynamic sampling judges: reward or correctness
+
+# Groups whose responses are all correct but whose rewards the length penalty separates: each the first prompt of
+# its script, followed by an all-correct group of equal rewards (dropped under either rule) and a mixed one.
+LENGTH_SIGNAL_CASES = {
+    # DA-DLER: all 4 correct, lengths 1500..3000; easy (c = 1 >= 0.5) -> budget 2000: rewards [1, 1, 0, 0]
+    "da_dler": dict(
+        lengths=[1500, 1800, 2500, 3000],
+        budgets=lambda: DifficultyBudgets(thresholds=(0.5,), budgets=(4000, 2000)),
+        penalty=LengthPenaltyConfig(name="truncation", length_budget=4000),
+        max_tokens=4000,
+        rewards=[1, 1, 0, 0],
+    ),
+    # a budget schedule at budget 30 (generation limit 80): lengths 20, 25, 50, 70 -> rewards [1, 1, 0, 0]
+    "schedule": dict(
+        lengths=[20, 25, 50, 70],
+        budgets=lambda: ScheduledBudgets(BudgetSchedule(decay=0.375, every=1, min_budget=30), default=80),
+        penalty=LengthPenaltyConfig(name="truncation", length_budget=80),
+        max_tokens=80,
+        rewards=[1, 1, 0, 0],
+    ),
+    # ALP (all correct: the solve rate is 1, every response pays beta * length / L): rewards differ
+    "alp": dict(
+        lengths=[20, 40, 60, 80],
+        budgets=lambda: None,
+        penalty=LengthPenaltyConfig(name="alp", length_budget=80),
+        max_tokens=80,
+        rewards=None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LENGTH_SIGNAL_CASES))
+@pytest.mark.parametrize("on", ["reward", "correctness"])
+def test_a_group_the_length_penalty_separates_is_kept_on_reward_and_dropped_on_correctness(checker, case, on):
+    spec = LENGTH_SIGNAL_CASES[case]
+    script = ["RRRR", "RRRR", "RWRW"]
+    lengths = {0: spec["lengths"], 1: [5, 5, 5, 5], 2: [5, 5, 5, 5]}
+    sampler, engine = make_sampler(
+        checker, script, penalty=spec["penalty"], budgets=spec["budgets"](), lengths=lengths, prompts_per_step=1,
+        samples_per_prompt=4, max_tokens=spec["max_tokens"], max_rounds=3, max_prompts_per_round=1,
+        dynamic_sampling_on=on,
+    )  # fmt: skip
+    batch, stats = sampler.collect(step=2)
+    if on == "reward":
+        assert [g.example.id for g in batch] == ["id0"] and len(engine.calls) == 1
+        rewards = batch[0].rewards
+        assert len(set(rewards.tolist())) > 1 and batch[0].correct.tolist() == [1, 1, 1, 1]
+        if spec["rewards"] is not None:
+            np.testing.assert_allclose(rewards, spec["rewards"])
+        assert stats.groups_with_spread == 1 and stats.groups_length_signal == 1 and stats.groups_all_correct == 0
+    else:
+        # the release's rule: both all-correct groups dropped, the mixed third prompt kept
+        assert [g.example.id for g in batch] == ["id2"] and len(engine.calls) == 3
+        assert stats.groups_all_correct == 2 and stats.groups_length_signal == 0
+
+
+def test_the_advantages_keep_the_groups_the_sampler_kept(checker):
+    """The kernel's dynamic-sampling keep-mask judges what the sampler judged: judging correctness there would zero
+    the advantages of the all-correct group the sampler kept for its reward spread."""
+    from trainer.global_batch import global_advantages
+
+    spec = LENGTH_SIGNAL_CASES["da_dler"]
+    sampler, _ = make_sampler(
+        checker, ["RRRR"], penalty=spec["penalty"], budgets=spec["budgets"](), lengths={0: spec["lengths"]},
+        prompts_per_step=1, samples_per_prompt=4, max_tokens=4000,
+    )  # fmt: skip
+    batch, _ = sampler.collect(step=1)
+    kwargs = dict(method="dr_grpo", eps=1e-6, dynamic_sampling=True)
+    rows, _ = global_advantages(batch, kwargs, spread_on="reward")
+    assert [row.advantage for row in rows] == [0.5, 0.5, -0.5, -0.5]
+    rows, _ = global_advantages(batch, kwargs, spread_on="correctness")
+    assert [row.advantage for row in rows] == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_correct_response_boost_is_added_after_the_normalisation(checker):
+    """The DLER release's boost: + correct_boost to every response the checker scored correct, also one the penalty
+    zeroed (the release judges its verifier score before the stop-properly penalty); none to a wrong one."""
+    from trainer.global_batch import global_advantages
+
+    sampler, _ = make_sampler(checker, ["RTWR"], prompts_per_step=1, samples_per_prompt=4, max_tokens=100)
+    batch, _ = sampler.collect(step=0)
+    np.testing.assert_allclose(batch[0].rewards, [1, 0, 0, 1])  # 'T' is right but cut by max_tokens
+    kwargs = dict(method="dr_grpo", eps=1e-6, dynamic_sampling=True)
+    plain, _ = global_advantages(batch, kwargs)
+    boosted, stats = global_advantages(batch, kwargs, correct_boost=0.1)
+    assert [row.advantage for row in plain] == [0.5, -0.5, -0.5, 0.5]
+    np.testing.assert_allclose([row.advantage for row in boosted], [0.6, -0.4, -0.5, 0.6], rtol=1e-6)
+    assert stats["advantage_max"] == pytest.approx(0.6) and stats["advantage_min"] == pytest.approx(-0.5)
+    # with the DLER batch normalisation the boost comes after it: the boosted values are the plain ones + 0.1
+    kwargs = dict(method="dler", eps=1e-6, dynamic_sampling=True, weighting="sample")
+    plain, _ = global_advantages(batch, kwargs)
+    boosted, _ = global_advantages(batch, kwargs, correct_boost=0.1)
+    diff = [b.advantage - p.advantage for b, p in zip(boosted, plain)]
+    np.testing.assert_allclose(diff, [0.1, 0.1, 0.0, 0.1], atol=1e-6)

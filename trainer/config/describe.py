@@ -34,7 +34,8 @@ def describe(cfg: TrainConfig) -> str:
     correction = f"; rollout correction {rc.mode} {_bounds_text(rc.bounds)}" if rc.mode != "none" else ""
     heads = [side for side, on in (("trainer", a.lm_head_fp32), ("engine", cfg.rollout.lm_head_fp32)) if on]
     fp32_head = f"; fp32 LM head ({', '.join(heads)})" if heads else ""
-    dynamic = f", dynamic sampling ({s.max_rounds} rounds)" if s.dynamic_sampling else ""
+    dynamic = f", dynamic sampling on {s.dynamic_sampling_on} ({s.max_rounds} rounds)" if s.dynamic_sampling else ""
+    boost = f", correct-response boost {a.correct_advantage_boost:g}" if a.correct_advantage_boost else ""
     gfpo = f" (GFPO: the best of {s.gfpo_sample_size} by {s.gfpo_metric})" if s.gfpo_sample_size else ""
     updates = s.prompts_per_step // a.mini_batch_prompts * a.epochs_per_step
     clip = "off" if o.grad_clip is None else f"{o.grad_clip:g}"
@@ -44,7 +45,7 @@ def describe(cfg: TrainConfig) -> str:
         f"rollout    {cfg.rollout.engine} {cfg.rollout.dtype}: {s.prompts_per_step} prompts x {s.samples_per_prompt} "
         f"samples{gfpo}, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
         f"reward     {cfg.reward.checker} checker; {_penalty_text(cfg.reward)}",
-        f"algorithm  {a.advantage} advantages, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
+        f"algorithm  {a.advantage} advantages{boost}, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
         f"{updates} optimizer step(s) per step{old}{correction}{fp32_head}",
         f"optim      AdamW lr {o.lr:g}, wd {o.weight_decay:g}, {o.schedule}, warmup {o.warmup_steps}, grad clip {clip}",
         f"run        {r.steps} steps -> {r.out} (seed {r.seed}, device {r.device}, checkpoint every "

@@ -274,6 +274,9 @@ class AlgorithmConfig:
     """How the ``dler`` batch statistics weigh responses: every token once, or every response once."""
     eps: float = 1e-6
     """Added to standard deviations before dividing."""
+    correct_advantage_boost: float = 0.0
+    """Added after the normalisation to the advantage of every response scored correct (before the length penalty):
+    the DLER release's ``correct_sample_advantage_boost_value`` (0.1 in its dler.sh; not in the paper's text)."""
     loss_agg: LossAgg = "token-mean"
     """How token losses are aggregated (DLER, DAPO: ``token-mean``)."""
     eps_low: float = 0.2
@@ -314,6 +317,7 @@ class AlgorithmConfig:
     def __post_init__(self):
         check_choices(self)
         check_number("eps", self.eps, low=0.0, low_open=True, allow_none=True)
+        check_number("correct_advantage_boost", self.correct_advantage_boost, low=0.0)
         if not 0 <= self.eps_low <= 1:
             raise ValueError(f"eps_low must be in [0, 1]; got {self.eps_low}")
         check_number("eps_high", self.eps_high, low=0.0, allow_none=True)
