@@ -90,7 +90,8 @@ class SamplingConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.dynamic_sampling_on not in get_args(DynamicSamplingOn):
             raise ValueError(
-                f"dynamic_sampling_on must be one of {list(get_args(DynamicSamplingOn))}, got {self.dynamic_sampling_on!r}"
+                f"dynamic_sampling_on must be one of {list(get_args(DynamicSamplingOn))}, "
+                f"got {self.dynamic_sampling_on!r}"
             )
         if self.gfpo_metric not in get_args(GfpoMetric):
             raise ValueError(f"gfpo_metric must be one of {list(get_args(GfpoMetric))}, got {self.gfpo_metric!r}")
@@ -164,6 +165,12 @@ def gfpo_retain(lengths, rewards, k: int, metric: str = "length") -> np.ndarray:
     return np.sort(order[:k])
 
 
+# SamplingStats' counts of the generated groups, summed over the ranks into each line of metrics.jsonl.
+GROUP_COUNTS = (
+    "groups_with_spread", "groups_all_correct", "groups_all_wrong", "groups_same_reward", "groups_length_signal",
+)  # fmt: skip
+
+
 @dataclass
 class SamplingStats:
     rounds: int = 0
@@ -174,7 +181,7 @@ class SamplingStats:
     groups_all_correct: int = 0
     groups_all_wrong: int = 0
     groups_same_reward: int = 0
-    groups_length_signal: int = 0  # groups with spread whose responses are all correct: the length penalty's signal alone
+    groups_length_signal: int = 0  # groups with spread whose responses are all correct: a length signal alone
     samples: int = 0
     accuracy: float = 0.0  # over every generated response, not only the kept ones
     mean_length: float = 0.0

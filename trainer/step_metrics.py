@@ -14,7 +14,7 @@ from . import collective
 from .loss_metrics import TOKEN_MEAN_METRICS
 from .mismatch_metrics import MismatchSums
 from .packing import UpdateRow
-from .sampling import SamplingStats
+from .sampling import GROUP_COUNTS, SamplingStats
 
 
 def percentiles(lengths: np.ndarray) -> tuple[float, float]:
@@ -123,6 +123,8 @@ def step_record(
         "prompts_generated": sum(p["prompts_generated"] for p in parts),
         "kept_fraction": sum(p["groups_with_spread"] for p in parts)
         / max(1, sum(p["prompts_generated"] for p in parts)),
+        # the generated groups, partitioned: kept (with spread), or dropped as all correct / all wrong / equal rewards
+        **{key: sum(p[key] for p in parts) for key in GROUP_COUNTS},
         "sampling_rounds": max(p["rounds"] for p in parts),
         "sampling_capped": any(p["capped"] for p in parts),
         **advantages,

@@ -213,6 +213,10 @@ def test_end_to_end_with_vllm(demo_model, tmp_path):
     for r in records:
         for key in ("accuracy", "mean_response_length", "truncation_rate", "grad_norm", "sync_s"):
             assert math.isfinite(r[key]), key
+        # every generated group counted once: kept, or dropped as all correct / all wrong / of equal rewards
+        counts = ("groups_with_spread", "groups_all_correct", "groups_all_wrong", "groups_same_reward")
+        assert sum(r[key] for key in counts) == r["prompts_generated"]
+        assert 0 <= r["groups_length_signal"] <= r["groups_with_spread"]
     assert result["max_change"] > 1e-4, "the update must move the weights"
     # float32 engine and trainer: the engine samples with exactly the trainer's weights
     assert result["engine_gap"] < 1e-3, result["engine_gap"]

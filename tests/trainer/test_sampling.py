@@ -290,7 +290,10 @@ def test_dynamic_sampling_on_the_real_engine(smollm2_dir):
     assert stats["rounds"] >= 2  # one round of 2 prompts is not enough at this accuracy
     assert stats["samples"] == 4 * stats["prompts_generated"] == 4 * res["stream_position"]
     assert (
-        stats["groups_with_spread"] + stats["groups_all_correct"] + stats["groups_all_wrong"]
+        stats["groups_with_spread"]
+        + stats["groups_all_correct"]
+        + stats["groups_all_wrong"]
+        + stats["groups_same_reward"]
         == stats["prompts_generated"]
     )
     assert res["rescored"] == [c for g in groups for c in g["correct"]]
