@@ -61,8 +61,9 @@ import torch
 from . import reference as ref
 from .backend import Backend
 from .dispatch import select_backend
-from .loss_inputs import LossOptions, TokenData, check_token_data
-from .policy_loss import PolicyLossOutput
+from .loss_inputs import LossOptions, TokenData, check_token_data, loss_options, with_loss_options
+from .objective_path import objective_terms, row_statistics
+from .policy_loss import PolicyLossOutput, loss_metrics
 from .stored_grad import StoredGradFunction
 from .validate import check_number, check_targets, check_tensor
 
@@ -281,12 +282,39 @@ def _weight_grad_by_vocab_slices(slabs, dw, targets, valid, lse, dlogp, dent, en
         slabs.weight_grad_(z, v0, dw)
 
 
+def objective_linear(hidden, weight, bias, data: TokenData, weights, options: LossOptions, *, rows, backend: Backend,
+                     need_dx, need_dw, need_db, fp32_head=False):  # fmt: skip
+    """``fused_linear``'s outputs for an objective without a fused kernel (``objective_path``): a row pass for the
+    log-probs, entropies and log-sum-exps, the objective on those [N] vectors, then the gradients of the log-probs
+    (``logprobs_grads``: the logits recomputed once more, one extra LM-head matmul)."""
+    n = hidden.shape[0]
+    f32 = ref.accumulation_dtype(hidden)
+    logp, entropy, lse = (torch.zeros(n, dtype=f32, device=hidden.device) for _ in range(3))
+    with torch.no_grad():
+        for r0, r1, z in _Slabs(hidden, weight, bias, rows, logits_dtype(hidden, fp32_head)).row_chunks():
+            sl = slice(r0, r1)
+            logp[sl], entropy[sl], lse[sl] = row_statistics(
+                backend, z, data.targets[sl], data.valid[sl], options.temperature, f32
+            )
+    want_grad = need_dx or need_dw or need_db
+    per_token, kl, dlogp, dent = objective_terms(logp, entropy, data, options, weights, want_grad)
+    dx = dw = db = None
+    if want_grad:
+        targets = torch.where(data.valid, data.targets, 0)
+        dx, dw, db = logprobs_grads(
+            hidden, weight, bias, targets, data.valid, lse, entropy, dlogp.contiguous(), dent.contiguous(),
+            options.temperature, rows, backend, (need_dx, need_dw, need_db), fp32_head,
+        )  # fmt: skip
+    return per_token, logp, entropy, kl, dx, dw, db
+
+
 class _LinearPolicyLoss(StoredGradFunction):
     """Forward runs both passes (gradients included when autograd needs them); backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, data, weights, options, rows, backend, needs, fp32_head):
-        per_token, logp, entropy, kl, dx, dw, db = fused_linear(
+        run = fused_linear if options.objective_spec.fused else objective_linear
+        per_token, logp, entropy, kl, dx, dw, db = run(
             hidden, weight, bias, data, weights, options, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2], fp32_head=fp32_head,
         )  # fmt: skip
@@ -296,6 +324,7 @@ class _LinearPolicyLoss(StoredGradFunction):
         return loss, per_token, logp, entropy, kl
 
 
+@with_loss_options
 def linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -307,25 +336,17 @@ def linear_policy_loss(
     bias: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float | None = 10.0,
-    beta: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token-mean",
-    normalizer: float | None = None,
-    norm_length: float | None = None,
     token_weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
     fp32_head: bool = False,
+    **options,
 ) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
     ``hidden`` [N, H]; ``weight`` [V, H] (``lm_head.weight``, tied embeddings included) and ``bias``
-    [V] in the dtype of ``hidden``; every other argument as in ``policy_loss``, under the same input
+    [V] in the dtype of ``hidden``; every other argument and the loss ``options`` as in ``policy_loss``
+    (an objective without a fused kernel recomputes the logits once more, ``objective_linear``), under the same input
     rules (its docstring: data arguments that require grad, a mask other than 0/1, non-finite data on
     valid rows are ValueErrors on every backend). ``loss`` is
     differentiable w.r.t. hidden, weight and bias only (gradients accumulated in float32, returned in
@@ -342,9 +363,7 @@ def linear_policy_loss(
     No effect on float32/float64 inputs.
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size, fp32_head)
-    options = LossOptions(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
-                          entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg,
-                          normalizer=normalizer, norm_length=norm_length)  # fmt: skip
+    options = loss_options(options)
     data = check_token_data(
         n, vocab, hidden.device, targets, old_logprobs, advantages, mask, options, ref_logprobs=ref_logprobs,
         seq_ids=seq_ids, token_weights=token_weights, what="hidden",
@@ -362,10 +381,7 @@ def linear_policy_loss(
         rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype),
         chosen, needs, fp32_head,
     )  # fmt: skip
-    with torch.no_grad():
-        metrics = ref.policy_metrics_ref(
-            logp, old_logprobs, advantages, entropy, data.valid, eps_low, eps_high, clip_c, kl, per_token
-        )
+    metrics = loss_metrics(logp, entropy, data, options, kl, per_token)
     if hidden.dtype == torch.float64:
         return PolicyLossOutput(loss, per_token, logp, entropy, metrics)
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)

@@ -5,46 +5,88 @@ before any kernel runs; semantics of the options: ``dler_kernels.reference``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import inspect
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 
+from . import objectives
 from . import reference as ref
 from .validate import check_choice, check_mask, check_no_grad, check_number, check_tensor, check_valid_rows
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """The scalar options of the policy loss (defaults: DLER's), each checked here."""
+class LossSettings:
+    """The policy loss's settings, as a caller chooses them (defaults: DLER's), each checked when made. This is their
+    one declaration: ``policy_loss`` and ``linear_policy_loss`` take them as keywords (``LossOptions``), and the
+    trainer's ``algorithm`` config section is this class plus the trainer's own fields."""
 
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    objective: str = "ppo_clip"
+    """The policy objective, a name of ``dler_kernels.objectives.OBJECTIVES``."""
+    eps_low: float | None = None
+    """Lower clip bound (PPO-clip: the ratio's 1 - eps_low); None: the objective's default (PPO-clip 0.2)."""
+    eps_high: float | None = None
+    """Upper clip bound (PPO-clip: the ratio's 1 + eps_high); None: the objective's default (PPO-clip 0.28)."""
     clip_c: float | None = 10.0
+    """PPO-clip's dual-clip constant for negative advantages (None: no dual clip)."""
+    ratio_cap: float | None = None
+    """DPPO: the cap C of the stop-gradient ratio min(r, C); None: 20."""
+    tau_pos: float | None = None
+    """SAPO: the gate's temperature for positive advantages; None: 1.0."""
+    tau_neg: float | None = None
+    """SAPO: the gate's temperature for negative advantages; None: 1.05."""
+    cispo_clip: str | None = None
+    """CISPO: ``both`` (verl: clip(r, 1 - eps_low, 1 + eps_high)) or ``upper`` (TRL: min(r, 1 + eps_high)); None:
+    both."""
     beta: float = 0.0
+    """KL coefficient to the reference policy (0: no KL term)."""
     kl_type: str = "k3"
+    """The KL estimator (``reference.KL_TYPES``)."""
     entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
     temperature: float = 1.0
+    """Divides the logits before the softmax (equal to the sampler's)."""
     loss_agg: str = "token-mean"
-    normalizer: float | None = None
+    """How token losses reduce to the loss (``reference.LOSS_AGGS``)."""
     norm_length: float | None = None
+    """The constant divisor of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length)."""
 
     def __post_init__(self):
         check_choice("loss_agg", self.loss_agg, ref.LOSS_AGGS)
         check_choice("kl_type", self.kl_type, ref.KL_TYPES)
-        check_number("eps_low", self.eps_low, low=0.0, high=1.0)
-        check_number("eps_high", self.eps_high, low=0.0)
-        check_number("clip_c", self.clip_c, low=1.0, low_open=True, allow_none=True)
         check_number("beta", self.beta, low=0.0)
         check_number("entropy_coef", self.entropy_coef)
         check_number("temperature", self.temperature, low=0.0, low_open=True)
+        check_number("norm_length", self.norm_length, low=0.0, low_open=True, allow_none=True)
+        self.objective_params()  # the objective's name and parameters, checked
+
+    def objective_params(self) -> dict:
+        """The parameters the objective reads, defaults filled in (``objectives.resolve``)."""
+        return objectives.resolve(self.objective, {key: getattr(self, key) for key in objectives.PARAMETERS})
+
+
+@dataclass(frozen=True)
+class LossOptions(LossSettings):
+    """The settings of one call, with the objective's defaults filled in, and the call's global normaliser."""
+
+    normalizer: float | None = None
+    """Replaces the local denominator (token or sequence count) with the global one (accumulation, data parallel)."""
+
+    def __post_init__(self):
+        super().__post_init__()
         check_number("normalizer", self.normalizer, low=0.0, low_open=True, allow_none=True)
-        if self.loss_agg == "seq-mean-token-sum-norm":
-            if self.norm_length is None:
-                raise ValueError(
-                    "norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)"
-                )
-            check_number("norm_length", self.norm_length, low=0.0, low_open=True)
+        if self.loss_agg == "seq-mean-token-sum-norm" and self.norm_length is None:
+            raise ValueError("norm_length is required for loss_agg='seq-mean-token-sum-norm' (the max response length)")
+        for key, value in self.objective_params().items():
+            object.__setattr__(self, key, value)  # resolved once: the kernels read plain numbers
+
+    @property
+    def objective_spec(self) -> objectives.Objective:
+        return objectives.OBJECTIVES[self.objective]
 
     @property
     def kl_code(self) -> int:
@@ -53,12 +95,42 @@ class LossOptions:
 
     def per_token(self) -> dict:
         """The keyword arguments of ``reference.per_token_loss_from_logprobs`` (the per-token loss)."""
+        return dict(objective=self.objective, **self.objective_params(), beta=self.beta, kl_type=self.kl_type,
+                    entropy_coef=self.entropy_coef)  # fmt: skip
+
+    def fused_args(self) -> dict:
+        """The per-token options of the fused PPO-clip kernels (``objective == "ppo_clip"``)."""
         return dict(eps_low=self.eps_low, eps_high=self.eps_high, clip_c=self.clip_c, beta=self.beta,
                     kl_type=self.kl_type, entropy_coef=self.entropy_coef)  # fmt: skip
 
     def aggregation(self) -> dict:
         """The keyword arguments of ``reference.aggregate_ref`` besides the sequence ids."""
         return dict(loss_agg=self.loss_agg, normalizer=self.normalizer, norm_length=self.norm_length)
+
+
+LOSS_OPTION_NAMES = tuple(f.name for f in fields(LossOptions))
+
+
+def loss_options(given: Mapping[str, object]) -> LossOptions:
+    """``LossOptions(**given)``; a name that is not an option is a ValueError naming the closest one."""
+    for name in given:
+        if name not in LOSS_OPTION_NAMES:
+            close = difflib.get_close_matches(name, LOSS_OPTION_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown loss option {name!r}{hint}; the options are {', '.join(LOSS_OPTION_NAMES)}")
+    return LossOptions(**given)
+
+
+def with_loss_options(fn):
+    """Give ``fn(..., **options)`` the signature that lists every loss option (``LossOptions``' fields, keyword
+    only, with their defaults), so that ``help()`` and ``inspect.signature`` show them: declared once, here."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(LossOptions)
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+             for f in fields(LossOptions)]  # fmt: skip
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
 
 
 class TokenData(NamedTuple):
@@ -105,9 +177,11 @@ def check_token_data(
         check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", **like)
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, kind="float", **like)
-    if options.loss_agg != "token-mean":
+    if options.loss_agg != "token-mean" or options.objective_spec.sequence_level:
         if seq_ids is None:
-            raise ValueError(f"seq_ids is required for loss_agg={options.loss_agg!r} (one sequence id per token)")
+            needs = (f"objective={options.objective!r}" if options.objective_spec.sequence_level
+                     else f"loss_agg={options.loss_agg!r}")  # fmt: skip
+            raise ValueError(f"seq_ids is required for {needs} (one sequence id per token)")
         check_tensor("seq_ids", seq_ids, ndim=1, kind="int", **like)
     data = dict(old_logprobs=old_logprobs, advantages=advantages, mask=mask, token_weights=token_weights)
     if options.beta != 0.0:

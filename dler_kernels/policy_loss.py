@@ -14,7 +14,8 @@ import torch
 
 from . import reference as ref
 from .dispatch import select_backend
-from .loss_inputs import LossOptions, check_token_data
+from .loss_inputs import check_token_data, loss_options, with_loss_options
+from .objective_path import policy_loss_two_pass
 from .validate import check_number, check_targets, check_tensor
 
 
@@ -59,6 +60,7 @@ def token_logprobs(
     return (logp.float(), entropy.float()) if return_entropy else logp.float()
 
 
+@with_loss_options
 def policy_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -68,32 +70,31 @@ def policy_loss(
     *,
     ref_logprobs: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float | None = 10.0,
-    beta: float = 0.0,
-    kl_type: str = "k3",
-    entropy_coef: float = 0.0,
-    temperature: float = 1.0,
-    loss_agg: str = "token-mean",
-    normalizer: float | None = None,
-    norm_length: float | None = None,
     token_weights: torch.Tensor | None = None,
     inplace_grad: bool = False,
     backend: str | None = None,
+    **options,
 ) -> PolicyLossOutput:
-    """Clipped policy-gradient loss with dual clip, KL to a reference and an entropy bonus.
+    """The policy loss of an objective (default: PPO-clip with clip-higher and the dual clip), with KL to a
+    reference and an entropy bonus, from the logits.
 
     Packed inputs: ``logits`` [N, V]; ``targets``, ``old_logprobs``, ``advantages``, ``mask``
-    (and ``ref_logprobs``, ``seq_ids``) [N]. ``normalizer`` replaces the local denominator
-    (token count for ``token-mean``, sequence count for ``seq-mean-*``) with a global one, so
-    that gradient accumulation and data parallelism equal one big batch. ``norm_length`` is the
-    constant of ``seq-mean-token-sum-norm`` (Dr.GRPO's max response length). ``token_weights`` [N]
-    (float, no gradient) multiply each token's loss before the aggregation, e.g. truncated
-    importance-sampling weights of a rollout engine; ``per_token_loss`` is returned without them. ``inplace_grad``:
-    the gradient overwrites the logits on every backend (saves an N x V buffer, except on the reference,
-    which works on a copy; the logits are lost). ``backend``:
+    (and ``ref_logprobs``, ``seq_ids``) [N]. ``options`` are the fields of ``loss_inputs.LossOptions`` (each
+    documented there; the signature lists them): ``objective`` (``dler_kernels.objectives``) and its parameters
+    (``eps_low``, ``eps_high``, ``clip_c``, ... None: the objective's default), ``beta``, ``kl_type``,
+    ``entropy_coef``, ``temperature``, ``loss_agg``, ``normalizer`` (replaces the local denominator: token count
+    for ``token-mean``, sequence count for ``seq-mean-*``, with a global one, so that gradient accumulation and
+    data parallelism equal one big batch) and ``norm_length`` (the constant of ``seq-mean-token-sum-norm``,
+    Dr.GRPO's max response length). ``seq_ids`` is needed by the ``seq-mean-*`` aggregations and the
+    sequence-level objectives. ``token_weights`` [N] (float, no gradient) multiply each token's loss before the
+    aggregation, e.g. truncated importance-sampling weights of a rollout engine; ``per_token_loss`` is returned
+    without them. ``inplace_grad``: the gradient overwrites the logits on every backend (saves an N x V buffer,
+    except on the reference, which works on a copy; the logits are lost). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels.dispatch``).
+
+    PPO-clip runs in one fused pass over the logits. Every other objective runs in two
+    (``dler_kernels.objective_path``): the backend's log-prob kernel, the objective on the [N] log-probs, the
+    backend's gradient kernel.
 
     Input rules, the same on every backend (the reference included), each a ``ValueError`` naming the
     argument before any kernel runs:
@@ -108,20 +109,28 @@ def policy_loss(
       ``token_weights``). ``targets``: integers in [0, V) on valid rows. ``logits``: V >= 1 columns.
     * ``old_logprobs``, ``advantages``, ``token_weights`` (and ``ref_logprobs`` when ``beta != 0``)
       are finite on valid rows; masked rows may hold anything.
+    * An unknown option, or an objective parameter the objective does not read, names itself.
     * N = 0 tokens: empty per-token outputs, loss 0, an empty gradient.
     """
     n = _check_logits(logits)
-    options = LossOptions(eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type,
-                          entropy_coef=entropy_coef, temperature=temperature, loss_agg=loss_agg,
-                          normalizer=normalizer, norm_length=norm_length)  # fmt: skip
+    options = loss_options(options)
     data = check_token_data(
         n, logits.shape[1], logits.device, targets, old_logprobs, advantages, mask, options,
         ref_logprobs=ref_logprobs, seq_ids=seq_ids, token_weights=token_weights,
     )  # fmt: skip
     chosen = select_backend(logits, backend)
-    loss, per_token, logp, entropy, kl = chosen.policy_loss(logits, data, options, inplace_grad)
-    with torch.no_grad():
-        metrics = ref.policy_metrics_ref(
-            logp, old_logprobs, advantages, entropy, data.valid, eps_low, eps_high, clip_c, kl, per_token
-        )
+    if options.objective_spec.fused or chosen.name == "reference":
+        loss, per_token, logp, entropy, kl = chosen.policy_loss(logits, data, options, inplace_grad)
+    else:
+        loss, per_token, logp, entropy, kl = policy_loss_two_pass(chosen, logits, data, options, inplace_grad)
+    metrics = loss_metrics(logp, entropy, data, options, kl, per_token)
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
+
+
+def loss_metrics(logp, entropy, data, options, kl, per_token) -> dict[str, torch.Tensor]:
+    """``reference.policy_metrics_ref`` of a call, with the objective's clip bounds."""
+    with torch.no_grad():
+        return ref.policy_metrics_ref(
+            logp, data.old_logprobs, data.advantages, entropy, data.valid, options.eps_low, options.eps_high,
+            options.clip_c if options.objective_spec.fused else None, kl, per_token,
+        )  # fmt: skip

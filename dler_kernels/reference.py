@@ -12,10 +12,15 @@ Policy loss, per valid token (``mask`` true), with :math:`z = \text{logits} / T`
 
 .. math::
     \log p &= \log\operatorname{softmax}(z)[\text{target}] \\
+    \ell &= \ell_{pg} + \beta\,\mathrm{KL}(\log p, \log p_{ref}) - \eta\, H(\operatorname{softmax}(z))
+
+:math:`\ell_{pg}` is the objective's (``dler_kernels.objectives``, one file each), a function of the [N] vectors
+log p, log p_old, A, the mask and the sequence ids. The default, ``ppo_clip``:
+
+.. math::
     r &= \exp(\operatorname{clamp}(\log p - \log p_{old}, -20, 20)) \\
     \ell_{pg} &= \max(-A r,\; -A \operatorname{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})) \\
-    \ell_{pg} &\leftarrow \min(\ell_{pg}, -c A) \quad \text{if } A < 0 \text{ and dual clip } c \text{ is set} \\
-    \ell &= \ell_{pg} + \beta\,\mathrm{KL}(\log p, \log p_{ref}) - \eta\, H(\operatorname{softmax}(z))
+    \ell_{pg} &\leftarrow \min(\ell_{pg}, -c A) \quad \text{if } A < 0 \text{ and dual clip } c \text{ is set}
 
 KL estimators (``kl_type``): ``k1`` = logp - ref; ``k2``/``mse`` = 0.5 (logp - ref)^2;
 ``k3``/``low_var_kl`` = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), clamped to [-10, 10]
@@ -28,9 +33,10 @@ from __future__ import annotations
 
 import torch
 
+from . import objectives
+from .objectives import LOG_RATIO_CLAMP
 from .validate import check_mask, check_no_grad
 
-LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl", "k3_ratio")
@@ -188,32 +194,37 @@ def per_token_loss_from_logprobs(
     valid: torch.Tensor,
     *,
     ref_logprobs: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float | None = 10.0,
+    seq_ids: torch.Tensor | None = None,
+    objective: str = "ppo_clip",
     beta: float = 0.0,
     kl_type: str = "k3",
     entropy_coef: float = 0.0,
+    **params,
 ):
     """``(per_token, kl)`` from each token's log-prob and entropy ([N] vectors): the loss depends on
     the logits only through these two, which is what lets the fused kernels differentiate it row
-    by row (d loss / d logits = d loss / d logp * d logp / d logits + d loss / d H * d H / d logits)."""
+    by row (d loss / d logits = d loss / d logp * d logp / d logits + d loss / d H * d H / d logits).
+    ``objective`` and its ``params`` (eps_low, eps_high, clip_c, ...; None or absent: the objective's default):
+    ``dler_kernels.objectives``; a sequence-level objective needs ``seq_ids``."""
     dtype = logp.dtype
-    old = old_logprobs.to(dtype)
-    adv = advantages.to(dtype)
-    log_ratio = torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    pg = torch.maximum(pg_unclipped, pg_clipped)
-    if clip_c is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -clip_c * adv), pg)
-    per_token = pg
+    # Masked rows may hold anything (inf, nan): zeros keep them out of every value and gradient, sequence sums included.
+    old = torch.where(valid, old_logprobs.to(dtype), 0.0)
+    adv = torch.where(valid, advantages.to(dtype), 0.0)
+    spec = objectives.get_objective(objective)
+    seqs = None
+    if spec.sequence_level:
+        if seq_ids is None:
+            raise ValueError(
+                f"objective={objective!r} needs seq_ids (one sequence id per token): its loss is per sequence"
+            )
+        seqs = objectives.Sequences(seq_ids, valid, dtype)
+    per_token = spec.pg(logp, old, adv, valid, seqs, objectives.resolve(objective, params))
     kl = None
     if beta != 0.0:
         if ref_logprobs is None:
             raise ValueError("beta != 0 needs ref_logprobs")
-        kl = kl_penalty_ref(logp, ref_logprobs.to(dtype), kl_type, ratio)
+        ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        kl = kl_penalty_ref(logp, torch.where(valid, ref_logprobs.to(dtype), 0.0), kl_type, ratio)
         per_token = per_token + beta * kl
     if entropy_coef != 0.0:
         per_token = per_token - entropy_coef * entropy
@@ -230,9 +241,7 @@ def policy_loss_ref(
     *,
     ref_logprobs: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float | None = 10.0,
+    objective: str = "ppo_clip",
     beta: float = 0.0,
     kl_type: str = "k3",
     entropy_coef: float = 0.0,
@@ -241,8 +250,11 @@ def policy_loss_ref(
     normalizer: float | None = None,
     norm_length: float | None = None,
     token_weights: torch.Tensor | None = None,
+    **params,
 ):
     """The policy loss of module docstring. Returns ``(loss, per_token_loss, logprobs, entropy, metrics)``.
+    ``objective`` and its ``params`` (eps_low, eps_high, clip_c, ...; absent or None: the objective's default):
+    ``dler_kernels.objectives``.
 
     ``loss`` is differentiable w.r.t. ``logits``; the other outputs are detached. Masked rows
     contribute nothing, whatever their logits and targets hold; their log-prob and entropy are 0.
@@ -257,17 +269,18 @@ def policy_loss_ref(
                         ref_logprobs=ref_logprobs if beta != 0.0 else None).items():  # fmt: skip
         check_no_grad(name, t)
     valid = check_mask(mask)
+    params = objectives.resolve(objective, params)
     loss, per_token, logp, entropy, kl = policy_loss_terms_ref(
         logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
-        eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
-        temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
-        token_weights=token_weights,
+        objective=objective, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
+        loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, token_weights=token_weights, **params,
     )  # fmt: skip
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
     with torch.no_grad():
-        metrics = policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c, kl, per_token)
+        metrics = policy_metrics_ref(logp, old, adv, entropy, valid, params.get("eps_low"), params.get("eps_high"),
+                                     params.get("clip_c"), kl, per_token)  # fmt: skip
     return loss, per_token.detach(), logp.detach(), entropy.detach(), metrics
 
 
@@ -278,7 +291,9 @@ def policy_loss_terms_ref(
     """``policy_loss_ref`` on checked inputs (``valid`` bool), without the metrics: ``(loss, per_token, logp,
     entropy, kl)``, all differentiable w.r.t. ``logits``; ``kl`` is None when ``beta == 0``. ``options``:
     those of ``per_token_loss_ref``."""
-    per_token, logp, entropy, kl = per_token_loss_ref(logits, targets, old_logprobs, advantages, valid, **options)
+    per_token, logp, entropy, kl = per_token_loss_ref(
+        logits, targets, old_logprobs, advantages, valid, seq_ids=seq_ids, **options
+    )
     dtype = per_token.dtype
     weighted = per_token if token_weights is None else per_token * torch.where(valid, token_weights.to(dtype), 0.0)
     loss = aggregate_ref(weighted, valid, loss_agg, seq_ids=seq_ids, normalizer=normalizer, norm_length=norm_length)
@@ -294,9 +309,10 @@ def policy_metrics_ref(logp, old, adv, entropy, valid, eps_low, eps_high, clip_c
     n = valid.sum()
     nf = torch.clamp(n.to(dtype), min=1.0)
     ratio = torch.exp(torch.clamp(logp - old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    low = valid & (adv < 0) & (ratio < 1.0 - eps_low)
-    high = valid & (adv > 0) & (ratio > 1.0 + eps_high)
-    if clip_c is not None:
+    # An objective without clip bounds (SAPO) clips nothing: its fractions are 0.
+    low = valid & (adv < 0) & (ratio < 1.0 - eps_low) if eps_low is not None else torch.zeros_like(valid)
+    high = valid & (adv > 0) & (ratio > 1.0 + eps_high) if eps_high is not None else torch.zeros_like(valid)
+    if clip_c is not None and eps_low is not None and eps_high is not None:
         pg_clip = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high))
         dual = valid & (adv < 0) & (pg_clip > -clip_c * adv)
     else:

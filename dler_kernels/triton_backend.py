@@ -14,7 +14,7 @@ from .triton_policy_loss import launch_rows, slab_grad_, triton_token_logprobs
 
 def _kernel_options(options) -> dict:
     """The loss options as the row kernel's launch wrapper takes them."""
-    return dict(temperature=options.temperature, **options.per_token())
+    return dict(temperature=options.temperature, **options.fused_args())
 
 
 class TritonBackend(Backend, AdvantagesBackend):

@@ -1,0 +1,77 @@
+"""The objectives without a fused kernel, on every backend, in two passes over the logits.
+
+1. The backend's log-prob kernel gives each row's log-prob and entropy (and, from them, its log-sum-exp).
+2. The objective (``dler_kernels.objectives``: the same function the reference differentiates through the
+   logits) runs on those [N] vectors; autograd gives d(loss)/d(log-prob) and d(loss)/d(entropy) per row.
+3. The backend's slab kernel turns them into d(loss)/d(logits): [dlogp (onehot - p) - dent p (log p + H)] / T.
+
+Against the fused PPO-clip kernel this costs one more read of the logits (the logits path) or one more LM-head
+matmul (the fused-linear path, ``linear_policy_loss.objective_linear``), the price of a sequence-level objective,
+which needs every token's log-prob before any gradient. Memory is the fused kernel's: the gradient buffer (or the
+logits themselves with ``inplace_grad``) and O(N) vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from .loss_inputs import LossOptions, TokenData
+from .stored_grad import StoredGradLoss
+
+
+def objective_terms(logp, entropy, data: TokenData, options: LossOptions, weights, want_grad: bool):
+    """``(per_token, kl, dlogp, dent)`` of the objective on the rows' log-probs and entropies (float32/64 [N]):
+    d(sum(weights * per_token))/d(logp) and /d(entropy), None without ``want_grad``."""
+    with torch.enable_grad():
+        lp = logp.detach().requires_grad_(want_grad)
+        ent = entropy.detach().requires_grad_(want_grad)
+        per_token, kl = ref.per_token_loss_from_logprobs(
+            lp, ent, data.old_logprobs, data.advantages, data.valid, ref_logprobs=data.ref_logprobs,
+            seq_ids=data.seq_ids, **options.per_token(),
+        )  # fmt: skip
+        dlogp = dent = None
+        if want_grad:
+            loss = (per_token * weights.to(per_token.dtype)).sum()
+            dlogp, dent = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
+    return per_token.detach(), None if kl is None else kl.detach(), dlogp, dent
+
+
+def row_statistics(backend, z, targets, valid, temperature, dtype):
+    """(logp, entropy, lse) of the rows of ``z`` in ``dtype``, 0 on invalid rows, from the backend's log-prob kernel.
+    The log-sum-exp of z / T comes from the kernel's own log-prob, lse = z[target] / T - logp (exact up to one
+    rounding of |lse| in ``dtype``), so no kernel needs a third output."""
+    safe = torch.where(valid, targets, 0)
+    logp, entropy = backend.token_logprobs(z, torch.where(valid, targets, -1), temperature, True)
+    logp, entropy = logp.to(dtype), entropy.to(dtype)
+    z_target = z.gather(1, safe[:, None].long())[:, 0].to(dtype) * (1.0 / temperature)
+    lse = torch.where(valid, z_target - logp, 0.0)
+    return logp, entropy, lse
+
+
+def policy_loss_two_pass(backend, logits, data: TokenData, options: LossOptions, inplace_grad: bool):
+    """The logits path of an objective without a fused kernel: ``Backend.policy_loss``'s outputs."""
+    dtype = ref.accumulation_dtype(logits)
+    weights = data.aggregation_weights(options, dtype)
+    valid, temperature = data.valid, options.temperature
+    targets = torch.where(valid, data.targets, 0).contiguous()
+    want_grad = inplace_grad or (torch.is_grad_enabled() and logits.requires_grad)
+
+    def kernel(z, grad):
+        with torch.no_grad():
+            logp, entropy, lse = row_statistics(backend, z, targets, valid, temperature, dtype)
+        per_token, kl, dlogp, dent = objective_terms(logp, entropy, data, options, weights, grad is not None)
+        if grad is not None:
+            with torch.no_grad():
+                if grad is not z:
+                    grad.copy_(z)
+                backend.slab_grad_(grad, targets, valid, lse, entropy, dlogp.contiguous(), dent.contiguous(), 0,
+                                   temperature)  # fmt: skip
+        return per_token, logp, entropy, kl
+
+    if want_grad:
+        if not logits.is_contiguous():
+            raise ValueError("logits must be contiguous for objectives without a fused kernel; call .contiguous()")
+        return StoredGradLoss.apply(logits, weights, kernel, inplace_grad)
+    per_token, logp, entropy, kl = kernel(logits, None)
+    return (per_token * weights).sum(), per_token, logp, entropy, kl

@@ -1,0 +1,62 @@
+"""What an objective is: ``Objective`` (its per-token policy-gradient loss as a function of [N] vectors, the
+parameters it reads and their defaults) and ``Sequences`` (the per-sequence sums a sequence-level objective needs).
+
+The policy loss depends on the logits only through each token's log-prob (and, for the entropy bonus, its
+entropy), so an objective is a differentiable function of [N] vectors: the current log-probs ``logp`` (the only
+differentiated input), the old ones, the advantages, the mask and the sequence ids. The kernels need nothing else
+from it: d(loss)/d(logp) per row, which autograd gives from this one definition, turns into d(loss)/d(logits)
+in the backends' slab kernels. This module is a leaf of the package: it imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+LOG_RATIO_CLAMP = 20.0
+"""Log-ratios are clamped to +-20 before exp (e^20 ~ 5e8 keeps float32 finite; verl and TRL clamp alike)."""
+
+
+class Sequences:
+    """The sequences of the valid tokens (by ``seq_ids``): per-sequence sums and means broadcast back to tokens.
+    A masked token belongs to its sequence but adds nothing; a sequence without a valid token has count 0."""
+
+    def __init__(self, seq_ids: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
+        _, self.index = torch.unique(seq_ids, return_inverse=True)
+        self.n = int(self.index.max()) + 1 if self.index.numel() else 0
+        self.valid = valid
+        self.count = self.sum(valid.to(dtype))
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """[S] the sum of ``x`` over each sequence's valid tokens (differentiable)."""
+        x = torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x.new_zeros(self.n).index_add(0, self.index, x)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """[S] the mean of ``x`` over each sequence's valid tokens (0 for a sequence without one)."""
+        return self.sum(x) / torch.clamp(self.count, min=1.0)
+
+    def per_token(self, s: torch.Tensor) -> torch.Tensor:
+        """[N] each token's sequence value of the [S] vector ``s``."""
+        return s[self.index]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One policy objective: ``pg(logp, old, adv, valid, seqs, p)`` -> the per-token policy-gradient loss [N]
+    (differentiable in ``logp``; masked rows are zeroed by the caller). ``p`` maps each parameter the objective
+    reads to its value; ``seqs`` is a :class:`Sequences` for a sequence-level objective, None for a token-local one.
+    The loss of a batch is the aggregation (``loss_agg``) of these per-token values, plus the KL and entropy terms,
+    which are the same for every objective."""
+
+    name: str
+    pg: Callable[..., torch.Tensor]
+    defaults: Mapping[str, object] = field(default_factory=dict)
+    """The parameters it reads, with their defaults (the paper's, or the library named in its docstring)."""
+    sequence_level: bool = False
+    """Whether a token's loss depends on other tokens of its sequence (it then needs ``seq_ids``)."""
+    fused: bool = False
+    """Whether the backends have a one-pass fused kernel for it (else: log-probs, then the slab gradient)."""
+    paper: str = ""
