@@ -7,7 +7,9 @@ loss as if it came from pi_old: on-policy RL silently turns off-policy. Each mod
 per-token ratio ``rho_t = pi_old(trainer)(y_t) / pi_sampler(y_t)`` (both detached: data, not graph) and
 returns what the fused loss takes, ``token_weights`` [N] and a ``mask`` [N]; the PPO ratio
 pi_theta / pi_old and its clip are untouched. Log-ratios are clamped to +-20 before ``exp`` (the loss
-kernels' ``LOG_RATIO_CLAMP``, verl's safety bound), so no weight overflows.
+kernels' ``LOG_RATIO_CLAMP``, verl's ``SAFETY_BOUND``), so no weight overflows, where verl 0.9.1 clamps: each
+token's for the token modes and for ``seq_mis`` (verl's ``seq_mean_k1`` clamps the tokens', then averages),
+and the response's sum for ``seq_tis`` (verl's ``rollout_is: sequence`` sums the raw ones, then clamps).
 
 Modes (defaults from the papers, in brackets):
 
@@ -121,17 +123,20 @@ def correction(
     """The weights and mask of ``config.mode`` for the per-token ``log_ratio`` [N] = log pi_old(trainer) -
     log pi_sampler of ``sequences`` responses whose tokens ``seq_ids`` [N] name (vectorised, no loop)."""
     mode, (low, high) = config.mode, config.bounds
-    lr = log_ratio.detach().double().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    raw = log_ratio.detach().double()
+    lr = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     keep = torch.ones_like(lr, dtype=torch.bool)
     if mode == "none":
         return Correction(None, keep)
     if mode in ("token_tis", "token_mis", "icepop"):
         ratio = lr.exp()
-    else:
+    elif mode == "seq_mis":  # the geometric mean of the response's ratios, of the clamped tokens' as verl's
         counts = sequence_sums(torch.ones_like(lr), seq_ids, sequences)
-        per_seq = sequence_sums(lr, seq_ids, sequences)
-        if mode == "seq_mis":  # the geometric mean of the response's ratios
-            per_seq = per_seq / counts.clamp(min=1.0)
+        ratio = (sequence_sums(lr, seq_ids, sequences) / counts.clamp(min=1.0)).exp()[seq_ids]
+    else:
+        # the product of the raw ratios, clamped once: clamping each token first would let a +25 and a -24
+        # cancel to weight 1 where the product is e
+        per_seq = sequence_sums(raw, seq_ids, sequences)
         ratio = per_seq.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()[seq_ids]
     if mode in TRUNCATING_MODES:
         return Correction(ratio.clamp(max=high).float(), keep)

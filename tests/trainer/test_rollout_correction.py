@@ -74,6 +74,18 @@ def test_ratios_beyond_the_log_clamp_give_finite_weights():
     assert got.weights.tolist() == pytest.approx([math.exp(20.0)] * 2)  # the product clamped at exp(20)
 
 
+def test_the_sequence_modes_clamp_where_verl_does():
+    """Token log-ratios +25 and -24, each beyond the +-20 clamp, sum 1. seq_tis clamps the response's sum
+    (verl's rollout_is: sequence): the product e, min(e, C); clamping each token first gave 20 - 20 = 0,
+    weight 1. seq_mis clamps each token's before the mean (verl's seq_mean_k1): 0, kept by the default band."""
+    log_ratio, seq = torch.tensor([25.0, -24.0]), torch.tensor([0, 0])
+    capped = correction(RolloutCorrectionConfig("seq_tis"), log_ratio, seq, 1)
+    assert capped.weights.tolist() == pytest.approx([2.0, 2.0])
+    uncapped = correction(RolloutCorrectionConfig("seq_tis", high=10.0), log_ratio, seq, 1)
+    assert uncapped.weights.tolist() == pytest.approx([math.e] * 2, rel=1e-6)  # float32 weights
+    assert correction(RolloutCorrectionConfig("seq_mis"), log_ratio, seq, 1).mask.tolist() == [T, T]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
