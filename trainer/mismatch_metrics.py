@@ -15,8 +15,8 @@ log pi_sampler`` per token, the log of the correction's ratio ``rho``):
 * ``mismatch_seq_log_ratio_min``, ``mismatch_seq_log_ratio_max``: the extremes over responses of
   ``sum_t d`` (the log of the response's whole-sequence ratio);
 * under a correction only: ``mismatch_masked_frac``, the fraction of response tokens the correction
-  masked, and ``mismatch_weight_mean``, the mean loss weight of the tokens it kept (1 where the mode only
-  masks).
+  left out (masked, or weighted 0 as ``icepop`` does), and ``mismatch_weight_mean``, the mean loss weight
+  of the tokens it kept (1 where the mode only masks).
 
 A response without the engine's log-probs (an engine that returned none) is left out; when no response
 has them, or when the trainer's old log-probs were not computed (``algorithm.old_logprobs: sampler``,
@@ -84,6 +84,7 @@ class MismatchSums:
                 keep = r.loss_mask if r.loss_mask is not None else torch.ones(n, dtype=torch.bool)
                 ones = torch.ones(n, dtype=torch.float64)
                 weights = r.token_weights.double() if r.token_weights is not None else ones
+                keep = keep & (weights != 0)  # icepop leaves a token out by weight 0, not by the mask
                 sums.masked += int((~keep).sum())
                 sums.kept_weight_sum += float(weights[keep].sum())
         return sums
