@@ -268,10 +268,11 @@ def _verl_loss(weights, new_mask, logits, targets, old, adv, loss_agg):
 def rollout_correction_cases():
     """trainer.rollout_correction against verl.trainer.ppo.rollout_corr_helper on the same log-probs: each mode's
     weights and mask on a batch with wide ratios, the corrected loss of icepop under each aggregation, and the
-    sequence modes on one response whose token log-ratios (+25, -24) each pass the +-20 clamp."""
+    sequence modes on one response whose token log-ratios (+25, -24) each pass the +-20 clamp; and the
+    perplexity figures of trainer.mismatch_metrics against verl's compute_offpolicy_metrics on that batch."""
     from dler_kernels.reference import LOSS_AGGS
 
-    out = {"modes": {}, "icepop_loss": {}, "example_loss": {}, "sequence_clamp": {}}
+    out = {"modes": {}, "icepop_loss": {}, "example_loss": {}, "sequence_clamp": {}, "perplexity": {}}
     g = torch.Generator().manual_seed(21)
     b, t = 6, 7
     mask = torch.ones(b, t, dtype=torch.float64)
@@ -292,6 +293,20 @@ def rollout_correction_cases():
             masks_equal=bool(torch.equal(dler_keep[valid], verl_mask.bool()[valid])),
             masked=int((~verl_mask.bool() & valid).sum()), zero_weights=int(((verl_w == 0) & valid).sum()),
         )  # fmt: skip
+
+    # the perplexity figures: per response (every one non-empty: verl counts an empty one as ratio 1), then averaged
+    from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
+
+    from trainer.mismatch_metrics import MismatchSums
+    from trainer.packing import UpdateRow
+
+    lengths = mask.sum(-1).long().tolist()
+    rows = [UpdateRow([1], list(range(n)), 0.0, old_logprobs=old[i, :n], sampler_logprobs=sampler[i, :n])
+            for i, n in enumerate(lengths)]  # fmt: skip
+    ours = MismatchSums.of(rows, corrected=False).as_record()
+    verls = compute_offpolicy_metrics(old, sampler, mask)
+    for key in ("ppl_ratio", "log_ppl_diff"):
+        out["perplexity"][key] = dict(verl=verls[key], dler=ours[f"mismatch_{key}"])
 
     # icepop's loss: random logits whose PPO ratios sit near 1, the batch's wide pi_old / pi_sampler above
     v = 11

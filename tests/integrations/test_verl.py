@@ -178,6 +178,14 @@ def test_icepops_loss_is_verls_decoupled_token_icepop_under_every_aggregation(co
     assert c["dler"] == pytest.approx(c["verl"], rel=1e-5), c
 
 
+@pytest.mark.parametrize("key", ["ppl_ratio", "log_ppl_diff"])
+def test_the_perplexity_mismatch_metrics_are_verls(correction, key):
+    """mismatch_ppl_ratio / mismatch_log_ppl_diff against verl's compute_offpolicy_metrics on one float64 batch of
+    responses of 2 to 7 tokens; verl's masked mean adds 1e-8 to each response's token count (relative 1e-8)."""
+    c = correction["perplexity"][key]
+    assert c["dler"] == pytest.approx(c["verl"], rel=1e-7), c
+
+
 def test_package_imports_without_verl():
     """dler_kernels.integrations itself needs neither verl nor trl (the main venv has no verl)."""
     code = "import dler_kernels.integrations, sys; print('verl' in sys.modules)"

@@ -272,6 +272,18 @@ def test_mismatch_metrics_of_a_hand_made_batch():
     assert "mismatch_masked_frac" not in got and "mismatch_weight_mean" not in got
 
 
+def test_the_perplexity_ratio_is_taken_per_response_then_averaged_over_responses_and_ranks():
+    # d = old - sampler per token: [0.5, -1.0] (mean -0.25) and [0.0, 2.0, -0.25] (mean 7/12); the log of the
+    # trainer's perplexity over the sampler's is -mean d per response: 0.25 and -7/12
+    a, b = _row([-1.0, -2.0], [-1.5, -1.0]), _row([-0.5, -1.0, -3.0], [-0.5, -3.0, -2.75])
+    empty = _row([], [])  # no tokens, no perplexity: left out of the average, not counted as ratio 1
+    got = mismatch_record([MismatchSums.of([a, empty], corrected=False), MismatchSums.of([b], corrected=False)])
+    assert got["mismatch_log_ppl_diff"] == pytest.approx((0.25 - 7 / 12) / 2, rel=1e-12)
+    assert got["mismatch_ppl_ratio"] == pytest.approx((math.exp(0.25) + math.exp(-7 / 12)) / 2, rel=1e-12)
+    assert got == pytest.approx(MismatchSums.of([a, b, empty], corrected=False).as_record())
+    assert "mismatch_ppl_ratio" not in MismatchSums.of([empty], corrected=False).as_record()
+
+
 def test_correction_metrics_and_the_merge_over_ranks():
     a = _row([0.0, 0.0], [0.0, 0.0], token_weights=torch.tensor([2.0, 0.5]), loss_mask=torch.tensor([T, F]))
     b = _row([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], loss_mask=torch.tensor([T, T, F]))  # a masking mode: weight 1
