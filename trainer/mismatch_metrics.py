@@ -14,9 +14,13 @@ log pi_sampler`` per token, the log of the correction's ratio ``rho``):
 * ``mismatch_ratio_outside``: the fraction of tokens whose ratio leaves [0.5, 2];
 * ``mismatch_seq_log_ratio_min``, ``mismatch_seq_log_ratio_max``: the extremes over responses of
   ``sum_t d`` (the log of the response's whole-sequence ratio);
+* ``mismatch_log_ppl_diff``, ``mismatch_ppl_ratio``: per response, the log of the trainer's perplexity over
+  the sampler's, ``-mean_t d``, and that ratio, ``exp(-mean_t d)`` (1 / the geometric mean of its ratios
+  ``rho``), each averaged over the non-empty responses: verl's ``log_ppl_diff`` and ``ppl_ratio`` (> 0 and
+  > 1 where the trainer finds the responses less likely than the sampler did);
 * under a correction only: ``mismatch_masked_frac``, the fraction of response tokens the correction
-  masked, and ``mismatch_weight_mean``, the mean loss weight of the tokens it kept (1 where the mode only
-  masks).
+  left out (masked, or weighted 0 as ``icepop`` does), and ``mismatch_weight_mean``, the mean loss weight
+  of the tokens it kept (1 where the mode only masks).
 
 A response without the engine's log-probs (an engine that returned none) is left out; when no response
 has them, or when the trainer's old log-probs were not computed (``algorithm.old_logprobs: sampler``,
@@ -53,6 +57,9 @@ class MismatchSums:
     outside: int = 0
     seq_min: float = math.inf
     seq_max: float = -math.inf
+    ppl_sequences: int = 0  # the non-empty responses, over which the two perplexity figures are averaged
+    log_ppl_diff_sum: float = 0.0
+    ppl_ratio_sum: float = 0.0
     corrected: bool = False
     masked: int = 0
     kept_weight_sum: float = 0.0
@@ -78,12 +85,18 @@ class MismatchSums:
             sums.k1_sum, sums.k3_sum = float(-d.sum()), float((ratio - 1.0 - clamped).sum())
             sums.outside = int(((ratio < RATIO_BAND[0]) | (ratio > RATIO_BAND[1])).sum())
         sums.seq_min, sums.seq_max = float(per_seq.min()), float(per_seq.max())
+        # a response without tokens has no perplexity (verl's masked mean would count it as ratio 1)
+        non_empty = lengths > 0
+        log_ppl_diff = -per_seq[non_empty] / lengths[non_empty]
+        sums.ppl_sequences = int(non_empty.sum())
+        sums.log_ppl_diff_sum, sums.ppl_ratio_sum = float(log_ppl_diff.sum()), float(log_ppl_diff.exp().sum())
         if corrected:
             for r in rows:
                 n = len(r.response_ids)
                 keep = r.loss_mask if r.loss_mask is not None else torch.ones(n, dtype=torch.bool)
                 ones = torch.ones(n, dtype=torch.float64)
                 weights = r.token_weights.double() if r.token_weights is not None else ones
+                keep = keep & (weights != 0)  # icepop leaves a token out by weight 0, not by the mask
                 sums.masked += int((~keep).sum())
                 sums.kept_weight_sum += float(weights[keep].sum())
         return sums
@@ -101,6 +114,9 @@ class MismatchSums:
             out.k3_sum += p.k3_sum
             out.outside += p.outside
             out.seq_min, out.seq_max = min(out.seq_min, p.seq_min), max(out.seq_max, p.seq_max)
+            out.ppl_sequences += p.ppl_sequences
+            out.log_ppl_diff_sum += p.log_ppl_diff_sum
+            out.ppl_ratio_sum += p.ppl_ratio_sum
             out.masked += p.masked
             out.kept_weight_sum += p.kept_weight_sum
         return out
@@ -119,6 +135,9 @@ class MismatchSums:
             "mismatch_seq_log_ratio_min": self.seq_min,
             "mismatch_seq_log_ratio_max": self.seq_max,
         }
+        if self.ppl_sequences:
+            record["mismatch_log_ppl_diff"] = self.log_ppl_diff_sum / self.ppl_sequences
+            record["mismatch_ppl_ratio"] = self.ppl_ratio_sum / self.ppl_sequences
         if self.corrected:
             kept = self.tokens - self.masked
             record["mismatch_masked_frac"] = self.masked / tokens

@@ -86,7 +86,7 @@ def accumulate_gradients(
     ``lm_head_fp32``: the LM head's matmul in float32 (both paths). Returns the mini-batch's loss and
     metrics (token-weighted means over ranks). Rows with a rollout correction (``UpdateRow.token_weights``
     / ``loss_mask``) pass it to the kernel as ``token_weights`` and ``mask``; the normaliser stays the count
-    without it (a masked token leaves the numerator only, see ``trainer.rollout_correction``)."""
+    without it (a masked or weight-0 token leaves the numerator only, see ``trainer.rollout_correction``)."""
     beta, loss_agg = loss.get("beta", 0.0), loss.get("loss_agg", "token-mean")
     device = device or _device_of(model)
     if any(r.old_logprobs is None for r in rows):

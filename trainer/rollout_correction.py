@@ -7,7 +7,9 @@ loss as if it came from pi_old: on-policy RL silently turns off-policy. Each mod
 per-token ratio ``rho_t = pi_old(trainer)(y_t) / pi_sampler(y_t)`` (both detached: data, not graph) and
 returns what the fused loss takes, ``token_weights`` [N] and a ``mask`` [N]; the PPO ratio
 pi_theta / pi_old and its clip are untouched. Log-ratios are clamped to +-20 before ``exp`` (the loss
-kernels' ``LOG_RATIO_CLAMP``, verl's safety bound), so no weight overflows.
+kernels' ``LOG_RATIO_CLAMP``, verl's ``SAFETY_BOUND``), so no weight overflows, where verl 0.9.1 clamps: each
+token's for the token modes and for ``seq_mis`` (verl's ``seq_mean_k1`` clamps the tokens', then averages),
+and the response's sum for ``seq_tis`` (verl's ``rollout_is: sequence`` sums the raw ones, then clamps).
 
 Modes (defaults from the papers, in brackets):
 
@@ -17,22 +19,29 @@ Modes (defaults from the papers, in brackets):
 * ``seq_tis``: sequence-level truncated IS, every token of response i weighted ``min(prod_t rho_t, C)``,
   the product of its ratios as verl's ``rollout_is: sequence`` [C = 2, verl's ``rollout_is_threshold``].
 * ``token_mis``: token-level masked IS (rejection), tokens with ``rho_t`` outside [lo, hi] masked, the rest
-  weight 1 [0.5, 2: verl's ``rollout_rs: token`` with its default threshold 2 and reciprocal lower bound].
+  weight 1 [0.5, 2: verl's ``rollout_rs: token_k1`` with threshold 2 and its reciprocal lower bound].
 * ``seq_mis``: sequence-level masked IS, a whole response masked when the geometric mean of its ratios,
-  ``exp(mean_t log rho_t)``, leaves [lo, hi] [0.999, 1.001: verl's ``rollout_rs: geometric`` preset
-  ``decoupled_geo_rs``; Liu, Li et al. 2025, "When Speed Kills Stability"].
-* ``icepop``: IcePop's two-sided token mask, weight ``rho_t`` inside [alpha, beta] and masked outside,
-  ``M(k) = k`` on the band, 0 off it [alpha 0.5, beta 5: Ling Team 2025, Ring-1T "Every Step Evolves"].
+  ``exp(mean_t log rho_t)``, leaves [lo, hi] [0.999, 1.001: verl's ``rollout_rs: seq_mean_k1`` preset
+  ``decoupled_geo_rs``; Liu, Li et al. 2025, "When Speed Kills Stability"]. verl bounds the reciprocal,
+  ``exp(-mean_t log rho_t)``, by the same numbers: the same band where lo = 1 / hi, 1e-6 apart at the defaults.
+* ``icepop``: IcePop's two-sided token band, weight ``rho_t`` inside [alpha, beta] and weight 0 outside,
+  ``M(k) = k`` on the band, 0 off it [alpha 0.5, beta 5: Ling Team 2025, Ring-1T "Every Step Evolves";
+  verl's ``decoupled_token_icepop``]. Its out-of-band tokens are weighted 0, not masked (below).
 
-A masked token leaves the loss's numerator only: the loss normaliser stays what it is without a
-correction (every response token of the mini-batch for ``token-mean``, every non-empty response for the
-``seq-mean-*`` aggregations), as in IcePop's objective, ``1/sum_i |y_i|`` over all tokens. Under
-``token-mean``, ``seq-mean-token-sum`` and ``seq-mean-token-sum-norm`` a step that masks much therefore
-takes a smaller step, not a larger one on the few tokens it kept. The exception is ``seq-mean-token-mean``:
-the kernel's mask also sets each response's inner mean, so a response is averaged over its kept tokens
-(verl's behaviour for that aggregation too) and a response with k of |y| tokens masked weighs each kept
-one |y| / (|y| - k) times more. The weights multiply each token's whole loss term, KL to the reference and
-entropy bonus included (both off by default); IcePop and verl weigh the policy-gradient term only.
+A masked token (or IcePop's weight-0 one) leaves the loss's numerator only: the loss normaliser stays
+what it is without a correction (every response token of the mini-batch for ``token-mean``, every non-empty
+response for the ``seq-mean-*`` aggregations), as in IcePop's objective, ``1/sum_i |y_i|`` over all tokens.
+Under ``token-mean``, ``seq-mean-token-sum`` and ``seq-mean-token-sum-norm`` a step that masks much therefore
+takes a smaller step, not a larger one on the few tokens it kept. Under ``seq-mean-token-mean`` the kernel's
+mask also sets each response's inner mean, so the two ways of leaving a token out differ there: the
+rejection modes (``token_mis``, ``seq_mis``) mask, and a response with k of |y| tokens masked is averaged
+over its |y| - k kept ones, each weighing |y| / (|y| - k) times more (verl's rejection modes, which take
+the rejected tokens out of the response mask, do the same); ``icepop`` weights by 0 and leaves the mask
+alone, so each response's mean stays over all its |y| tokens, as IcePop's objective and verl's
+``decoupled_token_icepop`` have it. IcePop's weight-0 tokens stay in the loss metrics' counts too (clip
+fractions, entropy; verl's metrics also count every response token). The weights multiply each token's
+whole loss term, KL to the reference and entropy bonus included (both off by default); IcePop and verl
+weigh the policy-gradient term only.
 """
 
 from __future__ import annotations
@@ -106,8 +115,8 @@ class RolloutCorrectionConfig:
 class Correction:
     """What one mode makes of a batch's ratios: the loss's token weights (None: all 1) and mask."""
 
-    weights: torch.Tensor | None  # [N] float32
-    mask: torch.Tensor  # [N] bool, False = masked
+    weights: torch.Tensor | None  # [N] float32; 0 where icepop leaves a token out
+    mask: torch.Tensor  # [N] bool, False = masked (out of the counts of seq-mean-token-mean too)
 
 
 def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, sequences: int) -> torch.Tensor:
@@ -121,22 +130,29 @@ def correction(
     """The weights and mask of ``config.mode`` for the per-token ``log_ratio`` [N] = log pi_old(trainer) -
     log pi_sampler of ``sequences`` responses whose tokens ``seq_ids`` [N] name (vectorised, no loop)."""
     mode, (low, high) = config.mode, config.bounds
-    lr = log_ratio.detach().double().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    raw = log_ratio.detach().double()
+    lr = raw.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     keep = torch.ones_like(lr, dtype=torch.bool)
     if mode == "none":
         return Correction(None, keep)
     if mode in ("token_tis", "token_mis", "icepop"):
         ratio = lr.exp()
-    else:
+    elif mode == "seq_mis":  # the geometric mean of the response's ratios, of the clamped tokens' as verl's
         counts = sequence_sums(torch.ones_like(lr), seq_ids, sequences)
-        per_seq = sequence_sums(lr, seq_ids, sequences)
-        if mode == "seq_mis":  # the geometric mean of the response's ratios
-            per_seq = per_seq / counts.clamp(min=1.0)
+        ratio = (sequence_sums(lr, seq_ids, sequences) / counts.clamp(min=1.0)).exp()[seq_ids]
+    else:
+        # the product of the raw ratios, clamped once: clamping each token first would let a +25 and a -24
+        # cancel to weight 1 where the product is e
+        per_seq = sequence_sums(raw, seq_ids, sequences)
         ratio = per_seq.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()[seq_ids]
     if mode in TRUNCATING_MODES:
         return Correction(ratio.clamp(max=high).float(), keep)
     keep = (ratio >= low) & (ratio <= high)
-    return Correction(ratio.float() if mode == "icepop" else None, keep)
+    if mode == "icepop":
+        # weight 0, not the mask: a masked token would also leave its response's token count, which sets
+        # the inner mean of seq-mean-token-mean, and IcePop divides by the whole |y_i|
+        return Correction(torch.where(keep, ratio, 0.0).float(), torch.ones_like(keep))
+    return Correction(None, keep)
 
 
 def correct_rows(

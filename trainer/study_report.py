@@ -9,13 +9,21 @@ at the same penalty and seed. A pair shares its "before" evaluation (the same wa
 sampling seed), so the pair's difference of accuracy changes is the difference of the "after" accuracies,
 free of the spread between seeds' "before" evaluations; pooled over every penalty it says how often the
 recipe was ahead, with the two-sided sign test's p-value (exact binomial, ties dropped).
+
+That pooled sign test counts every (penalty, seed) pair as independent, which they are not: the pairs of one
+seed share its warm start, its evaluation questions and its sampling seed, so they tend to lean the same way
+and the pooled p-value can be too small. Two tests of the pooled difference take the seed as the unit
+(:func:`seed_tests`): the exact sign test over the seeds' mean differences, and the exact permutation test
+blocked by seed, which flips the signs of one seed's differences together.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
+import random
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,6 +33,13 @@ from .fsutil import atomic_file, save_figure
 
 STUDY_MD, STUDY_JSON, PARETO_PNG = "study.md", "study.json", "pareto.png"
 BASELINE = "grpo"  # the recipe the others are paired with
+# The blocked permutation test enumerates all 2^S sign assignments up to this many seeds (65536 of them, well
+# under a second); with more it draws PERMUTATION_DRAWS of them with a fixed seed (a Monte Carlo p-value).
+EXACT_PERMUTATION_SEEDS = 16
+PERMUTATION_DRAWS = 2**16
+# Sums of accuracy differences (fractions of the evaluation questions) that differ by less than this are the
+# same sum computed in another order: float rounding (~1e-16), far below one question's share of any evaluation.
+SUM_TIE = 1e-9
 
 
 def _spread(values: Sequence[float]) -> dict[str, float | None]:
@@ -73,6 +88,41 @@ def sign_test(ahead: int, behind: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def blocked_permutation_test(seed_sums: Sequence[float]) -> tuple[float, bool]:
+    """Two-sided permutation test of a paired difference blocked by seed: each seed's pairs flip their signs
+    together, so ``seed_sums`` (each seed's sum of paired differences) flip whole. Returns ``(p, exact)``: p is
+    the fraction of the 2^S sign assignments whose |total| is at least the observed |total| (both the observed
+    assignment and its negation count, so p >= 2 / 2^S), enumerated exactly up to
+    ``EXACT_PERMUTATION_SEEDS`` seeds; beyond, ``(1 + hits) / (1 + draws)`` over random assignments."""
+    observed = abs(sum(seed_sums)) - SUM_TIE
+    if len(seed_sums) <= EXACT_PERMUTATION_SEEDS:
+        signs = itertools.product((1, -1), repeat=len(seed_sums))
+        hits = sum(abs(sum(g * x for g, x in zip(flip, seed_sums))) >= observed for flip in signs)
+        return hits / 2 ** len(seed_sums), True
+    rng = random.Random(0)
+    hits = sum(abs(sum(rng.choice((1, -1)) * x for x in seed_sums)) >= observed for _ in range(PERMUTATION_DRAWS))
+    return (1 + hits) / (1 + PERMUTATION_DRAWS), False
+
+
+def seed_tests(differences: Sequence[tuple[Any, float]]) -> dict[str, Any]:
+    """The pooled accuracy differences, ``(seed, difference)`` per pair, tested with the seed as the unit: each
+    seed's mean difference over its pairs, the exact sign test over those means (ties dropped), and the blocked
+    permutation test of the mean over every pair (:func:`blocked_permutation_test`)."""
+    by_seed: dict[Any, list[float]] = {}
+    for seed, d in differences:
+        by_seed.setdefault(seed, []).append(d)
+    per_seed = [{"seed": s, "pairs": len(v), "accuracy_difference": statistics.fmean(v)} for s, v in by_seed.items()]
+    # a seed whose differences cancel is a tie, not ahead or behind by a rounding error
+    ahead = sum(x["accuracy_difference"] > SUM_TIE for x in per_seed)
+    behind = sum(x["accuracy_difference"] < -SUM_TIE for x in per_seed)
+    p, exact = blocked_permutation_test([math.fsum(v) for v in by_seed.values()])
+    return {
+        "seeds": len(by_seed), "per_seed": per_seed,
+        "seeds_ahead": ahead, "seeds_behind": behind, "seed_sign_test_p": sign_test(ahead, behind),
+        "permutation_p": p, "permutation_exact": exact,
+    }  # fmt: skip
+
+
 def _accuracy_change(summary: Mapping[str, Any]) -> float:
     return summary["after"]["accuracy"] - summary["before"]["accuracy"]
 
@@ -88,11 +138,12 @@ def _pair_stats(acc: Sequence[float], length: Sequence[float]) -> dict[str, Any]
 def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict[str, Any]]:
     """Each recipe other than GRPO minus GRPO, per penalty and pooled over the penalties (penalty ``None``),
     pairing runs by their ``"seed"``: the accuracy change's difference (= the "after" accuracies' difference)
-    and the "after" mean lengths' difference. Runs without a GRPO run at the same penalty and seed give no pair."""
+    and the "after" mean lengths' difference. Runs without a GRPO run at the same penalty and seed give no pair.
+    A pooled row also has ``by_seed``, the tests that take the seed as the unit (:func:`seed_tests`)."""
     baseline = {(p, s["seed"]): s for (r, p), cell in summaries.items() if r == BASELINE for s in cell if "seed" in s}
     out = []
     for recipe in dict.fromkeys(r for r, _ in summaries if r != BASELINE):
-        pooled_acc, pooled_len = [], []
+        pooled_acc, pooled_len, pooled_seeds = [], [], []
         for (r, penalty), cell in summaries.items():
             pairs = [(s, baseline[penalty, s["seed"]]) for s in cell if (penalty, s.get("seed")) in baseline]
             if r != recipe or not pairs:
@@ -102,8 +153,10 @@ def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[di
             out.append({"recipe": recipe, "penalty": penalty, **_pair_stats(acc, length)})
             pooled_acc += acc
             pooled_len += length
+            pooled_seeds += [m["seed"] for m, _ in pairs]
         if len({row["penalty"] for row in out if row["recipe"] == recipe}) > 1:
-            out.append({"recipe": recipe, "penalty": None, **_pair_stats(pooled_acc, pooled_len)})
+            by_seed = seed_tests(list(zip(pooled_seeds, pooled_acc)))
+            out.append({"recipe": recipe, "penalty": None, **_pair_stats(pooled_acc, pooled_len), "by_seed": by_seed})
     return out
 
 
@@ -154,6 +207,40 @@ def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any
                 f"| {r['recipe']} | {penalty} | {r['pairs']} | {_pm(r['accuracy_difference'], 100, 1)} | "
                 f"{_pm(r['length_after_difference'], 1, 1)} | {r['ahead']} / {r['behind']} | {r['sign_test_p']:.2f} |"
             )
+    pooled = [r for r in pairs if "by_seed" in r]
+    if pooled:
+        lines += [
+            "",
+            "### Pooled over the penalties, by seed",
+            "",
+            "The pairs of one seed share its warm start and its evaluation (questions and sampling seed), so the "
+            "pooled rows' pairs are not independent. Per seed, the recipe's mean accuracy difference (pt) over its "
+            "pairs; how many seeds it was ahead / behind in, with two tests that take the seed as the unit.",
+            "",
+            "| recipe | seeds | per-seed accuracy difference (pt) | seeds ahead / behind | sign test over seeds p "
+            "| seed-blocked permutation p |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in pooled:
+            t = r["by_seed"]
+            per_seed = ", ".join(f"{x['accuracy_difference'] * 100:+.1f} (seed {x['seed']})" for x in t["per_seed"])
+            exact = "" if t["permutation_exact"] else f" ({PERMUTATION_DRAWS} random sign assignments)"
+            lines.append(
+                f"| {r['recipe']} | {t['seeds']} | {per_seed} | {t['seeds_ahead']} / {t['seeds_behind']} | "
+                f"{t['seed_sign_test_p']:.2f} | {t['permutation_p']:.2f}{exact} |"
+            )
+        lines += [
+            "",
+            "What each p-value assumes when the recipes are equal:",
+            "",
+            "- pooled sign test (the table above): every (penalty, seed) pair independent, each equally likely ahead "
+            "or behind; the pairs of one seed are not independent, so its p-value can be too small.",
+            "- sign test over seeds: the seeds independent, each seed's mean difference equally likely positive or "
+            "negative; it uses the signs only.",
+            "- seed-blocked permutation test (of the pooled mean difference): the seeds independent, each seed's "
+            "differences as likely as all of them negated together; it uses their sizes, enumerates all 2^S sign "
+            "assignments of S seeds (exact), and cannot go below 2 / 2^S (0.25 with 3 seeds).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,8 @@ MISMATCH_KEYS = {
     "mismatch_ratio_outside",
     "mismatch_seq_log_ratio_min",
     "mismatch_seq_log_ratio_max",
+    "mismatch_log_ppl_diff",
+    "mismatch_ppl_ratio",
 }
 CORRECTION_KEYS = {"mismatch_masked_frac", "mismatch_weight_mean"}
 MODES = ("token_tis", "seq_tis", "token_mis", "seq_mis", "icepop")

@@ -1,7 +1,9 @@
-"""Runs in the verl venv (`make verl-env`): compares dler_kernels.integrations.verl with verl's own
-functions and prints one JSON object of measured differences; tests/integrations/test_verl.py asserts on it.
+"""Runs in the verl venv (`make verl-env`): compares dler_kernels.integrations.verl, and dler train's rollout
+correction, with verl's own functions and prints one JSON object of measured differences;
+tests/integrations/test_verl.py asserts on it.
 
-    .venv-verl/bin/python tests/helpers/verl_checks.py
+    .venv-verl/bin/python tests/helpers/verl_checks.py                      # the integration's checks
+    .venv-verl/bin/python tests/helpers/verl_checks.py rollout_correction   # one section of SECTIONS only
 """
 
 from __future__ import annotations
@@ -189,9 +191,178 @@ def fused_backend_cases():
     return out, vlm_error
 
 
+# ------------------------------------------------------------------ dler train's rollout correction
+
+# Each trainer mode and the verl 0.9.1 RolloutCorrectionConfig that does the same, with verl's defaults. seq_mis is
+# compared on a band [b, 1/b]: verl's seq_mean_k1 bounds the k1 statistic -mean_t log rho, i.e. 1 / (geometric
+# mean), where the trainer bounds the geometric mean; on a band symmetric under 1/x the two keep the same responses.
+CORRECTION_MODES = {
+    "token_tis": ({}, "decoupled_token_is", {}),
+    "seq_tis": ({}, "decoupled_seq_is", {}),
+    "token_mis": ({}, None, dict(rollout_is=None, rollout_rs="token_k1", rollout_rs_threshold=2.0)),
+    "seq_mis": (dict(low=0.5, high=2.0), "decoupled_geo_rs", dict(rs_threshold="0.5_2.0")),
+    "icepop": ({}, "decoupled_token_icepop", {}),
+}
+
+
+def _verl_correction(preset, kwargs, old, sampler, mask):
+    """verl's (weights or None, response mask) of one preset on padded [B, T] log-probs."""
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    cfg = getattr(RolloutCorrectionConfig, preset)(**kwargs) if preset else RolloutCorrectionConfig(**kwargs)
+    proto, new_mask, _ = compute_rollout_correction_and_rejection_mask(
+        old, sampler, mask, rollout_is=cfg.rollout_is, rollout_is_threshold=cfg.rollout_is_threshold,
+        rollout_is_batch_normalize=cfg.rollout_is_batch_normalize, rollout_rs=cfg.rollout_rs,
+        rollout_rs_threshold=cfg.rollout_rs_threshold,
+    )  # fmt: skip
+    return (None if proto is None else proto.batch["rollout_is_weights"]), new_mask
+
+
+def _dler_correction(mode, settings, old, sampler, mask):
+    """dler train's (weights, mask) of one mode, padded back to [B, T] (weight 1 where the mode has none)."""
+    from trainer.rollout_correction import RolloutCorrectionConfig, correct_rows
+
+    lengths = mask.sum(-1).long().tolist()
+    fixes = correct_rows(RolloutCorrectionConfig(mode, **settings), [o[:n] for o, n in zip(old, lengths)],
+                         [s[:n] for s, n in zip(sampler, lengths)])  # fmt: skip
+    weights, keep = torch.zeros_like(old), torch.zeros_like(mask, dtype=torch.bool)
+    for i, (fix, n) in enumerate(zip(fixes, lengths)):
+        weights[i, :n] = fix.weights.double() if fix.weights is not None else 1.0
+        keep[i, :n] = fix.mask
+    return fixes, weights, keep
+
+
+def _dler_loss(fixes, logits, targets, old, adv, mask, loss_agg, clip_c):
+    """dler train's corrected loss: the rows' corrections through trainer.policy.correction_inputs into
+    dk.policy_loss, normalised as accumulate_gradients does (every token, or every non-empty response)."""
+    import dler_kernels as dk
+    from trainer.packing import UpdateRow
+    from trainer.policy import correction_inputs
+
+    lengths = mask.sum(-1).long().tolist()
+    rows = [
+        UpdateRow([1], targets[i, :n].tolist(), float(adv[i, 0]), old_logprobs=old[i, :n].float(),
+                  token_weights=f.weights, loss_mask=f.mask)
+        for i, (f, n) in enumerate(zip(fixes, lengths))
+    ]  # fmt: skip
+    keep, weights = correction_inputs(rows, torch.device("cpu"))
+    valid = mask.bool()
+    normalizer = sum(lengths) if loss_agg == "token-mean" else sum(n > 0 for n in lengths)
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    out = dk.policy_loss(logits[valid], targets[valid], old[valid].float(), adv[valid].float(), keep,
+                         token_weights=weights, seq_ids=seq_ids, loss_agg=loss_agg, normalizer=float(normalizer),
+                         norm_length=float(mask.shape[-1]), eps_low=0.2, eps_high=0.28, clip_c=clip_c)  # fmt: skip
+    return out.loss.item()
+
+
+def _verl_loss(weights, new_mask, logits, targets, old, adv, loss_agg):
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    weights = None if weights is None else weights.float()
+    loss, _ = core_algos.compute_policy_loss_vanilla(old_log_prob=old.float(), log_prob=logp, advantages=adv,
+                                                     response_mask=new_mask.float(), loss_agg_mode=loss_agg,
+                                                     config=actor_config(), rollout_is_weights=weights)  # fmt: skip
+    return loss.item()
+
+
+def rollout_correction_cases():
+    """trainer.rollout_correction against verl.trainer.ppo.rollout_corr_helper on the same log-probs: each mode's
+    weights and mask on a batch with wide ratios, the corrected loss of icepop under each aggregation, and the
+    sequence modes on one response whose token log-ratios (+25, -24) each pass the +-20 clamp; and the
+    perplexity figures of trainer.mismatch_metrics against verl's compute_offpolicy_metrics on that batch."""
+    from dler_kernels.reference import LOSS_AGGS
+
+    out = {"modes": {}, "icepop_loss": {}, "example_loss": {}, "sequence_clamp": {}, "perplexity": {}}
+    g = torch.Generator().manual_seed(21)
+    b, t = 6, 7
+    mask = torch.ones(b, t, dtype=torch.float64)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    sampler = -2.0 + torch.randn(b, t, generator=g, dtype=torch.float64)
+    log_ratio = 1.2 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    log_ratio[4] = torch.tensor([15.0, 12.0, -3.0, 0.5, 0.2, -0.1, 0.3])  # a product beyond exp(20)
+    log_ratio[5] = torch.tensor([25.0, -24.0, 0.1, -0.2, 0.05, 0.0, 0.1])  # tokens beyond the clamp, sum 1.05
+    old = sampler + log_ratio
+    for mode, (settings, preset, kwargs) in CORRECTION_MODES.items():
+        verl_w, verl_mask = _verl_correction(preset, kwargs, old, sampler, mask)
+        _, dler_w, dler_keep = _dler_correction(mode, settings, old, sampler, mask)
+        verl_w = torch.ones_like(old) if verl_w is None else verl_w
+        valid = mask.bool()
+        out["modes"][mode] = dict(
+            weight_max_rel=((dler_w - verl_w).abs() / verl_w.abs().clamp_min(1e-30))[valid].max().item(),
+            masks_equal=bool(torch.equal(dler_keep[valid], verl_mask.bool()[valid])),
+            masked=int((~verl_mask.bool() & valid).sum()), zero_weights=int(((verl_w == 0) & valid).sum()),
+        )  # fmt: skip
+
+    # the perplexity figures: per response (every one non-empty: verl counts an empty one as ratio 1), then averaged
+    from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
+
+    from trainer.mismatch_metrics import MismatchSums
+    from trainer.packing import UpdateRow
+
+    lengths = mask.sum(-1).long().tolist()
+    rows = [UpdateRow([1], list(range(n)), 0.0, old_logprobs=old[i, :n], sampler_logprobs=sampler[i, :n])
+            for i, n in enumerate(lengths)]  # fmt: skip
+    ours = MismatchSums.of(rows, corrected=False).as_record()
+    verls = compute_offpolicy_metrics(old, sampler, mask)
+    for key in ("ppl_ratio", "log_ppl_diff"):
+        out["perplexity"][key] = dict(verl=verls[key], dler=ours[f"mismatch_{key}"])
+
+    # icepop's loss: random logits whose PPO ratios sit near 1, the batch's wide pi_old / pi_sampler above
+    v = 11
+    logits = torch.randn(b, t, v, generator=g)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    adv = torch.randn(b, 1, generator=g).expand(b, t).clone()
+    current = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0].double()
+    old_loss = current + 0.1 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    sampler_loss = old_loss - log_ratio.clamp(-3.0, 3.0)  # some tokens off [0.5, 5], most on it
+    verl_w, verl_mask = _verl_correction("decoupled_token_icepop", {}, old_loss, sampler_loss, mask)
+    fixes = _dler_correction("icepop", {}, old_loss, sampler_loss, mask)[0]
+    for loss_agg in LOSS_AGGS:
+        out["icepop_loss"][loss_agg] = dict(
+            verl=_verl_loss(verl_w, verl_mask, logits, targets, old_loss, adv, loss_agg),
+            dler=_dler_loss(fixes, logits, targets, old_loss, adv, mask, loss_agg, clip_c=3.0),
+            off_band=int(((verl_w == 0) & mask.bool()).sum()),
+        )  # fmt: skip
+
+    # one response of 4 tokens, ratios 1, 1, 1, 10, advantage 1, the policy unchanged: IcePop gives -3/4
+    logits1 = torch.randn(1, 4, v, generator=g)
+    targets1 = torch.randint(0, v, (1, 4), generator=g)
+    old1 = torch.log_softmax(logits1, -1).gather(-1, targets1[..., None])[..., 0].double()
+    sampler1 = old1 - torch.tensor([[1.0, 1.0, 1.0, 10.0]], dtype=torch.float64).log()
+    mask1, adv1 = torch.ones(1, 4, dtype=torch.float64), torch.ones(1, 4)
+    verl_w, verl_mask = _verl_correction("decoupled_token_icepop", {}, old1, sampler1, mask1)
+    fixes = _dler_correction("icepop", {}, old1, sampler1, mask1)[0]
+    for loss_agg in LOSS_AGGS:
+        out["example_loss"][loss_agg] = dict(
+            verl=_verl_loss(verl_w, verl_mask, logits1, targets1, old1, adv1, loss_agg),
+            dler=_dler_loss(fixes, logits1, targets1, old1, adv1, mask1, loss_agg, clip_c=3.0),
+        )  # fmt: skip
+
+    # token log-ratios +25 and -24: each beyond +-20, their sum 1 inside it
+    old2 = torch.tensor([[-1.0, -30.0]], dtype=torch.float64)
+    sampler2 = torch.tensor([[-26.0, -6.0]], dtype=torch.float64)
+    mask2 = torch.ones(1, 2, dtype=torch.float64)
+    for mode, preset in (("seq_tis", "decoupled_seq_is"), ("seq_mis", "decoupled_geo_rs")):
+        verl_w, verl_mask = _verl_correction(preset, {}, old2, sampler2, mask2)
+        _, dler_w, dler_keep = _dler_correction(mode, {}, old2, sampler2, mask2)
+        out["sequence_clamp"][mode] = dict(
+            verl_weights=None if verl_w is None else verl_w[0].tolist(), dler_weights=dler_w[0].tolist(),
+            verl_mask=verl_mask[0].bool().tolist(), dler_mask=dler_keep[0].tolist(),
+        )  # fmt: skip
+    return out
+
+
+SECTIONS = {"rollout_correction": rollout_correction_cases}
+
+
 def main():
+    only = sys.argv[1:]
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}: expected some of {sorted(SECTIONS)}")
     with contextlib.redirect_stdout(sys.stderr):  # verl prints its patching steps
-        result = checks()
+        result = {name: SECTIONS[name]() for name in only} if only else checks()
     json.dump(result, sys.stdout)
 
 

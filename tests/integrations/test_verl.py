@@ -1,6 +1,8 @@
-"""dler_kernels.integrations.verl against the real verl (0.9.1), in its own venv (`make verl-env`: verl pins
-transformers < 5.11 and omegaconf's antlr4 4.9, which the main environment cannot hold). One run of
-tests/helpers/verl_checks.py there measures every comparison; the tests here assert on it.
+"""dler_kernels.integrations.verl, and dler train's rollout correction, against the real verl (0.9.1), in its own
+venv (`make verl-env`: verl pins transformers < 5.11 and omegaconf's antlr4 4.9, which the main environment cannot
+hold). One run of tests/helpers/verl_checks.py there measures every comparison (one more run, its
+rollout_correction section, the trainer's); the tests here assert on it. The run imports this checkout's packages
+(PYTHONPATH), not whichever the venv was installed from.
 
 Tolerances (fp32): loss rel <= 1e-5, gradient rel <= 1e-4, log-probs / entropies 1e-5 absolute: the two
 sides differ in float32 summation order only (and verl's +1e-8 in seq-mean-token-mean).
@@ -18,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 VERL_PYTHON = ROOT / os.environ.get("DLER_VERL_VENV", ".venv-verl") / "bin" / "python"
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TRITON_INTERPRET": "1"}
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,21 @@ def verl_python():
     return str(VERL_PYTHON)
 
 
-@pytest.fixture(scope="module")
-def results(verl_python):
-    proc = subprocess.run([verl_python, str(ROOT / "tests/helpers/verl_checks.py")], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
+def _checks(verl_python, *sections):
+    proc = subprocess.run([verl_python, str(ROOT / "tests/helpers/verl_checks.py"), *sections], capture_output=True,
+                          text=True, cwd=ROOT, env=ENV, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def results(verl_python):
+    return _checks(verl_python)
+
+
+@pytest.fixture(scope="module")
+def correction(verl_python):
+    return _checks(verl_python, "rollout_correction")["rollout_correction"]
 
 
 def _cases(kind):
@@ -121,6 +132,58 @@ def test_vision_language_models_are_refused_by_name(results):
 )
 def test_bad_input_is_named(results, name, message):
     assert message in results["errors"][name]
+
+
+# ------------------------------------------------------------------ dler train's rollout correction
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "seq_tis", "token_mis", "seq_mis", "icepop"])
+def test_each_rollout_correction_mode_gives_verls_weights_and_mask(correction, mode):
+    """trainer.rollout_correction against verl's preset for the mode (rollout_corr_helper's
+    compute_rollout_correction_and_rejection_mask) on one batch of wide pi_old / pi_sampler ratios."""
+    c = correction["modes"][mode]
+    assert c["masks_equal"], c
+    # the trainer's float32 weights of float64 ratios against verl's float64 ones: 1 float32 ulp (6e-8)
+    assert c["weight_max_rel"] <= 1e-6, c
+    if mode in ("token_mis", "seq_mis"):
+        assert c["masked"] > 0, "the batch must reject some tokens, or the comparison shows nothing"
+    if mode == "icepop":  # off the band: weight 0 and the response mask left whole, as verl's decoupled_token_icepop
+        assert c["zero_weights"] > 0 and c["masked"] == 0, c
+
+
+def test_the_sequence_modes_clamp_the_log_ratios_where_verl_does(correction):
+    """One response with token log-ratios +25 and -24 (each beyond +-20, sum 1): seq_tis clamps the sum, e capped
+    at 2, as verl's decoupled_seq_is; seq_mis the tokens' before their mean, (20 - 20) / 2 = 0, kept by the default
+    band, as verl's decoupled_geo_rs (seq_mean_k1)."""
+    tis, mis = correction["sequence_clamp"]["seq_tis"], correction["sequence_clamp"]["seq_mis"]
+    assert tis["verl_weights"] == pytest.approx([2.0, 2.0])
+    assert tis["dler_weights"] == pytest.approx(tis["verl_weights"]), tis
+    assert tis["dler_mask"] == tis["verl_mask"] == [True, True]
+    assert mis["verl_weights"] is None and mis["dler_weights"] == [1.0, 1.0]
+    assert mis["dler_mask"] == mis["verl_mask"] == [True, True], mis
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                      "seq-mean-token-sum-norm"])  # fmt: skip
+def test_icepops_loss_is_verls_decoupled_token_icepop_under_every_aggregation(correction, loss_agg):
+    """4 tokens with ratios 1, 1, 1, 10, advantage 1, policy unchanged: -3/4 (the off-band token counts in
+    |y_i|; a mask would make seq-mean-token-mean -1); and a random batch through the update's correction_inputs
+    against verl's compute_policy_loss_vanilla with verl's IcePop weights."""
+    example = correction["example_loss"][loss_agg]
+    want = -3.0 if loss_agg == "seq-mean-token-sum" else -0.75
+    assert example["verl"] == pytest.approx(want, abs=1e-6)
+    assert example["dler"] == pytest.approx(want, abs=1e-6), example
+    c = correction["icepop_loss"][loss_agg]
+    assert c["off_band"] > 0, c
+    assert c["dler"] == pytest.approx(c["verl"], rel=1e-5), c
+
+
+@pytest.mark.parametrize("key", ["ppl_ratio", "log_ppl_diff"])
+def test_the_perplexity_mismatch_metrics_are_verls(correction, key):
+    """mismatch_ppl_ratio / mismatch_log_ppl_diff against verl's compute_offpolicy_metrics on one float64 batch of
+    responses of 2 to 7 tokens; verl's masked mean adds 1e-8 to each response's token count (relative 1e-8)."""
+    c = correction["perplexity"][key]
+    assert c["dler"] == pytest.approx(c["verl"], rel=1e-7), c
 
 
 def test_package_imports_without_verl():

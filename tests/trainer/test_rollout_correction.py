@@ -12,7 +12,7 @@ import dler_kernels as dk
 from dler_kernels import reference as ref
 from trainer.mismatch_metrics import MismatchSums
 from trainer.packing import UpdateRow
-from trainer.policy import accumulate_gradients, compute_logprobs
+from trainer.policy import accumulate_gradients, compute_logprobs, correction_inputs
 from trainer.rollout_correction import RolloutCorrectionConfig, correct_rows, correction
 from trainer.step_metrics import UpdateTotals, mismatch_record
 
@@ -38,8 +38,8 @@ CASES = {
     # geometric mean in [0.999, 1.001]: only response 0 (exactly 1)
     ("seq_mis", None, None): (None, [T, T, T, F, F, F, F, F]),
     ("seq_mis", 0.5, 1.5): (None, [T, T, T, T, T, F, F, F]),
-    # rho in [0.5, 5] kept with weight rho (masked tokens keep their ratio as weight: never read)
-    ("icepop", None, None): (RATIOS, [T, F, T, T, T, F, T, T]),
+    # rho in [0.5, 5] weighted rho, outside weighted 0 and left in the mask (IcePop's 1/|y_i| counts them)
+    ("icepop", None, None): ([4.0, 0.0, 1.0, 1.5, 1.2, 0.0, 2.0, 2.0], [T] * 8),
 }
 
 
@@ -72,6 +72,18 @@ def test_ratios_beyond_the_log_clamp_give_finite_weights():
     cfg = RolloutCorrectionConfig("seq_tis", high=1e9)
     got = correction(cfg, torch.tensor([30.0, 30.0]), torch.tensor([0, 0]), 1)
     assert got.weights.tolist() == pytest.approx([math.exp(20.0)] * 2)  # the product clamped at exp(20)
+
+
+def test_the_sequence_modes_clamp_where_verl_does():
+    """Token log-ratios +25 and -24, each beyond the +-20 clamp, sum 1. seq_tis clamps the response's sum
+    (verl's rollout_is: sequence): the product e, min(e, C); clamping each token first gave 20 - 20 = 0,
+    weight 1. seq_mis clamps each token's before the mean (verl's seq_mean_k1): 0, kept by the default band."""
+    log_ratio, seq = torch.tensor([25.0, -24.0]), torch.tensor([0, 0])
+    capped = correction(RolloutCorrectionConfig("seq_tis"), log_ratio, seq, 1)
+    assert capped.weights.tolist() == pytest.approx([2.0, 2.0])
+    uncapped = correction(RolloutCorrectionConfig("seq_tis", high=10.0), log_ratio, seq, 1)
+    assert uncapped.weights.tolist() == pytest.approx([math.e] * 2, rel=1e-6)  # float32 weights
+    assert correction(RolloutCorrectionConfig("seq_mis"), log_ratio, seq, 1).mask.tolist() == [T, T]
 
 
 @pytest.mark.parametrize(
@@ -195,8 +207,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused-head"])
 def test_the_update_passes_the_rows_correction_to_the_fused_loss(model, fused_head):
-    """accumulate_gradients with rows carrying icepop weights and masks equals the reference on one
-    unpacked batch with those weights and mask, normalised by every response token."""
+    """accumulate_gradients with rows carrying icepop weights (0 off the band) and masks equals the reference
+    on one unpacked batch with those weights and mask, normalised by every response token."""
     gen = torch.Generator().manual_seed(4)
     rows = []
     for p, r in ((3, 4), (2, 3), (4, 1)):
@@ -205,7 +217,7 @@ def test_the_update_passes_the_rows_correction_to_the_fused_loss(model, fused_he
     old = compute_logprobs(model, rows, token_budget=10**6, temperature=1.0)
     sampler = [o + 0.8 * torch.randn(o.shape, generator=gen) for o in old]  # a badly mismatched engine
     fixes = correct_rows(RolloutCorrectionConfig("icepop"), old, sampler)
-    assert 0 < sum(int((~f.mask).sum()) for f in fixes) < 8, "the crafted gap must mask some tokens, not all"
+    assert 0 < sum(int((f.weights == 0).sum()) for f in fixes) < 8, "the crafted gap must drop some tokens, not all"
     for row, o, f in zip(rows, old, fixes):
         row.old_logprobs, row.token_weights, row.loss_mask = o + 0.05, f.weights, f.mask
 
@@ -260,6 +272,18 @@ def test_mismatch_metrics_of_a_hand_made_batch():
     assert "mismatch_masked_frac" not in got and "mismatch_weight_mean" not in got
 
 
+def test_the_perplexity_ratio_is_taken_per_response_then_averaged_over_responses_and_ranks():
+    # d = old - sampler per token: [0.5, -1.0] (mean -0.25) and [0.0, 2.0, -0.25] (mean 7/12); the log of the
+    # trainer's perplexity over the sampler's is -mean d per response: 0.25 and -7/12
+    a, b = _row([-1.0, -2.0], [-1.5, -1.0]), _row([-0.5, -1.0, -3.0], [-0.5, -3.0, -2.75])
+    empty = _row([], [])  # no tokens, no perplexity: left out of the average, not counted as ratio 1
+    got = mismatch_record([MismatchSums.of([a, empty], corrected=False), MismatchSums.of([b], corrected=False)])
+    assert got["mismatch_log_ppl_diff"] == pytest.approx((0.25 - 7 / 12) / 2, rel=1e-12)
+    assert got["mismatch_ppl_ratio"] == pytest.approx((math.exp(0.25) + math.exp(-7 / 12)) / 2, rel=1e-12)
+    assert got == pytest.approx(MismatchSums.of([a, b, empty], corrected=False).as_record())
+    assert "mismatch_ppl_ratio" not in MismatchSums.of([empty], corrected=False).as_record()
+
+
 def test_correction_metrics_and_the_merge_over_ranks():
     a = _row([0.0, 0.0], [0.0, 0.0], token_weights=torch.tensor([2.0, 0.5]), loss_mask=torch.tensor([T, F]))
     b = _row([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], loss_mask=torch.tensor([T, T, F]))  # a masking mode: weight 1
@@ -269,6 +293,14 @@ def test_correction_metrics_and_the_merge_over_ranks():
     assert one["mismatch_masked_frac"] == pytest.approx(2 / 5)
     assert one["mismatch_weight_mean"] == pytest.approx((2.0 + 1.0 + 1.0) / 3)
     assert one["mismatch_logp_abs_max"] == 0.0 and one["mismatch_kl_k3"] == 0.0
+
+
+def test_icepops_weight_0_tokens_count_as_left_out_in_the_metrics():
+    # icepop leaves the mask whole and weighs its off-band tokens 0: they are what it left out
+    row = _row([0.0] * 3, [0.0] * 3, token_weights=torch.tensor([2.0, 0.0, 1.0]), loss_mask=torch.tensor([T, T, T]))
+    got = MismatchSums.of([row], corrected=True).as_record()
+    assert got["mismatch_masked_frac"] == pytest.approx(1 / 3)
+    assert got["mismatch_weight_mean"] == pytest.approx((2.0 + 1.0) / 2)
 
 
 def test_no_measurement_leaves_the_keys_out():
@@ -325,3 +357,24 @@ def test_under_seq_mean_token_mean_a_masked_token_raises_its_responses_kept_toke
     seq_ids = torch.tensor([0] * 10 + [1] * 10)
     weights = ref.aggregation_weights(valid, "seq-mean-token-mean", seq_ids, 2.0, None)
     assert float(weights[0]) == pytest.approx(0.5) and float(weights[10]) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("loss_agg", ref.LOSS_AGGS)
+def test_icepop_divides_each_response_by_all_its_tokens_under_every_aggregation(loss_agg):
+    """One response of 4 tokens with ratios 1, 1, 1, 10 (the last off IcePop's [0.5, 5]), advantage 1 and the
+    policy unchanged (PPO ratio 1): each token's loss is -1 and the off-band one weighs 0, so IcePop's
+    1 / |y_i| gives -3/4. A mask would have made seq-mean-token-mean's inner mean over the 3 kept tokens: -1."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 13, generator=gen)
+    targets = torch.randint(0, 13, (4,), generator=gen)
+    old = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    sampler = old - torch.tensor([1.0, 1.0, 1.0, 10.0]).log()
+    (fix,) = correct_rows(RolloutCorrectionConfig("icepop"), [old], [sampler])
+    row = UpdateRow([1], list(range(4)), 1.0, old_logprobs=old, token_weights=fix.weights, loss_mask=fix.mask)
+    mask, weights = correction_inputs([row], torch.device("cpu"))
+    normalizer = 4.0 if loss_agg == "token-mean" else 1.0  # accumulate_gradients': tokens, or responses
+    got = dk.policy_loss(logits, targets, old, torch.ones(4), mask, token_weights=weights, seq_ids=torch.zeros(4,
+                         dtype=torch.long), loss_agg=loss_agg, normalizer=normalizer, norm_length=4.0)  # fmt: skip
+    want = -3.0 if loss_agg == "seq-mean-token-sum" else -0.75
+    # float32, PPO ratio 1 up to the kernel's and torch's log-softmax rounding (~1e-7)
+    assert float(got.loss) == pytest.approx(want, abs=1e-6)

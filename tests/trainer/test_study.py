@@ -10,7 +10,14 @@ import pytest
 from trainer import cli
 from trainer.fsutil import UserError
 from trainer.study import PENALTIES, RECIPES, check_overrides, finished_summary, penalty_overrides, plan
-from trainer.study_report import cell_table, markdown, paired_table, sign_test, warm_start
+from trainer.study_report import (
+    blocked_permutation_test,
+    cell_table,
+    markdown,
+    paired_table,
+    sign_test,
+    warm_start,
+)
 
 
 def summary(acc_before, acc_after, len_before, len_after, seed=None):
@@ -118,6 +125,60 @@ def test_sign_test_is_the_exact_two_sided_binomial():
     assert sign_test(10, 0) == pytest.approx(2 / 2**10)
     assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 2**10)  # P(<= 2 of 10) both ways
     assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def _study(differences_pt):
+    """{(recipe, penalty): runs} where dler's run at each penalty and seed is differences_pt[seed][penalty] points
+    of accuracy above GRPO's (every run starts at 50%)."""
+    summaries = {}
+    for seed, row in enumerate(differences_pt):
+        for k, d in enumerate(row):
+            summaries.setdefault(("grpo", f"p{k}"), []).append(summary(0.5, 0.5, 100, 50, seed=seed))
+            summaries.setdefault(("dler", f"p{k}"), []).append(summary(0.5, 0.5 + d / 100, 100, 50, seed=seed))
+    return summaries
+
+
+def test_the_pooled_difference_is_also_tested_with_the_seed_as_the_unit():
+    # 3 seeds x 3 penalties, dler ahead in all 9 pairs: the pooled sign test counts 9 independent wins
+    # (p = 2 / 2^9), but the pairs of one seed share its warm start and evaluation, and 3 seeds can do no
+    # better than p = 2 / 2^3 = 0.25, in both tests that take the seed as the unit
+    (pooled,) = [r for r in paired_table(_study([[4, 6, 2], [1, 2, 3], [1, 5, 2]])) if r["penalty"] is None]
+    assert (pooled["ahead"], pooled["behind"]) == (9, 0)
+    assert pooled["sign_test_p"] == pytest.approx(2 / 2**9)
+    by_seed = pooled["by_seed"]
+    assert [x["seed"] for x in by_seed["per_seed"]] == [0, 1, 2] and by_seed["seeds"] == 3
+    assert [x["accuracy_difference"] for x in by_seed["per_seed"]] == pytest.approx([0.04, 0.02, 8 / 300])
+    assert (by_seed["seeds_ahead"], by_seed["seeds_behind"]) == (3, 0)
+    assert by_seed["seed_sign_test_p"] == pytest.approx(0.25)
+    assert by_seed["permutation_p"] == pytest.approx(0.25) and by_seed["permutation_exact"]
+
+    # seed 2 now behind on the whole: its sum -6 pt against 12 and 6. Seed means +4, +2, -2: 2 ahead, 1
+    # behind, p = 1. The 8 sign flips of the sums (12, 6, -6) give |totals| 12, 24, 0, 12, 12, 0, 24, 12:
+    # 6 of 8 reach the observed 12, p = 0.75. The pooled sign test: 7 ahead, 2 behind, p = 2 * 46 / 512.
+    (pooled,) = [r for r in paired_table(_study([[4, 6, 2], [1, 2, 3], [1, -5, -2]])) if r["penalty"] is None]
+    assert (pooled["ahead"], pooled["behind"]) == (7, 2)
+    assert pooled["sign_test_p"] == pytest.approx(2 * (1 + 9 + 36) / 2**9)
+    by_seed = pooled["by_seed"]
+    assert (by_seed["seeds_ahead"], by_seed["seeds_behind"]) == (2, 1)
+    assert by_seed["seed_sign_test_p"] == pytest.approx(1.0)
+    assert by_seed["permutation_p"] == pytest.approx(0.75)
+
+    table = markdown([], None, {}, paired_table(_study([[4, 6, 2], [1, 2, 3], [1, -5, -2]])))
+    assert "| dler | 3 | +4.0 (seed 0), +2.0 (seed 1), -2.0 (seed 2) | 2 / 1 | 1.00 | 0.75 |" in table
+    assert "- pooled sign test (the table above): every (penalty, seed) pair independent" in table
+    assert "- sign test over seeds: the seeds independent" in table
+    assert "- seed-blocked permutation test (of the pooled mean difference): the seeds independent" in table
+    # the per-penalty rows are unchanged and carry no seed tests (one pair per seed there)
+    assert all("by_seed" not in r for r in paired_table(_study([[4, 6, 2]])) if r["penalty"] is not None)
+
+
+def test_the_blocked_permutation_test_flips_each_seeds_sum_whole():
+    # sums 1, 2, 3: |totals| over the 8 flips are 6, 0, 2, 4 (each twice): only the observed and its negation
+    assert blocked_permutation_test([1.0, 2.0, 3.0]) == (pytest.approx(2 / 8), True)
+    assert blocked_permutation_test([0.1, -0.1]) == (1.0, True)  # a total of 0 (up to rounding): p = 1
+    # beyond EXACT_PERMUTATION_SEEDS seeds, random assignments: 20 equal sums have an exact p of 2 / 2^20
+    p, exact = blocked_permutation_test([0.01] * 20)
+    assert not exact and p <= 1e-4
 
 
 def test_only_a_whole_finished_summary_counts(tmp_path):
