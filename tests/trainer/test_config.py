@@ -431,3 +431,35 @@ def test_describe_names_the_rollout_correction_the_bypass_and_the_fp32_head_when
     assert "old log-probs from the sampler (bypass); fp32 LM head (trainer)" in bypass
     off = describe(load_config("toy-cpu")).splitlines()[4]
     assert off.endswith("optimizer step(s) per step")
+
+
+# ------------------------------------------------------------------------------------------ objectives
+
+
+def test_the_objective_and_its_parameters_come_from_the_algorithm_section():
+    cfg = load_config("toy-cpu", ["algorithm.objective=sapo", "algorithm.tau_neg=1.2"])
+    kwargs = cfg.policy_loss_kwargs()
+    assert (kwargs["objective"], kwargs["tau_neg"], kwargs["tau_pos"]) == ("sapo", 1.2, None)  # None: the default
+    assert cfg.algorithm.objective_params() == {"tau_pos": 1.0, "tau_neg": 1.2}
+    assert "sapo, tau_pos 1, tau_neg 1.2" in describe(cfg)
+    # every loss option of the kernels is a key of the algorithm section, declared once (LossSettings)
+    from dler_kernels.loss_inputs import LOSS_OPTION_NAMES
+
+    assert set(LOSS_OPTION_NAMES) - {"normalizer"} <= set(kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.objective=gpso"], r"objective must be one of .* got 'gpso' \(did you mean 'gspo'\?\)"),
+        (["algorithm.objective=gspo", "algorithm.tau_pos=1"], "tau_pos=1.0 means nothing for objective='gspo'"),
+        (["algorithm.objective=sapo", "algorithm.eps_low=0.2"], "eps_low=0.2 means nothing for objective='sapo'"),
+        (["algorithm.objective=ppo_clip", "algorithm.clip_c=0.5"], "clip_c must be > 1.0"),
+        (["algorithm.objective=cispo", "algorithm.cispo_clip=lower"], "cispo_clip must be one of 'both', 'upper'"),
+        (["algorithm.objective=dppo_tv", "algorithm.clip_c=3"], "clip_c=3.0 means nothing for objective='dppo_tv'"),
+    ],
+)
+def test_bad_objective_settings_are_one_line_errors_naming_the_key(overrides, message):
+    with pytest.raises(UserError, match=message) as err:
+        load_config("toy-cpu", overrides)
+    assert "\n" not in str(err.value)

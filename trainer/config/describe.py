@@ -27,7 +27,12 @@ def describe(cfg: TrainConfig) -> str:
     """A few lines for the console at the start of a run: what is trained, on what, and how."""
     s, a, o, r = cfg.rollout.sampling, cfg.algorithm, cfg.optim, cfg.run
     fsdp = {None: "fsdp auto", True: "fsdp on", False: "fsdp off"}[cfg.fsdp.enabled]
-    dual = f", dual clip {a.clip_c:g}" if a.clip_c is not None else ""
+    params = a.objective_params()
+    bounds = f"clip {params['eps_low']:g}/{params['eps_high']:g}" if "eps_low" in params else ""
+    extra = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items()
+                      if k not in ("eps_low", "eps_high", "clip_c"))  # fmt: skip
+    dual = f", dual clip {params['clip_c']:g}" if params.get("clip_c") is not None else ""
+    objective = ", ".join(part for part in (a.objective, bounds + dual, extra) if part)
     kl = f", KL {a.kl_type} {a.beta:g}" if a.beta > 0 else ""
     old = "; old log-probs from the sampler (bypass)" if a.old_logprobs == "sampler" else ""
     rc = a.rollout_correction
@@ -45,7 +50,7 @@ def describe(cfg: TrainConfig) -> str:
         f"rollout    {cfg.rollout.engine} {cfg.rollout.dtype}: {s.prompts_per_step} prompts x {s.samples_per_prompt} "
         f"samples{gfpo}, max {cfg.max_response_tokens} tokens, T {s.temperature:g}, top-p {s.top_p:g}{dynamic}",
         f"reward     {cfg.reward.checker} checker; {_penalty_text(cfg.reward)}",
-        f"algorithm  {a.advantage} advantages{boost}, {a.loss_agg}, clip {a.eps_low:g}/{a.eps_high:g}{dual}{kl}; "
+        f"algorithm  {a.advantage} advantages{boost}, {a.loss_agg}, {objective}{kl}; "
         f"{updates} optimizer step(s) per step{old}{correction}{fp32_head}",
         f"optim      AdamW lr {o.lr:g}, wd {o.weight_decay:g}, {o.schedule}, warmup {o.warmup_steps}, grad clip {clip}",
         f"run        {r.steps} steps -> {r.out} (seed {r.seed}, device {r.device}, checkpoint every "

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dler_kernels.loss_inputs import LossSettings
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 from dler_kernels.validate import check_choice, check_number
 
@@ -262,12 +263,20 @@ class RewardConfig:
         return max(self.da_dler.budgets) if self.da_dler.enabled else self.penalty.length_budget
 
 
-@dataclass
-class AlgorithmConfig:
+@dataclass(frozen=True)
+class AlgorithmConfig(LossSettings):
     """Advantages (``dler_kernels.compute_advantages``), the policy loss (``dler_kernels.policy_loss``) and
     how one step's batch is cut into optimizer steps: ``prompts_per_step`` prompts are split into mini-batches
-    of ``mini_batch_prompts``, one optimizer step each, for ``epochs_per_step`` passes."""
+    of ``mini_batch_prompts``, one optimizer step each, for ``epochs_per_step`` passes. The policy loss's settings
+    (``objective`` and its parameters, ``beta``, ``kl_type``, ``entropy_coef``, ``temperature``, ``loss_agg``,
+    ``norm_length``) are ``dler_kernels.loss_inputs.LossSettings``' fields, declared and documented there once."""
 
+    kl_type: KLType = "low_var_kl"
+    """The KL estimator (``low_var_kl`` is ``k3``)."""
+    loss_agg: LossAgg = "token-mean"
+    """How token losses are aggregated (DLER, DAPO: ``token-mean``)."""
+    norm_length: float | None = None
+    """The constant divisor of ``seq-mean-token-sum-norm`` (None: the max response length)."""
     advantage: AdvantageMethod = "dler"
     """``grpo``, ``dr_grpo``, or ``dler`` (batch-normalised)."""
     weighting: Weighting = "token"
@@ -277,26 +286,8 @@ class AlgorithmConfig:
     correct_advantage_boost: float = 0.0
     """Added after the normalisation to the advantage of every response scored correct (before the length penalty):
     the DLER release's ``correct_sample_advantage_boost_value`` (0.1 in its dler.sh; not in the paper's text)."""
-    loss_agg: LossAgg = "token-mean"
-    """How token losses are aggregated (DLER, DAPO: ``token-mean``)."""
-    eps_low: float = 0.2
-    """Lower clip of the ratio: 1 - eps_low."""
-    eps_high: float = 0.28
-    """Upper clip of the ratio: 1 + eps_high."""
-    clip_c: float | None = 10.0
-    """Dual-clip constant for negative advantages (None: no dual clip)."""
-    beta: float = 0.0
-    """KL coefficient to the reference policy (0: no reference model)."""
-    kl_type: KLType = "low_var_kl"
-    """The KL estimator."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient."""
-    temperature: float = 1.0
-    """Divides the training logits; must equal the sampling temperature, or the loss scores another distribution."""
     allow_temperature_mismatch: bool = False
     """Permit ``temperature`` to differ from ``rollout.sampling.temperature`` on purpose."""
-    norm_length: float | None = None
-    """The constant divisor of ``seq-mean-token-sum-norm`` (None: the max response length)."""
     mini_batch_prompts: int = 8
     """Prompts (whole groups) per optimizer step."""
     epochs_per_step: int = 1
@@ -316,15 +307,9 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         check_choices(self)
+        super().__post_init__()  # the loss settings, the objective's parameters included
         check_number("eps", self.eps, low=0.0, low_open=True, allow_none=True)
         check_number("correct_advantage_boost", self.correct_advantage_boost, low=0.0)
-        if not 0 <= self.eps_low <= 1:
-            raise ValueError(f"eps_low must be in [0, 1]; got {self.eps_low}")
-        check_number("eps_high", self.eps_high, low=0.0, allow_none=True)
-        check_number("clip_c", self.clip_c, low=1.0, low_open=True, allow_none=True)
-        check_number("beta", self.beta, low=0.0, allow_none=True)
-        check_number("temperature", self.temperature, low=0.0, low_open=True, allow_none=True)
-        check_number("norm_length", self.norm_length, low=0.0, low_open=True, allow_none=True)
         for name in ("mini_batch_prompts", "epochs_per_step", "micro_batch_tokens"):
             check_number(name, getattr(self, name), low=1, allow_none=True)
         if self.old_logprobs == "sampler" and self.rollout_correction.mode != "none":
@@ -587,17 +572,10 @@ class TrainConfig:
         )
 
     def policy_loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``dler_kernels.policy_loss`` / ``linear_policy_loss`` set by the config."""
+        """Keyword arguments of ``dler_kernels.policy_loss`` / ``linear_policy_loss`` set by the config: every
+        ``LossSettings`` field of the algorithm section, ``norm_length`` resolved."""
         a = self.algorithm
+        kwargs = {f.name: getattr(a, f.name) for f in dataclasses.fields(LossSettings)}
         norm_length = a.norm_length if a.norm_length is not None else float(self.max_response_tokens)
-        return dict(
-            eps_low=a.eps_low,
-            eps_high=a.eps_high,
-            clip_c=a.clip_c,
-            beta=a.beta,
-            kl_type=a.kl_type,
-            entropy_coef=a.entropy_coef,
-            temperature=a.temperature,
-            loss_agg=a.loss_agg,
-            norm_length=norm_length if a.loss_agg == "seq-mean-token-sum-norm" else None,
-        )
+        kwargs["norm_length"] = norm_length if a.loss_agg == "seq-mean-token-sum-norm" else None
+        return kwargs
