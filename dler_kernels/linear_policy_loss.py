@@ -313,7 +313,7 @@ class _LinearPolicyLoss(StoredGradFunction):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, data, weights, options, rows, backend, needs, fp32_head):
-        run = fused_linear if options.objective_spec.fused else objective_linear
+        run = fused_linear if options.fused else objective_linear
         per_token, logp, entropy, kl, dx, dw, db = run(
             hidden, weight, bias, data, weights, options, rows=rows, backend=backend,
             need_dx=needs[0], need_dw=needs[1], need_db=needs[2], fp32_head=fp32_head,

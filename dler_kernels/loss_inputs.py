@@ -42,6 +42,16 @@ class LossSettings:
     cispo_clip: str | None = None
     """CISPO: ``both`` (verl: clip(r, 1 - eps_low, 1 + eps_high)) or ``upper`` (TRL: min(r, 1 + eps_high)); None:
     both."""
+    vespo_k_pos: float | None = None
+    """VESPO: k of the weight's shape for A >= 0; None: 2."""
+    vespo_lambda_pos: float | None = None
+    """VESPO: lambda of the weight's shape for A >= 0; None: 3."""
+    vespo_k_neg: float | None = None
+    """VESPO: k for A < 0; None: 3."""
+    vespo_lambda_neg: float | None = None
+    """VESPO: lambda for A < 0; None: 2."""
+    opsm_threshold: float | None = None
+    """OPSM, any objective: drop a sequence with A < 0 whose mean log(pi_old / pi) exceeds this (None: off)."""
     beta: float = 0.0
     """KL coefficient to the reference policy (0: no KL term)."""
     kl_type: str = "k3"
@@ -62,6 +72,7 @@ class LossSettings:
         check_number("entropy_coef", self.entropy_coef)
         check_number("temperature", self.temperature, low=0.0, low_open=True)
         check_number("norm_length", self.norm_length, low=0.0, low_open=True, allow_none=True)
+        check_number("opsm_threshold", self.opsm_threshold, allow_none=True)
         self.objective_params()  # the objective's name and parameters, checked
 
     def objective_params(self) -> dict:
@@ -89,14 +100,19 @@ class LossOptions(LossSettings):
         return objectives.OBJECTIVES[self.objective]
 
     @property
+    def fused(self) -> bool:
+        """Whether the fused one-pass kernels compute this loss (PPO-clip without OPSM's sequence mask)."""
+        return self.objective_spec.fused and self.opsm_threshold is None
+
+    @property
     def kl_code(self) -> int:
         """kl_type as the fused kernels take it: 0 without a KL term (beta == 0)."""
         return ref.KL_CODES[self.kl_type] if self.beta != 0.0 else 0
 
     def per_token(self) -> dict:
         """The keyword arguments of ``reference.per_token_loss_from_logprobs`` (the per-token loss)."""
-        return dict(objective=self.objective, **self.objective_params(), beta=self.beta, kl_type=self.kl_type,
-                    entropy_coef=self.entropy_coef)  # fmt: skip
+        return dict(objective=self.objective, **self.objective_params(), opsm_threshold=self.opsm_threshold,
+                    beta=self.beta, kl_type=self.kl_type, entropy_coef=self.entropy_coef)  # fmt: skip
 
     def fused_args(self) -> dict:
         """The per-token options of the fused PPO-clip kernels (``objective == "ppo_clip"``)."""
@@ -177,9 +193,11 @@ def check_token_data(
         check_tensor("ref_logprobs", ref_logprobs, ndim=1, kind="float", **like)
     if token_weights is not None:
         check_tensor("token_weights", token_weights, ndim=1, kind="float", **like)
-    if options.loss_agg != "token-mean" or options.objective_spec.sequence_level:
+    per_sequence = options.objective_spec.sequence_level or options.opsm_threshold is not None
+    if options.loss_agg != "token-mean" or per_sequence:
         if seq_ids is None:
             needs = (f"objective={options.objective!r}" if options.objective_spec.sequence_level
+                     else "opsm_threshold" if options.opsm_threshold is not None
                      else f"loss_agg={options.loss_agg!r}")  # fmt: skip
             raise ValueError(f"seq_ids is required for {needs} (one sequence id per token)")
         check_tensor("seq_ids", seq_ids, ndim=1, kind="int", **like)

@@ -119,7 +119,7 @@ def policy_loss(
         ref_logprobs=ref_logprobs, seq_ids=seq_ids, token_weights=token_weights,
     )  # fmt: skip
     chosen = select_backend(logits, backend)
-    if options.objective_spec.fused or chosen.name == "reference":
+    if options.fused or chosen.name == "reference":
         loss, per_token, logp, entropy, kl = chosen.policy_loss(logits, data, options, inplace_grad)
     else:
         loss, per_token, logp, entropy, kl = policy_loss_two_pass(chosen, logits, data, options, inplace_grad)

@@ -196,6 +196,7 @@ def per_token_loss_from_logprobs(
     ref_logprobs: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
     objective: str = "ppo_clip",
+    opsm_threshold: float | None = None,
     beta: float = 0.0,
     kl_type: str = "k3",
     entropy_coef: float = 0.0,
@@ -205,7 +206,13 @@ def per_token_loss_from_logprobs(
     the logits only through these two, which is what lets the fused kernels differentiate it row
     by row (d loss / d logits = d loss / d logp * d logp / d logits + d loss / d H * d H / d logits).
     ``objective`` and its ``params`` (eps_low, eps_high, clip_c, ...; None or absent: the objective's default):
-    ``dler_kernels.objectives``; a sequence-level objective needs ``seq_ids``."""
+    ``dler_kernels.objectives``; a sequence-level objective needs ``seq_ids``.
+
+    OPSM, the off-policy sequence mask (``opsm_threshold`` = delta; TRL ``off_policy_mask_threshold``, slime
+    ``--use-opsm``), composes with every objective: a sequence with a negative advantage whose mean
+    log(pi_old / pi), with pi detached, exceeds delta loses its policy-gradient term (not its KL or entropy terms,
+    as in TRL). pi_old is ``old_logprobs``: with the sampler's log-probs as the old ones (the bypass) it is TRL's
+    choice of the behaviour policy."""
     dtype = logp.dtype
     # Masked rows may hold anything (inf, nan): zeros keep them out of every value and gradient, sequence sums included.
     old = torch.where(valid, old_logprobs.to(dtype), 0.0)
@@ -242,6 +249,7 @@ def policy_loss_ref(
     ref_logprobs: torch.Tensor | None = None,
     seq_ids: torch.Tensor | None = None,
     objective: str = "ppo_clip",
+    opsm_threshold: float | None = None,
     beta: float = 0.0,
     kl_type: str = "k3",
     entropy_coef: float = 0.0,
@@ -272,7 +280,8 @@ def policy_loss_ref(
     params = objectives.resolve(objective, params)
     loss, per_token, logp, entropy, kl = policy_loss_terms_ref(
         logits, targets, old_logprobs, advantages, valid, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
-        objective=objective, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
+        objective=objective, opsm_threshold=opsm_threshold, beta=beta, kl_type=kl_type, entropy_coef=entropy_coef,
+        temperature=temperature,
         loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, token_weights=token_weights, **params,
     )  # fmt: skip
     dtype = per_token.dtype

@@ -20,7 +20,14 @@ name                    what it is                                              
                                                                                        ratio_cap 20
 ``dppo_kl``             DPPO with the binary-KL mask                                   eps_low 0.2, eps_high 0.2,
                                                                                        ratio_cap 20
+``vespo``               VESPO, REINFORCE weighted by a smooth function of the          vespo_k_pos 2,
+                        sequence's importance weight                                   vespo_lambda_pos 3,
+                                                                                       vespo_k_neg 3,
+                                                                                       vespo_lambda_neg 2
+``luspo``               LUSPO, GSPO's sequence loss scaled by the sequence's length    eps_low 3e-4, eps_high 4e-4
 ======================  =============================================================  ============================
+
+OPSM, the off-policy sequence mask (``opsm_threshold`` of ``LossSettings``), composes with every objective.
 
 A parameter left None takes the objective's default; one the objective does not read is an error naming both.
 A new objective is one file here (its ``Objective``) plus its line in ``OBJECTIVES`` and its tests.
@@ -37,16 +44,21 @@ from .cispo import CISPO, CISPO_CLIPS
 from .dppo import DPPO_KL, DPPO_TV
 from .gmpo import GMPO
 from .gspo import GSPO, GSPO_TOKEN
+from .luspo import LUSPO
 from .ppo_clip import PPO_CLIP
 from .sapo import SAPO
+from .vespo import VESPO
 
 OBJECTIVES: dict[str, Objective] = {
-    o.name: o for o in (PPO_CLIP, GSPO, GSPO_TOKEN, CISPO, SAPO, GMPO, DPPO_TV, DPPO_KL)
+    o.name: o for o in (PPO_CLIP, GSPO, GSPO_TOKEN, CISPO, SAPO, GMPO, DPPO_TV, DPPO_KL, VESPO, LUSPO)
 }
 DEFAULT_OBJECTIVE = "ppo_clip"
 # Every parameter an objective may read. clip_c keeps its meaning of before the objectives: PPO-clip's dual clip,
 # 10 unless given, None turning it off; so only a clip_c other than those two is refused for another objective.
-PARAMETERS = ("eps_low", "eps_high", "clip_c", "ratio_cap", "tau_pos", "tau_neg", "cispo_clip")
+PARAMETERS = (
+    "eps_low", "eps_high", "clip_c", "ratio_cap", "tau_pos", "tau_neg", "cispo_clip",
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+)  # fmt: skip
 CLIP_C_DEFAULT = 10.0
 
 __all__ = ["DEFAULT_OBJECTIVE", "LOG_RATIO_CLAMP", "OBJECTIVES", "PARAMETERS", "Objective", "Sequences",
@@ -79,8 +91,6 @@ def resolve(name: str, given: Mapping[str, object]) -> dict[str, object]:
     for key, default in objective.defaults.items():
         value = given.get(key, default)
         params[key] = default if value is None and key != "clip_c" else value
-    if name == "ppo_clip" and "clip_c" not in given:
-        params["clip_c"] = CLIP_C_DEFAULT
     _check(params)
     return params
 
@@ -97,5 +107,8 @@ def _check(params: dict) -> None:
     for key in ("tau_pos", "tau_neg"):
         if key in params:
             check_number(key, params[key], low=0.0, low_open=True)
+    for key in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+        if key in params:
+            check_number(key, params[key], low=0.0)
     if "cispo_clip" in params:
         check_choice("cispo_clip", params["cispo_clip"], CISPO_CLIPS)
