@@ -166,8 +166,10 @@ def test_sapo_is_ppos_gradient_at_ratio_one():
     logp = torch.log(torch.tensor([0.3, 0.6, 0.1], dtype=torch.float64)).requires_grad_(True)
     adv = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64)
     valid = torch.ones(3, dtype=torch.bool)
-    per_token, _ = reference.per_token_loss_from_logprobs(logp, torch.zeros(3, dtype=torch.float64), logp.detach(),
-                                                          adv, valid, objective="sapo", tau_pos=3.0, tau_neg=0.5)  # fmt: skip
+    entropy = torch.zeros(3, dtype=torch.float64)
+    per_token, _ = reference.per_token_loss_from_logprobs(
+        logp, entropy, logp.detach(), adv, valid, objective="sapo", tau_pos=3.0, tau_neg=0.5
+    )
     per_token.sum().backward()
     torch.testing.assert_close(logp.grad, -adv)
 
