@@ -111,11 +111,12 @@ study: setup
 test: setup verl-env triton-oldest cuda-toolchain
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: setup verl-env
 	$(BIN)/python -m pytest bench/ --benchmark-only -p no:cacheprovider
 	$(BIN)/python bench/bench_policy_loss.py $(if $(CUDA),,--n 512 --vocab 49152 --dtype fp32 --repeats 3)
 	$(BIN)/python bench/bench_linear_policy_loss.py $(if $(CUDA),--chunk-sizes auto$(COMMA)1024$(COMMA)4096,--n 4096 --hidden 64 --vocab 32000 --dtype fp32 --seq-len 512 --chunk-sizes auto$(COMMA)16)
 	$(BIN)/python bench/bench_train_step.py $(if $(CUDA),--fsdp,--model-config tiny)
+	$(BIN)/python bench/bench_objectives.py
 
 # One command that answers every GPU question (bench/gpu_check.py; README "GPU check"). It depends on no
 # setup step: the GPU machine has no package index, so it runs with whatever Python has torch there
