@@ -29,6 +29,33 @@ OPTION_SETS = [
          temperature=0.9, norm_length=64.0),
 ]  # fmt: skip
 
+# Bounds that make both sides of each clip or mask act on the test draws (ratios e^(+-0.4 sigma); the default GSPO
+# bounds of 3e-4 would clip every sequence, whose gradient is then 0).
+OBJECTIVE_CASES = {
+    "ppo_clip": {},
+    "ppo_clip+opsm": dict(objective="ppo_clip", opsm_threshold=0.05),
+    "gspo": dict(eps_low=0.05, eps_high=0.08),
+    "gspo_token": dict(eps_low=0.05, eps_high=0.08),
+    "cispo": {},
+    "cispo-upper": dict(objective="cispo", cispo_clip="upper"),
+    "sapo": {},
+    "gmpo": dict(eps_low=0.2, eps_high=0.3),
+    "dppo_tv": dict(eps_low=0.01, eps_high=0.02),
+    "dppo_kl": dict(eps_low=0.002, eps_high=0.004),
+    "vespo": {},
+    "luspo": dict(eps_low=0.05, eps_high=0.08),
+    "gspo+opsm": dict(objective="gspo", eps_low=0.05, eps_high=0.08, opsm_threshold=0.0),
+}
+
+
+def objective_options(case: str, base: dict) -> dict:
+    """The loss options of objective case ``case`` (a key of OBJECTIVE_CASES) on top of ``base``."""
+    opts = {"objective": case, **base, **OBJECTIVE_CASES[case]}
+    if opts["objective"] != "ppo_clip":
+        opts.pop("clip_c", None)  # PPO-clip's dual clip means nothing to another objective
+    return opts
+
+
 METRIC_KEYS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "num_tokens", "num_nonfinite")
 
 

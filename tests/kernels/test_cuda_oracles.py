@@ -29,12 +29,14 @@ test_linear_policy_loss.py (oracle_checks.check_loss_terms):
 import pytest
 import torch
 from oracle_checks import (
+    OBJECTIVE_CASES,
     OPTION_SETS,
     STORE_ROUNDING,
     advantage_inputs,
     check_loss_terms,
     linear_inputs,
     logits_inputs,
+    objective_options,
     rel,
 )
 
@@ -133,6 +135,17 @@ def check_logits_path(backend, tensors, extra, opts):
         assert rel(grad, grad64) <= 1e-4
     else:
         check_half_grad("dlogits", grad, grad64, grad.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(OBJECTIVE_CASES))
+def test_every_objective_on_the_logits_path(backend, case, dtype):
+    """The objectives without a fused kernel run in two passes (log-prob kernel, objective, gradient kernel)."""
+    index = sorted(OBJECTIVE_CASES).index(case)
+    opts = objective_options(case, OPTION_SETS[index % len(OPTION_SETS)])
+    tensors, extra = logits_inputs(24, 1000, dtype, seed=100 + index)
+    extra["seq_ids"] = torch.arange(24) // 5
+    check_logits_path(backend, tensors, extra, opts)
 
 
 # V: one column, below one block, a block and a few columns past a power of two, Llama-2's odd 32003, Qwen's

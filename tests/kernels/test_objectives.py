@@ -10,35 +10,23 @@ also rounded once to bf16 (the bound per element adds that rounding).
 
 import pytest
 import torch
-from oracle_checks import OPTION_SETS, check_loss_terms, linear_inputs, logits_inputs, rel, store_rounding
+from oracle_checks import (
+    OBJECTIVE_CASES as CASES,
+)
+from oracle_checks import (
+    OPTION_SETS,
+    check_loss_terms,
+    linear_inputs,
+    logits_inputs,
+    rel,
+    store_rounding,
+)
+from oracle_checks import (
+    objective_options as options,
+)
 
 from dler_kernels import linear_policy_loss, policy_loss, reference
 from dler_kernels.objectives import OBJECTIVES
-
-# Bounds that make both sides of each clip or mask act on the test draws (ratios e^(+-0.4 sigma); the default GSPO
-# bounds of 3e-4 would clip every sequence, whose gradient is then 0).
-CASES = {
-    "ppo_clip": {},
-    "ppo_clip+opsm": dict(objective="ppo_clip", opsm_threshold=0.05),
-    "gspo": dict(eps_low=0.05, eps_high=0.08),
-    "gspo_token": dict(eps_low=0.05, eps_high=0.08),
-    "cispo": {},
-    "cispo-upper": dict(objective="cispo", cispo_clip="upper"),
-    "sapo": {},
-    "gmpo": dict(eps_low=0.2, eps_high=0.3),
-    "dppo_tv": dict(eps_low=0.01, eps_high=0.02),
-    "dppo_kl": dict(eps_low=0.002, eps_high=0.004),
-    "vespo": {},
-    "luspo": dict(eps_low=0.05, eps_high=0.08),
-    "gspo+opsm": dict(objective="gspo", eps_low=0.05, eps_high=0.08, opsm_threshold=0.0),
-}
-
-
-def options(case: str, base: dict) -> dict:
-    opts = {"objective": case, **base, **CASES[case]}
-    if opts["objective"] != "ppo_clip":
-        opts.pop("clip_c", None)  # PPO-clip's dual clip means nothing to another objective
-    return opts
 
 
 def test_every_objective_has_a_case():
