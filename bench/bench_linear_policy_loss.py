@@ -276,7 +276,7 @@ def main():
     elif device == "cuda":
         shapes = ISSUE_SHAPES
     else:
-        raise SystemExit("on a CPU give one shape: --hidden H --vocab V (the issue's shapes need a GPU)")
+        raise SystemExit("on a CPU give one shape: --hidden H --vocab V (the GPU shapes need a GPU)")
     if device == "cuda":
         where = f"{torch.cuda.get_device_name()}"
     else:

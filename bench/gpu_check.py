@@ -13,7 +13,7 @@ time) when under 10 s would be left:
   2 build         dler_kernels._C built in place for the local GPU, CUDA kernels included (time-boxed)
   3 correctness   pytest -m gpu (counts per file, kept by a kill), and a 3-step `dler train` of the tiny demo model
   4 kernel_bench  bench_policy_loss: bf16, V=151936, N in {4096, 16384}, against eager, compile, Liger
-  5 linear_bench  bench_linear_policy_loss: N=16384, the issue's (H, V), against the 3 matmuls, Liger
+  5 linear_bench  bench_linear_policy_loss: N=16384, the target (H, V) shapes, against the 3 matmuls, Liger
   6 train_step    bench_train_step --fsdp: Qwen2-1.5B config, MFU against stage 1's matmul and the datasheet
 
 Every stage ends passed, failed, skipped (the device does not allow it, e.g. "no CUDA device") or not
@@ -46,10 +46,10 @@ from gpu_check_runner import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-# The whole check's deadline: the issue's 8 minutes on an H200. Each stage gets its own budget plus what the
+# The whole check's deadline: 8 minutes on an H200. Each stage gets its own budget plus what the
 # stages before it left unused, never past the deadline (gpu_check_runner.stage_budget).
 TOTAL_BUDGET_S = 480.0
-# The issue's order. GPU budgets sum to 480 s, the 8 minutes the whole check must fit in on an H200.
+# The stages in order. GPU budgets sum to 480 s, the 8 minutes the whole check must fit in on an H200.
 STAGES = (
     Stage("environment", "versions, copy bandwidth, matmul rate", 20, 60),
     Stage("build", "the extension for the local GPU", 100, 30),

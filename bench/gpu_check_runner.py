@@ -30,7 +30,7 @@ _LIVE_GROUPS: set[int] = set()  # process groups this process started and has no
 class Stage:
     name: str
     title: str
-    budget_s: float  # on a GPU, full sizes: the budgets of all stages sum to the 8 minutes
+    budget_s: float  # on a GPU, full sizes: the budgets of all stages sum to 8 minutes
     smoke_budget_s: float  # --smoke, on whatever device (the CI's CPU is slow and shared)
 
 

@@ -2,7 +2,7 @@
 
 Every stage gets a :class:`StageContext` and fills ``ctx.record``: ``status`` (passed / failed / skipped /
 not run), ``reason``, ``figures`` (every number, for gpu_report.json), ``tables`` (for gpu_report.md),
-``parts`` (sub-checks, each with its own status) and ``targets`` (the issue's targets, met or not).
+``parts`` (sub-checks, each with its own status) and ``targets`` (the performance targets, met or not).
 ``ctx.save()`` writes it as the stage goes, so a stage killed at its budget keeps what it finished.
 The measuring code is the benchmark scripts' own (bench_policy_loss, bench_linear_policy_loss,
 bench_train_step): this file only chooses shapes and reads their results.
@@ -74,13 +74,13 @@ class StageContext:
 
 
 def judge_only_on_a_gpu(ctx: StageContext, targets: list[dict], cuda: bool) -> list[dict]:
-    """The issue's targets are for its shapes on a GPU: a CPU or --smoke run shows the figures, judges none."""
+    """The targets are for the GPU shapes: a CPU or --smoke run shows the figures, judges none."""
     if cuda and not ctx.smoke:
         return targets
     why = "smoke mode: tiny shapes" if ctx.smoke else "a CPU run"
     for t in targets:
         if t.get("met") is not None:
-            t.update(met=None, reason=f"{why}, not judged (the target is for the issue's shapes on a GPU)")
+            t.update(met=None, reason=f"{why}, not judged (the target is for the GPU shapes)")
     return targets
 
 
@@ -553,7 +553,7 @@ def kernel_implementations(bench_policy_loss, args, device: str) -> list[str]:
 
 
 def kernel_bench(ctx: StageContext) -> None:
-    """bench_policy_loss on the issue's shapes (bf16, V=151936, N in {4096, 16384}); --smoke: one tiny shape.
+    """bench_policy_loss on the target shapes (bf16, V=151936, N in {4096, 16384}); --smoke: one tiny shape.
     Each implementation is measured in its own ``measure`` call and saved to the stage's JSON at once (a stage
     killed at its budget keeps every figure it measured). torch.compile comes last, compiled afresh for each
     N with static shapes (``torch.compiler.reset`` and no automatic dynamic shapes: a recompile for the second
@@ -666,7 +666,7 @@ def kernel_table(result: dict) -> dict:
 
 
 def linear_bench(ctx: StageContext) -> None:
-    """bench_linear_policy_loss on the issue's (H, V) shapes at N=16384, bf16; --smoke: one tiny shape."""
+    """bench_linear_policy_loss on the target (H, V) shapes at N=16384, bf16; --smoke: one tiny shape."""
     import bench_linear_policy_loss
     import torch
 

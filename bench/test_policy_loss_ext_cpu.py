@@ -1,11 +1,11 @@
 """pytest-benchmark on the CPU: the C++ kernels of dler_kernels._C against the eager reference, policy
-loss fwd+bwd at issue 5's shape, N=2048, V=49152, fp32, 2 threads (logits: 384 MiB).
+loss fwd+bwd at the target shape, N=2048, V=49152, fp32, 2 threads (logits: 384 MiB).
 
     make bench          # or: .venv/bin/python -m pytest bench/ --benchmark-only
 
 Peak memory is measured in fresh processes (bench_policy_loss.py's ``peak_memory_cpu``: the growth of
 the peak resident set over one call, the gradient included) and recorded in extra_info. The last test
-asserts the issue's targets on numbers measured side by side in this run: ours >= 3x faster than
+asserts the targets on numbers measured side by side in this run: ours >= 3x faster than
 eager (medians), ours <= 1.5x the logits in peak memory. (The in-place variant, which needs no
 gradient buffer, is in bench_policy_loss.py's table.)
 """

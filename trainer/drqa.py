@@ -1,6 +1,7 @@
 """DRQA data (``dler drqa-data``): concise chains from batched prompts, verbose ones from single prompts.
 
-A model asked several questions in one prompt reasons more briefly about each (DESIGN.md section 3, "DRQA").
+A model asked several questions in one prompt reasons more briefly about each (the idea of
+"Dynamic Reasoning Quota Allocation", DRQA).
 This module turns that into labelled data (the reward that reads it is described in point 4):
 
 1. Questions are grouped ``k`` at a time (k = 2 by default) into one prompt that asks for the solutions in

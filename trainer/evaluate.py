@@ -1,4 +1,5 @@
-"""``dler eval``: accuracy against tokens, the paper's protocol (DESIGN.md section 3).
+"""``dler eval``: accuracy against tokens, the paper's protocol (16 samples at temperature 0.6,
+top-p 0.95, up to 32k tokens).
 
 For every model and benchmark: ``samples`` responses per question (vLLM when installed; temperature 0.6,
 top-p 0.95 by default), scored by :class:`~trainer.answers.AnswerChecker`. Reported per (model, dataset):

@@ -8,7 +8,7 @@ prompt) with the same signature::
 ``budget`` is the group's length budget L: the configured ``length_budget``, or the prompt's own
 budget (:mod:`trainer.budgets`: DA-DLER, DRQA), so every penalty composes with difficulty-aware budgets and with any
 advantage method. A response is *truncated* when the engine cut it at ``max_tokens``.
-Semantics: ``DESIGN.md`` section 3.
+Semantics: each penalty's docstring.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 @dataclass
 class LengthPenaltyConfig:
-    """Which penalty, and its parameters (defaults: the papers' settings, DESIGN.md section 3)."""
+    """Which penalty, and its parameters (defaults: the papers' settings)."""
 
     name: str = "truncation"
     """The penalty: a key of :data:`LENGTH_PENALTIES`."""
@@ -131,11 +131,11 @@ def drqa(correct, lengths, truncated, budget, cfg):
 
 
 def shorter_better(correct, lengths, truncated, budget, cfg):
-    """ShorterBetter (Yi et al. 2025, arXiv 2504.21370, method, "Sample Optimal Length (SOL)"; the issue's
-    formula and the paper's agree): r = alpha 1[correct] - beta |len - SOL|, where SOL is the length of the
-    group's shortest correct response, or the group's mean length when none is correct. The group's budget
-    counts as the paper's generation limit: a response that did not finish within L tokens is not correct (a
-    response cut at the paper's max length has no answer), neither for its own reward nor for the SOL."""
+    """ShorterBetter (Yi et al. 2025, arXiv 2504.21370, method, "Sample Optimal Length (SOL)"):
+    r = alpha 1[correct] - beta |len - SOL|, where SOL is the length of the group's shortest correct response, or
+    the group's mean length when none is correct. The group's budget counts as the paper's generation limit: a
+    response that did not finish within L tokens is not correct (a response cut at the paper's max length has no
+    answer), neither for its own reward nor for the SOL."""
     right = (correct > 0) & _finished_within(lengths, truncated, budget)
     sol = lengths[right].min() if right.any() else lengths.mean()
     return cfg.shorter_better_alpha * right - cfg.shorter_better_beta * np.abs(lengths - sol)
@@ -145,8 +145,8 @@ def alp(correct, lengths, truncated, budget, cfg):
     """ALP, adaptive length penalty (Xiang et al. 2025, arXiv 2506.05256, method, "Adaptive Length Penalty"):
     r = 1[correct] - (beta / N) max(p_solved, 1/K) |y|, with p_solved the group's solve rate over its K
     responses, so an easy prompt pays more per token than a hard one. (The searchable copy of the paper held
-    its abstract and introduction; the formula is the method's as a review of the paper quotes it, and it adds
-    the 1/N the issue's formula lacks.) The paper leaves N a normalisation constant; here N is the group's
+    its abstract and introduction; the formula is the method's as a review of the paper quotes it, and it has
+    a 1/N normaliser.) The paper leaves N a normalisation constant; here N is the group's
     budget L, so ``alp_beta`` is what a response of L tokens loses on a prompt the whole group solved, and a
     per-prompt budget (DA-DLER, a schedule) scales the penalty."""
     solved = max(float(correct.mean()), 1.0 / correct.size)

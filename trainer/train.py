@@ -1,6 +1,6 @@
 """The training loop of ``dler train``: one process on a CPU or a GPU, many with ``torchrun``.
 
-:meth:`Trainer.fit` reads top-down as one step's data flow (``DESIGN.md`` section 2)::
+:meth:`Trainer.fit` reads top-down as one step's data flow::
 
     prompts -> rollouts (vLLM) -> rewards (answer check x length penalty, per-prompt budgets)
       -> dynamic sampling -> advantages (kernel) -> old / reference log-probs (no-grad kernel)

@@ -52,7 +52,7 @@ def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and
     out, proc, report, _ = smoke
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(report) == {"command", "smoke", "machine", "total_s", "total_budget_s", "stages"}
-    assert report["smoke"] is True and report["total_budget_s"] <= 480  # the issue's 8 minutes on a GPU
+    assert report["smoke"] is True and report["total_budget_s"] <= 480  # 8 minutes on a GPU
     assert [s["name"] for s in report["stages"]] == STAGES
     for stage in report["stages"]:
         assert {"name", "title", "status", "reason", "elapsed_s", "budget_s"} <= set(stage), stage["name"]

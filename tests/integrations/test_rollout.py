@@ -172,7 +172,7 @@ def _check_weight_sync(res, bound):
 def test_vllm_weight_sync_is_real_bf16_tiny(tiny_llama_dir):
     spec = dict(dtype="bfloat16", mem=0.1, noise=0.5, questions=PROMPTS[:2], n=2, max_tokens=32)
     res = _vllm("vllm_weight_sync.py", tiny_llama_dir, **spec)
-    _check_weight_sync(res, bound=0.02)  # the bf16 bound; measured 7e-4
+    _check_weight_sync(res, bound=0.02)  # the bf16 bound of a weight sync; measured 7e-4
     assert res["sync"]["tensors"] == 20 + 1  # the checkpoint's tensors plus the tied head
 
 

@@ -1,4 +1,4 @@
-"""Length penalties and DA-DLER budgets against hand-computed values (DESIGN.md section 3)."""
+"""Length penalties and DA-DLER budgets against hand-computed values (each penalty's docstring)."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Makes this Python look like the GPU machine's (DESIGN.md section 5): the packages that machine lacks are
+"""Makes this Python look like the GPU machine's (Python 3.12, torch 2.11 + CUDA 13, Triton 3.6;
+no vLLM, no liger-kernel): the packages that machine lacks are
 hidden, so ``import vllm`` fails and ``importlib.util.find_spec("vllm")`` is None, as they would be there.
 A folder holding only this file, put first on PYTHONPATH by tests/integrations/test_gpu_check.py: Python
 imports ``sitecustomize`` at start-up, in every process the check starts."""
