@@ -88,14 +88,18 @@ class Trainer:
         self.log = RunLog(cfg, self.out, is_main=env.is_main, progress=progress)
         self.timer = StepTimer()
         self._check_world(env.world_size)
-        folder = RunFolder(self.out, self.log.say)
-        replaces_failed_start = folder.claim(resume)
+        self.folder = RunFolder(self.out, self.log.say)
+        replaces_failed_start = self.folder.claim(resume)  # and its lock, held until close()
         try:
             self._load()
+            self._start(resume, from_step, replaces_failed_start)
         except BaseException:
-            folder.release(resume)
+            self.folder.release(resume)
             raise
 
+    def _start(self, resume: bool, from_step: int | None, replaces_failed_start: bool) -> None:
+        """Where the run starts (a checkpoint, or the model), its rollout engine and what samples with it."""
+        cfg, env = self.cfg, self.env
         self.start_step, self.history, engine_dir = 0, {}, self.model_dir
         if resume:
             restored = self.checkpointer.restore(from_step)
@@ -117,6 +121,14 @@ class Trainer:
         )
         share = dict(rank=env.rank, world_size=env.world_size)
         self.heldout = HeldOutEval(cfg, self.eval_prompts, self.checker, self.engine, **share, say=self.log.say)
+
+    def close(self) -> None:
+        """The end of the run: the engine shut down, then the run folder's lock let go."""
+        try:
+            # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
+            self.engine.close()
+        finally:
+            self.folder.unlock()
 
     def _load(self) -> None:
         """Everything a run needs before its first step, cheap checks first; the folder is claimed already."""
@@ -410,8 +422,7 @@ def train(
         try:
             return trainer.fit()
         finally:
-            # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
-            trainer.engine.close()
+            trainer.close()
     finally:
         with contextlib.suppress(Exception):
             destroy_distributed()
