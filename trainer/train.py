@@ -56,6 +56,7 @@ from .fsutil import UserError
 from .fused_head import fused_head_unsupported
 from .global_batch import global_advantages
 from .heldout import HeldOutEval
+from .hf_folder import load_tokenizer
 from .mismatch_metrics import MismatchSums
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -139,9 +140,7 @@ class Trainer:
         # Cheap checks first: model folder, tokenizer, data.
         self.model_dir = resolve_model(cfg.model.path)
         check_weights(self.model_dir)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
         prompts = self._load_prompts(cfg.data.train, cfg.data.limit)
         self.prompt_ids = {p.example.id: p.token_ids for p in prompts}
         self.stream = PromptStream([p.example for p in prompts], seed=cfg.data.seed, shuffle=cfg.data.shuffle)
