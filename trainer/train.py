@@ -107,6 +107,7 @@ class Trainer:
             self.start_step, self.history, engine_dir = restored.step, restored.history, restored.model_dir
         else:
             self.log.start_fresh(replaces_failed_start)
+            self.checkpointer.measure_start()
 
         # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
         self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
@@ -191,7 +192,8 @@ class Trainer:
                 update = self.update(rows, step)  # the policy update
                 self.sync_weights()  # weights to the rollout engine
                 record = self.record(step, sampling, advantages, update, rows)
-                verdict = control.vote(update, self.policy)  # a stop request or divergence, on every rank alike
+                # a stop request or divergence, on every rank alike
+                verdict = control.vote(update, self.policy, self.checkpointer.start_weight_norm)
                 self.close_step(step, record, verdict, control)
                 if verdict.stop:
                     break
@@ -207,7 +209,7 @@ class Trainer:
         if verdict.diverged is not None:
             raise self.checkpointer.divergence_error(step, verdict.diverged)
         if self.checkpointer.due(step, stopping=verdict.stop):
-            self.checkpointer.save(step, self.history)
+            self.checkpointer.save(step, self.history, record)
         if verdict.stop:
             self.log.say(f"stopped after step {step}; resume with: dler train --resume {self.out}")
 
