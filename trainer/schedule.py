@@ -141,7 +141,7 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 def checkpoint_trouble(health: dict[str, Any] | None) -> str | None:
     """Why the state a checkpoint holds is not known to be good (the rule in the module docstring), said of its
-    step ("its loss was nan"), or None when it passes. ``health``: the figures saved with it: the loss and
+    step ("its step's loss was nan"), or None when it passes. ``health``: the figures saved with it: the loss and
     gradient norm of the step that made it, its weights' norm and the norm the run started from."""
     if not isinstance(health, dict) or not health:
         return "it carries no health figures (saved by an older dler)"
@@ -151,8 +151,10 @@ def checkpoint_trouble(health: dict[str, Any] | None) -> str | None:
     if grad_norm is not None and not math.isfinite(grad_norm):
         return f"its step's gradient norm was {grad_norm}"
     norm, start = health.get("weight_norm"), health.get("start_weight_norm")
-    if norm is None or start is None or not start > 0:
+    if start is None or not start > 0:
         return "the norm its weights started from is unknown (a run resumed from a checkpoint of an older dler)"
+    if norm is None:
+        return "its weights' norm was not recorded"
     if not _norm_in_range(norm, start):
         return f"its weights' norm is {norm:.3g}, {norm / start:.3g} times the {start:.3g} the run started from"
     return None
