@@ -213,18 +213,33 @@ def _cmd_drqa_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    import shlex
-
     from . import study
-    from .study_report import STUDY_MD, write_report
+    from .study_report import STUDY_MD
 
     bad = [item for item in args.set if "=" not in item]
     if bad:
         raise UserError(f"--set takes key=value (a dler train override), got {bad[0]!r}")
     runs = study.plan(args.recipes, args.penalties, args.seeds, args.steps)
     out = args.out.expanduser().absolute()
-    print(f"dler study: {len(runs)} runs into {out} (one at a time; logs in {out / 'logs'})", flush=True)
-    timings = study.run_study(out, runs, args.set, say=lambda line: print(line, flush=True))
+    with study.claim_folder(out):
+        print(f"dler study: {len(runs)} runs into {out} (one at a time; logs in {out / 'logs'})", flush=True)
+        try:
+            timings = study.run_study(out, runs, args.set, say=lambda line: print(line, flush=True))
+        except study.Interrupted as e:
+            print(f"dler study: interrupted: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        _study_report(args, out, runs, timings)
+    print(f"dler study: {out / STUDY_MD}")
+    return 0
+
+
+def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict[str, float]) -> None:
+    """study.md, study.json and pareto.png of a finished study."""
+    import shlex
+
+    from . import study
+    from .study_report import write_report
+
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         summary = study.finished_summary(out / "runs" / run.name)
@@ -255,8 +270,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
     }
     for note in write_report(out, summaries, header):
         print(note)
-    print(f"dler study: {out / STUDY_MD}")
-    return 0
 
 
 def _name_list(text: str) -> list[str]:
@@ -433,9 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a seeded comparison of length penalties under the GRPO and DLER recipes on the CPU demo",
         description="One `dler train` of the CPU demo per recipe x penalty x seed, one at a time, each with its "
         "held-out before/after evaluation; writes study.md, study.json and pareto.png into --out. Finished runs "
-        "are not run again (a re-run resumes the study); logs go to OUT/logs.",
+        "are not run again (a re-run resumes the study); logs go to OUT/logs. Ctrl-C stops the running run after "
+        "its step, with a checkpoint, and the study with exit code 130.",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/study"), help="the study's folder (default: runs/study)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/study"),
+        help="the study's folder (default: runs/study): new, empty, or an earlier study's",
+    )
     p.add_argument("--recipes", type=_name_list, default=list(RECIPES), help=f"comma-separated of {','.join(RECIPES)}")
     p.add_argument(
         "--penalties", type=_name_list, default=list(PENALTIES), help=f"comma-separated of {','.join(PENALTIES)}"

@@ -116,13 +116,12 @@ def build_drqa_data(
     overwrite: bool = False,
 ) -> dict:
     """Generate, split, check and label; write the jsonl ``out`` atomically; return a summary."""
-    from transformers import AutoTokenizer
-
     from .answers import AnswerChecker
     from .benchmarks import load_benchmark
     from .data import Example, build_prompts
     from .engines import make_engine, resolve_engine
     from .evaluate import ModelSpec, parse_model
+    from .hf_folder import load_tokenizer
 
     if k < 1 or samples < 1 or max_tokens < 1:
         raise UserError(f"-k, --samples and --max-tokens must be >= 1, got {k}, {samples}, {max_tokens}")
@@ -138,7 +137,7 @@ def build_drqa_data(
     random.Random(seed).shuffle(order)
     groups = [[examples[j] for j in order[i : i + k]] for i in range(0, len(order) - k + 1, k)]
 
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
+    tokenizer = load_tokenizer(spec.path)
     chat = bool(getattr(tokenizer, "chat_template", None))
     # A batched prompt is already the whole user message: the "plain" template passes it through.
     batched = [Example(batched_prompt([e.question for e in g]), "", f"batch:{i}", "drqa") for i, g in enumerate(groups)]

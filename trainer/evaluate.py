@@ -37,6 +37,7 @@ from .engine_log import ENGINE_LOG, last_lines
 from .eval_metrics import default_ks, mean, pass_at_k_mean, summarise
 from .eval_report import plot_pareto, plot_scaling, results_markdown
 from .fsutil import UserError, atomic_directory, check_output
+from .hf_folder import check_tokenizer, load_tokenizer
 from .weights import check_safetensors_folder
 
 RESULTS_JSON = "results.json"
@@ -128,6 +129,7 @@ def parse_model(spec: str) -> ModelSpec:
                 f"checkpoint folder, RUN/checkpoints/step-N, with them in its {MODEL_DIR}/)"
             )
         check_safetensors_folder(path)  # safetensors only, whole: refused here, not in the engine's process
+        check_tokenizer(path)
     path = resolve_model(rest)
     return ModelSpec(name or (rest if rest in MODEL_ALIASES else path.name), path)
 
@@ -210,22 +212,19 @@ def _child_main(work: Path) -> int:
     try:
         _child_generate(job, work)
     except UserError as e:
-        (work / "error.txt").write_text(str(e))
-        print(f"dler eval: error: {e}", file=sys.stderr)
+        (work / "error.txt").write_text(str(e))  # the parent says it, as its one error line
         return 2
     return 0
 
 
 def _child_generate(job: dict, work: Path) -> None:
-    from transformers import AutoTokenizer
-
     from .data import Example, build_prompts
     from .engines import make_engine
     from .progress import progress
 
     settings = EvalSettings(**job["settings"])
     model_dir = Path(job["model"])
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = {
         d["name"]: [

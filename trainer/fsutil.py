@@ -6,8 +6,11 @@ error type of everything the user can fix (its translation of storage failures i
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +31,12 @@ COMPLETE_MARKER = ".dler-complete"
 OWNER_MARKER = ".dler-run"
 
 
+# Inside a folder a dler command is writing: the kernel lock on it is that command's claim (FolderLock).
+LOCK_FILE = ".dler-lock"
+# Errors of a file system that has no locks at all (some network and FUSE mounts), as opposed to a held lock.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
@@ -43,6 +52,64 @@ def owner(path: Path) -> str | None:
 def mark_owner(path: Path, command: str) -> None:
     """Claim folder ``path`` for ``command``: later runs may then treat it as theirs."""
     (Path(path) / OWNER_MARKER).write_text(command + "\n", encoding="utf-8")
+
+
+class FolderLock:
+    """The claim of one process on a folder it writes: an exclusive ``fcntl.flock`` on ``LOCK_FILE`` inside it,
+    whose text names the holder (its pid and host). The kernel drops the lock when the holder's process ends,
+    however it ends (kill -9 included), so a lock is never stale; the file stays behind and means nothing
+    without the lock. ``command`` is the dler command that takes it and ``name`` what the user calls the folder
+    (``--out``, ``run.out``), for the refusal of a second one."""
+
+    def __init__(self, folder: Path, command: str, name: str = "--out"):
+        self.folder, self.command, self.name = Path(folder), command, name
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock (the folder must exist). Raises a one-line UserError naming the holder when another
+        process has it; returns False, holding nothing, on a file system without locks."""
+        path = self.folder / LOCK_FILE
+        while self._fd is None:
+            # O_CLOEXEC: the processes this one starts (eval workers, engines) must not carry the claim on.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "its pid not written yet"
+                os.close(fd)
+                if e.errno in _NO_LOCKS:
+                    return False
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UserError(
+                    f"{self.name} {self.folder} is in use by another `dler {self.command}` ({holder}): wait for it to "
+                    f"end or stop it, or choose another {self.name}"
+                ) from None
+            try:
+                # The file this lock is on must still be the one at the path (not one a release just removed).
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            text = f"pid {os.getpid()} on host {socket.gethostname()}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, text, 0)
+            self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give the lock back (a no-op when it is not held)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ output folders

@@ -70,6 +70,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimConfig) -> None:
+    """Set ``cfg``'s learning rate, weight decay, betas and eps on an optimizer and scheduler restored from a
+    checkpoint, which bring back the values they were saved with: a resume with ``optim.lr=...`` (the way on
+    from a diverged run) trains at that rate from its next step, on the same schedule. With the config the run
+    was saved with, every value is the one restored, so an unchanged resume stays exact."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)
+        group.update(betas=tuple(cfg.betas), eps=cfg.eps)
+    # get_last_lr() reports the rate of the step to come, as scheduler.step() would have set it.
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
     """The L2 norm of all gradients of ``model``, then (``max_norm`` not None) gradients scaled down
     so that it is at most ``max_norm``.
@@ -89,4 +102,16 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
         norm = norm.full_tensor()
     if max_norm is not None and torch.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def weight_norm(model: nn.Module) -> float:
+    """The L2 norm of all the weights of ``model``. Under FSDP2 it is of the full weights (the shards' squared
+    norms summed over ranks), as :func:`clip_gradients`' is of the full gradients: a collective then."""
+    params = [p.detach() for p in model.parameters()]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(params, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):  # a DTensor holding each rank's partial sum: reduce it
+        norm = norm.full_tensor()
     return float(norm)

@@ -1,10 +1,15 @@
-"""Whose ``run.out`` is it: claiming the folder for a fresh run, giving back a claim whose start failed, and
-the commands that start a run over.
+"""Whose ``run.out`` is it: claiming the folder for a fresh run or a resume, giving back a claim whose start
+failed, and the commands that start a run over.
 
 ``run.out`` is checked by ``fsutil.check_output`` before anything is written: a new or empty folder is
 started; a folder an earlier ``dler train`` made (its ``.dler-run`` marker) is refused with ``--resume``
 as the way on, unless it is a failed start (no complete checkpoint), which a fresh run takes over; any
 other non-empty folder is the user's and is refused untouched.
+
+One run at a time: the claim (fresh or resume) takes the folder's lock (``fsutil.FolderLock``) and holds it
+until the run ends, so a second ``dler train`` on the same ``run.out`` stops at once with one line naming the
+holder's pid, instead of both writing the same metrics and moving each other's checkpoints aside. All ranks
+of a job share the folder: rank 0 alone takes the lock, for the job.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 from . import collective
 from .checkpoint import CheckpointManager
 from .checkpoint_layout import CHECKPOINTS_DIR
-from .fsutil import OWNER_MARKER, UserError, check_output, mark_owner, owner
+from .fsutil import LOCK_FILE, OWNER_MARKER, FolderLock, UserError, check_output, mark_owner, owner
 from .run_log import CONFIG_FILE, METRICS_FILE
 
 
@@ -27,29 +32,54 @@ class RunFolder:
     def __init__(self, out: Path, say: Callable[[str], None]):
         self.out, self.say = out, say
         self.created = False  # whether the claim made the folder (on rank 0)
+        self.lock = FolderLock(out, "train", name="run.out")  # taken on rank 0 only
 
     def claim(self, resume: bool) -> bool:
-        """Whether run.out may be written (``fsutil.check_output``, the rule of every dler command); returns
-        True when a fresh run takes over a failed start (a run folder with no complete checkpoint: nothing
-        in it can be resumed, so starting it over is what its owner wants). Collective."""
-        if resume:
-            return False
-        # Rank 0 decides and claims (the folder is shared); every rank gets its outcome, so that a refusal
+        """Take the folder's lock and check that run.out may be written (``fsutil.check_output``, the rule of
+        every dler command); returns True when a fresh run takes over a failed start (a run folder with no
+        complete checkpoint: nothing in it can be resumed, so starting it over is what its owner wants).
+        Collective; the lock is held until :meth:`unlock` or the process ends."""
+        # Rank 0 decides, claims and locks (the folder is shared); every rank gets its outcome, so that a refusal
         # (or any failure) stops them all instead of leaving the others waiting in the next collective.
-        return collective.broadcast(collective.on_rank0("cannot create run.out", self._claim, path=self.out))
+        claim = self._lock if resume else self._claim
+        return bool(collective.broadcast(collective.on_rank0("cannot create run.out", claim, path=self.out)))
 
     def release(self, resume: bool) -> None:
         """Give back a folder claimed by a start that failed before it wrote anything (a bad model path, a
-        missing package): it holds only the marker, so it goes, and the user's view is as before the run."""
+        missing package): it holds only the marker and the lock, so it goes, and the user's view is as before
+        the run. The lock is let go in every case."""
         if resume or collective.rank() != 0:
+            self.unlock()
             return
         with contextlib.suppress(OSError):
-            if [p.name for p in self.out.iterdir()] == [OWNER_MARKER]:
-                (self.out / OWNER_MARKER).unlink()
+            if {p.name for p in self.out.iterdir()} <= {OWNER_MARKER, LOCK_FILE}:
+                for name in (OWNER_MARKER, LOCK_FILE):
+                    (self.out / name).unlink(missing_ok=True)
                 if self.created:
                     self.out.rmdir()
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Let go of the folder's lock (at the end of the run; the process's end would too)."""
+        self.lock.release()
+
+    def _lock(self) -> bool:
+        if not self.lock.acquire():
+            self.say(f"{self.out}: this file system has no file locks; nothing stops a second run on this folder")
+        return False
 
     def _claim(self) -> bool:
+        # A folder of ours may have a run in it now: name it (its pid) before judging what the folder holds.
+        locked_first = self.out.is_dir() and owner(self.out) == "train"
+        if locked_first:
+            self._lock()
+        try:
+            return self._check_and_mark(locked_first)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_and_mark(self, locked: bool) -> bool:
         resume_hint = f"continue it with `dler train --resume {self.out}`, or set run.out to another folder"
         if owner(self.out) is None and is_legacy_run(self.out):
             # Made by a dler from before the marker: ours, but without it nothing may be taken over.
@@ -57,12 +87,16 @@ class RunFolder:
         state = check_output(self.out, "train", flag=None, name="run.out", ours_ok=True)
         if state == "ours" and CheckpointManager(self.out).latest() is not None:
             raise UserError(f"{self.out} already holds a run: {resume_hint}")
-        if state == "ours":
-            self.say(f"{self.out} holds a run that stopped before its first checkpoint: starting it over")
         # Claimed now, before the minutes of loading: a read-only or unusable run.out fails at once.
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
+        # The marker before the lock: a second run that starts meanwhile sees a folder of ours and asks for the
+        # lock too, and one of the two gets it.
         mark_owner(self.out, "train")
+        if not locked:
+            self._lock()
+        if state == "ours":
+            self.say(f"{self.out} holds a run that stopped before its first checkpoint: starting it over")
         return state == "ours"
 
 

@@ -9,22 +9,37 @@ checkpoint (or, before its first checkpoint, started over by ``dler train`` itse
 trainer's output go to ``OUT/logs/NAME.log``; the console gets one line per run. The tables and the plot
 are :mod:`trainer.study_report`'s.
 
+**The folder.** ``--out`` follows the output rule of every dler command (``fsutil.check_output``): a new or
+empty folder becomes a study (its ``.dler-run`` marker says ``study``), a study's folder is continued, and any
+other non-empty folder is refused untouched, so a user's own ``overrides.json`` is never read as a study's. A
+study holds its folder's lock while it runs (``fsutil.FolderLock``): one study per folder at a time.
+
+**Stopping.** Ctrl-C or SIGTERM reaches the study alone (each run is in a session of its own), and the study
+passes one SIGINT on to the running ``dler train``, which stops after its current step with a checkpoint; the
+study waits for it up to ``STOP_TIMEOUT_S`` (then kills it and says so) and exits with 130, saying how the run
+resumes when the study is run again. A second Ctrl-C is passed on too: the run stops at once, keeping its last
+checkpoint.
+
 The penalties' per-token coefficients are the papers' (set for budgets of thousands of tokens) scaled to the
 demo's budget of 80 by ``PAPER_BUDGET / DEMO_BUDGET``, so each penalty weighs length about as its paper does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fsutil import UserError, atomic_file
+from .fsutil import FolderLock, UserError, atomic_file, check_output, mark_owner, owner
 
 OVERRIDES_FILE = "overrides.json"  # the --set overrides every run of the study was made with
 SUMMARY_FILE = "summary.json"  # trainer.run_log's, not imported: `dler --help` builds this command's parser
@@ -39,6 +54,12 @@ TOKEN_SCALE = PAPER_BUDGET / DEMO_BUDGET
 SCHEDULE_DECAY, SCHEDULE_STAGES, SCHEDULE_FLOOR = 0.75, 4, 30
 LASER_MAX_TOKENS = 2 * DEMO_BUDGET  # the laser cell's generation limit, above its target L (see penalty_overrides)
 GFPO_SAMPLES = 16  # GFPO's larger group: twice the demo's 8, of which the 8 shortest are trained on
+# What runs one run: `dler train` in this interpreter; read at each run, so that a stand-in can take its place.
+TRAIN_COMMAND = (sys.executable, "-m", "trainer", "train")
+# How long a stopped study waits for its run's last step and checkpoint: seconds with the machine to itself (a 30-step
+# run, both evaluations included, takes 56-96 s) and up to about a minute beside another job (runs of 4.5-28 min).
+STOP_TIMEOUT_S = 120.0
+_POLL_S = 0.2  # how often the study looks at its running child and at a stop request
 
 
 def penalty_overrides(penalty: str, steps: int) -> list[str]:
@@ -93,11 +114,12 @@ class Run:
     def name(self) -> str:
         return f"{self.recipe}-{self.penalty}-seed{self.seed}-{self.steps}steps"
 
-    def command(self, out: Path, extra: Sequence[str]) -> list[str]:
-        """The ``dler train`` command line of a fresh start (``extra``: the user's overrides, last)."""
+    def command(self, out: Path, extra: Sequence[str], train: Sequence[str] | None = None) -> list[str]:
+        """The ``dler train`` command line of a fresh start (``extra``: the user's overrides, last; ``train``: the
+        command that is ``dler train``, default :data:`TRAIN_COMMAND`)."""
         overrides = [f"run.out={out}", f"run.seed={self.seed}", f"run.steps={self.steps}"]
         overrides += penalty_overrides(self.penalty, self.steps) + list(extra)
-        return [sys.executable, "-m", "trainer", "train", RECIPES[self.recipe], *overrides, "--no-progress"]
+        return [*(train or TRAIN_COMMAND), RECIPES[self.recipe], *overrides, "--no-progress"]
 
 
 def plan(recipes: Sequence[str], penalties: Sequence[str], seeds: Sequence[int], steps: int) -> list[Run]:
@@ -125,26 +147,125 @@ def finished_summary(run_dir: Path) -> dict | None:
     return summary if whole and "before" in summary and "after" in summary else None
 
 
-def run_one(run: Run, out: Path, extra: Sequence[str]) -> float:
-    """Run (or resume) ``run`` with its output in OUT/logs/NAME.log; returns its wall time in seconds."""
+class Interrupted(Exception):
+    """The study stopped on SIGINT or SIGTERM; the message says where the run it was running stands."""
+
+
+class StopSignals:
+    """While active (a context manager, in the main thread), SIGINT and SIGTERM are counted instead of ending
+    the study: the study passes each one on to its running child (:func:`run_one`) and stops before starting
+    another run."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested += 1  # all a handler does: the study's wait loop passes it on
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_one(
+    run: Run,
+    out: Path,
+    extra: Sequence[str],
+    stop: StopSignals | None = None,
+    *,
+    train: Sequence[str] | None = None,
+    stop_timeout: float = STOP_TIMEOUT_S,
+    say: Callable[[str], None] = print,
+) -> float:
+    """Run (or resume) ``run`` with its output in OUT/logs/NAME.log; returns its wall time in seconds. ``train``:
+    the command that is ``dler train`` (default :data:`TRAIN_COMMAND`). Raises :class:`Interrupted` when ``stop``
+    was signalled meanwhile: the run was asked to stop after its step (with a checkpoint) and waited for up to
+    ``stop_timeout`` seconds."""
     from .checkpoint import CheckpointManager
 
+    stop, train = stop or StopSignals(), train or TRAIN_COMMAND
     run_dir, log = out / "runs" / run.name, out / "logs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     if run_dir.exists() and CheckpointManager(run_dir).latest() is not None:
-        command = [sys.executable, "-m", "trainer", "train", "--resume", str(run_dir), "--no-progress"]
+        command = [*train, "--resume", str(run_dir), "--no-progress"]
     else:
-        command = run.command(run_dir, extra)
+        command = run.command(run_dir, extra, train)
     start = time.perf_counter()
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"$ {' '.join(command)}\n")
         f.flush()
         # Unbuffered: the log shows how far a run is while it runs.
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        # A session of its own: the terminal's Ctrl-C reaches the study alone, which passes one SIGINT on (a
+        # second one, from the terminal as well, would make dler train stop at once, without its checkpoint).
+        child = subprocess.Popen(
+            command, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+        try:
+            code, killed = _wait(child, stop, run.name, stop_timeout, say)
+        except BaseException:
+            child.kill()  # in a session of its own, nothing else would ever stop it
+            child.wait()
+            raise
+    if stop.requested:
+        raise Interrupted(_interrupted(run, run_dir, code, killed, stop_timeout))
     if code != 0:
         raise UserError(f"{run.name}: dler train exited with {code}; its output is in {log}")
     return time.perf_counter() - start
+
+
+def _wait(
+    child: subprocess.Popen, stop: StopSignals, name: str, timeout: float, say: Callable[[str], None]
+) -> tuple[int, bool]:
+    """The child's exit code, passing each stop request on to it as one SIGINT, and whether it had to be killed
+    (it had not ended ``timeout`` seconds after the first request)."""
+    passed, deadline = 0, None
+    while True:
+        try:
+            return child.wait(timeout=_POLL_S), False
+        except subprocess.TimeoutExpired:
+            pass
+        while passed < stop.requested:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGINT)
+            passed += 1
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+                say(
+                    f"dler study: stopping: {name} finishes its step and saves a checkpoint (waiting up to "
+                    f"{timeout:.0f} s; Ctrl-C again stops it at once)"
+                )
+        if deadline is not None and time.monotonic() > deadline:
+            child.kill()
+            return child.wait(), True
+
+
+def _interrupted(run: Run, run_dir: Path, code: int, killed: bool, timeout: float) -> str:
+    """Where a stopped study leaves its run, and how it goes on."""
+    from .checkpoint import CheckpointManager
+
+    if finished_summary(run_dir) is not None:
+        where = f"{run.name} finished"
+    else:
+        latest = CheckpointManager(run_dir).latest()
+        where = (
+            f"{run.name} resumes from its checkpoint {latest.name}"
+            if latest is not None
+            else f"{run.name} had no checkpoint yet and starts over"
+        )
+    how = (
+        f"{run.name} did not stop within {timeout:.0f} s and was killed"
+        if killed
+        else f"{run.name} stopped (dler train exited with {code})"
+    )
+    return f"{how}; run the same command again to resume the study ({where})"
 
 
 def check_overrides(out: Path, extra: Sequence[str]) -> None:
@@ -164,34 +285,78 @@ def check_overrides(out: Path, extra: Sequence[str]) -> None:
         json.dump(list(extra), f)
 
 
+# The name of a run's log and run folder (Run.name), by which a study from before the marker is recognised.
+_RUN_NAME = re.compile(r"[a-z]+-[a-z0-9_]+-seed-?\d+-\d+steps")
+
+
+@contextlib.contextmanager
+def claim_folder(out: Path) -> Iterator[None]:
+    """Claim ``out`` for a study (``fsutil.check_output``: new, empty or a study's own; anything else is refused
+    untouched), mark it as a study's and hold its lock while the block runs."""
+    out = Path(out)
+    # A study written before studies carried their marker is ours too: it is marked below.
+    if not (owner(out) is None and is_legacy_study(out)):
+        check_output(out, "study", flag=None, ours_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if owner(out) != "study":  # new, or a study from before the marker
+        mark_owner(out, "study")
+    lock = FolderLock(out, "study")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def is_legacy_study(out: Path) -> bool:
+    """A study folder from before studies carried their marker: its overrides file (a list of key=value) and
+    the log of at least one of its runs."""
+    try:
+        overrides = json.loads((out / OVERRIDES_FILE).read_text(encoding="utf-8"))
+        logs = [p.stem for p in (out / "logs").glob("*.log")]
+    except (OSError, ValueError):
+        return False
+    listed = isinstance(overrides, list) and all(isinstance(x, str) and "=" in x for x in overrides)
+    return listed and any(_RUN_NAME.fullmatch(name) for name in logs)
+
+
 def run_study(
     out: Path,
     runs: Sequence[Run],
     extra: Sequence[str] = (),
     say: Callable[[str], None] = print,
+    *,
+    train: Sequence[str] | None = None,
+    stop_timeout: float = STOP_TIMEOUT_S,
 ) -> dict[str, float]:
     """Run every unfinished run of ``runs`` one at a time; returns the wall seconds of each run (this call's
-    and earlier ones', kept in OUT/timings.json)."""
+    and earlier ones', kept in OUT/timings.json). SIGINT and SIGTERM stop it with :class:`Interrupted`, after
+    the running run's checkpoint (:func:`run_one`)."""
     out.mkdir(parents=True, exist_ok=True)
     check_overrides(out, extra)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
-    for i, run in enumerate(runs, start=1):
-        prefix = f"[{i}/{len(runs)}] {run.recipe} {run.penalty} seed {run.seed}"
-        summary = finished_summary(out / "runs" / run.name)
-        if summary is None:
-            timings[run.name] = run_one(run, out, extra)
-            with atomic_file(timings_file) as f:
-                json.dump(timings, f, indent=1)
+    with StopSignals() as stop:
+        for i, run in enumerate(runs, start=1):
+            prefix = f"[{i}/{len(runs)}] {run.recipe} {run.penalty} seed {run.seed}"
             summary = finished_summary(out / "runs" / run.name)
             if summary is None:
-                raise UserError(f"{run.name}: dler train ended without a finished summary; see {out}/logs")
-            took = f"{timings[run.name]:.0f} s"
-        else:
-            took = "done before, skipped"
-        b, a = summary["before"], summary["after"]
-        say(
-            f"{prefix}: accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}, mean length "
-            f"{b['mean_length']:.1f} -> {a['mean_length']:.1f} ({took})"
-        )
+                if stop.requested:
+                    raise Interrupted(
+                        f"stopped before {run.name} started; run the same command again to resume the study"
+                    )
+                timings[run.name] = run_one(run, out, extra, stop, train=train, stop_timeout=stop_timeout, say=say)
+                with atomic_file(timings_file) as f:
+                    json.dump(timings, f, indent=1)
+                summary = finished_summary(out / "runs" / run.name)
+                if summary is None:
+                    raise UserError(f"{run.name}: dler train ended without a finished summary; see {out}/logs")
+                took = f"{timings[run.name]:.0f} s"
+            else:
+                took = "done before, skipped"
+            b, a = summary["before"], summary["after"]
+            say(
+                f"{prefix}: accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}, mean length "
+                f"{b['mean_length']:.1f} -> {a['mean_length']:.1f} ({took})"
+            )
     return timings

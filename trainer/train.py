@@ -56,6 +56,7 @@ from .fsutil import UserError
 from .fused_head import fused_head_unsupported
 from .global_batch import global_advantages
 from .heldout import HeldOutEval
+from .hf_folder import load_tokenizer
 from .mismatch_metrics import MismatchSums
 from .models import resolve_model
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -88,20 +89,25 @@ class Trainer:
         self.log = RunLog(cfg, self.out, is_main=env.is_main, progress=progress)
         self.timer = StepTimer()
         self._check_world(env.world_size)
-        folder = RunFolder(self.out, self.log.say)
-        replaces_failed_start = folder.claim(resume)
+        self.folder = RunFolder(self.out, self.log.say)
+        replaces_failed_start = self.folder.claim(resume)  # and its lock, held until close()
         try:
             self._load()
+            self._start(resume, from_step, replaces_failed_start)
         except BaseException:
-            folder.release(resume)
+            self.folder.release(resume)
             raise
 
+    def _start(self, resume: bool, from_step: int | None, replaces_failed_start: bool) -> None:
+        """Where the run starts (a checkpoint, or the model), its rollout engine and what samples with it."""
+        cfg, env = self.cfg, self.env
         self.start_step, self.history, engine_dir = 0, {}, self.model_dir
         if resume:
             restored = self.checkpointer.restore(from_step)
             self.start_step, self.history, engine_dir = restored.step, restored.history, restored.model_dir
         else:
             self.log.start_fresh(replaces_failed_start)
+            self.checkpointer.measure_start()
 
         # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
         self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
@@ -118,6 +124,14 @@ class Trainer:
         share = dict(rank=env.rank, world_size=env.world_size)
         self.heldout = HeldOutEval(cfg, self.eval_prompts, self.checker, self.engine, **share, say=self.log.say)
 
+    def close(self) -> None:
+        """The end of the run: the engine shut down, then the run folder's lock let go."""
+        try:
+            # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
+            self.engine.close()
+        finally:
+            self.folder.unlock()
+
     def _load(self) -> None:
         """Everything a run needs before its first step, cheap checks first; the folder is claimed already."""
         cfg, env = self.cfg, self.env
@@ -127,9 +141,7 @@ class Trainer:
         # Cheap checks first: model folder, tokenizer, data.
         self.model_dir = resolve_model(cfg.model.path)
         check_weights(self.model_dir)
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = load_tokenizer(self.model_dir)
         prompts = self._load_prompts(cfg.data.train, cfg.data.limit)
         self.prompt_ids = {p.example.id: p.token_ids for p in prompts}
         self.stream = PromptStream([p.example for p in prompts], seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -180,7 +192,8 @@ class Trainer:
                 update = self.update(rows, step)  # the policy update
                 self.sync_weights()  # weights to the rollout engine
                 record = self.record(step, sampling, advantages, update, rows)
-                verdict = control.vote(update, self.policy)  # a stop request or divergence, on every rank alike
+                # a stop request or divergence, on every rank alike
+                verdict = control.vote(update, self.policy, self.checkpointer.start_weight_norm)
                 self.close_step(step, record, verdict, control)
                 if verdict.stop:
                     break
@@ -196,7 +209,7 @@ class Trainer:
         if verdict.diverged is not None:
             raise self.checkpointer.divergence_error(step, verdict.diverged)
         if self.checkpointer.due(step, stopping=verdict.stop):
-            self.checkpointer.save(step, self.history)
+            self.checkpointer.save(step, self.history, record)
         if verdict.stop:
             self.log.say(f"stopped after step {step}; resume with: dler train --resume {self.out}")
 
@@ -415,8 +428,7 @@ def train(
         try:
             return trainer.fit()
         finally:
-            # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
-            trainer.engine.close()
+            trainer.close()
     finally:
         with contextlib.suppress(Exception):
             destroy_distributed()

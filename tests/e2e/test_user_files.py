@@ -163,7 +163,7 @@ def test_an_oversized_data_row_is_one_line_naming_its_file_and_line_and_nothing_
     assert _digests(data.parent) == before and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["eval", "merge", "drqa-data", "prepare-model"])
+@pytest.mark.parametrize("command", ["eval", "merge", "drqa-data", "prepare-model", "study"])
 def test_every_other_command_refuses_a_folder_of_the_users_own_files(command, tiny_llama_dir, tmp_path, capsys):
     folder = tmp_path / "d"
     before = _user_files(folder)
@@ -173,6 +173,7 @@ def test_every_other_command_refuses_a_folder_of_the_users_own_files(command, ti
         "merge": ["merge", "--base", model, "--tuned", model, "--out", str(folder), "--no-progress"],
         "drqa-data": ["drqa-data", "--model", model, "--data", "builtin:toy-arith?size=4", "--out", str(folder)],
         "prepare-model": ["prepare-model", "tiny-llama", "--out", str(folder)],
+        "study": ["study", "--out", str(folder), "--recipes", "dler", "--penalties", "kimi", "--seeds", "0"],
     }[command]
     rc = cli.main(args)
     line = _error_line(capsys.readouterr().err, command)

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from trainer.config import FSDPConfig, ModelConfig, OptimConfig
 from trainer.distributed_env import destroy_distributed, init_distributed
 from trainer.fsdp import load_policy
-from trainer.optim import build_optimizer, clip_gradients
+from trainer.optim import build_optimizer, clip_gradients, weight_norm
 from trainer.packing import UpdateRow
 from trainer.policy import accumulate_gradients, compute_logprobs
 
@@ -71,6 +71,7 @@ def run_update(model, rows: list[UpdateRow], shifts: list[torch.Tensor], case: d
     optimizer.step()
     out["fused"] = optimizer.defaults["fused"]
     out["params"] = {n: full(p) for n, p in model.named_parameters()}
+    out["weight_norm"] = weight_norm(model)
     return out
 
 

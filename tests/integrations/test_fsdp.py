@@ -156,6 +156,11 @@ def test_two_rank_update_equals_the_single_process_update(two_ranks, single, cas
     # ... which is a real test: the step moved parameters by about lr.
     moved = max(float((single["params"][n] - single["initial"][n]).abs().max()) for n in single["initial"])
     assert moved > 5e-4
+    # The weights' norm (the divergence check's) is of the full weights on rank 0 too: that of the gathered
+    # parameters to 1e-3 (torch's float32 norm of these 3.2M weights is 5e-5 off float64's, measured on one
+    # process; a shard's norm would be ~1/sqrt(2) of it).
+    full_norm = float(torch.cat([p.flatten() for p in dist_result["params"].values()]).double().norm())
+    assert dist_result["weight_norm"] == pytest.approx(full_norm, rel=1e-3)
 
 
 def test_accumulation_loss_and_gradients_equal_one_big_batch(two_ranks, single, case):

@@ -246,6 +246,35 @@ def test_eval_k_larger_than_samples_is_exit_2(tmp_path, capsys, tiny_llama_dir):
     assert rc == 2 and "--think-budget (64) must be below --max-tokens (32)" in err
 
 
+def _without_tokenizer(model: Path, folder: Path) -> Path:
+    """A copy of ``model``'s config and weights only, as a model saved without its tokenizer."""
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((model / name).read_bytes())
+    return folder
+
+
+def test_eval_of_a_model_folder_without_a_tokenizer_is_one_line_and_exit_2(tmp_path, capsys, tiny_llama_dir):
+    model = _without_tokenizer(tiny_llama_dir, tmp_path / "no-tokenizer")
+    out = tmp_path / "out"
+    rc, err = _eval(["--model", model, "--data", FIXTURES / "amc.jsonl", "--out", out, "--engine", "hf"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"dler eval: error: model folder {model} has no tokenizer (none of tokenizer.json, ")
+    assert "save_pretrained" in line and not out.exists()
+
+
+def test_eval_of_a_model_folder_with_a_damaged_tokenizer_is_one_line_and_exit_2(tmp_path, capsys, tiny_llama_dir):
+    model = _without_tokenizer(tiny_llama_dir, tmp_path / "bad-tokenizer")
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    out = tmp_path / "out"
+    rc, err = _eval(["--model", model, "--data", FIXTURES / "amc.jsonl", "--out", out, "--engine", "hf"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"dler eval: error: model bad-tokenizer: cannot load the tokenizer of model folder {model}")
+    assert not out.exists()
+
+
 def test_eval_refuses_an_existing_output_folder(tmp_path, capsys, tiny_llama_dir):
     out = tmp_path / "out"
     out.mkdir()
@@ -347,6 +376,7 @@ def _model_folder(path: Path) -> Path:
 
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
+    (path / "tokenizer.json").write_text("{}")  # a dler checkpoint's model/ carries its source's tokenizer
     save_file({"w": torch.zeros(2)}, str(path / "model.safetensors"))
     return path
 

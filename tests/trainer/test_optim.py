@@ -1,4 +1,5 @@
-"""AdamW construction, the learning-rate schedule's shape, and gradient clipping."""
+"""AdamW construction, the learning-rate schedule's shape, gradient clipping, the weights' norm, and the
+learning rate of a resume."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
-from trainer.optim import build_optimizer, build_scheduler, clip_gradients, lr_factor
+from trainer.optim import apply_config, build_optimizer, build_scheduler, clip_gradients, lr_factor, weight_norm
 
 
 def lrs(cfg: OptimConfig, total_steps: int, steps: int | None = None) -> list[float]:
@@ -134,3 +135,48 @@ def test_no_gradients_have_norm_zero():
     assert clip_gradients(model, 1.0) == 0.0
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         clip_gradients(model, 0.0)
+
+
+def _stepped(cfg: OptimConfig, steps: int):
+    """A model, optimizer and scheduler after ``steps`` training steps."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    for _ in range(steps):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_a_resume_with_another_learning_rate_trains_at_it_on_the_same_schedule():
+    """`dler train --resume RUN optim.lr=...` (a diverged run's way on): the restored optimizer and scheduler bring
+    back the rate they were saved with; the config's replaces it from the next step, at the same point of the
+    schedule. With the same config nothing changes (an unchanged resume stays exact)."""
+    saved_cfg = OptimConfig(lr=0.1, warmup_steps=2, schedule="cosine", weight_decay=0.01)
+    _, saved_opt, saved_sched = _stepped(saved_cfg, 3)
+    for cfg in (saved_cfg, OptimConfig(lr=1e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0)):
+        _, optimizer, scheduler = _stepped(cfg, 0)
+        optimizer.load_state_dict(saved_opt.state_dict())
+        scheduler.load_state_dict(saved_sched.state_dict())
+        assert optimizer.param_groups[0]["lr"] == saved_opt.param_groups[0]["lr"]  # what a restore alone gives
+        apply_config(optimizer, scheduler, cfg)
+        group = optimizer.param_groups[0]
+        assert group["lr"] == scheduler.get_last_lr()[0] == cfg.lr * lr_factor(3, cfg, 10)
+        assert group["weight_decay"] == cfg.weight_decay
+        if cfg is saved_cfg:
+            assert {k: v for k, v in group.items() if k != "params"} == {
+                k: v for k, v in saved_opt.param_groups[0].items() if k != "params"
+            }
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_factor(4, cfg, 10), rel=1e-12)
+
+
+def test_weight_norm_is_the_norm_of_all_the_weights():
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 0.0]]))
+        model.bias.fill_(4.0)
+    assert weight_norm(model) == pytest.approx(5.0, abs=1e-6)

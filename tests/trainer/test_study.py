@@ -1,9 +1,17 @@
-"""`dler study`: the plan, the per-cell statistics against hand-computed values, and a smoke-size study
+"""`dler study`: the plan, the per-cell statistics against hand-computed values, a smoke-size study
 (two cells, one seed, two steps each, the demo's policy at test size on the transformers engine) end to end,
-including a re-run that skips the finished runs."""
+including a re-run that skips the finished runs; with a stand-in for `dler train` (tests/helpers/fake_train.py):
+resuming, a failed run, Ctrl-C (the run's checkpoint first, then exit 130) and a run that will not stop; the
+study's folder (refused when it is the user's, marked, locked)."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +26,9 @@ from trainer.study_report import (
     sign_test,
     warm_start,
 )
+
+REPO = Path(__file__).parents[2]
+FAKE_TRAIN = [sys.executable, str(REPO / "tests" / "helpers" / "fake_train.py")]  # a stand-in for `dler train`
 
 
 def summary(acc_before, acc_after, len_before, len_after, seed=None):
@@ -237,37 +248,166 @@ def test_smoke_study_writes_its_tables_and_a_rerun_skips_finished_runs(demo_mode
     assert json.loads((out / "study.json").read_text())["cells"] == data["cells"]
 
 
+def _fake_checkpoint(run_dir: Path, step: int) -> None:
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    folder.mkdir(parents=True)
+    (folder / ".dler-complete").write_text("")
+
+
+def _argv(run_dir: Path) -> list[list[str]]:
+    """The command lines the stand-in for dler train was started with in ``run_dir``."""
+    return [json.loads(line) for line in (run_dir / "argv.jsonl").read_text().splitlines()]
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_a_fresh_one_starts(tmp_path, monkeypatch):
-    import subprocess
+    from trainer import study
 
-    from trainer import checkpoint, study
-
-    commands = []
-
-    def fake_train(command, **kwargs):
-        commands.append(command)
-        run_dir = tmp_path / "runs" / "dler-alp-seed3-5steps"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps({**summary(0.5, 0.6, 100, 40), "steps": 5}))
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(subprocess, "run", fake_train)
+    monkeypatch.setenv("FAKE_TRAIN", "finish")
     run = study.Run("dler", "alp", 3, 5)
-    study.run_one(run, tmp_path, ["eval.limit=4"])  # no folder yet: a fresh start with the cell's overrides
-    assert commands[0][-1] == "--no-progress" and commands[0][3:5] == ["train", "toy-cpu"]
-    assert "reward.penalty.name=alp" in commands[0] and "run.seed=3" in commands[0]
-    assert commands[0].index("eval.limit=4") > commands[0].index("reward.penalty.name=alp")  # the user's last
-    monkeypatch.setattr(checkpoint.CheckpointManager, "latest", lambda self: tmp_path / "step-00000002")
-    study.run_one(run, tmp_path, ["eval.limit=4"])  # a checkpoint: resume it, with the config it was started with
-    assert commands[1][3:] == ["train", "--resume", str(tmp_path / "runs" / run.name), "--no-progress"]
+    run_dir = tmp_path / "runs" / run.name
+    assert run.command(run_dir, [])[:4] == [sys.executable, "-m", "trainer", "train"]  # dler train, by default
+    study.run_one(run, tmp_path, ["eval.limit=4"], train=FAKE_TRAIN)  # no folder yet: a fresh start
+    (fresh,) = _argv(run_dir)
+    assert fresh[-1] == "--no-progress" and fresh[0] == "toy-cpu"
+    assert "reward.penalty.name=alp" in fresh and "run.seed=3" in fresh
+    assert fresh.index("eval.limit=4") > fresh.index("reward.penalty.name=alp")  # the user's overrides last
+    _fake_checkpoint(run_dir, 2)
+    study.run_one(run, tmp_path, ["eval.limit=4"], train=FAKE_TRAIN)  # a checkpoint: resume it, with its own config
+    assert _argv(run_dir)[1] == ["--resume", str(run_dir), "--no-progress"]
     assert (tmp_path / "logs" / f"{run.name}.log").read_text().count("$ ") == 2
 
 
 def test_a_failed_run_stops_the_study_and_names_its_log(tmp_path, monkeypatch):
-    import subprocess
+    from trainer import study
+
+    monkeypatch.setenv("FAKE_TRAIN", "fail")
+    with pytest.raises(UserError, match=r"grpo-kimi-seed0-5steps: dler train exited with 2; .*logs/grpo-kimi"):
+        study.run_study(tmp_path, [study.Run("grpo", "kimi", 0, 5)], say=lambda line: None, train=FAKE_TRAIN)
+
+
+# A `dler study` whose runs are the stand-in (FAKE_TRAIN_COMMAND, JSON), as a user starts it from a terminal.
+STUDY_WITH_FAKE_TRAIN = """
+import json, sys
+from trainer import cli, study
+study.TRAIN_COMMAND = tuple(json.loads(sys.argv[1]))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} never appeared: {proc.communicate()}")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_stops_the_running_run_after_its_checkpoint_and_the_study_with_130(tmp_path):
+    """Ctrl-C in a terminal signals the study's whole process group: the run gets one SIGINT (the study's), finishes
+    its step and checkpoint, and a second `dler study` resumes it from there."""
+    out = tmp_path / "study"
+    run_dir = out / "runs" / "dler-truncation-seed0-1steps"
+    args = [
+        "study",
+        "--out",
+        str(out),
+        "--recipes",
+        "dler",
+        "--penalties",
+        "truncation",
+        "--seeds",
+        "0",
+        "--steps",
+        "1",
+    ]
+    command = [sys.executable, "-c", STUDY_WITH_FAKE_TRAIN, json.dumps(FAKE_TRAIN), *args]
+    env = {**os.environ, "FAKE_TRAIN": "stop"}
+    kw = dict(cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(command, **kw)
+    _wait_for(run_dir / "started", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the foreground process group
+    said, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert (run_dir / "stopped").read_text() == "1", "the run finished its step and got one SIGINT, not two"
+    assert "dler study: stopping: dler-truncation-seed0-1steps finishes its step and saves a checkpoint" in said
+    assert err.strip().splitlines()[-1] == (
+        "dler study: interrupted: dler-truncation-seed0-1steps stopped (dler train exited with 130); run the same "
+        "command again to resume the study (dler-truncation-seed0-1steps resumes from its checkpoint step-00000001)"
+    )
+    env["FAKE_TRAIN"] = "finish"
+    done = subprocess.run(command, **{**kw, "env": env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert _argv(run_dir)[-1][0] == "--resume", "the second study resumed the run from its checkpoint"
+
+
+def test_a_run_that_does_not_stop_in_time_is_killed_and_the_study_says_so(tmp_path, monkeypatch):
+    import threading
 
     from trainer import study
 
-    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: subprocess.CompletedProcess(command, 2))
-    with pytest.raises(UserError, match=r"grpo-kimi-seed0-5steps: dler train exited with 2; .*logs/grpo-kimi"):
-        study.run_study(tmp_path, [study.Run("grpo", "kimi", 0, 5)], say=lambda line: None)
+    monkeypatch.setenv("FAKE_TRAIN", "ignore")  # a run that never ends, SIGINT or not
+    run = study.Run("dler", "alp", 0, 5)
+    run_dir = tmp_path / "runs" / run.name
+    stop, said = study.StopSignals(), []
+
+    def ctrl_c_once_started():
+        while not (run_dir / "started").exists():
+            time.sleep(0.05)
+        stop.requested += 1  # what the study's SIGINT handler does
+
+    threading.Thread(target=ctrl_c_once_started, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(study.Interrupted) as caught:
+        study.run_one(run, tmp_path, [], stop, train=FAKE_TRAIN, stop_timeout=1.0, say=said.append)
+    assert time.monotonic() - started < 60
+    assert str(caught.value) == (
+        f"{run.name} did not stop within 1 s and was killed; run the same command again to resume the study "
+        f"({run.name} had no checkpoint yet and starts over)"
+    )
+    assert said == [f"dler study: stopping: {run.name} finishes its step and saves a checkpoint (waiting up to 1 s; "
+                    "Ctrl-C again stops it at once)"]  # fmt: skip
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((run_dir / "started").read_text()), 0)  # killed and reaped
+
+
+# ------------------------------------------------------------------------------------------- the study folder
+
+STUDY_ARGS = ["--recipes", "dler", "--penalties", "truncation", "--seeds", "0", "--steps", "1"]
+
+
+def test_a_folder_of_the_users_own_files_is_refused_and_its_overrides_json_never_read(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "overrides.json").write_text('{"my": "settings"}\n')  # a user's file that happens to share the name
+    (folder / "notes.txt").write_text("mine\n")
+    assert cli.main(["study", "--out", str(folder), *STUDY_ARGS]) == 2
+    err = capsys.readouterr().err
+    (line,) = err.strip().splitlines()
+    assert line == (
+        f"dler study: error: {folder} is not empty and was not made by `dler study`: nothing in it is touched; "
+        "choose another --out (a new or empty folder)"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "overrides.json"]
+    assert (folder / "overrides.json").read_text() == '{"my": "settings"}\n'
+
+
+def test_a_study_folder_is_marked_and_locked_and_a_study_from_before_the_marker_is_kept(tmp_path, capsys):
+    from trainer import study
+    from trainer.fsutil import owner
+
+    new = tmp_path / "new"
+    with study.claim_folder(new):
+        assert owner(new) == "study"
+        rc = cli.main(["study", "--out", str(new), *STUDY_ARGS])  # a second study on the same folder
+        line = capsys.readouterr().err.strip()
+        assert rc == 2 and line.startswith(f"dler study: error: --out {new} is in use by another `dler study` (pid ")
+    with study.claim_folder(new):  # let go at the end: the study's own folder is continued
+        pass
+
+    old = tmp_path / "old"  # a study written before the marker: its overrides and its runs' logs
+    (old / "logs").mkdir(parents=True)
+    (old / "overrides.json").write_text("[]")
+    (old / "logs" / "dler-truncation-seed0-30steps.log").write_text("$ dler train\n")
+    with study.claim_folder(old):
+        assert owner(old) == "study"
