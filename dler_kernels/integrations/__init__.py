@@ -2,8 +2,8 @@
 
 * ``dler_kernels.integrations.trl``: ``DLERGRPOTrainer``, TRL's ``GRPOTrainer`` with its loss computed by
   ``linear_policy_loss`` from the hidden states (no logits).
-* ``dler_kernels.integrations.verl``: the ``"dler"`` policy loss of verl's registry and the ``"dler"``
-  fused-kernel backend of verl's actor (log-probs and entropy from the hidden states).
+* ``dler_kernels.integrations.verl``: a policy loss of verl's registry per objective (``"dler"``, ``"dler_gspo"``,
+  ...) and the ``"dler"`` fused-kernel backend of verl's actor (log-probs and entropy from the hidden states).
 
 Each module imports its library; importing this package imports neither.
 """

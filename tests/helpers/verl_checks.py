@@ -13,6 +13,7 @@ import copy
 import json
 import sys
 import warnings
+from functools import partial
 
 import torch
 
@@ -22,6 +23,7 @@ from verl.models.transformers.monkey_patch import apply_monkey_patch  # noqa: E4
 from verl.trainer.ppo import core_algos  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
 
+from dler_kernels import reference as ref  # noqa: E402
 from dler_kernels.integrations import verl as dler_verl  # noqa: E402
 
 B, T, H, V = 5, 7, 16, 97
@@ -32,9 +34,10 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def actor_config(global_batch_info=None, clip_ratio_c=3.0):
-    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                          clip_ratio_c=clip_ratio_c, ppo_micro_batch_size_per_gpu=1)  # fmt: skip
+def actor_config(global_batch_info=None, clip_ratio_c=3.0, clip_ratios=(0.2, 0.28), **extra):
+    low, high = clip_ratios
+    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, clip_ratio=0.2, clip_ratio_low=low, clip_ratio_high=high,
+                          clip_ratio_c=clip_ratio_c, ppo_micro_batch_size_per_gpu=1, **extra)  # fmt: skip
     if global_batch_info is not None:
         cfg.global_batch_info.update(global_batch_info)  # as verl's ppo_loss fills it
     return cfg
@@ -51,78 +54,153 @@ def batch(seed):
     return g, mask, advantages
 
 
+def is_weights(g):
+    weights = torch.rand(B, T, generator=g) * 2.0
+    weights[2, 1] = 0.0  # a rejected token: verl's GMPO takes log(0 + 1e-10) into its row's geometric mean
+    return weights
+
+
 GLOBAL_INFOS = {
     "local": None,
     "dp2": dict(dp_size=2, batch_num_tokens=40, global_batch_size=9, loss_scale_factor=11),
 }
+# Each registered loss's verl config: clip_ratio_low / clip_ratio_high that make its clip or mask act on the batches
+# below (log-probs about -3 +- 1 or log(1/V), log-ratios of 0.5 sigma, three of +2.5 at a negative advantage); SAPO's
+# tau_pos / tau_neg other than the defaults, so that the config is seen to reach the objective.
+LOSS_CONFIGS = {
+    "dler_gspo": dict(clip_ratios=(0.05, 0.1)),
+    "dler_gspo_sequence": dict(clip_ratios=(0.05, 0.1)),
+    "dler_luspo": dict(clip_ratios=(0.05, 0.1)),
+    "dler_geo_mean": dict(clip_ratios=(0.4, 0.4)),
+    "dler_dppo_tv": dict(clip_ratios=(0.01, 0.02)),
+    "dler_dppo_kl": dict(clip_ratios=(0.002, 0.004)),
+    "dler_sapo": dict(tau_pos=1.2, tau_neg=2.0),
+}
+LOSSES = [name for name in dler_verl.VERL_LOSSES if name != "dler_vanilla"]  # dler_vanilla is dler, by identity
+# The losses verl lacks, against the reference's per-token loss: (objective, its parameters as the config sets them)
+REFERENCE_OBJECTIVES = {
+    "dler_gspo_sequence": ("gspo", dict(eps_low=0.05, eps_high=0.1)),
+    "dler_luspo": ("luspo", dict(eps_low=0.05, eps_high=0.1)),
+    "dler_vespo": ("vespo", {}),
+}
+
+
+def verl_policy_loss(name, logits=None, targets=None, temperature=1.0, **kwargs):
+    """verl's loss of the same math as ``name``; for a loss verl lacks, the loss verl would compute had it the
+    objective: the reference's per-token loss (dler_kernels.reference, the kernels' specification; from ``logits``
+    when given, else from ``log_prob``) times the IS weights, aggregated by verl's agg_loss with global_batch_info."""
+    spec = dler_verl.VERL_LOSSES[name]
+    if spec.verl_name is not None:
+        return core_algos.get_policy_loss_fn(spec.verl_name)(**kwargs)
+    objective, params = REFERENCE_OBJECTIVES[name]
+    mask = kwargs["response_mask"]
+    valid = mask.reshape(-1) > 0
+    seq_ids = torch.arange(B).repeat_interleave(T)
+    common = dict(seq_ids=seq_ids, objective=objective, **params)
+    old, adv = kwargs["old_log_prob"].reshape(-1), kwargs["advantages"].reshape(-1)
+    if logits is None:
+        logp = kwargs["log_prob"].reshape(-1)
+        per_token, _ = ref.per_token_loss_from_logprobs(logp, torch.zeros_like(logp), old, adv, valid, **common)
+    else:
+        per_token = ref.per_token_loss_ref(logits.reshape(B * T, -1), targets.reshape(-1), old, adv, valid,
+                                           temperature=temperature, **common)[0]  # fmt: skip
+    loss_mat = per_token.view(B, T)
+    if kwargs["rollout_is_weights"] is not None:
+        loss_mat = loss_mat * kwargs["rollout_is_weights"]
+    cfg = kwargs["config"]
+    return core_algos.agg_loss(loss_mat, mask, kwargs["loss_agg_mode"], **cfg.global_batch_info), {}
 
 
 def registered_loss_cases():
+    """Each registered loss against verl's loss of the same math (or the reference, ``verl_policy_loss``): every
+    loss_agg_mode (those verl's SAPO and GMPO ignore included), local and dp2 global_batch_info, with and without
+    rollout IS weights: loss, d(loss)/d(log_prob) and verl's metrics."""
     out = []
-    for mode in dler_verl.LOSS_AGG_MODES:
-        for info_name, info in GLOBAL_INFOS.items():
-            for with_is in (False, True):
-                g, mask, adv = batch(len(out))
-                old = -3.0 + torch.randn(B, T, generator=g)
-                shift = 0.5 * torch.randn(B, T, generator=g)
-                shift[0, :3] = 2.5  # ratio e^2.5 > clip_ratio_c = 3 with A < 0
-                is_weights = torch.rand(B, T, generator=g) * 2.0 if with_is else None
-                cfg = actor_config(info)
-                results = []
-                for fn in (core_algos.compute_policy_loss_vanilla, core_algos.get_policy_loss_fn("dler")):
-                    logp = (old + shift).requires_grad_(True)
-                    loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
-                                       loss_agg_mode=mode, config=cfg, rollout_is_weights=is_weights)  # fmt: skip
-                    loss.backward()
-                    results.append((loss, logp.grad, metrics))
-                (l0, g0, m0), (l1, g1, m1) = results
-                out.append(dict(
-                    case=f"{mode}/{info_name}/{'is' if with_is else 'no_is'}", loss_verl=l0.item(), loss_dler=l1.item(),
-                    loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30), grad_rel=rel(g1, g0),
-                    metrics_verl=m0, metrics_dler=m1, dual_clip_active=m0["actor/pg_clipfrac_lower"] > 0,
-                ))  # fmt: skip
+    for name in LOSSES:
+        for mode in dler_verl.LOSS_AGG_MODES:
+            for info_name, info in GLOBAL_INFOS.items():
+                for with_is in (False, True):
+                    g, mask, adv = batch(len(out))
+                    old = -3.0 + torch.randn(B, T, generator=g)
+                    shift = 0.5 * torch.randn(B, T, generator=g)
+                    shift[0, :3] = 2.5  # ratio e^2.5 > clip_ratio_c = 3 with A < 0
+                    weights = is_weights(g) if with_is else None
+                    cfg = actor_config(info, **LOSS_CONFIGS.get(name, {}))
+                    results = []
+                    for fn in (partial(verl_policy_loss, name), core_algos.get_policy_loss_fn(name)):
+                        logp = (old + shift).requires_grad_(True)
+                        loss, metrics = fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+                                           loss_agg_mode=mode, config=cfg, rollout_is_weights=weights)  # fmt: skip
+                        loss.backward()
+                        results.append((loss, logp.grad, metrics))
+                    (l0, g0, m0), (l1, g1, m1) = results
+                    out.append(dict(
+                        name=name, case=f"{name}/{mode}/{info_name}/{'is' if with_is else 'no_is'}",
+                        loss_verl=l0.item(), loss_dler=l1.item(),
+                        loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30), grad_rel=rel(g1, g0),
+                        grad_norm=g0.norm().item(), metrics_verl=m0, metrics_dler=m1,
+                    ))  # fmt: skip
     return out
 
 
+def loss_scale(name, cfg, mode, mask, per_token, weights) -> float:
+    """The loss's aggregation of |per-token loss| (times the IS weights as the loss applies them): the scale of its
+    float32 rounding, the loss being a sum of signed terms (a near-cancelling batch makes |loss| itself tiny)."""
+    opts = dler_verl.loss_options(cfg, mode, mask, name)
+    token_weights = dler_verl._is_weights(dler_verl.VERL_LOSSES[name], weights, mask)
+    agg = ref.aggregation_weights(
+        mask.reshape(-1) > 0, opts["loss_agg"], torch.arange(B).repeat_interleave(T), opts["normalizer"],
+        opts.get("norm_length"), torch.float64, None if token_weights is None else token_weights.reshape(-1),
+    )  # fmt: skip
+    return (per_token.double().abs() * agg).sum().item()
+
+
 def fused_loss_cases():
-    """linear_policy_loss_verl (hidden states, no logits) against verl's loss on log_softmax(hidden @ W.T / T)."""
+    """linear_policy_loss_verl (hidden states, no logits) of each registered loss against verl's loss of the same
+    math (or the reference, ``verl_policy_loss``) on log_softmax(hidden @ W.T / T), with rollout IS weights."""
     out = []
-    for mode in dler_verl.LOSS_AGG_MODES:
-        for info_name, info in GLOBAL_INFOS.items():
-            g, mask, adv = batch(100 + len(out))
-            hidden = torch.randn(B, T, H, generator=g)
-            weight = torch.randn(V, H, generator=g) * 0.5
-            responses = torch.randint(0, V, (B, T), generator=g)
-            temperature = 0.8
-            with torch.no_grad():
-                logp_all = torch.log_softmax(hidden @ weight.t() / temperature, -1)
-                current = logp_all.gather(-1, responses[..., None])[..., 0]
-            old = current + 0.5 * torch.randn(B, T, generator=g)
-            old[0, :3] = current[0, :3] - 2.5  # dual clip
-            is_weights = torch.rand(B, T, generator=g) * 2.0
-            cfg = actor_config(info)
-            grads = []
-            for path in ("verl", "dler"):
-                h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-                if path == "verl":
-                    logp = torch.log_softmax(h @ w.t() / temperature, -1).gather(-1, responses[..., None])[..., 0]
-                    loss, metrics = core_algos.compute_policy_loss_vanilla(
-                        old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=mode,
-                        config=cfg, rollout_is_weights=is_weights,
-                    )  # fmt: skip
-                else:
-                    loss = dler_verl.linear_policy_loss_verl(
-                        h, w, responses, old, adv, mask, config=cfg, loss_agg_mode=mode,
-                        rollout_is_weights=is_weights, temperature=temperature, chunk_size=4,
-                    ).loss  # fmt: skip
-                loss.backward()
-                grads.append((loss, h.grad, w.grad))
-            (l0, h0, w0), (l1, h1, w1) = grads
-            out.append(dict(
-                case=f"{mode}/{info_name}", loss_verl=l0.item(), loss_dler=l1.item(),
-                loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30), dhidden_rel=rel(h1, h0),
-                dweight_rel=rel(w1, w0), dual_clip_active=metrics["actor/pg_clipfrac_lower"] > 0,
-            ))  # fmt: skip
+    for name in LOSSES:
+        for mode in dler_verl.LOSS_AGG_MODES:
+            for info_name, info in GLOBAL_INFOS.items():
+                g, mask, adv = batch(100 + len(out))
+                hidden = torch.randn(B, T, H, generator=g)
+                weight = torch.randn(V, H, generator=g) * 0.5
+                responses = torch.randint(0, V, (B, T), generator=g)
+                temperature = 0.8
+                with torch.no_grad():
+                    logp_all = torch.log_softmax(hidden @ weight.t() / temperature, -1)
+                    current = logp_all.gather(-1, responses[..., None])[..., 0]
+                old = current + 0.5 * torch.randn(B, T, generator=g)
+                old[0, :3] = current[0, :3] - 2.5  # dual clip
+                weights = is_weights(g)
+                cfg = actor_config(info, **LOSS_CONFIGS.get(name, {}))
+                grads = []
+                for path in ("verl", "dler"):
+                    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+                    if path == "verl":
+                        logits = h @ w.t()
+                        logp = torch.log_softmax(logits / temperature, -1).gather(-1, responses[..., None])[..., 0]
+                        loss, metrics = verl_policy_loss(
+                            name, logits, responses, temperature, old_log_prob=old, log_prob=logp, advantages=adv,
+                            response_mask=mask, loss_agg_mode=mode, config=cfg, rollout_is_weights=weights,
+                        )  # fmt: skip
+                    else:
+                        fused = dler_verl.linear_policy_loss_verl(
+                            h, w, responses, old, adv, mask, config=cfg, loss_agg_mode=mode, loss_mode=name,
+                            rollout_is_weights=weights, temperature=temperature, chunk_size=4,
+                        )  # fmt: skip
+                        loss = fused.loss
+                    loss.backward()
+                    grads.append((loss, h.grad, w.grad))
+                (l0, h0, w0), (l1, h1, w1) = grads
+                scale = loss_scale(name, cfg, mode, mask, fused.per_token_loss, weights)
+                out.append(dict(
+                    name=name, case=f"{name}/{mode}/{info_name}", loss_verl=l0.item(), loss_dler=l1.item(),
+                    loss_rel=abs(l1.item() - l0.item()) / max(abs(l0.item()), 1e-30),
+                    loss_scaled_err=abs(l1.item() - l0.item()) / max(scale, 1e-30), dhidden_rel=rel(h1, h0),
+                    dweight_rel=rel(w1, w0), dhidden_norm=h0.norm().item(),
+                    dual_clip_active=metrics.get("actor/pg_clipfrac_lower", 0.0) > 0,
+                ))  # fmt: skip
     return out
 
 
@@ -366,6 +444,15 @@ def main():
     json.dump(result, sys.stdout)
 
 
+def replace_verls_vanilla():
+    """Register a dler loss under verl's own name "vanilla" (refused; verl's entry is put back if it was not)."""
+    held = core_algos.POLICY_LOSS_REGISTRY["vanilla"]
+    try:
+        dler_verl._register("vanilla", dler_verl.compute_policy_loss_dler)
+    finally:
+        core_algos.POLICY_LOSS_REGISTRY["vanilla"] = held
+
+
 def error_messages():
     """The ValueError of each bad input, and the warning of an untested verl version."""
     from dler_kernels.integrations import warn_if_untested
@@ -377,6 +464,13 @@ def error_messages():
         "batch_num_tokens": lambda: dler_verl.loss_options(actor_config(dict(dp_size=2)), "token-mean", mask),
         "global_batch_size": lambda: dler_verl.loss_options(actor_config(dict(dp_size=2)), "seq-mean-token-sum", mask),
         "config": lambda: dler_verl.loss_options(None, "token-mean", mask),
+        "loss_mode": lambda: dler_verl.linear_policy_loss_verl(torch.zeros(2, 3, 8), torch.zeros(5, 8), mask.long(),
+                                                               mask, mask, mask, config=actor_config(),
+                                                               loss_mode="dler_gmpo"),
+        "ratio_cap": lambda: dler_verl.loss_options(actor_config(clip_ratio_c=0.0), "token-mean", mask, "dler_dppo_tv"),
+        "clip_ratio_low": lambda: dler_verl.loss_options(actor_config(clip_ratios=(1.5, 0.28)), "token-mean", mask,
+                                                         "dler_cispo"),
+        "verl_name_taken": replace_verls_vanilla,
         "hidden": lambda: dler_verl.linear_policy_loss_verl(torch.zeros(2, 4, 8), torch.zeros(5, 8), mask.long(), mask,
                                                             mask, mask, config=actor_config()),
     }  # fmt: skip
@@ -399,7 +493,8 @@ def checks():
     return dict(
         errors=error_messages(),
         verl_version=verl.__version__,
-        registered=core_algos.get_policy_loss_fn("dler") is dler_verl.compute_policy_loss_dler,
+        registered={name: core_algos.get_policy_loss_fn(name) is fn for name, fn in dler_verl.POLICY_LOSSES.items()},
+        vanilla_alias=core_algos.get_policy_loss_fn("dler_vanilla") is core_algos.get_policy_loss_fn("dler"),
         registered_loss=registered_loss_cases(),
         fused_loss=fused_loss_cases(),
         legacy=legacy_compute_policy_loss_case(),
