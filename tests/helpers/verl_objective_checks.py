@@ -1,6 +1,6 @@
 """Runs in the verl venv (`make verl-env`): every objective verl 0.9.1 ships, on the same logits, against
 dler_kernels.policy_loss with the matching objective, on each backend; prints one JSON object of measured
-differences (loss, d loss / d logits); tests/integrations/test_verl_objectives.py asserts on it.
+differences (loss, d loss / d logits); tests/integrations/test_verl.py (its objectives section) asserts on it.
 
     .venv-verl/bin/python tests/helpers/verl_objective_checks.py
 """
