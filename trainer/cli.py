@@ -220,6 +220,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if bad:
         raise UserError(f"--set takes key=value (a dler train override), got {bad[0]!r}")
     runs = study.plan(args.recipes, args.penalties, args.seeds, args.steps)
+    if args.baseline is not None and args.baseline not in args.recipes:
+        raise UserError(f"--baseline {args.baseline} is not one of --recipes ({', '.join(args.recipes)})")
     out = args.out.expanduser().absolute()
     with study.claim_folder(out):
         print(f"dler study: {len(runs)} runs into {out} (one at a time; logs in {out / 'logs'})", flush=True)
@@ -238,7 +240,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
     import shlex
 
     from . import study
-    from .study_report import write_report
+    from .study_report import BASELINE, write_report
 
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
@@ -261,6 +263,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
                 "--steps",
                 str(args.steps),
             ]
+            + (["--baseline", args.baseline] if args.baseline else [])
             + [f"--set={item}" for item in args.set]
         ),  # fmt: skip
         "steps per run": args.steps,
@@ -268,7 +271,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
         "runs": len(runs),
         "wall time of the runs": f"{wall / 60:.1f} min ({wall / len(runs):.0f} s per run)",
     }
-    for note in write_report(out, summaries, header):
+    for note in write_report(out, summaries, header, args.baseline or BASELINE):
         print(note)
 
 
@@ -455,7 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("runs/study"),
         help="the study's folder (default: runs/study): new, empty, or an earlier study's",
     )
-    p.add_argument("--recipes", type=_name_list, default=list(RECIPES), help=f"comma-separated of {','.join(RECIPES)}")
+    p.add_argument(
+        "--recipes", type=_name_list, default=list(RECIPES),
+        help=f"comma-separated of {','.join(RECIPES)}, each optionally +OBJECTIVE (dler+gspo: another objective)",
+    )  # fmt: skip
+    p.add_argument("--baseline", default=None, help="the recipe every other is paired with (default: grpo)")
     p.add_argument(
         "--penalties", type=_name_list, default=list(PENALTIES), help=f"comma-separated of {','.join(PENALTIES)}"
     )

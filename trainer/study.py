@@ -44,7 +44,8 @@ from .fsutil import FolderLock, UserError, atomic_file, check_output, mark_owner
 OVERRIDES_FILE = "overrides.json"  # the --set overrides every run of the study was made with
 SUMMARY_FILE = "summary.json"  # trainer.run_log's, not imported: `dler --help` builds this command's parser
 RECIPES = {"grpo": "toy-cpu-grpo", "dler": "toy-cpu"}
-"""Recipe name -> the demo preset that runs it."""
+"""Recipe name -> the demo preset that runs it. ``RECIPE+OBJECTIVE`` (``dler+gspo``) is the recipe with another policy
+objective (``algorithm.objective``, its parameters at the objective's defaults): the study's objective axis."""
 DEMO_BUDGET = 80  # toy-cpu's reward.penalty.length_budget
 PAPER_BUDGET = 4000  # DLER's budget, the scale the papers' per-token coefficients were set for
 TOKEN_SCALE = PAPER_BUDGET / DEMO_BUDGET
@@ -117,16 +118,36 @@ class Run:
     def command(self, out: Path, extra: Sequence[str], train: Sequence[str] | None = None) -> list[str]:
         """The ``dler train`` command line of a fresh start (``extra``: the user's overrides, last; ``train``: the
         command that is ``dler train``, default :data:`TRAIN_COMMAND`)."""
-        overrides = [f"run.out={out}", f"run.seed={self.seed}", f"run.steps={self.steps}"]
+        preset, recipe_overrides = recipe_preset(self.recipe)
+        overrides = [f"run.out={out}", f"run.seed={self.seed}", f"run.steps={self.steps}", *recipe_overrides]
         overrides += penalty_overrides(self.penalty, self.steps) + list(extra)
-        return [*(train or TRAIN_COMMAND), RECIPES[self.recipe], *overrides, "--no-progress"]
+        return [*(train or TRAIN_COMMAND), preset, *overrides, "--no-progress"]
+
+
+def recipe_preset(recipe: str) -> tuple[str, list[str]]:
+    """The preset and the overrides of ``recipe``: a name of RECIPES, or ``NAME+OBJECTIVE``."""
+    base, _, objective = recipe.partition("+")
+    if base not in RECIPES:
+        raise UserError(
+            f"unknown recipe {recipe!r}; the study's recipes are {', '.join(RECIPES)}, each optionally +OBJECTIVE"
+        )
+    if not objective:
+        return RECIPES[base], []
+    from dler_kernels.objectives import OBJECTIVES  # torch: only once a recipe names an objective
+
+    if objective not in OBJECTIVES:
+        raise UserError(
+            f"unknown objective {objective!r} in recipe {recipe!r}; the objectives are {', '.join(OBJECTIVES)}"
+        )
+    # The recipe's preset may set PPO-clip's clip bounds: null takes the objective's own (or a one-line error, for
+    # an objective that reads none, would stop the run).
+    return RECIPES[base], [f"algorithm.objective={objective}", "algorithm.eps_low=null", "algorithm.eps_high=null"]
 
 
 def plan(recipes: Sequence[str], penalties: Sequence[str], seeds: Sequence[int], steps: int) -> list[Run]:
     """Every run of the study, seed by seed (all cells at the first seed first)."""
     for recipe in recipes:
-        if recipe not in RECIPES:
-            raise UserError(f"unknown recipe {recipe!r}; the study's recipes are {', '.join(RECIPES)}")
+        recipe_preset(recipe)  # names an unknown recipe or objective
     for penalty in penalties:
         penalty_overrides(penalty, steps)  # names the unknown one
     if steps < 1:

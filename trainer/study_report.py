@@ -135,17 +135,18 @@ def _pair_stats(acc: Sequence[float], length: Sequence[float]) -> dict[str, Any]
     }  # fmt: skip
 
 
-def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> list[dict[str, Any]]:
-    """Each recipe other than GRPO minus GRPO, per penalty and pooled over the penalties (penalty ``None``),
-    pairing runs by their ``"seed"``: the accuracy change's difference (= the "after" accuracies' difference)
-    and the "after" mean lengths' difference. Runs without a GRPO run at the same penalty and seed give no pair.
-    A pooled row also has ``by_seed``, the tests that take the seed as the unit (:func:`seed_tests`)."""
-    baseline = {(p, s["seed"]): s for (r, p), cell in summaries.items() if r == BASELINE for s in cell if "seed" in s}
+def paired_table(summaries: Mapping[tuple[str, str], Sequence[dict]], baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """Each recipe other than ``baseline`` (GRPO, or e.g. ``dler`` for the objective axis) minus ``baseline``, per
+    penalty and pooled over the penalties (penalty ``None``), pairing runs by their ``"seed"``: the accuracy change's
+    difference (= the "after" accuracies' difference) and the "after" mean lengths' difference. Runs without a
+    baseline run at the same penalty and seed give no pair. A pooled row also has ``by_seed``, the tests that take
+    the seed as the unit (:func:`seed_tests`)."""
+    base_runs = {(p, s["seed"]): s for (r, p), cell in summaries.items() if r == baseline for s in cell if "seed" in s}
     out = []
-    for recipe in dict.fromkeys(r for r, _ in summaries if r != BASELINE):
+    for recipe in dict.fromkeys(r for r, _ in summaries if r != baseline):
         pooled_acc, pooled_len, pooled_seeds = [], [], []
         for (r, penalty), cell in summaries.items():
-            pairs = [(s, baseline[penalty, s["seed"]]) for s in cell if (penalty, s.get("seed")) in baseline]
+            pairs = [(s, base_runs[penalty, s["seed"]]) for s in cell if (penalty, s.get("seed")) in base_runs]
             if r != recipe or not pairs:
                 continue
             acc = [_accuracy_change(m) - _accuracy_change(b) for m, b in pairs]
@@ -165,8 +166,11 @@ def _pm(spread: Mapping[str, float | None], scale: float, digits: int) -> str:
     return mean if spread["std"] is None else f"{mean} ± {spread['std'] * scale:.{digits}f}"
 
 
-def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any], pairs: Sequence[dict] = ()) -> str:
-    """study.md: how the study was run, one row per cell, then the pairs with GRPO (:func:`paired_table`)."""
+def markdown(
+    cells: Sequence[dict], start: dict | None, header: Mapping[str, Any], pairs: Sequence[dict] = (),
+    baseline: str = BASELINE,
+) -> str:  # fmt: skip
+    """study.md: how the study was run, one row per cell, then the pairs with ``baseline`` (:func:`paired_table`)."""
     lines = ["# Length-penalty study", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     if start is not None:
@@ -191,9 +195,9 @@ def markdown(cells: Sequence[dict], start: dict | None, header: Mapping[str, Any
     if pairs:
         lines += [
             "",
-            f"## Paired with {BASELINE} at the same penalty and seed",
+            f"## Paired with {baseline} at the same penalty and seed",
             "",
-            f"Recipe minus {BASELINE}: the accuracy change (pt; the pair shares its before evaluation) and the mean "
+            f"Recipe minus {baseline}: the accuracy change (pt; the pair shares its before evaluation) and the mean "
             "length after (tokens), mean ± sample std over the pairs; how many pairs the recipe was ahead / behind in "
             "accuracy, and the two-sided sign test's p-value.",
             "",
@@ -282,12 +286,13 @@ def plot_pareto(cells: Sequence[dict], start: dict | None, path: Path) -> None:
 
 
 def write_report(
-    out: Path, summaries: Mapping[tuple[str, str], Sequence[dict]], header: Mapping[str, Any]
+    out: Path, summaries: Mapping[tuple[str, str], Sequence[dict]], header: Mapping[str, Any], baseline: str = BASELINE
 ) -> list[str]:
-    """Write study.md, study.json and (with matplotlib) pareto.png into ``out``; returns notes for the console."""
-    cells, start, pairs = cell_table(summaries), warm_start(summaries), paired_table(summaries)
+    """Write study.md, study.json and (with matplotlib) pareto.png into ``out``; returns notes for the console.
+    ``baseline``: the recipe every other is paired with."""
+    cells, start, pairs = cell_table(summaries), warm_start(summaries), paired_table(summaries, baseline)
     with atomic_file(out / STUDY_MD) as f:
-        f.write(markdown(cells, start, header, pairs))
+        f.write(markdown(cells, start, header, pairs, baseline))
     with atomic_file(out / STUDY_JSON) as f:
         json.dump({"header": dict(header), "warm_start": start, "cells": cells, "paired": pairs}, f, indent=1)
     if not cells:

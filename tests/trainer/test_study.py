@@ -17,7 +17,15 @@ import pytest
 
 from trainer import cli
 from trainer.fsutil import UserError
-from trainer.study import PENALTIES, RECIPES, check_overrides, finished_summary, penalty_overrides, plan
+from trainer.study import (
+    PENALTIES,
+    RECIPES,
+    check_overrides,
+    finished_summary,
+    penalty_overrides,
+    plan,
+    recipe_preset,
+)
 from trainer.study_report import (
     blocked_permutation_test,
     cell_table,
@@ -411,3 +419,31 @@ def test_a_study_folder_is_marked_and_locked_and_a_study_from_before_the_marker_
     (old / "logs" / "dler-truncation-seed0-30steps.log").write_text("$ dler train\n")
     with study.claim_folder(old):
         assert owner(old) == "study"
+
+
+def test_the_objective_axis_is_a_recipe_with_another_objective_paired_with_its_own_recipe():
+    from trainer.config import load_config
+
+    (run,) = plan(["dler+gspo"], ["truncation"], [2], steps=5)
+    assert run.name == "dler+gspo-truncation-seed2-5steps"
+    command = run.command(Path("OUT"), ["optim.lr=1e-5"], train=["dler", "train"])
+    assert command[2] == "toy-cpu" and "algorithm.objective=gspo" in command
+    assert command[-2] == "optim.lr=1e-5"  # the user's overrides come last
+    # the preset's PPO bounds give way to the objective's defaults; an objective without bounds loads too
+    for objective, bounds in (("gspo", {"eps_low": 3e-4, "eps_high": 4e-4}), ("sapo", {})):
+        preset, overrides = recipe_preset(f"dler+{objective}")
+        cfg = load_config(preset, overrides)
+        assert cfg.algorithm.objective == objective
+        assert {k: v for k, v in cfg.algorithm.objective_params().items() if k.startswith("eps")} == bounds
+    with pytest.raises(UserError, match=r"unknown objective 'gpso' in recipe 'dler\+gpso'; the objectives are"):
+        plan(["dler+gpso"], ["truncation"], [0], 5)
+    with pytest.raises(UserError, match=r"unknown recipe 'ppo\+gspo'"):
+        plan(["ppo+gspo"], ["truncation"], [0], 5)
+    summaries = {
+        ("dler", "truncation"): [summary(0.8, 0.70, 130, 30, seed=0), summary(0.7, 0.60, 130, 32, seed=1)],
+        ("dler+gspo", "truncation"): [summary(0.8, 0.75, 130, 28, seed=0), summary(0.7, 0.58, 130, 30, seed=1)],
+    }
+    (row,) = paired_table(summaries, baseline="dler")
+    assert (row["recipe"], row["pairs"]) == ("dler+gspo", 2)
+    assert row["accuracy_difference"]["mean"] == pytest.approx(0.015, abs=1e-12)
+    assert "## Paired with dler at the same penalty and seed" in markdown([], None, {}, [row], baseline="dler")
