@@ -211,7 +211,8 @@ def per_token_loss_from_logprobs(
     OPSM, the off-policy sequence mask (``opsm_threshold`` = delta; TRL ``off_policy_mask_threshold``, slime
     ``--use-opsm``), composes with every objective: a sequence with a negative advantage whose mean
     log(pi_old / pi), with pi detached, exceeds delta loses its policy-gradient term (not its KL or entropy terms,
-    as in TRL). pi_old is ``old_logprobs``: with the sampler's log-probs as the old ones (the bypass) it is TRL's
+    as in TRL, which also decides per token: where advantages differ within a sequence, only its tokens with A < 0
+    lose it). pi_old is ``old_logprobs``: with the sampler's log-probs as the old ones (the bypass) it is TRL's
     choice of the behaviour policy."""
     dtype = logp.dtype
     # Masked rows may hold anything (inf, nan): zeros keep them out of every value and gradient, sequence sums included.
@@ -226,6 +227,12 @@ def per_token_loss_from_logprobs(
             )
         seqs = objectives.Sequences(seq_ids, valid, dtype)
     per_token = spec.pg(logp, old, adv, valid, seqs, objectives.resolve(objective, params))
+    if opsm_threshold is not None:
+        if seq_ids is None:
+            raise ValueError("opsm_threshold needs seq_ids (one sequence id per token): its mask is per sequence")
+        seqs = seqs if seqs is not None else objectives.Sequences(seq_ids, valid, dtype)
+        drift = seqs.per_token(seqs.mean(old - logp.detach()))
+        per_token = torch.where((adv >= 0) | (drift <= opsm_threshold), per_token, torch.zeros_like(per_token))
     kl = None
     if beta != 0.0:
         if ref_logprobs is None:

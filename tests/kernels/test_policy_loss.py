@@ -157,6 +157,30 @@ def test_token_weights_scale_each_token_loss(backend, loss_agg):
     assert ones.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("objective", ["ppo_clip", "gspo"])
+def test_opsm_drops_the_policy_term_of_drifted_sequences_with_negative_advantages(backend, objective):
+    """OPSM (opsm_threshold = delta): a sequence with A < 0 whose mean log(pi_old / pi) exceeds delta loses its
+    policy-gradient term, its KL term stays; so the loss and gradient are those of the same batch with that
+    sequence's advantages set to 0. Sequences (3 tokens each): A > 0 drifted (kept), A < 0 drifted (dropped),
+    A < 0 close (kept), A < 0 drifted with one token masked (dropped: its mean is over its valid tokens)."""
+    tensors, extra = logits_inputs(12, 40, seed=21, masked_frac=0.0)
+    tensors["mask"][10] = False
+    exact = reference.token_logprobs_ref(tensors["logits"].double(), tensors["targets"]).float()
+    drift = torch.tensor([0.8, 0.8, 0.1, 0.8]).repeat_interleave(3)
+    tensors["old_logprobs"] = exact + drift + 0.05 * torch.randn(12, generator=torch.Generator().manual_seed(4))
+    tensors["advantages"] = torch.tensor([1.0, -1.0, -0.5, -0.7]).repeat_interleave(3)
+    opts = dict(objective=objective, loss_agg="seq-mean-token-mean", beta=0.1, kl_type="k3_ratio")
+    out, grad = run(tensors, extra, **opts, opsm_threshold=0.5)
+    check_against_oracle(out, grad, tensors, extra, {**opts, "opsm_threshold": 0.5}, backend)
+    loss64, *_, grad64 = oracle(tensors, extra, **opts, opsm_threshold=0.5)
+    dropped = dict(tensors, advantages=torch.where(torch.arange(12) // 3 % 2 == 1, 0.0, tensors["advantages"]))
+    expected64, *_, expected_grad64 = oracle(dropped, extra, **opts)
+    assert loss64.item() == pytest.approx(expected64.item(), rel=1e-12)
+    torch.testing.assert_close(grad64, expected_grad64, rtol=1e-12, atol=1e-15)
+    plain64, *_ = oracle(tensors, extra, **opts)
+    assert plain64.item() != pytest.approx(loss64.item(), rel=1e-3)  # the mask acts
+
+
 def test_global_normalizer_makes_accumulation_equal_one_batch(backend):
     tensors, extra = logits_inputs(12, 40, seed=6)
     full, full_grad = run(tensors, extra, loss_agg="token-mean")
