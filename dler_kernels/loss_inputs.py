@@ -11,7 +11,14 @@ from typing import NamedTuple
 import torch
 
 from . import reference as ref
-from .validate import check_choice, check_mask, check_no_grad, check_number, check_tensor, check_valid_rows
+from .validate import (
+    check_choice,
+    check_mask,
+    check_no_grad,
+    check_number,
+    check_tensor,
+    check_valid_rows,
+)
 
 
 @dataclass(frozen=True)

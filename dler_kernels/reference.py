@@ -22,13 +22,28 @@ KL estimators (``kl_type``): ``k1`` = logp - ref; ``k2``/``mse`` = 0.5 (logp - r
 (the inner clamp keeps exp finite so that the outer clamp's zero gradient never meets an inf);
 ``k3_ratio`` = k3 * r with r the (clamped) importance ratio of the policy-gradient term, differentiated
 through both factors: the importance-sampled k3 of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``.
+
+Probability 0 (a -inf logit: a padded vocabulary, a logits processor's mask, a -inf ``bias`` of the
+fused-linear path). The entropy is :math:`H = -\sum_{j: p_j > 0} p_j \log p_j`, i.e. ``p log p = 0`` at
+``p = 0``: a -inf logit adds nothing to the entropy, and its gradient (of the loss and of the log-probs) is
+exactly 0. A valid row whose target has probability 0 (its target's logit is -inf, or every logit of the
+row is: no distribution at all) is a ``ValueError`` naming ``logits`` and the first such row, on every
+entry point (``policy_loss``, ``token_logprobs`` and their fused-linear twins; ``policy_loss_ref`` and
+``token_logprobs_ref`` here). Why an error and not a -inf log-prob: a token the policy cannot emit was not
+sampled from it, so such a row means a wrong mask (of the row or of the vocabulary), and its loss has no
+meaning: the importance ratio's clamp silently gives it no gradient, while ``k1``/``k2`` and ``approx_kl``
+become infinite. The check reads the log-probs the kernels return anyway (a valid row's log-prob is
+exactly -inf then), one comparison over [N], not a pass over the logits. Underneath it, the kernels (and
+``token_logprobs_terms_ref``) return log-prob -inf for such a row, entropy 0 for a row of only -inf logits,
+and gradient 0 for every -inf logit. A NaN or +inf logit is another matter: no distribution either, but
+NaN log-prob and a non-finite loss, counted by the ``num_nonfinite`` metric, not refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .validate import check_mask, check_no_grad
+from .validate import check_mask, check_no_grad, check_target_probability
 
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
@@ -51,18 +66,36 @@ def token_logprobs_ref(
 ):
     """Log-prob of each target under ``softmax(logits / temperature)`` (and the entropy of that distribution).
 
-    Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0.
-    """
+    Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0. A valid row whose
+    target has probability 0 is a ValueError (module docstring)."""
+    logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
+    check_target_probability(logp, targets >= 0, targets)
+    return (logp, entropy) if return_entropy else logp
+
+
+def token_logprobs_terms_ref(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+):
+    """``token_logprobs_ref`` without the check: ``(logp, entropy or None)``, where a valid row whose target
+    has probability 0 gets log-prob -inf (and entropy 0 when every logit of its row is -inf)."""
     z = logits.to(accumulation_dtype(logits)) / temperature
+    # A row of only -inf has no distribution: its target's probability is 0 and its entropy 0 (set below). It
+    # is replaced by zeros first, as log_softmax would make it NaN, in the value and in the gradient (amax
+    # is NaN on a row holding a NaN, which stays NaN).
+    no_mass = z.amax(-1) == -float("inf") if z.shape[-1] else torch.zeros_like(targets, dtype=torch.bool)
+    z = torch.where(no_mass.unsqueeze(-1), torch.zeros((), dtype=z.dtype, device=z.device), z)
     logp_all = torch.log_softmax(z, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(no_mass, -float("inf"), logp)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+        return logp, None
+    # p log p = 0 at p = 0: the -inf entries of log p (where p = 0) are replaced by 0 before the product, so
+    # that neither the value nor the gradient meets 0 * -inf
+    entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isneginf(logp_all), 0.0)).sum(-1)
+    entropy = torch.where(valid & ~no_mass, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
 
@@ -173,7 +206,7 @@ def per_token_loss_ref(
     # the loss or the gradient.
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     targets = torch.where(valid, targets, torch.zeros_like(targets))
-    logp, entropy = token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     per_token, kl = per_token_loss_from_logprobs(logp, entropy, old_logprobs, advantages, valid, **options)
@@ -263,6 +296,7 @@ def policy_loss_ref(
         temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
         token_weights=token_weights,
     )  # fmt: skip
+    check_target_probability(logp, valid, targets)
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)

@@ -21,10 +21,8 @@ class TorchBackend(Backend, AdvantagesBackend):
     chunk_elements = TORCH_SLAB_ELEMENTS
 
     def token_logprobs(self, logits, targets, temperature, return_entropy):
-        if return_entropy:
-            return ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
         # the reference's entropy is another pass over N x V: skip it when not asked for
-        return ref.token_logprobs_ref(logits, targets, temperature=temperature), None
+        return ref.token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)
 
     def policy_loss(self, logits, data, options, inplace_grad):
         """With ``inplace_grad``: the same outputs as without it, and the logits overwritten by autograd's
@@ -58,11 +56,17 @@ class TorchBackend(Backend, AdvantagesBackend):
         dtype = ref.accumulation_dtype(z)
         logp_all = z.to(dtype, copy=True).masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(1.0 / temperature)
         lse = torch.logsumexp(logp_all, dim=-1)
+        # A +inf logit: torch's logsumexp is +inf, which would make every other log-prob -inf (the error of a
+        # probability-0 target); the kernels and log_softmax give NaN
+        lse.masked_fill_(lse == float("inf"), float("nan"))
+        no_mass = lse == -float("inf")  # every logit -inf: log-prob -inf, entropy 0, as in the kernels
         logp_all.sub_(lse.unsqueeze(-1))
         p = torch.exp(logp_all)
         tgt = torch.where(valid, data.targets, 0).unsqueeze(-1)
-        logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1), 0.0)
-        entropy = torch.where(valid, -(p * logp_all).sum(-1), 0.0)
+        logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1).masked_fill(no_mass, -float("inf")), 0.0)
+        plogp = (p * logp_all).masked_fill_(p == 0.0, 0.0)  # p log p = 0 at p = 0, not 0 * -inf
+        entropy = torch.where(valid & ~no_mass, -plogp.sum(-1), 0.0)
+        del plogp
         with torch.enable_grad():
             lp, ent = logp.requires_grad_(want_grad), entropy.requires_grad_(want_grad)
             per_token, kl = ref.per_token_loss_from_logprobs(
@@ -89,11 +93,13 @@ class TorchBackend(Backend, AdvantagesBackend):
 def _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, temperature):
     """z <- d(loss)/d(z) for the vocab columns col0 .. col0 + width of each row, the formula of the
     Triton ``_grad_tile``: [dlogp (onehot - p) - dent p (log p + H)] / T. ``logp_all`` (log p) and
-    ``p`` (float32 [rows, width]) are used up as the buffers it is built in; masked rows get 0."""
+    ``p`` (float32 [rows, width]) are used up as the buffers it is built in; masked rows get 0, and so
+    does every -inf logit (where the formula meets 0 * -inf)."""
+    minus_inf = torch.isneginf(z)
     logp_all.add_(entropy.unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
     p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
     local = targets - col0
     hit = valid & (local >= 0) & (local < z.shape[1])
     p[hit, local[hit]] += dlogp[hit]
-    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
+    p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1) | minus_inf, 0.0)
     z.copy_(p)

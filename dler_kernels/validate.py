@@ -112,3 +112,21 @@ def check_valid_rows(targets: torch.Tensor, valid: torch.Tensor, vocab: int, wha
         return
     check_targets(targets, valid, vocab, what)
     check_finite_on_valid(valid, finite)
+
+
+def check_target_probability(logp: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, what="logits") -> None:
+    """No valid row gives its target probability 0. ``logp`` [N] is what the kernels returned: a valid row's
+    log-prob is exactly -inf when its target's logit is -inf, or every logit of the row is (a NaN or +inf
+    logit gives NaN instead: a non-finite loss, counted by the ``num_nonfinite`` metric, not this error), so
+    the check is one comparison over [N] and one device sync, never a pass over the logits."""
+    if logp.numel() == 0:
+        return
+    bad = valid & torch.isneginf(logp)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"{what} of row {i} give its target (token {int(targets[i])}) probability 0: that token's logit is -inf "
+        "(a masked-out vocabulary entry), or every logit of the row is; a valid row's target needs a finite "
+        "logit (mask the row out otherwise)"
+    )

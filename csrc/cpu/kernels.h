@@ -53,12 +53,15 @@ acc_t load_scaled(const scalar_t* row, acc_t* buf, int64_t n, acc_t inv_temp) {
 // s = sum exp(z - m) and t = sum exp(z - m) (z - m) over buf (z - m, not z: then the entropy
 // log s - t / s is a difference of terms of its own size, not of |z|). Summed in blocks whose
 // partial sums are added in double: a long row (V = 150k) in float32 lanes alone would lose ~1e-4.
+// m must be finite or NaN (a row of only -inf has no sums). A -inf logit adds 0 to both: p log p = 0
+// at p = 0, so its z - m = -inf meets e = 0 as the lowest finite number (NaN still propagates).
 template <typename acc_t>
 void exp_sums(const acc_t* buf, int64_t n, acc_t m, double& s, double& t) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t kBlock = 64 * W;
-  const Vec vm(m);
+  constexpr acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  const Vec vm(m), vlowest(lowest);
   auto add = [](Vec& a, Vec& b) { return a + b; };
   s = t = 0.0;
   int64_t j = 0;
@@ -69,7 +72,7 @@ void exp_sums(const acc_t* buf, int64_t n, acc_t m, double& s, double& t) {
       const Vec d = Vec::loadu(buf + j) - vm;
       const Vec e = d.exp();
       vs = vs + e;
-      vt = at::vec::fmadd(e, d, vt);
+      vt = at::vec::fmadd(e, at::vec::maximum(d, vlowest), vt);
     }
     s += at::vec::vec_reduce_all<acc_t>(add, vs);
     t += at::vec::vec_reduce_all<acc_t>(add, vt);
@@ -78,38 +81,42 @@ void exp_sums(const acc_t* buf, int64_t n, acc_t m, double& s, double& t) {
     const acc_t d = buf[j] - m;
     const acc_t e = std::exp(d);
     s += e;
-    t += e * d;
+    t += e * std::max(d, lowest);
   }
 }
 
 // buf (z / T of columns col0 ..) becomes d(loss)/d(logits), the formula of the Triton _grad_tile:
-// [a (onehot - p) - c p (log p + H)] / T with a = dlogp, c = dent; then written to out.
+// [a (onehot - p) - c p (log p + H)] / T with a = dlogp, c = dent; then written to out. A -inf logit
+// gets exactly 0 (p log p = 0 at p = 0), where the formula would meet 0 * -inf.
 template <typename scalar_t, typename acc_t>
 void write_grad(acc_t* buf, scalar_t* out, int64_t n, int64_t local_target, acc_t lse, acc_t entropy, acc_t dlogp,
                 acc_t dent, acc_t inv_temp) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const Vec vlse(lse), vent(entropy), va(dlogp), vc(dent), vinv(inv_temp);
+  constexpr acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
+  const Vec vlse(lse), vent(entropy), va(dlogp), vc(dent), vinv(inv_temp), vminus_inf(minus_inf), vzero(acc_t(0));
   const bool has_target = local_target >= 0 && local_target < n;
   const acc_t z_target = has_target ? buf[local_target] : acc_t(0);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const Vec logp = Vec::loadu(buf + j) - vlse;
+    const Vec z = Vec::loadu(buf + j);
+    const Vec logp = z - vlse;
     const Vec p = logp.exp();
     const Vec g = -(p * at::vec::fmadd(vc, logp + vent, va)) * vinv;
-    g.store(buf + j);
+    Vec::blendv(g, vzero, z == vminus_inf).store(buf + j);
   }
   for (; j < n; ++j) {
     const acc_t logp = buf[j] - lse;
     const acc_t p = std::exp(logp);
-    buf[j] = -(p * (dlogp + dent * (logp + entropy))) * inv_temp;
+    buf[j] = buf[j] == minus_inf ? acc_t(0) : -(p * (dlogp + dent * (logp + entropy))) * inv_temp;
   }
   if (has_target) {
     // Recomputed rather than incremented: (-p a - ... + a) / T, the order of the Triton kernel, is
     // exactly 0 where p = 1 (a one-column vocab); adding a / T to the rounded product is not.
     const acc_t logp = z_target - lse;
     const acc_t p = std::exp(logp);
-    buf[local_target] = (dlogp - p * (dlogp + dent * (logp + entropy))) * inv_temp;
+    buf[local_target] =
+        z_target == minus_inf ? acc_t(0) : (dlogp - p * (dlogp + dent * (logp + entropy))) * inv_temp;
   }
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(out, buf, n * sizeof(acc_t));
@@ -158,11 +165,15 @@ void rows_impl(const RowTask& t) {
       TORCH_CHECK(target >= 0 && target < vocab, "targets must lie in [0, ", vocab, ") on valid rows, found ",
                   target, " at row ", r);
       const acc_t m = load_scaled<scalar_t, acc_t>(logits + r * ls, buf.get(), vocab, inv_temp);
-      double s, sd;
-      exp_sums<acc_t>(buf.get(), vocab, m, s, sd);
-      const acc_t lse = m + acc_t(std::log(s));
-      const acc_t entropy = acc_t(std::log(s) - sd / s);
-      const acc_t logp = buf[target] - lse;
+      // Every logit -inf: no distribution, the target's probability is 0 (log-prob -inf, which the public
+      // ops refuse), entropy 0 and, from write_grad, gradient 0. (m is NaN on a row holding a NaN.)
+      constexpr acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
+      const bool no_mass = m == minus_inf;
+      double s = 0.0, sd = 0.0;
+      if (!no_mass) exp_sums<acc_t>(buf.get(), vocab, m, s, sd);
+      const acc_t lse = no_mass ? minus_inf : m + acc_t(std::log(s));
+      const acc_t entropy = no_mass ? acc_t(0) : acc_t(std::log(s) - sd / s);
+      const acc_t logp = no_mass ? minus_inf : buf[target] - lse;
       logp_out[r] = logp;
       ent_out[r] = entropy;
       if (!t.compute_loss) continue;
