@@ -66,7 +66,7 @@ from .dispatch import select_backend
 from .loss_inputs import LossOptions, TokenData, check_token_data
 from .policy_loss import PolicyLossOutput
 from .stored_grad import StoredGradFunction
-from .validate import check_number, check_target_probability, check_targets, check_tensor
+from .validate import check_number, check_target_probability, check_targets, check_tensor, token_ids
 
 
 def _check_linear(hidden, weight, bias, chunk_size, fp32_head) -> tuple[int, int]:
@@ -463,6 +463,7 @@ def linear_token_logprobs(
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size, fp32_head)
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
+    targets = token_ids(targets)
     check_number("temperature", temperature, low=0.0, low_open=True)
     valid = targets >= 0
     check_targets(targets, valid, vocab, what="weight")

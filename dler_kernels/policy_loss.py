@@ -15,7 +15,7 @@ import torch
 from . import reference as ref
 from .dispatch import select_backend
 from .loss_inputs import LossOptions, check_token_data
-from .validate import check_number, check_target_probability, check_targets, check_tensor
+from .validate import check_number, check_target_probability, check_targets, check_tensor, token_ids
 
 
 class PolicyLossOutput(NamedTuple):
@@ -45,7 +45,7 @@ def token_logprobs(
 ):
     """Log-prob of each target under ``softmax(logits / temperature)``, in float32, without gradient.
 
-    ``logits`` [N, V], ``targets`` [N]; a negative target marks a padding row (log-prob 0).
+    ``logits`` [N, V], ``targets`` [N] (any integer dtype); a negative target marks a padding row (log-prob 0).
     A -inf logit (a masked vocabulary) has probability 0 and adds nothing to the entropy; a row whose target
     has probability 0 (its logit, or every logit of the row, is -inf) is a ValueError naming the row
     (``dler_kernels.reference``). Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with
@@ -54,6 +54,7 @@ def token_logprobs(
     """
     n = _check_logits(logits)
     check_tensor("targets", targets, ndim=1, kind="int", device=logits.device, length=n)
+    targets = token_ids(targets)
     check_number("temperature", temperature, low=0.0, low_open=True)
     valid = targets >= 0
     check_targets(targets, valid, logits.shape[1])
@@ -110,7 +111,7 @@ def policy_loss(
       almost always a forgotten ``.detach()`` (e.g. a critic's baseline), and letting the actor loss
       push gradient into it would be wrong, so the fix is the caller's ``.detach()``.
     * ``mask``: bool, or numbers exactly 0 or 1 (0.5, 2 or NaN are refused; weights go in
-      ``token_weights``). ``targets``: integers in [0, V) on valid rows.
+      ``token_weights``). ``targets``: integers (any integer dtype but uint64) in [0, V) on valid rows.
       ``logits``: V >= 1 columns.
     * ``logits`` may hold -inf (a masked vocabulary: padded vocab, logits processors): probability 0, nothing
       added to the entropy, gradient exactly 0. A valid row whose target has probability 0 (its logit is

@@ -37,6 +37,9 @@ exactly -inf then), one comparison over [N], not a pass over the logits. Underne
 ``token_logprobs_terms_ref``) return log-prob -inf for such a row, entropy 0 for a row of only -inf logits,
 and gradient 0 for every -inf logit. A NaN or +inf logit is another matter: no distribution either, but
 NaN log-prob and a non-finite loss, counted by the ``num_nonfinite`` metric, not refused.
+
+``targets``: token ids of any integer dtype; the public ops use them as int64, so they refuse uint64 (which
+int64 does not hold) and accept every other one, on every backend.
 """
 
 from __future__ import annotations

@@ -47,6 +47,16 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, allow
         raise ValueError(f"{name} must be < {high}, got {value}")
 
 
+def token_ids(targets: torch.Tensor) -> torch.Tensor:
+    """``targets`` (an integer tensor, already checked by :func:`check_tensor`) as int64, the one dtype every
+    backend indexes with: any integer dtype is accepted (uint8 and int32 token ids included), with its values
+    unchanged; uint64 is refused, as int64 does not hold it (a value above 2**63 would wrap to a negative id,
+    a padding row). Converted before any other check reads them."""
+    if targets.dtype == torch.uint64:
+        raise ValueError("targets must be an integer tensor that int64 holds (token ids), got torch.uint64")
+    return targets.long()
+
+
 def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int, what: str = "logits") -> None:
     """Targets of valid rows lie in [0, vocab); masked rows may hold anything (e.g. -100)."""
     t = targets if valid is None else targets[valid]
