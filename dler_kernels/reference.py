@@ -33,7 +33,8 @@ entry point (``policy_loss``, ``token_logprobs`` and their fused-linear twins; `
 sampled from it, so such a row means a wrong mask (of the row or of the vocabulary), and its loss has no
 meaning: the importance ratio's clamp silently gives it no gradient, while ``k1``/``k2`` and ``approx_kl``
 become infinite. The check reads the log-probs the kernels return anyway (a valid row's log-prob is
-exactly -inf then), one comparison over [N], not a pass over the logits. Underneath it, the kernels (and
+exactly -inf then), one comparison over [N], not a pass over the logits (the reference leaves it out while
+torch.compile traces it). Underneath it, the kernels (and
 ``token_logprobs_terms_ref``) return log-prob -inf for such a row, entropy 0 for a row of only -inf logits,
 and gradient 0 for every -inf logit. A NaN or +inf logit is another matter: no distribution either, but
 NaN log-prob and a non-finite loss, counted by the ``num_nonfinite`` metric, not refused.
@@ -72,8 +73,16 @@ def token_logprobs_ref(
     Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0. A valid row whose
     target has probability 0 is a ValueError (module docstring)."""
     logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
-    check_target_probability(logp, targets >= 0, targets)
+    _check_target_probability(logp, targets >= 0, targets)
     return (logp, entropy) if return_entropy else logp
+
+
+def _check_target_probability(logp, valid, targets) -> None:
+    """``validate.check_target_probability``, except while torch.compile traces the reference: its
+    data-dependent branch would split the graph (a device sync, two graphs) of the compiled reference the
+    benchmarks compare against; there a probability-0 target keeps its -inf log-prob."""
+    if not torch.compiler.is_compiling():
+        check_target_probability(logp, valid, targets)
 
 
 def token_logprobs_terms_ref(
@@ -299,7 +308,7 @@ def policy_loss_ref(
         temperature=temperature, loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length,
         token_weights=token_weights,
     )  # fmt: skip
-    check_target_probability(logp, valid, targets)
+    _check_target_probability(logp, valid, targets)
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)
