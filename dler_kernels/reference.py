@@ -33,11 +33,12 @@ entry point (``policy_loss``, ``token_logprobs`` and their fused-linear twins; `
 sampled from it, so such a row means a wrong mask (of the row or of the vocabulary), and its loss has no
 meaning: the importance ratio's clamp silently gives it no gradient, while ``k1``/``k2`` and ``approx_kl``
 become infinite. The check reads the log-probs the kernels return anyway (a valid row's log-prob is
-exactly -inf then), one comparison over [N], not a pass over the logits (the reference leaves it out while
-torch.compile traces it). Underneath it, the kernels (and
-``token_logprobs_terms_ref``) return log-prob -inf for such a row, entropy 0 for a row of only -inf logits,
-and gradient 0 for every -inf logit. A NaN or +inf logit is another matter: no distribution either, but
-NaN log-prob and a non-finite loss, counted by the ``num_nonfinite`` metric, not refused.
+exactly -inf then): one comparison over [N] and one device sync, no pass over the logits (the reference
+leaves it out while torch.compile traces it). Underneath it, the kernels (and ``token_logprobs_terms_ref``)
+return log-prob -inf for such a row, entropy 0 for a row of only -inf logits, and gradient 0 for every -inf
+logit (the reference's autograd gives a row of only -inf NaN: refused, it is never read). A NaN or +inf
+logit is another matter: no distribution either, but a NaN log-prob and a non-finite loss, counted by the
+``num_nonfinite`` metric, not refused.
 
 ``targets``: token ids of any integer dtype; the public ops use them as int64, so they refuse uint64 (which
 int64 does not hold) and accept every other one, on every backend.
@@ -51,6 +52,9 @@ from .validate import check_mask, check_no_grad, check_target_probability
 
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 10.0
+# Where the entropy's p log p floors log p (p log p = 0 at p = 0): exp of it is 0 in float32 and float64,
+# and any factor below 1e18 times it stays finite (the C++ kernels' kLogProbFloor).
+LOGP_FLOOR = -1e20
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl", "k3_ratio")
 # kl_type as the fused kernels take it (0: no KL term); equal names share a code.
@@ -91,22 +95,21 @@ def token_logprobs_terms_ref(
     """``token_logprobs_ref`` without the check: ``(logp, entropy or None)``, where a valid row whose target
     has probability 0 gets log-prob -inf (and entropy 0 when every logit of its row is -inf)."""
     z = logits.to(accumulation_dtype(logits)) / temperature
-    # A row of only -inf has no distribution: its target's probability is 0 and its entropy 0 (set below). It
-    # is replaced by zeros first, as log_softmax would make it NaN, in the value and in the gradient (amax
-    # is NaN on a row holding a NaN, which stays NaN).
-    no_mass = z.amax(-1) == -float("inf") if z.shape[-1] else torch.zeros_like(targets, dtype=torch.bool)
-    z = torch.where(no_mass.unsqueeze(-1), torch.zeros((), dtype=z.dtype, device=z.device), z)
     logp_all = torch.log_softmax(z, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1)
+    # A row of only -inf has no distribution (log_softmax makes it NaN): its target's probability is 0, its
+    # entropy 0. (amax is NaN on a row holding a NaN, which stays NaN; the gradient of such a row is NaN
+    # here, where the kernels give 0: the public ops refuse the row before anyone reads it.)
+    no_mass = z.amax(-1) == -float("inf") if z.shape[-1] else torch.zeros_like(valid)
     logp = torch.where(no_mass, -float("inf"), logp)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp, None
-    # p log p = 0 at p = 0: the -inf entries of log p (where p = 0) are replaced by 0 before the product, so
-    # that neither the value nor the gradient meets 0 * -inf
-    entropy = -(logp_all.exp() * logp_all.masked_fill(torch.isneginf(logp_all), 0.0)).sum(-1)
+    # p log p = 0 at p = 0: log p floored at LOGP_FLOOR, so that neither the value nor the gradient of a -inf
+    # logit meets 0 * -inf (every log p above the floor is kept: below it p is 0 already)
+    entropy = -(logp_all.exp() * logp_all.clamp_min(LOGP_FLOOR)).sum(-1)
     entropy = torch.where(valid & ~no_mass, entropy, torch.zeros_like(entropy))
     return logp, entropy
 

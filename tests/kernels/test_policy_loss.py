@@ -328,8 +328,9 @@ def test_the_reference_refuses_a_target_of_probability_0_too():
 @pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
 def test_kernels_give_minus_inf_exactly_to_a_target_of_probability_0_and_nan_to_nan_logits(name):
     """What the public check reads: each backend's row pass returns log-prob -inf exactly for a probability-0
-    target (entropy 0 when the whole row is -inf, gradient 0 on it), and NaN, never -inf, for a row holding
-    a NaN or +inf logit (the non-finite loss that the num_nonfinite metric counts, not the error)."""
+    target (entropy 0 when the whole row is -inf), and NaN, never -inf, for a row holding a NaN or +inf logit
+    (the non-finite loss that the num_nonfinite metric counts, not the error). -inf logits get gradient 0
+    (those of a row of only -inf too, but for the reference's autograd, which gives that refused row NaN)."""
     if name not in BACKENDS:
         pytest.skip(f"{name} cannot run on CPU tensors here")
     inf, nan = float("inf"), float("nan")
@@ -351,6 +352,8 @@ def test_kernels_give_minus_inf_exactly_to_a_target_of_probability_0_and_nan_to_
         loss.backward()
     assert logp[0].item() == -inf and logp[1].item() == -inf and logp[2].isnan() and logp[3].isnan()
     cut = torch.isneginf(logits)
+    if name == "reference":
+        cut[1] = False
     assert torch.equal(x.grad[cut], torch.zeros_like(x.grad[cut]))
     assert torch.isfinite(x.grad[4:]).all()
 
