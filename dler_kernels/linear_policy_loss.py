@@ -1,7 +1,9 @@
 r"""Fused-linear path: the policy loss (and log-probs) from hidden states and the LM head weight,
 without ever holding the [N, V] logits.
 
-Semantics: exactly ``policy_loss(hidden @ weight.T + bias, ...)`` (``reference.linear_policy_loss_ref``).
+Semantics: exactly ``policy_loss(hidden @ weight.T + bias, ...)`` (``reference.linear_policy_loss_ref``),
+-inf logits included: a -inf in ``bias`` masks that vocabulary entry (probability 0, gradient 0 to its
+row of ``weight`` and its ``bias``), and a valid row whose target it masks is a ValueError.
 
 How (one design for every backend; only the per-slab arithmetic differs):
 
@@ -65,7 +67,7 @@ from .loss_inputs import LossOptions, TokenData, check_token_data, loss_options,
 from .objective_path import objective_terms, row_statistics
 from .policy_loss import PolicyLossOutput, loss_metrics
 from .stored_grad import StoredGradFunction
-from .validate import check_number, check_targets, check_tensor
+from .validate import check_number, check_target_probability, check_targets, check_tensor, token_ids
 
 
 def _check_linear(hidden, weight, bias, chunk_size, fp32_head) -> tuple[int, int]:
@@ -97,6 +99,10 @@ def _check_linear(hidden, weight, bias, chunk_size, fp32_head) -> tuple[int, int
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
     return hidden.shape[0], weight.shape[0]
+
+
+# How the errors of this path name the logits it never holds (a -inf there comes from the bias).
+LINEAR_LOGITS = "logits (hidden @ weight.T + bias)"
 
 
 # The least default chunk of an upcast (fp32 head on bf16/fp16): each chunk upcasts the whole weight twice
@@ -348,7 +354,8 @@ def linear_policy_loss(
     [V] in the dtype of ``hidden``; every other argument and the loss ``options`` as in ``policy_loss``
     (an objective without a fused kernel recomputes the logits once more, ``objective_linear``), under the same input
     rules (its docstring: data arguments that require grad, a mask other than 0/1, non-finite data on
-    valid rows are ValueErrors on every backend). ``loss`` is
+    valid rows, a valid row whose target has probability 0 (a -inf logit, from ``bias``) are ValueErrors on
+    every backend). ``loss`` is
     differentiable w.r.t. hidden, weight and bias only (gradients accumulated in float32, returned in
     their dtype). ``chunk_size``: rows per chunk; the only working buffer holds ``chunk_size * V``
     elements (default: ``2**26 // V`` rows on the Triton backend, ``2**20 // V``, at least 16, on
@@ -381,6 +388,7 @@ def linear_policy_loss(
         rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype),
         chosen, needs, fp32_head,
     )  # fmt: skip
+    check_target_probability(logp, data.valid, data.targets, LINEAR_LOGITS)
     metrics = loss_metrics(logp, entropy, data, options, kl, per_token)
     if hidden.dtype == torch.float64:
         return PolicyLossOutput(loss, per_token, logp, entropy, metrics)
@@ -461,7 +469,8 @@ def linear_token_logprobs(
 ):
     """``token_logprobs(hidden @ weight.T + bias, targets, ...)`` without the [N, V] logits.
 
-    A negative target marks a padding row (log-prob and entropy 0). Returns float32 ``logprobs``
+    A negative target marks a padding row (log-prob and entropy 0); a valid row whose target has probability 0
+    (a -inf logit, from ``bias``) is a ValueError, as in ``token_logprobs``. Returns float32 ``logprobs``
     [N], or ``(logprobs, entropy)`` with ``return_entropy``. Memory: one ``chunk_size * V`` buffer.
     Differentiable w.r.t. hidden, weight and bias when autograd needs it (both outputs): the backward
     recomputes the logits chunk by chunk from O(N) saved row statistics (verl's and Liger's fused
@@ -470,12 +479,15 @@ def linear_token_logprobs(
     """
     n, vocab = _check_linear(hidden, weight, bias, chunk_size, fp32_head)
     check_tensor("targets", targets, ndim=1, kind="int", device=hidden.device, length=n, like="hidden")
+    targets = token_ids(targets)
     check_number("temperature", temperature, low=0.0, low_open=True)
-    check_targets(targets, targets >= 0, vocab, what="weight")
+    valid = targets >= 0
+    check_targets(targets, valid, vocab, what="weight")
     chosen = select_backend(hidden, backend)
     rows = rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, temperature, rows, chosen, fp32_head)
+        check_target_probability(logp, valid, targets, LINEAR_LOGITS)
         if hidden.dtype != torch.float64:
             logp, entropy = logp.float(), entropy.float()
         return (logp, entropy) if return_entropy else logp
@@ -487,4 +499,5 @@ def linear_token_logprobs(
             logp[r0:r1] = lp
             if return_entropy:
                 entropy[r0:r1] = ent
+    check_target_probability(logp, valid, targets, LINEAR_LOGITS)
     return (logp, entropy) if return_entropy else logp

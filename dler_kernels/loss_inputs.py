@@ -16,7 +16,15 @@ import torch
 
 from . import objectives
 from . import reference as ref
-from .validate import check_choice, check_mask, check_no_grad, check_number, check_tensor, check_valid_rows
+from .validate import (
+    check_choice,
+    check_mask,
+    check_no_grad,
+    check_number,
+    check_tensor,
+    check_valid_rows,
+    token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -180,10 +188,12 @@ def check_token_data(
     token_weights=None, what="logits",
 ) -> TokenData:  # fmt: skip
     """The per-token data of ``policy_loss`` / ``linear_policy_loss`` after their rules: data arguments do
-    not require grad (``validate.check_no_grad``), the mask holds only 0 and 1, targets lie in [0, V) and the
-    float data are finite on valid rows. ``what``: the argument whose rows the tokens are."""
+    not require grad (``validate.check_no_grad``), the mask holds only 0 and 1, targets (of any integer dtype,
+    returned as int64: ``validate.token_ids``) lie in [0, V) and the float data are finite on valid rows.
+    ``what``: the argument whose rows the tokens are."""
     like = dict(device=dev, length=n, like=what)
     check_tensor("targets", targets, ndim=1, kind="int", **like)
+    targets = token_ids(targets)
     check_tensor("old_logprobs", old_logprobs, ndim=1, kind="float", **like)
     check_tensor("advantages", advantages, ndim=1, kind="float", **like)
     check_tensor("mask", mask, ndim=1, kind="mask", **like)

@@ -16,7 +16,7 @@ from . import reference as ref
 from .dispatch import select_backend
 from .loss_inputs import check_token_data, loss_options, with_loss_options
 from .objective_path import policy_loss_two_pass
-from .validate import check_number, check_targets, check_tensor
+from .validate import check_number, check_target_probability, check_targets, check_tensor, token_ids
 
 
 class PolicyLossOutput(NamedTuple):
@@ -46,17 +46,23 @@ def token_logprobs(
 ):
     """Log-prob of each target under ``softmax(logits / temperature)``, in float32, without gradient.
 
-    ``logits`` [N, V], ``targets`` [N]; a negative target marks a padding row (log-prob 0).
-    Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with ``return_entropy``. ``backend``:
-    ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels.dispatch``).
+    ``logits`` [N, V], ``targets`` [N] (any integer dtype); a negative target marks a padding row (log-prob 0).
+    A -inf logit (a masked vocabulary) has probability 0 and adds nothing to the entropy; a row whose target
+    has probability 0 (its logit, or every logit of the row, is -inf) is a ValueError naming the row
+    (``dler_kernels.reference``). Returns ``logprobs`` [N], or ``(logprobs, entropy)`` with
+    ``return_entropy``. ``backend``: ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see
+    ``dler_kernels.dispatch``).
     """
     n = _check_logits(logits)
     check_tensor("targets", targets, ndim=1, kind="int", device=logits.device, length=n)
+    targets = token_ids(targets)
     check_number("temperature", temperature, low=0.0, low_open=True)
-    check_targets(targets, targets >= 0, logits.shape[1])
+    valid = targets >= 0
+    check_targets(targets, valid, logits.shape[1])
     chosen = select_backend(logits, backend)
     with torch.no_grad():
         logp, entropy = chosen.token_logprobs(logits, targets, temperature, return_entropy)
+    check_target_probability(logp, valid, targets)
     return (logp.float(), entropy.float()) if return_entropy else logp.float()
 
 
@@ -106,7 +112,13 @@ def policy_loss(
       almost always a forgotten ``.detach()`` (e.g. a critic's baseline), and letting the actor loss
       push gradient into it would be wrong, so the fix is the caller's ``.detach()``.
     * ``mask``: bool, or numbers exactly 0 or 1 (0.5, 2 or NaN are refused; weights go in
-      ``token_weights``). ``targets``: integers in [0, V) on valid rows. ``logits``: V >= 1 columns.
+      ``token_weights``). ``targets``: integers (any integer dtype but uint64) in [0, V) on valid rows.
+      ``logits``: V >= 1 columns.
+    * ``logits`` may hold -inf (a masked vocabulary: padded vocab, logits processors): probability 0, nothing
+      added to the entropy, gradient exactly 0. A valid row whose target has probability 0 (its logit is
+      -inf, or every logit of the row is) is a ValueError naming ``logits`` and the first such row, raised
+      after the kernel from the log-probs it returns (with ``inplace_grad`` the logits already hold the
+      gradient then). A NaN or +inf logit is not refused: it gives a non-finite loss (metric ``num_nonfinite``).
     * ``old_logprobs``, ``advantages``, ``token_weights`` (and ``ref_logprobs`` when ``beta != 0``)
       are finite on valid rows; masked rows may hold anything.
     * An unknown option, or an objective parameter the objective does not read, names itself.
@@ -123,6 +135,7 @@ def policy_loss(
         loss, per_token, logp, entropy, kl = chosen.policy_loss(logits, data, options, inplace_grad)
     else:
         loss, per_token, logp, entropy, kl = policy_loss_two_pass(chosen, logits, data, options, inplace_grad)
+    check_target_probability(logp, data.valid, data.targets)
     metrics = loss_metrics(logp, entropy, data, options, kl, per_token)
     return PolicyLossOutput(loss.float(), per_token.float(), logp.float(), entropy.float(), metrics)
 

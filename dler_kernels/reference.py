@@ -27,6 +27,26 @@ KL estimators (``kl_type``): ``k1`` = logp - ref; ``k2``/``mse`` = 0.5 (logp - r
 (the inner clamp keeps exp finite so that the outer clamp's zero gradient never meets an inf);
 ``k3_ratio`` = k3 * r with r the (clamped) importance ratio of the policy-gradient term, differentiated
 through both factors: the importance-sampled k3 of DeepSeek-V3.2, TRL's ``use_bias_correction_kl``.
+
+Probability 0 (a -inf logit: a padded vocabulary, a logits processor's mask, a -inf ``bias`` of the
+fused-linear path). The entropy is :math:`H = -\sum_{j: p_j > 0} p_j \log p_j`, i.e. ``p log p = 0`` at
+``p = 0``: a -inf logit adds nothing to the entropy, and its gradient (of the loss and of the log-probs) is
+exactly 0. A valid row whose target has probability 0 (its target's logit is -inf, or every logit of the
+row is: no distribution at all) is a ``ValueError`` naming ``logits`` and the first such row, on every
+entry point (``policy_loss``, ``token_logprobs`` and their fused-linear twins; ``policy_loss_ref`` and
+``token_logprobs_ref`` here). Why an error and not a -inf log-prob: a token the policy cannot emit was not
+sampled from it, so such a row means a wrong mask (of the row or of the vocabulary), and its loss has no
+meaning: the importance ratio's clamp silently gives it no gradient, while ``k1``/``k2`` and ``approx_kl``
+become infinite. The check reads the log-probs the kernels return anyway (a valid row's log-prob is
+exactly -inf then): one comparison over [N] and one device sync, no pass over the logits (the reference
+leaves it out while torch.compile traces it). Underneath it, the kernels (and ``token_logprobs_terms_ref``)
+return log-prob -inf for such a row, entropy 0 for a row of only -inf logits, and gradient 0 for every -inf
+logit (the reference's autograd gives a row of only -inf NaN: refused, it is never read). A NaN or +inf
+logit is another matter: no distribution either, but a NaN log-prob and a non-finite loss, counted by the
+``num_nonfinite`` metric, not refused.
+
+``targets``: token ids of any integer dtype; the public ops use them as int64, so they refuse uint64 (which
+int64 does not hold) and accept every other one, on every backend.
 """
 
 from __future__ import annotations
@@ -35,9 +55,12 @@ import torch
 
 from . import objectives
 from .objectives import LOG_RATIO_CLAMP
-from .validate import check_mask, check_no_grad
+from .validate import check_mask, check_no_grad, check_target_probability
 
 KL_CLAMP = 10.0
+# Where the entropy's p log p floors log p (p log p = 0 at p = 0): exp of it is 0 in float32 and float64,
+# and any factor below 1e18 times it stays finite (the C++ kernels' kLogProbFloor).
+LOGP_FLOOR = -1e20
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "mse", "k3", "low_var_kl", "k3_ratio")
 # kl_type as the fused kernels take it (0: no KL term); equal names share a code.
@@ -57,18 +80,43 @@ def token_logprobs_ref(
 ):
     """Log-prob of each target under ``softmax(logits / temperature)`` (and the entropy of that distribution).
 
-    Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0.
-    """
+    Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0. A valid row whose
+    target has probability 0 is a ValueError (module docstring)."""
+    logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
+    _check_target_probability(logp, targets >= 0, targets)
+    return (logp, entropy) if return_entropy else logp
+
+
+def _check_target_probability(logp, valid, targets) -> None:
+    """``validate.check_target_probability``, except while torch.compile traces the reference: its
+    data-dependent branch would split the graph (a device sync, two graphs) of the compiled reference the
+    benchmarks compare against; there a probability-0 target keeps its -inf log-prob."""
+    if not torch.compiler.is_compiling():
+        check_target_probability(logp, valid, targets)
+
+
+def token_logprobs_terms_ref(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+):
+    """``token_logprobs_ref`` without the check: ``(logp, entropy or None)``, where a valid row whose target
+    has probability 0 gets log-prob -inf (and entropy 0 when every logit of its row is -inf)."""
     z = logits.to(accumulation_dtype(logits)) / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     valid = targets >= 0
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe_targets.long().unsqueeze(-1)).squeeze(-1)
+    # A row of only -inf has no distribution (log_softmax makes it NaN): its target's probability is 0, its
+    # entropy 0. (amax is NaN on a row holding a NaN, which stays NaN; the gradient of such a row is NaN
+    # here, where the kernels give 0: the public ops refuse the row before anyone reads it.)
+    no_mass = z.amax(-1) == -float("inf") if z.shape[-1] else torch.zeros_like(valid)
+    logp = torch.where(no_mass, -float("inf"), logp)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+        return logp, None
+    # p log p = 0 at p = 0: log p floored at LOGP_FLOOR, so that neither the value nor the gradient of a -inf
+    # logit meets 0 * -inf (every log p above the floor is kept: below it p is 0 already)
+    entropy = -(logp_all.exp() * logp_all.clamp_min(LOGP_FLOOR)).sum(-1)
+    entropy = torch.where(valid & ~no_mass, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
 
@@ -179,7 +227,7 @@ def per_token_loss_ref(
     # the loss or the gradient.
     logits = torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     targets = torch.where(valid, targets, torch.zeros_like(targets))
-    logp, entropy = token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
+    logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     per_token, kl = per_token_loss_from_logprobs(logp, entropy, old_logprobs, advantages, valid, **options)
@@ -291,6 +339,7 @@ def policy_loss_ref(
         temperature=temperature,
         loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, token_weights=token_weights, **params,
     )  # fmt: skip
+    _check_target_probability(logp, valid, targets)
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)

@@ -21,10 +21,8 @@ class TorchBackend(Backend, AdvantagesBackend):
     chunk_elements = TORCH_SLAB_ELEMENTS
 
     def token_logprobs(self, logits, targets, temperature, return_entropy):
-        if return_entropy:
-            return ref.token_logprobs_ref(logits, targets, temperature=temperature, return_entropy=True)
         # the reference's entropy is another pass over N x V: skip it when not asked for
-        return ref.token_logprobs_ref(logits, targets, temperature=temperature), None
+        return ref.token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=return_entropy)
 
     def policy_loss(self, logits, data, options, inplace_grad):
         """With ``inplace_grad``: the same outputs as without it, and the logits overwritten by autograd's
@@ -57,11 +55,11 @@ class TorchBackend(Backend, AdvantagesBackend):
         valid, temperature = data.valid, options.temperature
         dtype = ref.accumulation_dtype(z)
         logp_all = z.to(dtype, copy=True).masked_fill_(~valid.unsqueeze(-1), 0.0).mul_(1.0 / temperature)
-        lse = torch.logsumexp(logp_all, dim=-1)
+        lse = _row_lse(logp_all)
         logp_all.sub_(lse.unsqueeze(-1))
-        p = torch.exp(logp_all)
         tgt = torch.where(valid, data.targets, 0).unsqueeze(-1)
-        logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1), 0.0)
+        logp = torch.where(valid, logp_all.gather(1, tgt).squeeze(1), 0.0)  # -inf: a probability-0 target
+        p = torch.exp(logp_all.clamp_min_(ref.LOGP_FLOOR))  # p log p = 0 at p = 0 (reference.LOGP_FLOOR)
         entropy = torch.where(valid, -(p * logp_all).sum(-1), 0.0)
         with torch.enable_grad():
             lp, ent = logp.requires_grad_(want_grad), entropy.requires_grad_(want_grad)
@@ -80,16 +78,28 @@ class TorchBackend(Backend, AdvantagesBackend):
 
     def slab_grad_(self, z, targets, valid, lse, entropy, dlogp, dent, col0, temperature):
         logp_all = z.to(lse.dtype, copy=True).mul_(1.0 / temperature).sub_(lse.unsqueeze(-1))
-        _write_grad_(z, logp_all, torch.exp(logp_all), targets, valid, entropy, dlogp, dent, col0, temperature)
+        p = torch.exp(logp_all.clamp_min_(ref.LOGP_FLOOR))
+        _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, temperature)
 
     def advantages(self, rewards, group_ids, **options):
         return ref.compute_advantages_ref(rewards, group_ids, **options)
 
 
+def _row_lse(logp_all):
+    """Each row's log-sum-exp as the kernels take it: NaN for a row holding +inf (torch's logsumexp says +inf,
+    which would make every other log-prob -inf, the error of a probability-0 target), and 0 for a row of only
+    -inf (no distribution: its logits minus 0 stay -inf, where -inf - -inf would be NaN; log-prob -inf,
+    entropy 0, gradient 0)."""
+    lse = torch.logsumexp(logp_all, dim=-1)
+    lse.masked_fill_(lse == float("inf"), float("nan"))
+    return lse.masked_fill_(lse == -float("inf"), 0.0)
+
+
 def _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, temperature):
     """z <- d(loss)/d(z) for the vocab columns col0 .. col0 + width of each row, the formula of the
-    Triton ``_grad_tile``: [dlogp (onehot - p) - dent p (log p + H)] / T. ``logp_all`` (log p) and
-    ``p`` (float32 [rows, width]) are used up as the buffers it is built in; masked rows get 0."""
+    Triton ``_grad_tile``: [dlogp (onehot - p) - dent p (log p + H)] / T. ``logp_all`` (log p, floored at
+    ``reference.LOGP_FLOOR``: a -inf logit gets exactly 0, its p = 0 never meeting -inf) and ``p`` (float32
+    [rows, width]) are used up as the buffers it is built in; masked rows get 0."""
     logp_all.add_(entropy.unsqueeze(-1)).mul_(p).mul_(dent.unsqueeze(-1))
     p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
     local = targets - col0

@@ -49,7 +49,8 @@ def block_v(rows: torch.Tensor, device: torch.device) -> tuple[int, int]:
 
 @triton.jit
 def _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
-    """(max, sum exp(z - max), sum exp(z - max) * z) of z = row * inv_temp, in float32."""
+    """(max, sum exp(z - max), sum exp(z - max) * z) of z = row * inv_temp, in float32. A -inf logit adds 0 to
+    both sums (p log p = 0 at p = 0); a row of only -inf gives (-inf, 0, 0)."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
@@ -59,10 +60,13 @@ def _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
         in_row = cols < V
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        scale = tl.exp(m - m_new)
-        e = tl.where(in_row, tl.exp(z - m_new), 0.0)
+        # Shifted by 0 while every logit so far is -inf: -inf - -inf would be NaN (s = t = 0 then anyway)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        e = tl.where(in_row, tl.exp(z - shift), 0.0)
         s = s * scale + tl.sum(e, axis=0)
-        t = t * scale + tl.sum(e * tl.where(in_row, z, 0.0), axis=0)  # padded lanes: 0 * 0, not 0 * -inf
+        # -inf logits and padded lanes: 0 * 0, not 0 * -inf (a NaN z is kept: e is NaN there)
+        t = t * scale + tl.sum(e * tl.where(z > float("-inf"), z, 0.0), axis=0)
         m = m_new
     return m, s, t
 
@@ -71,12 +75,14 @@ def _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V: tl.constexpr):
 def _grad_tile(z_ptr, grad_ptr, cols, in_row, target, lse, entropy, dlogp, dent, inv_temp):
     r"""Writes d(loss)/d(logits) for the columns ``cols`` of one row:
     :math:`\frac{1}{T}[a(\delta_{j,y} - p_j) - c\,p_j(\log p_j + H)]` with ``a = dlogp`` (the
-    derivative of the aggregated loss w.r.t. the row's log-prob) and ``c = dent`` (w.r.t. its entropy)."""
+    derivative of the aggregated loss w.r.t. the row's log-prob) and ``c = dent`` (w.r.t. its entropy);
+    exactly 0 for a -inf logit (p log p = 0 at p = 0), where the formula would meet 0 * -inf."""
     z = tl.load(z_ptr + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temp
     logp_j = z - lse
     p = tl.exp(logp_j)
     grad = -p * (dlogp + dent * (logp_j + entropy))
     grad = tl.where(cols == target, grad + dlogp, grad) * inv_temp
+    grad = tl.where(z == float("-inf"), 0.0, grad)
     tl.store(grad_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -122,8 +128,11 @@ def _policy_loss_kernel(
         z_target = tl.load(row_ptr + target).to(tl.float32) * inv_temp
         m, s, t = _row_softmax_stats(row_ptr, V, inv_temp, BLOCK_V)
         lse = m + tl.log(s)
-        logp = z_target - lse
-        entropy = lse - t / s
+        # s = 0 only when every logit is -inf: no distribution, the target's probability is 0 (log-prob -inf,
+        # which the public ops refuse), entropy 0 and, from _grad_tile, gradient 0; as the C++/CUDA kernels
+        no_mass = s == 0.0
+        logp = tl.where(no_mass, float("-inf"), z_target - lse)
+        entropy = tl.where(no_mass, 0.0, lse - t / s)
         tl.store(logp_out + row, logp)
         tl.store(entropy_out + row, entropy)
         if COMPUTE_LOSS:

@@ -47,6 +47,16 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, allow
         raise ValueError(f"{name} must be < {high}, got {value}")
 
 
+def token_ids(targets: torch.Tensor) -> torch.Tensor:
+    """``targets`` (an integer tensor, already checked by :func:`check_tensor`) as int64, the one dtype every
+    backend indexes with: any integer dtype is accepted (uint8 and int32 token ids included), with its values
+    unchanged; uint64 is refused, as int64 does not hold it (a value above 2**63 would wrap to a negative id,
+    a padding row). Converted before any other check reads them."""
+    if targets.dtype == torch.uint64:
+        raise ValueError("targets must be an integer tensor that int64 holds (token ids), got torch.uint64")
+    return targets.long()
+
+
 def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int, what: str = "logits") -> None:
     """Targets of valid rows lie in [0, vocab); masked rows may hold anything (e.g. -100)."""
     t = targets if valid is None else targets[valid]
@@ -112,3 +122,21 @@ def check_valid_rows(targets: torch.Tensor, valid: torch.Tensor, vocab: int, wha
         return
     check_targets(targets, valid, vocab, what)
     check_finite_on_valid(valid, finite)
+
+
+def check_target_probability(logp: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, what="logits") -> None:
+    """No valid row gives its target probability 0. ``logp`` [N] is what the kernels returned: a valid row's
+    log-prob is exactly -inf when its target's logit is -inf, or every logit of the row is (a NaN or +inf
+    logit gives NaN instead: a non-finite loss, counted by the ``num_nonfinite`` metric, not this error), so
+    the check is one comparison over [N] and one device sync, never a pass over the logits."""
+    if logp.numel() == 0:
+        return
+    bad = valid & torch.isneginf(logp)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"{what} of row {i} give its target (token {int(targets[i])}) probability 0: that token's logit is -inf "
+        "(a masked-out vocabulary entry), or every logit of the row is; a valid row's target needs a finite "
+        "logit (mask the row out otherwise)"
+    )

@@ -87,7 +87,8 @@ struct RowArgs {
   LossParams params;
 };
 
-// d(loss)/d(z_j) for one element: [a (onehot - p) - c p (log p + H)] / T (the Triton _grad_tile).
+// d(loss)/d(z_j) for one element: [a (onehot - p) - c p (log p + H)] / T (the Triton _grad_tile); exactly 0
+// for a -inf logit (p log p = 0 at p = 0), where the formula would meet 0 * -inf.
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_of(acc_t z, bool is_target, acc_t lse, acc_t entropy, acc_t a, acc_t c,
                                          acc_t inv_temp) {
@@ -95,7 +96,7 @@ __device__ __forceinline__ acc_t grad_of(acc_t z, bool is_target, acc_t lse, acc
   const acc_t p = fast_exp_free(logp);
   acc_t g = -p * (a + c * (logp + entropy));
   if (is_target) g += a;
-  return g * inv_temp;
+  return z == acc_t(-INFINITY) ? acc_t(0) : g * inv_temp;
 }
 
 // Writes the gradient of columns [0, width) of a row (logits at src, gradient at dst, may alias);
@@ -164,6 +165,9 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(RowArgs<scalar_t, acc
     st = rescale(st, vmax);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
+      // A -inf logit adds nothing (p log p = 0 at p = 0): skipped, as its z - vmax may be -inf - -inf and
+      // e (z - vmax) is 0 * -inf. A NaN is not skipped.
+      if (z[k] == acc_t(-INFINITY)) continue;
       const acc_t d = z[k] - vmax;
       const acc_t e = fast_exp_free(d);
       st.s += e;
@@ -172,6 +176,7 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(RowArgs<scalar_t, acc
   }
   for (int64_t col = nvec * VEC + threadIdx.x; col < V; col += blockDim.x) {
     const acc_t z = static_cast<acc_t>(src[col]) * inv_temp;
+    if (z == acc_t(-INFINITY)) continue;
     st = rescale(st, z > st.m ? z : st.m);
     const acc_t d = z - st.m;
     const acc_t e = fast_exp_free(d);
@@ -179,10 +184,14 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(RowArgs<scalar_t, acc
     st.t += e * d;
   }
   const Stats<acc_t> total = block_combine(st);
+  // s = 0 only when every logit is -inf (a finite one adds at least exp(0), a NaN or +inf makes s NaN): no
+  // distribution, the target's probability is 0 (log-prob -inf, which the public ops refuse), entropy 0
+  // and, from grad_of, gradient 0; as the CPU kernels.
+  const bool no_mass = total.s == acc_t(0);
   const acc_t log_s = log_acc(total.s);
-  const acc_t lse = total.m + log_s;
-  const acc_t entropy = log_s - total.t / total.s;
-  const acc_t logp = z_target - lse;
+  const acc_t lse = no_mass ? acc_t(-INFINITY) : total.m + log_s;
+  const acc_t entropy = no_mass ? acc_t(0) : log_s - total.t / total.s;
+  const acc_t logp = no_mass ? acc_t(-INFINITY) : z_target - lse;
   RowTerms<acc_t> terms{acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
   if (a.compute_loss) {
     terms = row_terms<acc_t>(logp, entropy, a.old[row], a.adv[row], a.ref ? a.ref[row] : acc_t(0), a.weights[row],

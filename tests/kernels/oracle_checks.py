@@ -4,6 +4,8 @@ metric comparison, the bad-input harness (the error names the argument), and the
 and the CUDA oracle tests share. Imported by the test
 files beside it (pytest puts this folder on ``sys.path``: the test folders are not packages)."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,77 @@ def linear_inputs(n, h, v, dtype=torch.float32, seed=0, masked_frac=0.25, with_b
     )  # fmt: skip
     extra = dict(bias=bias, ref_logprobs=exact + 0.3 * torch.randn(n, generator=g), seq_ids=torch.arange(n) // 3)
     return tensors, extra
+
+
+def mask_vocabulary(logits, targets, mask, seed=0, pad=3, frac=0.3):
+    """-inf logits as a masked vocabulary gives them: (logits, targets, cut), ``cut`` [N, V] bool where the
+    logits are -inf. The last ``pad`` columns of every row (a padded vocab) and about ``frac`` of the others
+    (a logits processor), never a valid row's target; row 0 keeps its target alone (probability 1, entropy
+    0), row 1 (of a wide vocab) keeps only its second half, a whole leading tile of -inf (its target moved
+    to the last column before the padding), and every masked row is -inf throughout."""
+    g = torch.Generator().manual_seed(seed)
+    n, v = logits.shape
+    targets = targets.clone()
+    if n > 1 and v > 2 * pad:
+        targets[1] = v - pad - 1
+    cut = torch.rand(n, v, generator=g) < frac
+    cut[:, max(v - pad, 1) :] = True
+    if n > 1:
+        cut[1, : v // 2] = True
+    cut[0] = True
+    cut[torch.arange(n), targets] = False
+    cut[~mask] = True
+    return logits.masked_fill(cut, float("-inf")), targets, cut
+
+
+def masked_vocab_logits_inputs(n, v, dtype=torch.float32, seed=0):
+    """``logits_inputs`` with a masked vocabulary (``mask_vocabulary``; row 0 valid): (tensors, extra, cut)."""
+    tensors, extra = logits_inputs(n, v, dtype, seed=seed)
+    tensors["mask"][0] = True
+    logits, targets, cut = mask_vocabulary(tensors["logits"], tensors["targets"], tensors["mask"], seed=seed)
+    with torch.no_grad():
+        exact = reference.token_logprobs_ref(logits.double(), torch.where(tensors["mask"], targets, -1)).float()
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors.update(logits=logits, targets=targets, old_logprobs=exact + 0.4 * torch.randn(n, generator=g))
+    extra["ref_logprobs"] = exact + 0.3 * torch.randn(n, generator=g)
+    return tensors, extra, cut
+
+
+def masked_vocab_linear_inputs(n, h, v, dtype=torch.float32, seed=0, pad=3):
+    """``linear_inputs`` whose ``bias`` masks the last ``pad`` vocab entries with -inf (a padded vocab) and no
+    valid row's target: (tensors, extra, cut), ``cut`` [V] bool where the bias is -inf."""
+    tensors, extra = linear_inputs(n, h, v, dtype, seed=seed, with_bias=True)
+    cut = torch.zeros(v, dtype=torch.bool)
+    cut[max(v - pad, 1) :] = True
+    tensors["targets"] = torch.where(cut[tensors["targets"]], tensors["targets"] % max(v - pad, 1), tensors["targets"])
+    extra["bias"] = extra["bias"].masked_fill(cut, float("-inf"))
+    with torch.no_grad():
+        logits = F.linear(tensors["hidden"], tensors["weight"], extra["bias"])
+        exact = reference.token_logprobs_ref(logits.double(), torch.where(tensors["mask"], tensors["targets"], -1))
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors["old_logprobs"] = exact.float() + 0.4 * torch.randn(n, generator=g)
+    extra["ref_logprobs"] = exact.float() + 0.3 * torch.randn(n, generator=g)
+    return tensors, extra, cut
+
+
+def zero_probability_rows(logits, targets, mask):
+    """Two ways a valid row gives its target probability 0, as (case, logits, first bad row): its target's
+    logit alone is -inf, or every logit of the row is. The rows are valid (``mask``) ones."""
+    rows = [int(i) for i in mask.nonzero()[:, 0]]
+    first, second = rows[1], rows[-1]
+    target_cut = logits.clone()
+    target_cut[first, targets[first]] = float("-inf")
+    target_cut[second, targets[second]] = float("-inf")
+    all_cut = logits.clone()
+    all_cut[second] = float("-inf")
+    return [("target-minus-inf", target_cut, first), ("row-all-minus-inf", all_cut, second)]
+
+
+def zero_probability_refused(row: int, what: str = "logits"):
+    """A context in which the ValueError of a valid row whose target has probability 0 must be raised, naming
+    ``what`` and ``row``."""
+    return pytest.raises(ValueError, match=rf"^{re.escape(what)} of row {row} give its target \(token \d+\) "
+                                           "probability 0")  # fmt: skip
 
 
 def advantage_inputs(b=3000, seed=1):

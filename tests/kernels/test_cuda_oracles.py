@@ -36,8 +36,12 @@ from oracle_checks import (
     check_loss_terms,
     linear_inputs,
     logits_inputs,
+    masked_vocab_linear_inputs,
+    masked_vocab_logits_inputs,
     objective_options,
     rel,
+    zero_probability_refused,
+    zero_probability_rows,
 )
 
 from dler_kernels import (
@@ -50,6 +54,7 @@ from dler_kernels import (
     token_logprobs,
 )
 from dler_kernels.dispatch import ADVANTAGES_BACKENDS, triton_interpret, usable_backends
+from dler_kernels.linear_policy_loss import LINEAR_LOGITS
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
 
 pytestmark = pytest.mark.gpu
@@ -125,6 +130,7 @@ def logits_oracle(tensors, extra, opts):
 
 
 def check_logits_path(backend, tensors, extra, opts):
+    """The outputs and d loss / d logits against the float64 oracle; returns that gradient (on the CPU)."""
     x = tensors["logits"].cuda().requires_grad_(True)
     out = policy_loss(**{**cuda(tensors), "logits": x}, **cuda(extra), **cuda(opts), backend=backend)
     out.loss.backward()
@@ -135,6 +141,7 @@ def check_logits_path(backend, tensors, extra, opts):
         assert rel(grad, grad64) <= 1e-4
     else:
         check_half_grad("dlogits", grad, grad64, grad.dtype)
+    return grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -186,6 +193,87 @@ def test_policy_loss_on_cuda_with_token_weights_and_a_global_normalizer(backend,
     opts = dict(loss_agg=loss_agg, kl_type="k3_ratio", beta=0.1, entropy_coef=0.01, norm_length=30.0,
                 token_weights=weights, normalizer=50.0)  # fmt: skip
     check_logits_path(backend, tensors, extra, opts)
+
+
+# -inf logits (a masked vocabulary; reference module docstring): probability 0, nothing added to the entropy,
+# gradient exactly 0; a valid row whose target has probability 0 is a ValueError. Tolerances as above.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 7), (17, 1000), (5, 4097), (33, 32003), (3, 151936)],
+                         ids=lambda s: f"N{s[0]}-V{s[1]}")  # fmt: skip
+def test_policy_loss_on_cuda_with_minus_inf_logits_matches_float64(backend, shape, dtype):
+    """Row 1 of a wide vocab is -inf over its whole first half: whole tiles (Triton) and thread vectors
+    (CUDA) of -inf before the first finite logit."""
+    n, v = shape
+    opts = dict(OPTION_SETS[(n + DTYPES.index(dtype)) % len(OPTION_SETS)], entropy_coef=0.01)
+    tensors, extra, cut = masked_vocab_logits_inputs(n, v, dtype, seed=n + v)
+    grad = check_logits_path(backend, tensors, extra, opts)
+    assert torch.equal(grad[cut], torch.zeros_like(grad[cut]))
+    buffer = tensors["logits"].cuda()
+    out = policy_loss(**{**cuda(tensors), "logits": buffer}, **cuda(extra), **cuda(opts), inplace_grad=True,
+                      backend=backend)  # fmt: skip
+    assert torch.isfinite(out.loss) and torch.equal(buffer.cpu()[cut], torch.zeros_like(grad[cut]))
+    padded = torch.where(tensors["mask"], tensors["targets"], -100)  # the masked rows are -inf throughout
+    lp, ent = token_logprobs(tensors["logits"].cuda(), padded.cuda(), temperature=opts["temperature"],
+                             return_entropy=True, backend=backend)  # fmt: skip
+    assert torch.isfinite(ent).all() and torch.equal(lp.cpu(), out.logprobs.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_policy_loss_on_cuda_with_a_minus_inf_bias_matches_float64(backend, dtype):
+    """bf16: the vocab pass meets the -inf columns again in the slab kernel."""
+    n, h, v, chunk = 17, 32, 4099, 5
+    tensors, extra, cut = masked_vocab_linear_inputs(n, h, v, dtype, seed=3)
+    on_gpu, extra_gpu = cuda(tensors), cuda(extra)
+    leaves = {k: on_gpu[k].clone().requires_grad_(True) for k in ("hidden", "weight")}
+    bias = extra_gpu["bias"].clone().requires_grad_(True)
+    opts = dict(OPTION_SETS[1], entropy_coef=0.01)
+    out = linear_policy_loss(**{**on_gpu, **leaves}, **{**extra_gpu, "bias": bias}, chunk_size=chunk, **opts,
+                             backend=backend)  # fmt: skip
+    out.loss.backward()
+    with torch.no_grad():
+        logits = chunk_logits_on_cuda(on_gpu["hidden"], on_gpu["weight"], extra_gpu["bias"], chunk).cpu()
+    z64 = logits.double().requires_grad_(True)
+    loss64, pt64, lp64, ent64, m64 = reference.policy_loss_ref(
+        z64, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
+        ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], **opts,
+    )  # fmt: skip
+    loss64.backward()
+    check_loss_terms(on_cpu(out), loss64.detach(), pt64, lp64, ent64, m64, tensors["mask"], extra, opts)
+    dz, x, w = z64.grad, tensors["hidden"].double(), tensors["weight"].double()
+    grads = [
+        ("dhidden", leaves["hidden"].grad, dz @ w, dz.abs() @ w.abs(), w.abs().sum(0).expand(n, h)),
+        ("dweight", leaves["weight"].grad, dz.t() @ x, dz.abs().t() @ x.abs(), x.abs().sum(0).expand(v, h)),
+        ("dbias", bias.grad, dz.sum(0), dz.abs().sum(0), torch.full((v,), float(n))),
+    ]
+    for name, got, want, abs_terms, term_counts in grads:
+        got = got.cpu()
+        if dtype == torch.float32:
+            assert rel(got, want) <= 1e-4, (name, rel(got, want))
+        else:
+            check_half_grad(name, got, want, dtype, abs_terms, term_counts)
+    assert torch.equal(bias.grad.cpu()[cut], torch.zeros(int(cut.sum()), dtype=dtype))
+    assert torch.equal(leaves["weight"].grad.cpu()[cut], torch.zeros(int(cut.sum()), h, dtype=dtype))
+
+
+def test_a_target_of_probability_0_is_refused_on_cuda(backend):
+    tensors, extra = logits_inputs(9, 1031, torch.float32, seed=13)
+    for _case, logits, row in zero_probability_rows(tensors["logits"], tensors["targets"], tensors["mask"]):
+        args = {**cuda(tensors), "logits": logits.cuda()}
+        with zero_probability_refused(row):
+            policy_loss(**args, **cuda(extra), backend=backend)
+        with zero_probability_refused(row):
+            token_logprobs(args["logits"], torch.where(args["mask"], args["targets"], -100), backend=backend)
+        with zero_probability_refused(row):  # last: the gradient overwrites the logits before the check
+            policy_loss(**args, inplace_grad=True, backend=backend)
+    lin, lin_extra = linear_inputs(8, 16, 300, torch.bfloat16, seed=9)
+    lin, lin_extra = cuda(lin), cuda(lin_extra)
+    row = int(lin["mask"].nonzero()[0, 0])
+    lin_extra["bias"][lin["targets"][row]] = float("-inf")
+    first = int((lin["mask"] & (lin["targets"] == lin["targets"][row])).nonzero()[0, 0])
+    with zero_probability_refused(first, LINEAR_LOGITS):
+        linear_policy_loss(**lin, **lin_extra, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -6,8 +6,8 @@ Rules (docstrings of ``dler_kernels.policy_loss`` and ``dler_kernels.validate``)
 * Only ``logits`` / ``hidden`` / ``weight`` / ``bias`` are differentiated; any other tensor argument
   that requires grad (with grad mode on) is refused, by the reference too.
 * ``mask``: bool, or numbers that are exactly 0 or 1.
-* ``targets``: an integer tensor, in [0, V) on valid rows; the raw ``torch.ops.dler.*`` ops refuse
-  float targets as well.
+* ``targets``: an integer tensor of any integer dtype but uint64 (converted to int64 before anything reads
+  it), in [0, V) on valid rows; the raw ``torch.ops.dler.*`` ops refuse float targets as well.
 * A vocab of 0 columns is refused; no tokens (N = 0) give empty outputs and a zero loss.
 * ``old_logprobs``, ``advantages``, ``ref_logprobs`` and ``token_weights`` are finite on valid rows
   (masked rows may hold anything).
@@ -160,6 +160,54 @@ def test_float_targets_are_refused_by_every_entry_point(backend):
         linear_policy_loss(**{**lin, "targets": bad}, backend=backend)
     with pytest.raises(ValueError, match="^targets must be an integer tensor"):
         linear_token_logprobs(lin["hidden"], lin["weight"], bad, backend=backend)
+
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32]  # int32 and int64 always worked
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_of_every_integer_dtype_give_the_int64_result_on_every_backend(backend, dtype):
+    """One rule: any integer dtype, its values unchanged (int64 underneath). Before: uint8, int8, int16 crashed
+    the reference's fused-linear path and linear_token_logprobs with a gradient on every backend (gather needs
+    int64); uint16/uint32 crashed every entry point."""
+    args, lin = loss_inputs(), linear_inputs()
+    small = {"targets": args["targets"].to(dtype)}
+    lin_bf16 = {**lin, "hidden": lin["hidden"].bfloat16(), "weight": lin["weight"].bfloat16()}  # the vocab pass
+    for linear, a in ((False, args), (True, lin), (True, lin_bf16)):
+        opts = dict(chunk_size=2) if linear else {}
+        want, want_grads = run_loss({**a, **opts}, backend, linear)
+        got, got_grads = run_loss({**a, **small, **opts}, backend, linear)
+        assert got.loss.item() == want.loss.item() and torch.equal(got.logprobs, want.logprobs)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    padded = torch.where(args["mask"], args["targets"], 0 if dtype in (torch.uint8, torch.uint16, torch.uint32) else -7)
+    want = token_logprobs(args["logits"], padded, return_entropy=True, backend=backend)
+    got = token_logprobs(args["logits"], padded.to(dtype), return_entropy=True, backend=backend)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    hidden = lin["hidden"].clone().requires_grad_(True)
+    want = linear_token_logprobs(hidden, lin["weight"], padded, return_entropy=True, chunk_size=4, backend=backend)
+    got = linear_token_logprobs(hidden, lin["weight"], padded.to(dtype), return_entropy=True, chunk_size=4,
+                                backend=backend)  # fmt: skip
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    (want_dx,) = torch.autograd.grad(want[0].sum() + want[1].sum(), hidden)
+    (got_dx,) = torch.autograd.grad(got[0].sum() + got[1].sum(), hidden)
+    assert torch.equal(got_dx, want_dx)
+
+
+def test_uint64_targets_are_refused_by_every_entry_point():
+    """int64 does not hold every uint64: a value above 2**63 would wrap to a negative id, i.e. a padding row."""
+    args, lin = loss_inputs(), linear_inputs()
+    bad = args["targets"].to(torch.uint64)
+    msg = r"^targets must be an integer tensor that int64 holds \(token ids\), got torch.uint64$"
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=msg):
+            policy_loss(**{**args, "targets": bad}, backend=backend)
+        with pytest.raises(ValueError, match=msg):
+            token_logprobs(args["logits"], bad, backend=backend)
+        with pytest.raises(ValueError, match=msg):
+            linear_policy_loss(**{**lin, "targets": bad}, backend=backend)
+        with pytest.raises(ValueError, match=msg):
+            linear_token_logprobs(lin["hidden"], lin["weight"], bad, backend=backend)
 
 
 @needs_ext

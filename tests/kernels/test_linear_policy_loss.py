@@ -25,12 +25,15 @@ from oracle_checks import (
     assert_bad_input_named,
     check_loss_terms,
     linear_inputs,
+    masked_vocab_linear_inputs,
     rel,
     store_rounding,
+    zero_probability_refused,
 )
 
 from dler_kernels import linear_policy_loss, linear_token_logprobs, policy_loss, reference
 from dler_kernels.dispatch import backend_named
+from dler_kernels.linear_policy_loss import LINEAR_LOGITS
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
 
 
@@ -250,6 +253,83 @@ def test_reference_backend_passes_gradcheck(monkeypatch):
 
     inputs = tuple(t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"]))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- -inf in the bias (a masked vocabulary)
+# The logits path's rule (reference module docstring): a -inf logit has probability 0, adds nothing to the
+# entropy and gets gradient exactly 0, so its bias entry and its row of weight get 0; a valid row whose target
+# it masks is a ValueError. Before: NaN loss and gradients on cpu and triton. Tolerances as above.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 16, 33, 3), (17, 24, 1000, 5), (5, 32, 4097, 2)],
+                         ids=lambda s: f"N{s[0]}-H{s[1]}-V{s[2]}-chunk{s[3]}")  # fmt: skip
+def test_minus_inf_bias_matches_float64_and_gets_zero_gradient(backend, shape, dtype):
+    """bf16 weights go through the vocab pass (the slab kernel meets the -inf columns again)."""
+    n, h, v, chunk = shape
+    opts = dict(OPTION_SETS[n % 4], entropy_coef=0.01)
+    tensors, extra, cut = masked_vocab_linear_inputs(n, h, v, dtype, seed=n + v)
+    out, dx, dw, db = run(tensors, extra, chunk_size=chunk, **opts)
+    check_against_oracle(out, (dx, dw, db), tensors, extra, opts, backend)
+    assert torch.isfinite(out.entropy).all() and all(torch.isfinite(g).all() for g in (dx, dw, db))
+    assert torch.equal(db[cut], torch.zeros_like(db[cut])) and torch.equal(dw[cut], torch.zeros_like(dw[cut]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_token_logprobs_with_minus_inf_bias_match_float64(backend, dtype):
+    tensors, extra, cut = masked_vocab_linear_inputs(9, 8, 300, dtype, seed=8)
+    targets = torch.where(tensors["mask"], tensors["targets"], -100)
+    leaves = [t.clone().requires_grad_(True) for t in (tensors["hidden"], tensors["weight"], extra["bias"])]
+    lp, ent = linear_token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=0.8,
+                                    return_entropy=True, chunk_size=4)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(9, generator=g), torch.randn(9, generator=g)
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    logits64 = F.linear(tensors["hidden"], tensors["weight"], extra["bias"]).double().requires_grad_(True)
+    lp64, ent64 = reference.token_logprobs_ref(logits64, targets, temperature=0.8, return_entropy=True)
+    ((a.double() * lp64).sum() + (b.double() * ent64).sum()).backward()
+    assert (lp.detach().double() - lp64.detach()).abs().max() <= 1e-5
+    assert (ent.detach().double() - ent64.detach()).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+    dz = logits64.grad
+    x, w = tensors["hidden"].double(), tensors["weight"].double()
+    check_grad("dhidden", leaves[0].grad, dz @ w, dz.abs() @ w.abs(), dtype, backend)
+    check_grad("dweight", leaves[1].grad, dz.t() @ x, dz.abs().t() @ x.abs(), dtype, backend)
+    check_grad("dbias", leaves[2].grad, dz.sum(0), dz.abs().sum(0), dtype, backend)
+    assert torch.equal(leaves[2].grad[cut], torch.zeros_like(leaves[2].grad[cut]))
+    with torch.no_grad():
+        lp_plain, ent_plain = linear_token_logprobs(*(t.detach() for t in leaves[:2]), targets, bias=extra["bias"],
+                                                    temperature=0.8, return_entropy=True, chunk_size=4)  # fmt: skip
+    assert torch.equal(lp_plain, lp.detach()) and torch.equal(ent_plain, ent.detach())
+
+
+def test_a_valid_row_whose_target_the_bias_masks_is_refused(backend):
+    tensors, extra = linear_inputs(8, 8, 40, seed=9)
+    rows = [int(i) for i in tensors["mask"].nonzero()[:, 0]]
+    first = rows[1]
+    targets = tensors["targets"].clone()
+    targets[rows[-1]] = targets[first]  # a later row with the same masked target: the first one is named
+    bias = extra["bias"].clone()
+    bias[targets[first]] = float("-inf")
+    tensors = {**tensors, "targets": targets}
+    extra = {**extra, "bias": bias}
+    with zero_probability_refused(first, LINEAR_LOGITS):
+        run(tensors, extra, chunk_size=3)
+    with torch.no_grad(), zero_probability_refused(first, LINEAR_LOGITS):
+        linear_policy_loss(**tensors, **extra)
+    padded = torch.where(tensors["mask"], targets, -100)
+    args = (tensors["hidden"], tensors["weight"], padded)
+    with zero_probability_refused(first, LINEAR_LOGITS):
+        linear_token_logprobs(*args, bias=bias, chunk_size=3)
+    with zero_probability_refused(first, LINEAR_LOGITS):
+        linear_token_logprobs(*args, bias=bias.clone().requires_grad_(True), return_entropy=True)
+    # A +inf or NaN bias is not this error (the reference's torch logsumexp gives +inf there, not NaN): a
+    # non-finite loss, which the num_nonfinite metric counts.
+    for value in (float("inf"), float("nan")):
+        poisoned = bias.clone()
+        poisoned[targets[first]] = 0.0
+        poisoned[(targets[first] + 1) % len(bias)] = value
+        out = linear_policy_loss(**tensors, **{**extra, "bias": poisoned})
+        assert not torch.isfinite(out.loss) and out.metrics["num_nonfinite"].item() >= 1
 
 
 # ---------------------------------------------------------------- linear_token_logprobs

@@ -13,16 +13,22 @@ import itertools
 import pytest
 import torch
 from oracle_checks import (
+    BACKENDS,
     OPTION_SETS,
     assert_bad_input_named,
     check_loss_terms,
     logits_inputs,
+    masked_vocab_logits_inputs,
     rel,
     store_rounding,
+    zero_probability_refused,
+    zero_probability_rows,
 )
 
 import dler_kernels
 from dler_kernels import policy_loss, reference, token_logprobs
+from dler_kernels.dispatch import backend_named
+from dler_kernels.loss_inputs import LossOptions, check_token_data
 from dler_kernels.reference import KL_TYPES, LOSS_AGGS
 
 
@@ -240,6 +246,140 @@ def test_reference_gradient_passes_gradcheck():
         )[0]  # fmt: skip
 
     assert torch.autograd.gradcheck(f, (tensors["logits"].clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- -inf logits (a masked vocabulary)
+# The spec (reference module docstring): probability 0, p log p = 0 (nothing added to the entropy), gradient
+# exactly 0; a valid row whose target has probability 0 is a ValueError naming logits and the row. Before:
+# NaN loss and gradient on cpu and triton, NaN entropy on every backend. Same tolerances as above.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 7), (9, 1000), (5, 4097), (3, 49152)], ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_minus_inf_logits_match_float64_and_get_zero_gradient(backend, shape, dtype):
+    n, v = shape
+    opts = dict(OPTION_SETS[(n + v) % 4], entropy_coef=0.01)  # an entropy term, whose gradient meets p log p
+    tensors, extra, cut = masked_vocab_logits_inputs(n, v, dtype, seed=n + v)
+    out, grad = run(tensors, extra, **opts)
+    check_against_oracle(out, grad, tensors, extra, opts, backend)
+    assert torch.isfinite(out.entropy).all() and torch.isfinite(grad).all()
+    assert torch.equal(grad[cut], torch.zeros_like(grad[cut]))
+    assert out.entropy[0].item() == 0.0  # row 0 keeps its target alone: probability 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_minus_inf_logits_inplace_gradient_equals_out_of_place(backend, dtype):
+    tensors, extra, cut = masked_vocab_logits_inputs(7, 300, dtype, seed=4)
+    opts = dict(beta=0.1, entropy_coef=0.01, temperature=0.7)
+    out, grad = run(tensors, extra, **opts)
+    buffer = tensors["logits"].clone()
+    out_ip = policy_loss(**{**tensors, "logits": buffer}, **extra, inplace_grad=True, **opts)
+    assert out_ip.loss.item() == out.loss.item() and torch.isfinite(out_ip.loss)
+    assert torch.equal(buffer, grad) and torch.equal(buffer[cut], torch.zeros_like(buffer[cut]))
+
+
+@pytest.mark.parametrize("shape", [(4, 7), (6, 4097)], ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_token_logprobs_with_minus_inf_logits_match_float64(backend, shape):
+    n, v = shape
+    tensors, _, _ = masked_vocab_logits_inputs(n, v, seed=v)
+    targets = torch.where(tensors["mask"], tensors["targets"], -100)  # the masked rows (all -inf) are padding
+    lp, ent = token_logprobs(tensors["logits"], targets, temperature=0.8, return_entropy=True)
+    lp64, ent64 = reference.token_logprobs_ref(tensors["logits"].double(), targets, temperature=0.8,
+                                               return_entropy=True)  # fmt: skip
+    assert torch.isfinite(lp64).all() and torch.isfinite(ent64).all()
+    assert (lp.double() - lp64).abs().max() <= 1e-5
+    assert (ent.double() - ent64).abs().max() <= 1e-5 * max(1.0, ent64.abs().max().item())
+
+
+def test_reference_gradient_with_minus_inf_logits_passes_gradcheck():
+    """The spec's own autograd, p log p = 0 included, against finite differences (the -inf entries held fixed:
+    their gradient is checked to be exactly 0)."""
+    tensors, extra, cut = masked_vocab_logits_inputs(4, 6, torch.float64, seed=11)
+    base = tensors["logits"]
+
+    def f(finite):
+        x = base.masked_scatter(~cut, finite)
+        return reference.policy_loss_ref(
+            x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
+            ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], beta=0.1, entropy_coef=0.02,
+            temperature=0.7, loss_agg="seq-mean-token-mean",
+        )[0]  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (base[~cut].clone().requires_grad_(True),), eps=1e-6, atol=1e-7)
+    x = base.clone().requires_grad_(True)
+    reference.policy_loss_ref(x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(),
+                              tensors["mask"], entropy_coef=0.02)[0].backward()  # fmt: skip
+    assert torch.equal(x.grad[cut], torch.zeros_like(x.grad[cut]))
+
+
+@pytest.mark.parametrize("inplace_grad", [False, True])
+def test_a_valid_row_whose_target_has_probability_0_is_refused(backend, inplace_grad):
+    """On every entry point, naming the first such row; a masked (or padding) row of only -inf is not one."""
+    tensors, extra = logits_inputs(6, 40, seed=13)
+    assert not tensors["mask"].all()
+    for _case, logits, row in zero_probability_rows(tensors["logits"], tensors["targets"], tensors["mask"]):
+        args = {**tensors, "logits": logits.clone().requires_grad_(not inplace_grad)}
+        with zero_probability_refused(row):
+            policy_loss(**args, **extra, inplace_grad=inplace_grad)
+        with torch.no_grad(), zero_probability_refused(row):
+            policy_loss(**{**args, "logits": logits}, **extra)
+        padded = torch.where(tensors["mask"], tensors["targets"], -100)
+        with zero_probability_refused(row):
+            token_logprobs(logits, padded, return_entropy=True)
+        with zero_probability_refused(row):
+            token_logprobs(logits, padded)
+    # Rows of only -inf are fine where masked (policy_loss) or padding (token_logprobs): never read.
+    poisoned = tensors["logits"].clone()
+    poisoned[~tensors["mask"]] = float("-inf")
+    clean, clean_grad = run(tensors, extra, entropy_coef=0.01)
+    out, grad = run({**tensors, "logits": poisoned}, extra, entropy_coef=0.01)
+    assert out.loss.item() == clean.loss.item() and torch.equal(grad, clean_grad)
+    padded = torch.where(tensors["mask"], tensors["targets"], -100)
+    lp, ent = token_logprobs(poisoned, padded, return_entropy=True)
+    assert torch.equal(lp[~tensors["mask"]], torch.zeros_like(lp[~tensors["mask"]]))
+    assert torch.equal(ent[~tensors["mask"]], torch.zeros_like(ent[~tensors["mask"]]))
+
+
+def test_the_reference_refuses_a_target_of_probability_0_too():
+    tensors, extra = logits_inputs(6, 40, seed=13)
+    for _case, logits, row in zero_probability_rows(tensors["logits"], tensors["targets"], tensors["mask"]):
+        with zero_probability_refused(row):
+            reference.policy_loss_ref(**{**tensors, "logits": logits})
+        with zero_probability_refused(row):
+            reference.token_logprobs_ref(logits, torch.where(tensors["mask"], tensors["targets"], -100))
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+def test_kernels_give_minus_inf_exactly_to_a_target_of_probability_0_and_nan_to_nan_logits(name):
+    """What the public check reads: each backend's row pass returns log-prob -inf exactly for a probability-0
+    target (entropy 0 when the whole row is -inf), and NaN, never -inf, for a row holding a NaN or +inf logit
+    (the non-finite loss that the num_nonfinite metric counts, not the error). -inf logits get gradient 0
+    (those of a row of only -inf too, but for the reference's autograd, which gives that refused row NaN)."""
+    if name not in BACKENDS:
+        pytest.skip(f"{name} cannot run on CPU tensors here")
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.0, 1.0, -inf, 2.0], [-inf] * 4, [0.0, inf, 1.0, 2.0], [0.0, nan, 1.0, 2.0],
+                           [-inf, -inf, 3.0, -inf], [0.5, 0.0, 1.0, 2.0]])  # fmt: skip
+    targets = torch.tensor([2, 1, 0, 0, 2, 1])
+    n = len(targets)
+    chosen = backend_named(name)
+    lp, ent = chosen.token_logprobs(logits, targets, 1.0, True)
+    assert lp[0].item() == -inf and lp[1].item() == -inf and ent[1].item() == 0.0 and bool(torch.isfinite(ent[0]))
+    assert lp[2].isnan() and lp[3].isnan()
+    assert lp[4].item() == 0.0 and ent[4].item() == 0.0  # probability 1
+    options = LossOptions(entropy_coef=0.01)
+    data = check_token_data(n, 4, logits.device, targets, torch.full((n,), -1.0), torch.ones(n),
+                            torch.ones(n, dtype=torch.bool), options)  # fmt: skip
+    x = logits.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss, per_token, logp, entropy, _ = chosen.policy_loss(x, data, options, False)
+        loss.backward()
+    assert logp[0].item() == -inf and logp[1].item() == -inf and logp[2].isnan() and logp[3].isnan()
+    cut = torch.isneginf(logits)
+    if name == "reference":
+        cut[1] = False
+    assert torch.equal(x.grad[cut], torch.zeros_like(x.grad[cut]))
+    assert torch.isfinite(x.grad[4:]).all()
 
 
 # ---------------------------------------------------------------- token_logprobs
