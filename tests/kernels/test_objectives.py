@@ -10,20 +10,17 @@ also rounded once to bf16 (the bound per element adds that rounding).
 
 import pytest
 import torch
-from oracle_checks import (
-    OBJECTIVE_CASES as CASES,
-)
+from oracle_checks import OBJECTIVE_CASES as CASES
 from oracle_checks import (
     OPTION_SETS,
     check_loss_terms,
     linear_inputs,
     logits_inputs,
+    masked_vocab_logits_inputs,
     rel,
     store_rounding,
 )
-from oracle_checks import (
-    objective_options as options,
-)
+from oracle_checks import objective_options as options
 
 from dler_kernels import linear_policy_loss, policy_loss, reference
 from dler_kernels.objectives import OBJECTIVES
@@ -122,6 +119,20 @@ def test_edge_cases(backend, case):
     torch.testing.assert_close(grad[mask], clean_grad[mask])
     *_, grad64 = oracle_logits(tensors, extra, **opts)
     assert rel(clean_grad, grad64) <= 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_masked_vocabulary_matches_float64_and_its_minus_inf_logits_get_no_gradient(backend, case):
+    """-inf logits (a padded vocab, a logits processor) on the two-pass path: the log-prob kernel gives them
+    probability 0 and the gradient kernel exactly 0."""
+    opts = options(case, dict(loss_agg="seq-mean-token-mean", entropy_coef=0.01))
+    tensors, extra, cut = masked_vocab_logits_inputs(20, 41, seed=31)
+    extra["seq_ids"] = torch.arange(20) // 4
+    out, grad = run_logits(tensors, extra, **opts)
+    loss64, pt64, lp64, ent64, m64, grad64 = oracle_logits(tensors, extra, **opts)
+    check_loss_terms(out, loss64, pt64, lp64, ent64, m64, tensors["mask"], extra, opts)
+    assert torch.isfinite(grad).all() and torch.equal(grad[cut], torch.zeros_like(grad[cut]))
+    assert rel(grad, grad64.nan_to_num()) <= 1e-4
 
 
 @pytest.mark.parametrize("case", ["gspo", "vespo", "sapo"])
