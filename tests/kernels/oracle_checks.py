@@ -176,6 +176,18 @@ def advantage_inputs(b=3000, seed=1):
     return rewards, groups, correct, counts
 
 
+def logits_oracle(tensors, extra, opts):
+    """The float64 reference on the CPU, from the same (already rounded) inputs: (loss, per_token, logp, entropy,
+    metrics, d loss / d logits)."""
+    x = tensors["logits"].double().requires_grad_(True)
+    loss, per_token, logp, ent, metrics = reference.policy_loss_ref(
+        x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
+        ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], **opts,
+    )  # fmt: skip
+    loss.backward()
+    return loss.detach(), per_token, logp, ent, metrics, x.grad
+
+
 def store_rounding(dtype: torch.dtype, backend: str, on_cuda: bool) -> float:
     """The relative error of one store in ``dtype`` by ``backend`` (the interpreter truncates)."""
     interpreted = backend == "triton" and not on_cuda

@@ -36,6 +36,7 @@ from oracle_checks import (
     check_loss_terms,
     linear_inputs,
     logits_inputs,
+    logits_oracle,
     masked_vocab_linear_inputs,
     masked_vocab_logits_inputs,
     objective_options,
@@ -116,17 +117,6 @@ def check_half_grad(name, got, want, dtype, abs_terms=0.0, term_counts=0.0):
 
 
 # ---------------------------------------------------------------- logits path
-
-
-def logits_oracle(tensors, extra, opts):
-    """float64 on the CPU: (loss, per_token, logp, entropy, metrics, d loss / d logits)."""
-    x = tensors["logits"].double().requires_grad_(True)
-    loss, per_token, logp, ent, metrics = reference.policy_loss_ref(
-        x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
-        ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], **opts,
-    )  # fmt: skip
-    loss.backward()
-    return loss.detach(), per_token, logp, ent, metrics, x.grad
 
 
 def check_logits_path(backend, tensors, extra, opts):

@@ -16,6 +16,7 @@ from oracle_checks import (
     check_loss_terms,
     linear_inputs,
     logits_inputs,
+    logits_oracle,
     masked_vocab_logits_inputs,
     rel,
     store_rounding,
@@ -31,13 +32,7 @@ def test_every_objective_has_a_case():
 
 
 def oracle_logits(tensors, extra, **opts):
-    x = tensors["logits"].double().requires_grad_(True)
-    loss, per_token, logp, ent, metrics = reference.policy_loss_ref(
-        x, tensors["targets"], tensors["old_logprobs"].double(), tensors["advantages"].double(), tensors["mask"],
-        ref_logprobs=extra["ref_logprobs"].double(), seq_ids=extra["seq_ids"], **opts,
-    )  # fmt: skip
-    loss.backward()
-    return loss.detach(), per_token, logp, ent, metrics, x.grad
+    return logits_oracle(tensors, extra, opts)
 
 
 def run_logits(tensors, extra, **opts):
