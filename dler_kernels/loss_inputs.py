@@ -39,7 +39,7 @@ class LossSettings:
     """Lower clip bound (PPO-clip: the ratio's 1 - eps_low); None: the objective's default (PPO-clip 0.2)."""
     eps_high: float | None = None
     """Upper clip bound (PPO-clip: the ratio's 1 + eps_high); None: the objective's default (PPO-clip 0.28)."""
-    clip_c: float | None = 10.0
+    clip_c: float | None = objectives.CLIP_C_DEFAULT
     """PPO-clip's dual-clip constant for negative advantages (None: no dual clip)."""
     ratio_cap: float | None = None
     """DPPO: the cap C of the stop-gradient ratio min(r, C); None: 20."""

@@ -59,7 +59,7 @@ PARAMETERS = (
     "eps_low", "eps_high", "clip_c", "ratio_cap", "tau_pos", "tau_neg", "cispo_clip",
     "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
 )  # fmt: skip
-CLIP_C_DEFAULT = 10.0
+CLIP_C_DEFAULT = PPO_CLIP.defaults["clip_c"]
 
 __all__ = ["DEFAULT_OBJECTIVE", "LOG_RATIO_CLAMP", "OBJECTIVES", "PARAMETERS", "Objective", "Sequences",
            "get_objective", "resolve"]  # fmt: skip
