@@ -3,6 +3,7 @@ argument and what was expected, raised before any kernel launches."""
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import torch
@@ -34,6 +35,15 @@ def check_tensor(
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_name(name: str, value, choices) -> None:
+    """``check_choice`` for a name a user types (an objective, a registered loss): the error adds the closest
+    choice, if one is close."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}{hint}")
 
 
 def check_number(name: str, value, *, low=None, high=None, low_open=False, allow_none=False) -> None:

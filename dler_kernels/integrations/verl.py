@@ -35,7 +35,6 @@ registers them; set in the config::
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +47,7 @@ from .. import reference as ref
 from ..loss_inputs import loss_options as checked_loss_options
 from ..objectives.dppo import BINARY_KL_EPS
 from ..objectives.gspo import GSPO_TOKEN_LOG_RATIO_MAX
+from ..validate import check_name
 from . import warn_if_untested
 
 TESTED_VERL = ("0.9.1", "0.10.0")
@@ -93,10 +93,7 @@ VERL_LOSSES: dict[str, VerlLoss] = {
 
 def verl_loss(loss_mode: str) -> VerlLoss:
     """The loss registered as ``loss_mode``; an unknown name is a ValueError listing the choices."""
-    if loss_mode not in VERL_LOSSES:
-        close = difflib.get_close_matches(str(loss_mode), VERL_LOSSES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"loss_mode must be one of {', '.join(map(repr, VERL_LOSSES))}; got {loss_mode!r}{hint}")
+    check_name("loss_mode", loss_mode, VERL_LOSSES)
     return VERL_LOSSES[loss_mode]
 
 

@@ -35,10 +35,9 @@ A new objective is one file here (its ``Objective``) plus its line in ``OBJECTIV
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 
-from ..validate import check_choice, check_number
+from ..validate import check_choice, check_name, check_number
 from .base import LOG_RATIO_CLAMP, Objective, Sequences
 from .cispo import CISPO, CISPO_CLIPS
 from .dppo import DPPO_KL, DPPO_TV
@@ -67,10 +66,7 @@ __all__ = ["DEFAULT_OBJECTIVE", "LOG_RATIO_CLAMP", "OBJECTIVES", "PARAMETERS", "
 
 def get_objective(name: str) -> Objective:
     """The objective ``name``; an unknown name is a ValueError listing the choices (and the closest one)."""
-    if name not in OBJECTIVES:
-        close = difflib.get_close_matches(str(name), OBJECTIVES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}; got {name!r}{hint}")
+    check_name("objective", name, OBJECTIVES)
     return OBJECTIVES[name]
 
 
