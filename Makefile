@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= cpu,dev,math,trl
+EXTRAS ?= cpu,dev,math,trl,bench
 CONSTRAINTS ?= constraints/cpu.txt
 PIP_INSTALL := $(BIN)/python -m pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.dler-installed
