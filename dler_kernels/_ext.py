@@ -59,10 +59,13 @@ def _try_load():
 
 def load():
     """The extension module, or None (after one warning saying why) when it cannot be used."""
+    if "module" in _state:  # loaded: no lock, which torch.compile could not trace (dispatch runs inside its graphs)
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             module, why = _try_load()
-            _state["module"], _state["why"], _state["warned"] = module, why, False
+            _state["why"], _state["warned"] = why, False
+            _state["module"] = module  # last: its presence means loaded (the unlocked path above)
             if module is not None:
                 _register_python_parts()
         return _state["module"]

@@ -64,9 +64,9 @@ from . import reference as ref
 from .backend import Backend
 from .dispatch import select_backend
 from .loss_inputs import LossOptions, TokenData, check_token_data, loss_options, with_loss_options
-from .objective_path import objective_terms, row_statistics
+from .objective_path import objective_loss, objective_terms, row_statistics
 from .policy_loss import PolicyLossOutput, loss_metrics
-from .stored_grad import StoredGradFunction
+from .stored_grad import StoredGradFunction, tracing
 from .validate import check_number, check_target_probability, check_targets, check_tensor, token_ids
 
 
@@ -383,11 +383,16 @@ def linear_policy_loss(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
-        hidden, weight, bias, data.contiguous(), weights, options,
-        rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype),
-        chosen, needs, fp32_head,
-    )  # fmt: skip
+    rows = rows_per_chunk(n, vocab, chunk_size, chosen, logits_dtype(hidden, fp32_head) != hidden.dtype)
+    if any(needs) and tracing(hidden) and not (options.fused and chosen.name != "reference"):
+        # torch.compile: the differentiable log-probs and the objective under autograd (objective_path.objective_loss)
+        logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, torch.where(data.valid, data.targets, -1),
+                                                   options.temperature, rows, chosen, fp32_head)  # fmt: skip
+        loss, per_token, logp, entropy, kl = objective_loss(logp, entropy, data, options, weights)
+    else:
+        loss, per_token, logp, entropy, kl = _LinearPolicyLoss.apply(
+            hidden, weight, bias, data.contiguous(), weights, options, rows, chosen, needs, fp32_head
+        )
     check_target_probability(logp, data.valid, data.targets, LINEAR_LOGITS)
     metrics = loss_metrics(logp, entropy, data, options, kl, per_token)
     if hidden.dtype == torch.float64:

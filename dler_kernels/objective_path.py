@@ -17,7 +17,7 @@ import torch
 
 from . import reference as ref
 from .loss_inputs import LossOptions, TokenData
-from .stored_grad import StoredGradLoss
+from .stored_grad import StoredGradLoss, tracing
 
 
 def objective_terms(logp, entropy, data: TokenData, options: LossOptions, weights, want_grad: bool):
@@ -49,6 +49,42 @@ def row_statistics(backend, z, targets, valid, temperature, dtype):
     return logp, entropy, lse
 
 
+class RowLogprobs(torch.autograd.Function):
+    """Differentiable ``row_statistics``: (logp, entropy, lse) of the rows, whose backward is the backend's slab
+    kernel. The two-pass path while torch.compile traces: its graph cannot hold the eager path's
+    torch.autograd.grad inside a forward, so autograd chains the objective's backward into this one instead. The
+    same kernels and the same objective function as the eager path, so the same result."""
+
+    @staticmethod
+    def forward(ctx, z, backend, targets, valid, temperature, dtype):
+        logp, entropy, lse = row_statistics(backend, z, targets, valid, temperature, dtype)
+        ctx.save_for_backward(z, targets, valid, lse, entropy)
+        ctx.backend, ctx.temperature = backend, temperature
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, dlogp, dent, _):
+        z, targets, valid, lse, entropy = ctx.saved_tensors
+        grad = z.clone()
+        ctx.backend.slab_grad_(grad, targets, valid, lse, entropy, dlogp.contiguous(), dent.contiguous(), 0,
+                               ctx.temperature)  # fmt: skip
+        return grad, None, None, None, None, None
+
+
+def objective_loss(logp, entropy, data: TokenData, options: LossOptions, weights):
+    """``(loss, per_token, logp, entropy, kl)`` of the objective on differentiable log-probs and entropies, all but
+    the loss detached: the two-pass paths while torch.compile traces, whose graph cannot hold the eager paths'
+    torch.autograd.grad inside a forward, so autograd chains the objective's backward into the log-probs' own
+    (``RowLogprobs``; ``linear_policy_loss``'s differentiable log-probs)."""
+    per_token, kl = ref.per_token_loss_from_logprobs(
+        logp, entropy, data.old_logprobs, data.advantages, data.valid, ref_logprobs=data.ref_logprobs,
+        seq_ids=data.seq_ids, **options.per_token(),
+    )  # fmt: skip
+    loss = (per_token * weights.to(per_token.dtype)).sum()
+    return loss, per_token.detach(), logp.detach(), entropy.detach(), None if kl is None else kl.detach()
+
+
 def policy_loss_two_pass(backend, logits, data: TokenData, options: LossOptions, inplace_grad: bool):
     """The logits path of an objective without a fused kernel: ``Backend.policy_loss``'s outputs."""
     dtype = ref.accumulation_dtype(logits)
@@ -72,6 +108,14 @@ def policy_loss_two_pass(backend, logits, data: TokenData, options: LossOptions,
     if want_grad:
         if not logits.is_contiguous():
             raise ValueError("logits must be contiguous for objectives without a fused kernel; call .contiguous()")
+        if tracing(logits):
+            if inplace_grad:
+                raise ValueError(
+                    f"inplace_grad=True under torch.compile is supported by objective='ppo_clip' only (its fused "
+                    f"kernel), not objective={options.objective!r}: pass inplace_grad=False"
+                )
+            logp, entropy, _ = RowLogprobs.apply(logits, backend, targets, valid, temperature, dtype)
+            return objective_loss(logp, entropy, data, options, weights)
         return StoredGradLoss.apply(logits, weights, kernel, inplace_grad)
     per_token, logp, entropy, kl = kernel(logits, None)
     return (per_token * weights).sum(), per_token, logp, entropy, kl

@@ -38,12 +38,12 @@ entry point (``policy_loss``, ``token_logprobs`` and their fused-linear twins; `
 sampled from it, so such a row means a wrong mask (of the row or of the vocabulary), and its loss has no
 meaning: the importance ratio's clamp silently gives it no gradient, while ``k1``/``k2`` and ``approx_kl``
 become infinite. The check reads the log-probs the kernels return anyway (a valid row's log-prob is
-exactly -inf then): one comparison over [N] and one device sync, no pass over the logits (the reference
-leaves it out while torch.compile traces it). Underneath it, the kernels (and ``token_logprobs_terms_ref``)
-return log-prob -inf for such a row, entropy 0 for a row of only -inf logits, and gradient 0 for every -inf
-logit (the reference's autograd gives a row of only -inf NaN: refused, it is never read). A NaN or +inf
-logit is another matter: no distribution either, but a NaN log-prob and a non-finite loss, counted by the
-``num_nonfinite`` metric, not refused.
+exactly -inf then): one comparison over [N] and one device sync, no pass over the logits (left out, with every
+check that reads values, while torch.compile traces: ``validate.values_readable``). Underneath it, the kernels
+(and ``token_logprobs_terms_ref``) return log-prob -inf for such a row, entropy 0 for a row of only -inf
+logits, and gradient 0 for every -inf logit (the reference's autograd gives a row of only -inf NaN: refused,
+it is never read). A NaN or +inf logit is another matter: no distribution either, but a NaN log-prob and a
+non-finite loss, counted by the ``num_nonfinite`` metric, not refused.
 
 ``targets``: token ids of any integer dtype; the public ops use them as int64, so they refuse uint64 (which
 int64 does not hold) and accept every other one, on every backend.
@@ -83,16 +83,8 @@ def token_logprobs_ref(
     Rows whose target is negative (padding, e.g. -100) get log-prob 0 and entropy 0. A valid row whose
     target has probability 0 is a ValueError (module docstring)."""
     logp, entropy = token_logprobs_terms_ref(logits, targets, temperature=temperature, return_entropy=True)
-    _check_target_probability(logp, targets >= 0, targets)
+    check_target_probability(logp, targets >= 0, targets)
     return (logp, entropy) if return_entropy else logp
-
-
-def _check_target_probability(logp, valid, targets) -> None:
-    """``validate.check_target_probability``, except while torch.compile traces the reference: its
-    data-dependent branch would split the graph (a device sync, two graphs) of the compiled reference the
-    benchmarks compare against; there a probability-0 target keeps its -inf log-prob."""
-    if not torch.compiler.is_compiling():
-        check_target_probability(logp, valid, targets)
 
 
 def token_logprobs_terms_ref(
@@ -170,10 +162,9 @@ def aggregate_ref(
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
     if seq_ids is None:
         raise ValueError(f"loss_agg={loss_agg!r} needs seq_ids (one sequence id per token)")
-    _, seq = torch.unique(seq_ids, return_inverse=True)
-    n_seq = int(seq.max().item()) + 1 if seq.numel() else 0
-    seq_sum = per_token.new_zeros(n_seq).index_add(0, seq, per_token)
-    seq_count = per_token.new_zeros(n_seq).index_add(0, seq, maskf)
+    seq = objectives.dense_ids(seq_ids)
+    seq_sum = per_token.new_zeros(seq.numel()).index_add(0, seq, per_token)  # slots without a sequence stay empty
+    seq_count = per_token.new_zeros(seq.numel()).index_add(0, seq, maskf)
     has_tokens = seq_count > 0
     if loss_agg == "seq-mean-token-mean":
         seq_loss = seq_sum / torch.clamp(seq_count, min=1.0)
@@ -198,8 +189,8 @@ def aggregation_weights(valid, loss_agg, seq_ids, normalizer, norm_length, dtype
     if loss_agg == "token-mean":
         denom = torch.clamp(vf.sum(), min=1.0) if normalizer is None else float(normalizer)
         return vf / denom
-    _, seq = torch.unique(seq_ids, return_inverse=True)
-    counts = vf.new_zeros(int(seq.max()) + 1 if seq.numel() else 0).index_add(0, seq, vf)
+    seq = objectives.dense_ids(seq_ids)
+    counts = vf.new_zeros(seq.numel()).index_add(0, seq, vf)  # slots without a sequence count 0
     n_seq = torch.clamp((counts > 0).to(dtype).sum(), min=1.0) if normalizer is None else float(normalizer)
     if loss_agg == "seq-mean-token-mean":
         per_token = 1.0 / torch.clamp(counts[seq], min=1.0)
@@ -339,7 +330,7 @@ def policy_loss_ref(
         temperature=temperature,
         loss_agg=loss_agg, normalizer=normalizer, norm_length=norm_length, token_weights=token_weights, **params,
     )  # fmt: skip
-    _check_target_probability(logp, valid, targets)
+    check_target_probability(logp, valid, targets)
     dtype = per_token.dtype
     old = old_logprobs.to(dtype)
     adv = advantages.to(dtype)

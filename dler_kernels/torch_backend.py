@@ -104,6 +104,7 @@ def _write_grad_(z, logp_all, p, targets, valid, entropy, dlogp, dent, col0, tem
     p.mul_(dlogp.unsqueeze(-1)).add_(logp_all).neg_()
     local = targets - col0
     hit = valid & (local >= 0) & (local < z.shape[1])
-    p[hit, local[hit]] += dlogp[hit]
+    # a scatter of 0 on the rows without their target here: no shape depends on the data (torch.compile)
+    p.scatter_add_(1, torch.where(hit, local, 0).unsqueeze(-1), torch.where(hit, dlogp, 0.0).unsqueeze(-1).to(p.dtype))
     p.mul_(1.0 / temperature).masked_fill_(~valid.unsqueeze(-1), 0.0)
     z.copy_(p)

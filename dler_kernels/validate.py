@@ -1,5 +1,9 @@
 """Argument checks shared by the public ops: every bad input is a ValueError that names the
-argument and what was expected, raised before any kernel launches."""
+argument and what was expected, raised before any kernel launches.
+
+While torch.compile traces a call, the checks that read tensor values (mask values, target range, finite data,
+target probability) are skipped: a compiled graph cannot raise on data, and reading a value there splits the
+graph (``fullgraph=True`` refuses it). Shapes, dtypes, devices and options are checked there as in eager."""
 
 from __future__ import annotations
 
@@ -9,6 +13,11 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def values_readable() -> bool:
+    """Whether the value checks run: always but while torch.compile traces (see the module docstring)."""
+    return not torch.compiler.is_compiling()
 
 
 def check_tensor(
@@ -69,6 +78,8 @@ def token_ids(targets: torch.Tensor) -> torch.Tensor:
 
 def check_targets(targets: torch.Tensor, valid: torch.Tensor | None, vocab: int, what: str = "logits") -> None:
     """Targets of valid rows lie in [0, vocab); masked rows may hold anything (e.g. -100)."""
+    if not values_readable():
+        return
     t = targets if valid is None else targets[valid]
     if t.numel() == 0:
         return
@@ -95,7 +106,7 @@ def check_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     bad = (mask != 0) & (mask != 1)  # NaN is neither
-    if bool(bad.any()):
+    if values_readable() and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"mask must be bool or hold only 0 and 1, found {mask[i].item()} at token {i} "
@@ -108,7 +119,7 @@ def check_finite_on_valid(valid: torch.Tensor, named: dict) -> None:
     """Each tensor of ``named`` (name -> [N] float tensor or None) is finite on the rows where ``valid``
     is true (masked rows may hold anything). One device sync for all of them."""
     names = [k for k, t in named.items() if t is not None]
-    if not names or valid.numel() == 0:
+    if not names or valid.numel() == 0 or not values_readable():
         return
     bad = [valid & ~torch.isfinite(named[k]) for k in names]
     if not bool(torch.stack([b.any() for b in bad]).any()):
@@ -124,7 +135,7 @@ def check_valid_rows(targets: torch.Tensor, valid: torch.Tensor, vocab: int, wha
     ``finite`` (name -> [N] float tensor or None) is finite (:func:`check_finite_on_valid`). One device sync
     for all of them on the good path, which is every call of a training loop; the errors are located after."""
     tensors = [t for t in finite.values() if t is not None]
-    if valid.numel() == 0:
+    if valid.numel() == 0 or not values_readable():
         return
     flags = [(valid & ((targets < 0) | (targets >= vocab))).any()]
     flags += [(valid & ~torch.isfinite(t)).any() for t in tensors]
@@ -139,7 +150,7 @@ def check_target_probability(logp: torch.Tensor, valid: torch.Tensor, targets: t
     log-prob is exactly -inf when its target's logit is -inf, or every logit of the row is (a NaN or +inf
     logit gives NaN instead: a non-finite loss, counted by the ``num_nonfinite`` metric, not this error), so
     the check is one comparison over [N] and one device sync, never a pass over the logits."""
-    if logp.numel() == 0:
+    if logp.numel() == 0 or not values_readable():
         return
     bad = valid & torch.isneginf(logp)
     if not bool(bad.any()):

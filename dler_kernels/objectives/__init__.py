@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..validate import check_choice, check_name, check_number
-from .base import LOG_RATIO_CLAMP, Objective, Sequences
+from .base import LOG_RATIO_CLAMP, Objective, Sequences, dense_ids
 from .cispo import CISPO, CISPO_CLIPS
 from .dppo import DPPO_KL, DPPO_TV
 from .gmpo import GMPO
@@ -61,7 +61,7 @@ PARAMETERS = (
 CLIP_C_DEFAULT = PPO_CLIP.defaults["clip_c"]
 
 __all__ = ["DEFAULT_OBJECTIVE", "LOG_RATIO_CLAMP", "OBJECTIVES", "PARAMETERS", "Objective", "Sequences",
-           "get_objective", "resolve"]  # fmt: skip
+           "dense_ids", "get_objective", "resolve"]  # fmt: skip
 
 
 def get_objective(name: str) -> Objective:

@@ -19,13 +19,25 @@ LOG_RATIO_CLAMP = 20.0
 """Log-ratios are clamped to +-20 before exp (e^20 ~ 5e8 keeps float32 finite; verl and TRL clamp alike)."""
 
 
+def dense_ids(ids: torch.Tensor) -> torch.Tensor:
+    """[N] int64 indices in [0, N) of the ids ``ids`` [N]: equal ids share one, numbered in sorted order (torch.unique's
+    inverse). Unlike torch.unique, no shape depends on the values, so torch.compile traces it within one graph;
+    per-id buffers then have N slots, those of no id empty."""
+    sorted_ids, order = torch.sort(ids, stable=True)
+    starts = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    rank = torch.cumsum(starts, 0) - 1
+    return torch.empty_like(rank).scatter_(0, order, rank)
+
+
 class Sequences:
     """The sequences of the valid tokens (by ``seq_ids``): per-sequence sums and means broadcast back to tokens.
-    A masked token belongs to its sequence but adds nothing; a sequence without a valid token has count 0."""
+    A masked token belongs to its sequence but adds nothing; a sequence without a valid token has count 0. The
+    per-sequence vectors [S] have one slot per token (``dense_ids``), the unused ones of count 0."""
 
     def __init__(self, seq_ids: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
-        _, self.index = torch.unique(seq_ids, return_inverse=True)
-        self.n = int(self.index.max()) + 1 if self.index.numel() else 0
+        self.index = dense_ids(seq_ids)
+        self.n = seq_ids.numel()  # slots, not sequences: those past the last sequence stay empty (count 0)
         self.valid = valid
         self.count = self.sum(valid.to(dtype))
 
