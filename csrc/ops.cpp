@@ -26,7 +26,7 @@
 
 // Bumped whenever a schema or a semantic of these ops changes; dler_kernels/_ext.py refuses an
 // extension built with another value (a stale build) and falls back.
-#define DLER_ABI_VERSION 1
+#define DLER_ABI_VERSION 2
 
 namespace dler {
 
@@ -94,12 +94,15 @@ void run_rows(const RowTask& task) {
 RowTask make_task(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& valid,
                   const OptTensor& old_logprobs, const OptTensor& advantages, const OptTensor& ref_logprobs,
                   const OptTensor& weights, double temperature, double eps_low, double eps_high,
-                  std::optional<double> clip_c, double beta, int64_t kl_type, double entropy_coef) {
+                  std::optional<double> clip_c, double beta, int64_t kl_type, double entropy_coef,
+                  int64_t objective = kPpoClip, double ratio_cap = 20.0, double tau_pos = 1.0,
+                  double tau_neg = 1.05) {
   check_matrix(logits, "logits");
   TORCH_CHECK(logits.size(1) > 0, "logits must have at least one column (the vocab size V), got shape ",
               logits.sizes());
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
   TORCH_CHECK(kl_type >= kNoKl && kl_type <= kK3Ratio, "kl_type must be a code in [0, 4], got ", kl_type);
+  TORCH_CHECK(objective >= kPpoClip && objective <= kDppoKl, "objective must be a code in [0, 4], got ", objective);
   const int64_t n = logits.size(0);
   const auto dev = logits.device();
   const auto acc = acc_type_of(logits);
@@ -125,6 +128,10 @@ RowTask make_task(const at::Tensor& logits, const at::Tensor& targets, const at:
     t.params.beta = beta;
     t.params.kl_type = has_kl ? kl_type : kNoKl;
     t.params.entropy_coef = entropy_coef;
+    t.params.objective = objective;
+    t.params.ratio_cap = ratio_cap;
+    t.params.tau_pos = tau_pos;
+    t.params.tau_neg = tau_neg;
   }
   t.params.inv_temp = 1.0 / temperature;
   const auto opts = logits.options().dtype(acc);
@@ -138,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& valid, const at::Tensor& old_logprobs,
     const at::Tensor& advantages, const OptTensor& ref_logprobs, const at::Tensor& weights, double temperature,
     double eps_low, double eps_high, std::optional<double> clip_c, double beta, int64_t kl_type, double entropy_coef,
-    bool write_grad) {
+    bool write_grad, int64_t objective, double ratio_cap, double tau_pos, double tau_neg) {
   RowTask t = make_task(logits, targets, valid, old_logprobs, advantages, ref_logprobs, weights, temperature, eps_low,
-                        eps_high, clip_c, beta, kl_type, entropy_coef);
+                        eps_high, clip_c, beta, kl_type, entropy_coef, objective, ratio_cap, tau_pos, tau_neg);
   if (write_grad) t.grad = at::empty(logits.sizes(), logits.options());
   run_rows(t);
   at::Tensor grad = write_grad ? t.grad : at::empty({0}, logits.options());
@@ -152,10 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor& grad, const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& valid,
     const at::Tensor& old_logprobs, const at::Tensor& advantages, const OptTensor& ref_logprobs,
     const at::Tensor& weights, double temperature, double eps_low, double eps_high, std::optional<double> clip_c,
-    double beta, int64_t kl_type, double entropy_coef) {
+    double beta, int64_t kl_type, double entropy_coef, int64_t objective, double ratio_cap, double tau_pos,
+    double tau_neg) {
   check_like(grad, "grad", logits);
   RowTask t = make_task(logits, targets, valid, old_logprobs, advantages, ref_logprobs, weights, temperature, eps_low,
-                        eps_high, clip_c, beta, kl_type, entropy_coef);
+                        eps_high, clip_c, beta, kl_type, entropy_coef, objective, ratio_cap, tau_pos, tau_neg);
   t.grad = grad;
   run_rows(t);
   return {t.loss, t.logp, t.entropy, t.kl, t.lse, t.dlogp, t.dent};
@@ -207,12 +215,14 @@ TORCH_LIBRARY(dler, m) {
   m.def(
       "policy_loss(Tensor logits, Tensor targets, Tensor valid, Tensor old_logprobs, Tensor advantages, "
       "Tensor? ref_logprobs, Tensor weights, float temperature, float eps_low, float eps_high, float? clip_c, "
-      "float beta, int kl_type, float entropy_coef, bool write_grad) "
+      "float beta, int kl_type, float entropy_coef, bool write_grad, int objective=0, float ratio_cap=20.0, "
+      "float tau_pos=1.0, float tau_neg=1.05) "
       "-> (Tensor loss, Tensor per_token, Tensor logprobs, Tensor entropy, Tensor kl, Tensor grad)");
   m.def(
       "policy_loss_rows_(Tensor(a!) grad, Tensor logits, Tensor targets, Tensor valid, Tensor old_logprobs, "
       "Tensor advantages, Tensor? ref_logprobs, Tensor weights, float temperature, float eps_low, float eps_high, "
-      "float? clip_c, float beta, int kl_type, float entropy_coef) "
+      "float? clip_c, float beta, int kl_type, float entropy_coef, int objective=0, float ratio_cap=20.0, "
+      "float tau_pos=1.0, float tau_neg=1.05) "
       "-> (Tensor per_token, Tensor logprobs, Tensor entropy, Tensor kl, Tensor lse, Tensor dlogp, Tensor dent)");
   m.def("token_logprobs(Tensor logits, Tensor targets, float temperature) -> (Tensor logprobs, Tensor entropy)");
   m.def(

@@ -23,7 +23,7 @@ from . import reference as ref
 from .stored_grad import scale_stored_grads
 
 # Must equal DLER_ABI_VERSION in csrc/ops.cpp: bumped whenever an op's schema or semantics change.
-ABI_VERSION = 1
+ABI_VERSION = 2
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (see README, 'Building the extension')"
 
 _lock = threading.Lock()
@@ -122,7 +122,7 @@ def _register_python_parts() -> None:
 
     @torch.library.register_fake(lib + "policy_loss")
     def _(logits, targets, valid, old, adv, ref_lp, weights, temperature, eps_low, eps_high, clip_c, beta, kl_type,
-          entropy_coef, write_grad):  # fmt: skip
+          entropy_coef, write_grad, objective=0, ratio_cap=20.0, tau_pos=1.0, tau_neg=1.05):  # fmt: skip
         n, acc = logits.shape[0], ref.accumulation_dtype(logits)
         grad = logits.new_empty(logits.shape) if write_grad else logits.new_empty(0)
         return (logits.new_empty((), dtype=acc), *(logits.new_empty(n, dtype=acc) for _ in range(4)), grad)
@@ -143,14 +143,15 @@ def _register_python_parts() -> None:
         _, per_token, logp, entropy, kl, grad = output
         ctx.mark_non_differentiable(per_token, logp, entropy, kl, grad)
         ctx.set_materialize_grads(False)  # else backward would get a zero [N, V] "gradient" of the grad output
-        ctx.write_grad = inputs[-1]
+        ctx.write_grad = inputs[14]
+        ctx.n_inputs = len(inputs)
         ctx.save_for_backward(grad)
 
     def backward(ctx, grad_loss, *unused):
         if not ctx.write_grad:
             raise RuntimeError("dler::policy_loss was called with write_grad=False; it has no gradient to give")
         if grad_loss is None:
-            return (None,) * 15
-        return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * 14))
+            return (None,) * ctx.n_inputs
+        return (*scale_stored_grads(grad_loss, *ctx.saved_tensors), *([None] * (ctx.n_inputs - 1)))
 
     torch.library.register_autograd(lib + "policy_loss", backward, setup_context=setup_context)

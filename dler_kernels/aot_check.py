@@ -41,6 +41,7 @@ HIDDEN = 3584  # only shapes the matmuls of the fused-linear path (meta tensors)
 N_RESPONSES, N_GROUPS = 1024, 128
 DTYPES = ("bf16", "fp16", "fp32")
 KL_TYPES = (None, "k1", "k2", "mse", "k3", "low_var_kl", "k3_ratio")  # None: beta = 0, no KL term
+FUSED_OBJECTIVES = ("cispo", "sapo", "dppo_tv", "dppo_kl")  # besides ppo_clip: objectives with a kernel_code
 
 
 # ------------------------------------------------------------------------------------------ PTX rules
@@ -138,10 +139,10 @@ def _token_inputs(n):
     )  # fmt: skip
 
 
-def _loss_options(kl_type):
+def _loss_options(kl_type, objective="ppo_clip"):
     from .loss_inputs import LossOptions
 
-    return LossOptions(beta=0.0 if kl_type is None else 0.04, kl_type=kl_type or "k3")
+    return LossOptions(beta=0.0 if kl_type is None else 0.04, kl_type=kl_type or "k3", objective=objective)
 
 
 def _token_data(t):
@@ -150,7 +151,7 @@ def _token_data(t):
     return TokenData(t["targets"], t["valid"], t["old"], t["adv"], t["ref_lp"], None, None)
 
 
-def _logits_loss(dtype, vocab, kl_type, grad):
+def _logits_loss(dtype, vocab, kl_type, grad, objective="ppo_clip"):
     """policy_loss on [N, V] logits: grad 'grad' (autograd), 'inplace' (inplace_grad) or 'none'."""
     import torch
 
@@ -159,7 +160,9 @@ def _logits_loss(dtype, vocab, kl_type, grad):
     t = _token_inputs(N_TOKENS)
     logits = _meta((N_TOKENS, vocab), _torch_dtype(dtype)).requires_grad_(grad == "grad")
     with torch.set_grad_enabled(grad == "grad"):
-        TritonBackend().policy_loss(logits, _token_data(t), _loss_options(kl_type), inplace_grad=grad == "inplace")
+        TritonBackend().policy_loss(
+            logits, _token_data(t), _loss_options(kl_type, objective), inplace_grad=grad == "inplace"
+        )
 
 
 def _logprobs(dtype, vocab):
@@ -169,14 +172,14 @@ def _logprobs(dtype, vocab):
     triton_token_logprobs(_meta((N_TOKENS, vocab), _torch_dtype(dtype)), _token_inputs(N_TOKENS)["targets"])
 
 
-def _linear_loss(dtype, kl_type):
+def _linear_loss(dtype, kl_type, objective="ppo_clip"):
     """linear_policy_loss from hidden states: row pass per chunk, vocab pass per slab (bf16/fp16)."""
     from .linear_policy_loss import fused_linear, rows_per_chunk
     from .triton_backend import TritonBackend
 
     dt = _torch_dtype(dtype)
     t = _token_inputs(N_TOKENS)
-    options = _loss_options(kl_type)
+    options = _loss_options(kl_type, objective)
     data = _token_data(t)
     backend = TritonBackend()
     fused_linear(
@@ -230,6 +233,12 @@ def scenarios() -> list[tuple[str, object, tuple]]:
             out.append((f"logprobs {dt} V={vocab}", _logprobs, (dt, vocab)))
         out.append((f"linear loss {dt} kl=k3", _linear_loss, (dt, "k3")))
         out.append((f"linear logprobs backward {dt}", _linear_logprobs_backward, (dt,)))
+    # The row kernel of each other token-local objective with a fused kernel (its OBJECTIVE constexpr), in the
+    # dtype of training: the logits path and the fused-linear path (which also stores the row state).
+    for objective in FUSED_OBJECTIVES:
+        out.append((f"loss bf16 V={VOCAB} grad kl=k3 objective={objective}", _logits_loss,
+                    ("bf16", VOCAB, "k3", "grad", objective)))  # fmt: skip
+        out.append((f"linear loss bf16 kl=k3 objective={objective}", _linear_loss, ("bf16", "k3", objective)))
     for method in ("grpo", "dr_grpo", "dler"):
         for dynamic in (True, False):
             out.append((f"advantages {method} dynamic={dynamic}", _advantages, (method, dynamic)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -109,7 +110,8 @@ class LossOptions(LossSettings):
 
     @property
     def fused(self) -> bool:
-        """Whether the fused one-pass kernels compute this loss (PPO-clip without OPSM's sequence mask)."""
+        """Whether the fused one-pass kernels compute this loss (a token-local objective with a kernel code,
+        without OPSM's sequence mask)."""
         return self.objective_spec.fused and self.opsm_threshold is None
 
     @property
@@ -123,9 +125,21 @@ class LossOptions(LossSettings):
                     beta=self.beta, kl_type=self.kl_type, entropy_coef=self.entropy_coef)  # fmt: skip
 
     def fused_args(self) -> dict:
-        """The per-token options of the fused PPO-clip kernels (``objective == "ppo_clip"``)."""
-        return dict(eps_low=self.eps_low, eps_high=self.eps_high, clip_c=self.clip_c, beta=self.beta,
-                    kl_type=self.kl_type, entropy_coef=self.entropy_coef)  # fmt: skip
+        """The per-token options of the fused kernels (``fused``): the objective's code and parameters, each one
+        it does not read at a value the kernels ignore; CISPO's upper-only clip as eps_low = inf (its lower bound
+        1 - eps_low = -inf)."""
+        reads = self.objective_spec.defaults
+        eps_low = 0.0 if self.eps_low is None else self.eps_low
+        if self.objective == "cispo" and self.cispo_clip == "upper":
+            eps_low = math.inf
+        return dict(
+            objective_code=self.objective_spec.kernel_code, eps_low=eps_low,
+            eps_high=0.0 if self.eps_high is None else self.eps_high,
+            clip_c=self.clip_c if "clip_c" in reads else None,
+            ratio_cap=self.ratio_cap if "ratio_cap" in reads else 20.0,
+            tau_pos=self.tau_pos if "tau_pos" in reads else 1.0, tau_neg=self.tau_neg if "tau_neg" in reads else 1.05,
+            beta=self.beta, kl_type=self.kl_type, entropy_coef=self.entropy_coef,
+        )  # fmt: skip
 
     def aggregation(self) -> dict:
         """The keyword arguments of ``reference.aggregate_ref`` besides the sequence ids."""

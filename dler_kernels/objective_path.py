@@ -1,11 +1,12 @@
-"""The objectives without a fused kernel, on every backend, in two passes over the logits.
+"""The objectives without a fused kernel (the sequence-level ones, and any with OPSM's sequence mask), on every
+backend, in two passes over the logits.
 
 1. The backend's log-prob kernel gives each row's log-prob and entropy (and, from them, its log-sum-exp).
 2. The objective (``dler_kernels.objectives``: the same function the reference differentiates through the
    logits) runs on those [N] vectors; autograd gives d(loss)/d(log-prob) and d(loss)/d(entropy) per row.
 3. The backend's slab kernel turns them into d(loss)/d(logits): [dlogp (onehot - p) - dent p (log p + H)] / T.
 
-Against the fused PPO-clip kernel this costs one more read of the logits (the logits path) or one more LM-head
+Against the fused kernel this costs one more read of the logits (the logits path) or one more LM-head
 matmul (the fused-linear path, ``linear_policy_loss.objective_linear``), the price of a sequence-level objective,
 which needs every token's log-prob before any gradient. Memory is the fused kernel's: the gradient buffer (or the
 logits themselves with ``inplace_grad``) and O(N) vectors.

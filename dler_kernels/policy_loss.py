@@ -98,7 +98,8 @@ def policy_loss(
     except on the reference, which works on a copy; the logits are lost). ``backend``:
     ``"triton"``, ``"cpu"``, ``"cuda"`` or ``"reference"`` (default: see ``dler_kernels.dispatch``).
 
-    PPO-clip runs in one fused pass over the logits. Every other objective runs in two
+    The token-local objectives with a kernel code (``ppo_clip``, ``cispo``, ``sapo``, ``dppo_tv``, ``dppo_kl``)
+    run in one fused pass over the logits, unless OPSM's sequence mask is on. Every other objective runs in two
     (``dler_kernels.objective_path``): the backend's log-prob kernel, the objective on the [N] log-probs, the
     backend's gradient kernel.
 
@@ -145,5 +146,5 @@ def loss_metrics(logp, entropy, data, options, kl, per_token) -> dict[str, torch
     with torch.no_grad():
         return ref.policy_metrics_ref(
             logp, data.old_logprobs, data.advantages, entropy, data.valid, options.eps_low, options.eps_high,
-            options.clip_c if options.objective_spec.fused else None, kl, per_token,
+            options.clip_c if "clip_c" in options.objective_spec.defaults else None, kl, per_token,
         )  # fmt: skip

@@ -112,6 +112,10 @@ def _policy_loss_kernel(
     clip_c,
     beta,
     entropy_coef,
+    ratio_cap,
+    tau_pos,
+    tau_neg,
+    OBJECTIVE: tl.constexpr,
     HAS_DUAL: tl.constexpr,
     KL_TYPE: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
@@ -142,18 +146,46 @@ def _policy_loss_kernel(
             d = logp - old
             ratio = tl.exp(tl.minimum(tl.maximum(d, -20.0), 20.0))
             dratio = tl.where((d >= -20.0) & (d <= 20.0), ratio, 0.0)
-            pg_unclipped = -adv * ratio
-            pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-            pg = tl.maximum(pg_unclipped, pg_clipped)
-            # Inside the clip range both branches are equal and share the gradient -A; outside it the
-            # clipped branch wins only when it is constant.
-            dpg = tl.where(pg_unclipped >= pg_clipped, -adv, 0.0)
-            if HAS_DUAL:
-                dual = (adv < 0.0) & (pg > -clip_c * adv)
-                pg = tl.where(dual, -clip_c * adv, pg)
-                dpg = tl.where(dual, 0.0, dpg)
-            g = dpg * dratio
-            loss = pg
+            # The objective (Objective.kernel_code; its formula: its file in dler_kernels/objectives/, as the C++
+            # objective_terms in csrc/policy_loss_math.h): the per-token loss and its derivative g w.r.t. logp.
+            if OBJECTIVE == 1:  # CISPO: -sg(clip(r)) A log pi
+                w = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+                loss = -w * adv * logp
+                g = -w * adv
+            elif OBJECTIVE == 2:  # SAPO: -A (4 / tau) sigmoid(tau (r - 1))
+                tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+                sig = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
+                loss = -adv * (4.0 / tau) * sig
+                g = -4.0 * adv * sig * (1.0 - sig) * dratio
+            elif OBJECTIVE == 3 or OBJECTIVE == 4:  # DPPO: -A sg(min(r, C)) log pi on the kept tokens
+                prob = tl.exp(logp)
+                old_prob = tl.exp(old)
+                if OBJECTIVE == 3:  # total variation
+                    moved = prob - old_prob
+                    keep = tl.where(adv > 0.0, moved <= eps_high, moved >= -eps_low)
+                else:  # binary KL (objectives/dppo.py BINARY_KL_EPS = 1e-8)
+                    bkl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log(
+                        (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+                    )
+                    keep = tl.where(adv > 0.0, (bkl <= eps_high) | (prob <= old_prob),
+                                    (bkl <= eps_low) | (prob >= old_prob))  # fmt: skip
+                w = tl.where(ratio > ratio_cap, ratio_cap, ratio)  # NaN stays NaN, as torch.clamp
+                m = tl.where(keep, 1.0, 0.0)  # a factor, as in the reference: NaN * 0 stays NaN
+                loss = -adv * w * logp * m
+                g = -adv * w * m
+            else:  # PPO-clip
+                pg_unclipped = -adv * ratio
+                pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+                pg = tl.maximum(pg_unclipped, pg_clipped)
+                # Inside the clip range both branches are equal and share the gradient -A; outside it the
+                # clipped branch wins only when it is constant.
+                dpg = tl.where(pg_unclipped >= pg_clipped, -adv, 0.0)
+                if HAS_DUAL:
+                    dual = (adv < 0.0) & (pg > -clip_c * adv)
+                    pg = tl.where(dual, -clip_c * adv, pg)
+                    dpg = tl.where(dual, 0.0, dpg)
+                g = dpg * dratio
+                loss = pg
             if KL_TYPE != 0:
                 ref_lp = tl.load(ref_ptr + row).to(tl.float32)
                 if KL_TYPE == 1:
@@ -220,9 +252,13 @@ def row_launch(
     weights=None,
     grad=None,
     temperature=1.0,
+    objective_code=0,
     eps_low=0.2,
     eps_high=0.28,
     clip_c=None,
+    ratio_cap=20.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
     beta=0.0,
     kl_type=None,
     entropy_coef=0.0,
@@ -255,9 +291,11 @@ def row_launch(
         ref_lp if ref_lp is not None else dummy, weights if weights is not None else dummy,
         logp, entropy, loss, kl, *(row_state if row_state is not None else (dummy, dummy, dummy)),
         vocab, 1.0 / temperature, eps_low, eps_high, clip_c if clip_c is not None else 0.0, beta, entropy_coef,
+        ratio_cap, tau_pos, tau_neg,
     )  # fmt: skip
     constexprs = dict(
-        HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss, WRITE_GRAD=grad is not None,
+        OBJECTIVE=objective_code, HAS_DUAL=clip_c is not None, KL_TYPE=kl_code, COMPUTE_LOSS=compute_loss,
+        WRITE_GRAD=grad is not None,
         STORE_ROW_STATE=row_state is not None, BLOCK_V=block,
     )  # fmt: skip
     launch = KernelLaunch(_policy_loss_kernel, (n,), args, constexprs, num_warps, device, "rows")

@@ -3,7 +3,10 @@
 Each objective is written once, as a differentiable function of [N] vectors (``base.Objective``): the reference
 uses it directly (autograd through the logits), and every backend uses the same function on the log-probs its
 kernels compute, turning d(loss)/d(log-prob) into d(loss)/d(logits) with its slab kernel (``objective_path``).
-PPO-clip also has a fused one-pass kernel on every backend.
+The token-local objectives (a token's loss depends on its own log-prob only: ``ppo_clip``, ``cispo``, ``sapo``,
+``dppo_tv``, ``dppo_kl``) also have a fused one-pass kernel on every backend, which computes the same formula
+(``Objective.kernel_code``; ``csrc/policy_loss_math.h``, ``triton_policy_loss.py``); the tests compare both with
+this definition.
 
 ======================  =============================================================  ============================
 name                    what it is                                                     parameters (defaults)

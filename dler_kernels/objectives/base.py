@@ -69,6 +69,12 @@ class Objective:
     """The parameters it reads, with their defaults (the paper's, or the library named in its docstring)."""
     sequence_level: bool = False
     """Whether a token's loss depends on other tokens of its sequence (it then needs ``seq_ids``)."""
-    fused: bool = False
-    """Whether the backends have a one-pass fused kernel for it (else: log-probs, then the slab gradient)."""
+    kernel_code: int | None = None
+    """Its code in the fused one-pass kernels (the token-local objectives: ``csrc/policy_loss_math.h``
+    ``ObjectiveCode``, the Triton row kernel's ``OBJECTIVE``), which compute the same formula; None: no fused
+    kernel, the two passes of ``objective_path`` (log-probs, the objective on them, the slab gradient)."""
     paper: str = ""
+
+    @property
+    def fused(self) -> bool:
+        return self.kernel_code is not None

@@ -31,5 +31,9 @@ def pg(logp, old, adv, valid, seqs, p):
 
 
 CISPO = Objective(
-    "cispo", pg, defaults={"eps_low": 0.2, "eps_high": 0.28, "cispo_clip": "both"}, paper="arXiv 2506.13585"
+    "cispo",
+    pg,
+    defaults={"eps_low": 0.2, "eps_high": 0.28, "cispo_clip": "both"},
+    kernel_code=1,
+    paper="arXiv 2506.13585",
 )

@@ -48,5 +48,5 @@ def pg_kl(logp, old, adv, valid, seqs, p):
 
 
 _DEFAULTS = {"eps_low": 0.2, "eps_high": 0.2, "ratio_cap": 20.0}
-DPPO_TV = Objective("dppo_tv", pg_tv, defaults=_DEFAULTS, paper="arXiv 2602.04879")
-DPPO_KL = Objective("dppo_kl", pg_kl, defaults=_DEFAULTS, paper="arXiv 2602.04879")
+DPPO_TV = Objective("dppo_tv", pg_tv, defaults=_DEFAULTS, kernel_code=3, paper="arXiv 2602.04879")
+DPPO_KL = Objective("dppo_kl", pg_kl, defaults=_DEFAULTS, kernel_code=4, paper="arXiv 2602.04879")

@@ -27,5 +27,5 @@ def pg(logp, old, adv, valid, seqs, p):
 
 
 PPO_CLIP = Objective(
-    "ppo_clip", pg, defaults={"eps_low": 0.2, "eps_high": 0.28, "clip_c": 10.0}, fused=True, paper="arXiv 1707.06347"
+    "ppo_clip", pg, defaults={"eps_low": 0.2, "eps_high": 0.28, "clip_c": 10.0}, kernel_code=0, paper="arXiv 1707.06347"
 )

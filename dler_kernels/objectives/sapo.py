@@ -23,4 +23,4 @@ def pg(logp, old, adv, valid, seqs, p):
     return -adv * (4.0 / tau) * torch.sigmoid(tau * (ratio - 1.0))
 
 
-SAPO = Objective("sapo", pg, defaults={"tau_pos": 1.0, "tau_neg": 1.05}, paper="arXiv 2511.20347")
+SAPO = Objective("sapo", pg, defaults={"tau_pos": 1.0, "tau_neg": 1.05}, kernel_code=2, paper="arXiv 2511.20347")

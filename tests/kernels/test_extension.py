@@ -79,7 +79,7 @@ def test_missing_extension_warns_once_and_falls_back():
 @pytest.mark.parametrize(
     "setup,why",
     [
-        ("import dler_kernels._ext as e; e.ABI_VERSION = 99", "stale: built for op ABI 1, this package needs 99"),
+        ("import dler_kernels._ext as e; e.ABI_VERSION = 99", "stale: built for op ABI 2, this package needs 99"),
         (
             "import dler_kernels._sources_hash as h; h.sources_hash = lambda path: 'edited'",
             "stale: built from other sources than those in",

@@ -511,26 +511,31 @@ def meta(shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 counts = []
-for eps_low, eps_high, clip_c, beta, entropy_coef, temperature in (
-    (0.2, 0.28, 10.0, 0.1, 0.0, 1.0), (3e-4, 4e-4, 3.0, 0.04, 0.01, 0.6), (0.1, 5.0, 1.5, 1e-3, -0.02, 1.3),
-):
-    f32 = meta(64, torch.float32)
-    launch, _ = row_launch(meta((64, 4097), torch.bfloat16), meta(64, torch.int64), meta(64, torch.bool), old=f32,
-                           adv=f32, ref_lp=f32, weights=f32, grad=meta((64, 4097), torch.bfloat16), compute_loss=True,
-                           eps_low=eps_low, eps_high=eps_high, clip_c=clip_c, beta=beta, kl_type="k3",
-                           entropy_coef=entropy_coef, temperature=temperature, device=torch.device("cuda"))
-    with aot_check.compiling_for(90):
-        aot_check.warm_up(launch)
-    counts.append(compiled_variants(launch.kernel))
+for objective_code in (0, 2, 3):  # PPO-clip, SAPO (tau_pos, tau_neg), DPPO-TV (ratio_cap)
+    for eps_low, eps_high, clip_c, beta, entropy_coef, temperature, ratio_cap, tau_pos, tau_neg in (
+        (0.2, 0.28, 10.0, 0.1, 0.0, 1.0, 20.0, 1.0, 1.05), (3e-4, 4e-4, 3.0, 0.04, 0.01, 0.6, 5.0, 0.5, 2.0),
+        (0.1, 5.0, 1.5, 1e-3, -0.02, 1.3, 1.5, 3.0, 0.25),
+    ):
+        f32 = meta(64, torch.float32)
+        launch, _ = row_launch(meta((64, 4097), torch.bfloat16), meta(64, torch.int64), meta(64, torch.bool),
+                               old=f32, adv=f32, ref_lp=f32, weights=f32, grad=meta((64, 4097), torch.bfloat16),
+                               compute_loss=True, objective_code=objective_code, eps_low=eps_low, eps_high=eps_high,
+                               clip_c=clip_c if objective_code == 0 else None, ratio_cap=ratio_cap, tau_pos=tau_pos,
+                               tau_neg=tau_neg, beta=beta, kl_type="k3", entropy_coef=entropy_coef,
+                               temperature=temperature, device=torch.device("cuda"))
+        with aot_check.compiling_for(90):
+            aot_check.warm_up(launch)
+        counts.append(compiled_variants(launch.kernel))
 print(counts)
 """
 
 
 @pytest.mark.skipif(not dler_kernels.HAS_TRITON, reason="triton is not installed")
 def test_no_recompilation_for_new_float_options_compiled_for_sm90_without_a_gpu(tmp_path):
-    """eps_low, eps_high, clip_c, beta, entropy_coef and temperature are runtime arguments of the fused kernel, not
-    constexprs (Liger's GRPO kernel recompiles for each new value): one compiled variant for three sets of them.
-    The other objectives' parameters never reach a kernel (the objective runs on [N] vectors in torch)."""
+    """eps_low, eps_high, clip_c, beta, entropy_coef, temperature and the objectives' ratio_cap, tau_pos, tau_neg
+    are runtime arguments of the fused kernel, not constexprs (Liger's GRPO kernel recompiles for each new value):
+    one compiled variant per objective (its OBJECTIVE constexpr) for three sets of them. The sequence-level
+    objectives' parameters never reach a kernel (they run on [N] vectors in torch)."""
     import os
     import subprocess
     import sys
@@ -542,7 +547,7 @@ def test_no_recompilation_for_new_float_options_compiled_for_sm90_without_a_gpu(
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", FLOAT_OPTIONS_SCRIPT], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[-2] == "[1, 1, 1]", proc.stdout
+    assert proc.stdout.split("\n")[-2] == "[1, 1, 1, 2, 2, 2, 3, 3, 3]", proc.stdout
 
 
 def test_compiled_variants_reads_the_cache_layouts_of_triton_3_and_older():
