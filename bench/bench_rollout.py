@@ -26,9 +26,9 @@ def child(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     from trainer.data import build_prompts, load_examples
-    from trainer.hf_engine import HFEngine
-    from trainer.models import resolve_model
-    from trainer.vllm_engine import VLLMEngine
+    from trainer.models.resolve import resolve_model
+    from trainer.rollout.hf_engine import HFEngine
+    from trainer.rollout.vllm_engine import VLLMEngine
 
     model_dir = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

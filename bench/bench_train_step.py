@@ -1,4 +1,4 @@
-"""Policy-update throughput: forward+backward through ``trainer.policy.accumulate_gradients`` (packed
+"""Policy-update throughput: forward+backward through ``trainer.update.policy.accumulate_gradients`` (packed
 micro-batches, the ``dler_kernels.policy_loss`` loss) and the optimizer step, on synthetic rows.
 
     python bench/bench_train_step.py                                  # CUDA: Qwen2-1.5B config, bf16, 4096-token seqs
@@ -10,20 +10,20 @@ The model is built from its config with random weights (nothing is downloaded). 
 fp32; on CUDA the compute is bf16: ``torch.autocast`` by default, or with ``--fsdp`` FSDP2
 ``fully_shard`` (every decoder layer, then the root) with ``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)`` on a 1-process group. On the CPU everything is fp32. ``--fsdp`` is the closer
-match to the trainer, whose bf16 compute comes from FSDP2 (``trainer.fsdp``); the autocast context
+match to the trainer, whose bf16 compute comes from FSDP2 (``trainer.dist.fsdp``); the autocast context
 here also covers the backward, since ``accumulate_gradients`` runs forward and backward in one call.
 
 One step is one mini-batch of ``--sequences`` rows, each ``--seq-len`` tokens (``--prompt-len``
 prompt tokens then response tokens, uniform random ids), with random advantages N(0, 1). The old
-log-probs are the model's own (``trainer.policy.compute_logprobs``, once, untimed) plus N(0, 0.1^2)
+log-probs are the model's own (``trainer.update.policy.compute_logprobs``, once, untimed) plus N(0, 0.1^2)
 noise, so that the ratio is not identically 1 and some tokens clip; ``--old-logprobs random`` uses
 -log(V) + N(0, 0.1^2) instead (a randomly initialised model is close to uniform) and skips that
 forward. Loss settings are DLER's: eps_low 0.2, eps_high 0.28, clip_c 10, token-mean, no KL.
 
 Timed per step, with the device synchronised at each boundary:
   fwd+bwd    ``accumulate_gradients(model, rows, loss, token_budget=--micro-batch-tokens)``
-  optimizer  ``trainer.optim.clip_gradients`` (max norm 1.0), then ``step()`` and ``zero_grad()`` of
-             ``trainer.optim.build_optimizer`` (fused AdamW) with the trainer's default OptimConfig
+  optimizer  ``trainer.update.optim.clip_gradients`` (max norm 1.0), then ``step()`` and ``zero_grad()`` of
+             ``trainer.update.optim.build_optimizer`` (fused AdamW) with the trainer's default OptimConfig
 The table gives medians over ``--steps`` steps after ``--warmup`` untimed ones.
 
 Model FLOPs of one step (the work the update must do; recomputation under gradient checkpointing
@@ -68,9 +68,9 @@ import time
 import torch
 
 from trainer.config import OptimConfig
-from trainer.optim import build_optimizer, clip_gradients
-from trainer.packing import UpdateRow
-from trainer.policy import accumulate_gradients, compute_logprobs
+from trainer.update.optim import build_optimizer, clip_gradients
+from trainer.update.packing import UpdateRow
+from trainer.update.policy import accumulate_gradients, compute_logprobs
 
 CONFIGS = {
     # Qwen2-1.5B's architecture (its config.json); random weights.

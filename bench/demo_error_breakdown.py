@@ -1,7 +1,7 @@
 """Where the CPU demo's policies go wrong: the errors of ``dler eval`` samples on ``toy-arith``, by kind.
 
 The demo's warm start answers with worked steps, ending in the result line ``A + B = R.``, then 0 to 12
-redundant ``Check: ...`` lines, then ``\\boxed{R}`` (``trainer/demo.py``). A length penalty teaches a
+redundant ``Check: ...`` lines, then ``\\boxed{R}`` (``trainer/models/demo.py``). A length penalty teaches a
 policy to drop the re-checks, so this splits each model's samples into those with and without a re-check
 and counts, per split, the correct ones and three kinds of error:
 

@@ -453,7 +453,7 @@ def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
     machine), the fused LM-head path (the default), FSDP2 on one process; the loop calls the engine's
     sleep / wake_up around every update. The transformers engine reports that it cannot sleep (its calls are
     no-ops that check their tags): the report's note says so, from the engine's own ``can_sleep``."""
-    from trainer.demo import WarmStartConfig, warm_start
+    from trainer.models.demo import WarmStartConfig, warm_start
 
     start = time.perf_counter()
     model = warm_start(WarmStartConfig(**DEMO_MODEL), out=ctx.out / "work" / "demo-model", progress=False)
@@ -498,8 +498,8 @@ def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
 
 def engine_can_sleep(model: Path, cuda: bool) -> bool:
     """What the rollout engine of the train run (the transformers one) says of itself: whether its ``sleep``
-    frees device memory (``trainer.rollout.RolloutEngine.can_sleep``)."""
-    from trainer.hf_engine import HFEngine
+    frees device memory (``trainer.rollout.contract.RolloutEngine.can_sleep``)."""
+    from trainer.rollout.hf_engine import HFEngine
 
     engine = HFEngine(model, device="cuda" if cuda else "cpu")
     try:

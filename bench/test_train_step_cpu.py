@@ -2,7 +2,7 @@
 
     make bench          # or: .venv/bin/python -m pytest bench/ --benchmark-only
 
-One round is ``trainer.policy.accumulate_gradients`` over a mini-batch of 4 sequences x 64 tokens
+One round is ``trainer.update.policy.accumulate_gradients`` over a mini-batch of 4 sequences x 64 tokens
 (16 prompt) in micro-batches of <= 128 tokens, alone and followed by the trainer's gradient
 clipping and (fused) AdamW step. Tokens per round and model FLOPs per round (bench_train_step.py's
 formula) are in each result's extra_info.
@@ -15,8 +15,8 @@ import pytest
 from bench_train_step import LOSS, build_model, fill_old_logprobs, make_rows, model_config, param_counts, step_flops
 
 from trainer.config import OptimConfig
-from trainer.optim import build_optimizer, clip_gradients
-from trainer.policy import accumulate_gradients
+from trainer.update.optim import build_optimizer, clip_gradients
+from trainer.update.policy import accumulate_gradients
 
 SEQUENCES, SEQ_LEN, PROMPT_LEN, MICRO_BATCH_TOKENS = 4, 64, 16, 128
 

@@ -34,21 +34,21 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(model_cache) -> Path:
-    from trainer.models import prepare_smollm2
+    from trainer.models.resolve import prepare_smollm2
 
     return prepare_smollm2(out=model_cache / "smollm2")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(model_cache) -> Path:
-    from trainer.models import build_tiny_model
+    from trainer.models.resolve import build_tiny_model
 
     return build_tiny_model("llama", out=model_cache / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(model_cache) -> Path:
-    from trainer.models import build_tiny_model
+    from trainer.models.resolve import build_tiny_model
 
     return build_tiny_model("qwen2", out=model_cache / "tiny-qwen2")
 
@@ -56,7 +56,7 @@ def tiny_qwen2_dir(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """The demo's policy at toy size: a few SFT batches on verbose chains (seconds, not minutes)."""
-    from trainer.demo import WarmStartConfig, warm_start
+    from trainer.models.demo import WarmStartConfig, warm_start
 
     cfg = WarmStartConfig(
         examples=96,

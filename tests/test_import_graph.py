@@ -1,11 +1,14 @@
 """The import structure of the first-party packages, read from their source (``ast``, nothing imported):
 no import cycle inside a package, lazy imports (inside functions) included, since they are cycles all the
-same; and no module reaching into another module's private (``_name``) names, inside a package or from
-``trainer`` into ``dler_kernels`` (whose private modules are its own business too)."""
+same; no module reaching into another module's private (``_name``) names, inside a package or from
+``trainer`` into ``dler_kernels`` (whose private modules are its own business too); and every import of
+``trainer`` (lazy ones included) going down its declared layers (``TRAINER_LAYERS``), with each folder's
+``__init__.py`` a map of the folder."""
 
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,29 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("dler_kernels", "trainer")
 # Modules without Python source: the C++ extension setup.py builds from csrc/ (absent in a fresh clone).
 COMPILED_MODULES = frozenset({"dler_kernels._C"})
+
+# The layers of trainer, top to bottom, read from what each folder imports: a module may import its own unit
+# (a folder, or a top-level module) and any unit of a layer below its own; never a unit of its own layer
+# (siblings are independent) nor one above. config sits in the middle: its schema is made of the sections the
+# rollout, reward and data units define (SamplingConfig, LengthPenaltyConfig, ...), and the distributed, update,
+# run and checkpoint units are configured by it. dler_kernels is a leaf below all of trainer.
+TRAINER_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("main", ("trainer.__main__",)),
+    ("cli", ("trainer.cli",)),
+    ("commands | loop", ("trainer.commands", "trainer.train")),  # the training loop never imports a command
+    ("checkpoint", ("trainer.checkpoint",)),
+    ("run | models", ("trainer.run", "trainer.models")),
+    ("update", ("trainer.update",)),
+    ("dist", ("trainer.dist",)),
+    ("config", ("trainer.config",)),
+    ("rollout", ("trainer.rollout",)),
+    ("reward | data | model files", ("trainer.reward", "trainer.data", "trainer.model_files")),
+    ("leaves", ("trainer.seeds", "trainer.progress", "trainer.devices", "trainer.chunking", "trainer.storage_errors")),
+    ("fsutil", ("trainer.fsutil", "trainer")),
+    ("kernels", ("dler_kernels",)),
+)
+# Folders of trainer whose __init__.py only maps the folder (no imports): the package's layers stay visible.
+MAP_ONLY_FOLDERS = ("checkpoint", "commands", "dist", "model_files", "models", "reward", "rollout", "run", "update")
 
 
 def _private(name: str) -> bool:
@@ -32,6 +58,7 @@ class ImportGraph:
     files: dict[str, Path] = field(default_factory=dict)
     edges: dict[str, set[str]] = field(default_factory=dict)
     private_reaches: list[tuple[str, str]] = field(default_factory=list)  # (module, what it reaches)
+    imports: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # module -> (first-party target, where)
 
     def __post_init__(self):
         for package in self.packages:
@@ -86,6 +113,8 @@ class ImportGraph:
         if here == there and target in self.files and target != module:
             self.edges[module].add(target)
         where = f"{self.files[module].relative_to(self.root)}:{node.lineno}"
+        if there is not None and target != module:
+            self.imports.setdefault(module, []).append((target, where))
         if here != there and any(_private(p) for p in target.split(".")[1:]):
             self.private_reaches.append((module, f"{where}: {module} imports the private module {target}"))
         if name is not None and target == source and _private(name):
@@ -136,6 +165,39 @@ class ImportGraph:
                     return found
         return None
 
+    def layer_violations(self, layers) -> list[str]:
+        """Each import (lazy ones included) from a module to one of the same layer's other units or of a layer
+        above; and each module in no declared unit. ``layers``: ``(name, (unit, ...))`` from top to bottom, a
+        unit being a module or package name (its longest declared prefix places a module)."""
+        layer_of = {unit: (i, name) for i, (name, units) in enumerate(layers) for unit in units}
+
+        def unit_of(module: str) -> str | None:
+            parts = module.split(".")
+            for k in range(len(parts), 0, -1):
+                if ".".join(parts[:k]) in layer_of:
+                    return ".".join(parts[:k])
+            return None
+
+        problems = []
+        for module in sorted(self.files):
+            here = unit_of(module)
+            if here is None:
+                if self._package_of(module) in {unit.split(".")[0] for unit in layer_of}:
+                    problems.append(f"{self.files[module].relative_to(self.root)}: {module} is in no declared layer")
+                continue
+            for target, where in self.imports.get(module, ()):
+                there = unit_of(target)
+                if there is None or there == here:
+                    continue
+                (i, name_here), (j, name_there) = layer_of[here], layer_of[there]
+                if j <= i:
+                    kind = "its own layer" if i == j else "a layer above"
+                    problems.append(
+                        f"{where}: {module} (layer {name_here!r}) imports {target} (layer {name_there!r}): "
+                        f"{kind}; a module imports only its own unit ({here}) and the layers below"
+                    )
+        return problems
+
     def reaches_from(self, package: str) -> list[str]:
         """Each reach into a private name (or another package's private module) by a module of ``package``."""
         return list(dict.fromkeys(what for module, what in self.private_reaches if self._package_of(module) == package))
@@ -156,6 +218,24 @@ def test_no_module_of_the_package_is_part_of_an_import_cycle(graph, package):
 def test_no_module_of_the_package_reaches_into_another_modules_private_names(graph, package):
     reaches = graph.reaches_from(package)
     assert not reaches, "\n".join(reaches)
+
+
+def test_every_import_of_trainer_goes_down_its_layers(graph):
+    problems = graph.layer_violations(TRAINER_LAYERS)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "trainer").iterdir() if (p / "__init__.py").exists()))
+def test_each_folder_of_trainer_maps_its_modules_in_its_init_docstring(folder):
+    init = ROOT / "trainer" / folder / "__init__.py"
+    tree = ast.parse(init.read_text())
+    doc = ast.get_docstring(tree) or ""
+    modules = sorted(p.stem for p in init.parent.glob("*.py") if p.name != "__init__.py")
+    missing = [m for m in modules if not re.search(rf"(?<![\w.]){m}\b", doc)]
+    assert not missing, f"trainer/{folder}/__init__.py's docstring does not name {missing}"
+    if folder in MAP_ONLY_FOLDERS:
+        imports = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not imports, f"trainer/{folder}/__init__.py imports (lines {imports}): import from the module itself"
 
 
 def write_package(root: Path, files: dict[str, str]) -> None:
@@ -210,3 +290,33 @@ def test_the_checker_finds_private_names_imported_or_reached_across_modules(tmp_
         "app/main.py:1: app.main imports the private module pkg._impl",
         "app/main.py:5: app.main reaches the private name pkg.a._private",
     ]
+
+
+def test_the_checker_finds_imports_against_the_layers_lazy_and_sideways_included(tmp_path):
+    write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/top.py": "from .low import base\nfrom .mid import a\n",
+        "pkg/mid/__init__.py": "",
+        "pkg/mid/a.py": "from . import b\nfrom ..low import base\n",
+        "pkg/mid/b.py": "def f():\n    from .. import top\n    from ..side import s\n",
+        "pkg/side.py": "",
+        "pkg/low/__init__.py": "",
+        "pkg/low/base.py": "import kern\n",
+        "pkg/stray.py": "",
+        "kern/__init__.py": "def g():\n    import pkg.low.base\n",
+    })  # fmt: skip
+    layers = (
+        ("top", ("pkg.top",)),
+        ("middle", ("pkg.mid", "pkg.side")),
+        ("low", ("pkg.low", "pkg")),
+        ("kernels", ("kern",)),
+    )
+    graph = ImportGraph(tmp_path, ("pkg", "kern"))
+    assert graph.layer_violations(layers) == [
+        "kern/__init__.py:2: kern (layer 'kernels') imports pkg.low.base (layer 'low'): a layer above; "
+        "a module imports only its own unit (kern) and the layers below",
+        "pkg/mid/b.py:2: pkg.mid.b (layer 'middle') imports pkg.top (layer 'top'): a layer above; "
+        "a module imports only its own unit (pkg.mid) and the layers below",
+        "pkg/mid/b.py:3: pkg.mid.b (layer 'middle') imports pkg.side (layer 'middle'): its own layer; "
+        "a module imports only its own unit (pkg.mid) and the layers below",
+    ]  # pkg.stray: in the unit "pkg" (the package itself), at the bottom of pkg's layers

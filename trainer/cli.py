@@ -17,23 +17,23 @@ SNIPPET_CHARS = 100  # of each sample's text that `dler generate` prints
 
 
 def _cmd_prepare_model(args: argparse.Namespace) -> int:
-    from . import models
+    from .models import resolve
 
     start = time.perf_counter()
     if args.name == "smollm2":
-        out = models.prepare_smollm2(out=args.out, gguf=args.gguf, force=args.force)
+        out = resolve.prepare_smollm2(out=args.out, gguf=args.gguf, force=args.force)
     else:
         if args.gguf is not None:
             raise UserError("--gguf applies only to 'smollm2'")
-        out = models.build_tiny_model(args.name.removeprefix("tiny-"), out=args.out, seed=args.seed, force=args.force)
+        out = resolve.build_tiny_model(args.name.removeprefix("tiny-"), out=args.out, seed=args.seed, force=args.force)
     print(f"{args.name}: {out} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .engines import make_engine
-    from .models import resolve_model
-    from .rollout import chat_prompts
+    from .models.resolve import resolve_model
+    from .rollout.contract import chat_prompts
+    from .rollout.engines import make_engine
 
     model_dir = resolve_model(args.model)
     prompts = args.prompt or ["What is 3 + 4?"]
@@ -115,8 +115,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .budget_forcing import ThinkBudget
-    from .evaluate import EvalSettings, run_eval
+    from .commands.evaluate import EvalSettings, run_eval
+    from .rollout.budget_forcing import ThinkBudget
 
     think = None
     if args.think_budget is not None:
@@ -146,7 +146,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = run_eval(
         args.model, args.data, settings, args.out, overwrite=args.overwrite, progress=not args.no_progress
     )
-    from .evaluate import RESULTS_MD
+    from .commands.evaluate import RESULTS_MD
 
     print((Path(args.out) / RESULTS_MD).read_text(), end="")
     print(f"wrote {args.out}/ (results.json, results.md, samples/, pareto.png) in {results['seconds']:.0f} s")
@@ -154,7 +154,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_models
+    from .commands.merge import merge_models
 
     start = time.perf_counter()
     report = merge_models(
@@ -176,7 +176,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_drqa_data(args: argparse.Namespace) -> int:
-    from .drqa import LABELS, build_drqa_data
+    from .commands.drqa import build_drqa_data
+    from .reward.budgets import LABELS
 
     options = {"dtype": args.dtype}
     if args.gpu_memory_utilization is not None:
@@ -213,8 +214,8 @@ def _cmd_drqa_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from . import study
-    from .study_report import STUDY_MD
+    from .commands import study
+    from .commands.study_report import STUDY_MD
 
     bad = [item for item in args.set if "=" not in item]
     if bad:
@@ -239,8 +240,8 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
     """study.md, study.json and pareto.png of a finished study."""
     import shlex
 
-    from . import study
-    from .study_report import BASELINE, write_report
+    from .commands import study
+    from .commands.study_report import BASELINE, write_report
 
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
@@ -371,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/results.json, OUT/results.md (the paper's Table 1), OUT/samples/, OUT/pareto.png (accuracy against "
         "mean length) and OUT/scaling.png (pass@K against the wall time of K parallel samples: one extra timed "
         "generation per K; --scaling-k none skips them). Data: PATH, NAME=PATH (jsonl/json/parquet/datasets "
-        "folder; fields as in trainer/benchmarks.py: MATH-500, AIME, AMC, Minerva, OlympiadBench) or builtin:NAME.",
+        "folder; fields as in trainer/commands/benchmarks.py: MATH-500, AIME, AMC, Minerva, OlympiadBench) or "
+        "builtin:NAME.",
     )
     p.add_argument("--model", action="append", required=True, help="model folder, NAME=DIR, or alias (repeatable)")
     p.add_argument("--data", action="append", required=True, help="PATH, NAME=PATH or builtin:NAME (repeatable)")
@@ -442,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_drqa_data)
 
-    from .study import DEFAULT_SEEDS, DEFAULT_STEPS, PENALTIES, RECIPES
+    from .commands.study import DEFAULT_SEEDS, DEFAULT_STEPS, PENALTIES, RECIPES
 
     p = sub.add_parser(
         "study",

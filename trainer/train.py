@@ -7,10 +7,10 @@
       -> policy update (FSDP2, token-budget micro-batches, fused loss) -> weight sync -> record
 
 and leaves every decision around the step to a component that makes it: the run log
-(:mod:`trainer.run_log`: metrics file, console table, plots, external loggers), the step timer
-(:mod:`trainer.step_timer`), the stop vote and evaluation schedule (:mod:`trainer.schedule`), the
-held-out evaluation (:mod:`trainer.heldout`), the checkpointer (:mod:`trainer.checkpointer`: when to
-save, what a resume restores) and the run folder's claim (:mod:`trainer.run_folder`).
+(:mod:`trainer.run.run_log`: metrics file, console table, plots, external loggers), the step timer
+(:mod:`trainer.run.step_timer`), the stop vote and evaluation schedule (:mod:`trainer.run.schedule`), the
+held-out evaluation (:mod:`trainer.run.heldout`), the checkpointer (:mod:`trainer.checkpoint.checkpointer`: when to
+save, what a resume restores) and the run folder's claim (:mod:`trainer.checkpoint.run_folder`).
 
 Everything a step needs is built once in :meth:`Trainer.__init__`, in an order that puts every cheap
 check (config, model folder, data) before anything heavy (the policy, the reference model, the engine).
@@ -18,11 +18,11 @@ check (config, model folder, data) before anything heavy (the policy, the refere
 **Many ranks.** Every rank runs its own rollout engine on its own share of the prompts (each rank
 draws ``k * world`` prompts and keeps every ``world``-th one), scores them, and keeps its own data
 cursor and DA-DLER record (saved for every rank, so a resume is exact). Advantages are computed on
-the gathered global batch (:mod:`trainer.global_batch`), so DLER's batch statistics are those of the
+the gathered global batch (:mod:`trainer.update.global_batch`), so DLER's batch statistics are those of the
 whole batch; the update runs on each rank's share with the global token normaliser
 (``policy.accumulate_gradients``).
 
-**Stopping and divergence** (the rules are :mod:`trainer.schedule`'s): a stop request writes a
+**Stopping and divergence** (the rules are :mod:`trainer.run.schedule`'s): a stop request writes a
 checkpoint after the current step and returns at once, without any evaluation still due (it prints the
 ``dler eval`` command that runs it later); ``dler train --resume OUT`` continues from it. A diverged
 step stops the run with a UserError before anything of it is saved.
@@ -41,35 +41,35 @@ from typing import Any
 
 import torch
 
-from . import collective
 from . import config as config_mod
-from .answers import AnswerChecker
-from .checkpointer import Checkpointer
+from .checkpoint.checkpointer import Checkpointer
+from .checkpoint.run_folder import RunFolder
 from .config import TrainConfig
 from .data import Prompt, PromptStream, build_prompts, load_examples
 from .devices import release_cached_memory
-from .distributed_env import DistEnv, destroy_distributed, init_distributed
-from .engine_log import ENGINE_LOG
-from .engines import make_engine
-from .fsdp import check_weights, full_weights, load_policy, sum_replicated_gradients
+from .dist import collective
+from .dist.distributed_env import DistEnv, destroy_distributed, init_distributed
+from .dist.fsdp import check_weights, full_weights, load_policy, sum_replicated_gradients
 from .fsutil import UserError
-from .fused_head import fused_head_unsupported
-from .global_batch import global_advantages
-from .heldout import HeldOutEval
-from .hf_folder import load_tokenizer
-from .mismatch_metrics import MismatchSums
-from .models import resolve_model
-from .optim import build_optimizer, build_scheduler, clip_gradients
-from .packing import UpdateRow
-from .policy import accumulate_gradients, compute_logprobs
-from .rollout_correction import correct_rows
-from .run_folder import RunFolder
-from .run_log import CONFIG_FILE, RunLog
-from .sampling import DynamicSampler, RankSlice, SamplingStats, SamplingWarning, ScoredGroup
-from .schedule import RunControl, Verdict
+from .model_files.hf_folder import load_tokenizer
+from .models.resolve import resolve_model
+from .reward.answers import AnswerChecker
+from .rollout.correction import correct_rows
+from .rollout.engine_log import ENGINE_LOG
+from .rollout.engines import make_engine
+from .rollout.sampling import DynamicSampler, RankSlice, SamplingStats, SamplingWarning, ScoredGroup
+from .run.heldout import HeldOutEval
+from .run.run_log import CONFIG_FILE, RunLog
+from .run.schedule import RunControl, Verdict
+from .run.step_metrics import UpdateTotals, step_record
+from .run.step_timer import StepTimer
 from .seeds import epoch_shuffle_seed, rank_seed, step_seed
-from .step_metrics import UpdateTotals, step_record
-from .step_timer import StepTimer
+from .update.fused_head import fused_head_unsupported
+from .update.global_batch import global_advantages
+from .update.mismatch_metrics import MismatchSums
+from .update.optim import build_optimizer, build_scheduler, clip_gradients
+from .update.packing import UpdateRow
+from .update.policy import accumulate_gradients, compute_logprobs
 
 
 class Trainer:
@@ -149,7 +149,7 @@ class Trainer:
         self.checker = AnswerChecker(**cfg.reward.checker_kwargs())
         self.budgets = cfg.reward.da_dler.make_budgets()
         if cfg.reward.penalty.name == "drqa":
-            from .budgets import ConciseLengths
+            from .reward.budgets import ConciseLengths
 
             penalty = cfg.reward.penalty
             examples = [p.example for p in prompts]

@@ -14,7 +14,7 @@ import torch
 from trainer import cli
 from trainer.config import load_config
 from trainer.fsutil import UserError
-from trainer.run_log import METRICS_FILE, before_after_table
+from trainer.run.run_log import METRICS_FILE, before_after_table
 from trainer.train import Trainer, load_run_config, train
 
 HELPERS = Path(__file__).parents[1] / "helpers"
@@ -235,7 +235,7 @@ def test_missing_logger_package_is_a_clear_error(tmp_path):
 
     if importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed here")
-    from trainer.run_log import open_loggers
+    from trainer.run.run_log import open_loggers
 
     cfg = load_config("toy-cpu", ["run.tensorboard=true"])
     with pytest.raises(UserError, match="pip install tensorboard"):

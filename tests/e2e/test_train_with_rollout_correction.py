@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.run_log import METRICS_FILE
+from trainer.run.run_log import METRICS_FILE
 from trainer.train import train
 
 MISMATCH_KEYS = {

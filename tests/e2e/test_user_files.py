@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trainer import cli
-from trainer.heldout import HeldOutEval
+from trainer.run.heldout import HeldOutEval
 from trainer.train import Trainer
 
 
@@ -148,7 +148,7 @@ def test_an_oversized_data_row_is_one_line_naming_its_file_and_line_and_nothing_
     demo_model, tmp_path, capsys
 ):
     """A 16 MiB question among normal rows: with data.on_bad_row=error the run stops at the data check, before
-    the model loads, naming the file and line (it is never tokenised whole: tests/trainer/test_data.py measures the
+    the model loads, naming the file and line (it is never tokenised whole: tests/trainer/data/test_data.py measures the
     memory); the data file is untouched and no run folder is left."""
     data = tmp_path / "data" / "train.jsonl"
     data.parent.mkdir()
@@ -227,7 +227,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(finished_run, tmp_
     assert _steps(run) == [1, 2]
     # the damaged one is set aside (kept), and the new step 2 verifies
     assert [p.name.rsplit("-", 1)[0] for p in (run / "checkpoints").glob("abandoned-*")] == ["abandoned-step-00000002"]
-    from trainer.checkpoint_verify import verify_checkpoint
+    from trainer.checkpoint.verify import verify_checkpoint
 
     verify_checkpoint(bad)
 

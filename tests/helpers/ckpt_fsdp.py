@@ -1,4 +1,4 @@
-"""Run in a subprocess by tests/trainer/test_checkpoint.py: FSDP2 checkpoints with 2 CPU processes (gloo).
+"""Run in a subprocess by tests/trainer/checkpoint/test_checkpoint.py: FSDP2 checkpoints with 2 CPU processes (gloo).
 
 Each rank: the tiny model with ``fully_shard`` on every decoder layer and on the root, one AdamW
 step on its own data, ``CheckpointManager.save``. Then, as an oracle independent of the code under
@@ -24,8 +24,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-import trainer.checkpoint_files as checkpoint_files
-from trainer.checkpoint import CheckpointManager
+import trainer.checkpoint.files as checkpoint_files
+from trainer.checkpoint.manager import CheckpointManager
 from trainer.fsutil import UserError
 
 WORLD = 2

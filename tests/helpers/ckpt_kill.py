@@ -1,7 +1,7 @@
-"""Run in a subprocess by tests/trainer/test_checkpoint.py: save checkpoint 1, then block in the middle of
+"""Run in a subprocess by tests/trainer/checkpoint/test_checkpoint.py: save checkpoint 1, then block in the middle of
 checkpoint 2 (weights written, optimizer not yet) until the test kills this process with SIGKILL.
 
-The block replaces ``trainer.checkpoint_files.write_optimizer``: it writes SIGNAL_FILE (the test's cue to
+The block replaces ``trainer.checkpoint.files.write_optimizer``: it writes SIGNAL_FILE (the test's cue to
 kill) and sleeps. Nothing in the library knows about it.
 
 usage: python ckpt_kill.py MODEL_DIR RUN_DIR SIGNAL_FILE
@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-import trainer.checkpoint as checkpoint
-import trainer.checkpoint_files as checkpoint_files
+import trainer.checkpoint.files as checkpoint_files
+import trainer.checkpoint.manager as checkpoint
 
 
 def train_step(model, optimizer, scheduler) -> None:

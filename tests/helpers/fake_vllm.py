@@ -1,4 +1,4 @@
-"""A test double of the parts of vLLM that ``trainer.vllm_engine.VLLMEngine`` uses, on a GPU-like platform.
+"""A test double of the parts of vLLM that ``trainer.rollout.vllm_engine.VLLMEngine`` uses, on a GPU-like platform.
 
 vLLM's CPU backend has no sleep mode, so the CPU suite cannot run the sequence a GPU run runs
 (sleep, partial wake-ups, weight reload into a sleeping engine) with the real engine. This double

@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from trainer.config import FSDPConfig, ModelConfig, OptimConfig
-from trainer.distributed_env import destroy_distributed, init_distributed
-from trainer.fsdp import load_policy
-from trainer.optim import build_optimizer, clip_gradients, weight_norm
-from trainer.packing import UpdateRow
-from trainer.policy import accumulate_gradients, compute_logprobs
+from trainer.dist.distributed_env import destroy_distributed, init_distributed
+from trainer.dist.fsdp import load_policy
+from trainer.update.optim import build_optimizer, clip_gradients, weight_norm
+from trainer.update.packing import UpdateRow
+from trainer.update.policy import accumulate_gradients, compute_logprobs
 
 WORLD = 2
 FLOAT32 = FSDPConfig(param_dtype="float32", reduce_dtype="float32")  # enabled=None: on with 2 ranks

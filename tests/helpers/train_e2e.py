@@ -15,10 +15,10 @@ import torch
 
 def main(model_dir: str, out: str) -> None:
     from trainer.config import load_config
-    from trainer.distributed_env import destroy_distributed, init_distributed
-    from trainer.packing import UpdateRow
-    from trainer.policy import compute_logprobs
+    from trainer.dist.distributed_env import destroy_distributed, init_distributed
     from trainer.train import Trainer
+    from trainer.update.packing import UpdateRow
+    from trainer.update.policy import compute_logprobs
 
     cfg = load_config(
         "toy-cpu",

@@ -19,11 +19,11 @@ import torch
 
 def main(record_dir: str, *args: str) -> None:
     from trainer.config import load_config
-    from trainer.fsdp import full_weights
-    from trainer.packing import UpdateRow
-    from trainer.policy import compute_logprobs
-    from trainer.sampling import RankSlice, RolloutBatch
+    from trainer.dist.fsdp import full_weights
+    from trainer.rollout.sampling import RankSlice, RolloutBatch
     from trainer.train import Trainer, load_run_config, train
+    from trainer.update.packing import UpdateRow
+    from trainer.update.policy import compute_logprobs
 
     resume = args[:1] == ("--resume",)
     overrides = list(args[2:] if resume else args)

@@ -299,7 +299,7 @@ def _verl_correction(preset, kwargs, old, sampler, mask):
 
 def _dler_correction(mode, settings, old, sampler, mask):
     """dler train's (weights, mask) of one mode, padded back to [B, T] (weight 1 where the mode has none)."""
-    from trainer.rollout_correction import RolloutCorrectionConfig, correct_rows
+    from trainer.rollout.correction import RolloutCorrectionConfig, correct_rows
 
     lengths = mask.sum(-1).long().tolist()
     fixes = correct_rows(RolloutCorrectionConfig(mode, **settings), [o[:n] for o, n in zip(old, lengths)],
@@ -312,11 +312,11 @@ def _dler_correction(mode, settings, old, sampler, mask):
 
 
 def _dler_loss(fixes, logits, targets, old, adv, mask, loss_agg, clip_c):
-    """dler train's corrected loss: the rows' corrections through trainer.policy.correction_inputs into
+    """dler train's corrected loss: the rows' corrections through trainer.update.policy.correction_inputs into
     dk.policy_loss, normalised as accumulate_gradients does (every token, or every non-empty response)."""
     import dler_kernels as dk
-    from trainer.packing import UpdateRow
-    from trainer.policy import correction_inputs
+    from trainer.update.packing import UpdateRow
+    from trainer.update.policy import correction_inputs
 
     lengths = mask.sum(-1).long().tolist()
     rows = [
@@ -344,10 +344,10 @@ def _verl_loss(weights, new_mask, logits, targets, old, adv, loss_agg):
 
 
 def rollout_correction_cases():
-    """trainer.rollout_correction against verl.trainer.ppo.rollout_corr_helper on the same log-probs: each mode's
+    """trainer.rollout.correction against verl.trainer.ppo.rollout_corr_helper on the same log-probs: each mode's
     weights and mask on a batch with wide ratios, the corrected loss of icepop under each aggregation, and the
     sequence modes on one response whose token log-ratios (+25, -24) each pass the +-20 clamp; and the
-    perplexity figures of trainer.mismatch_metrics against verl's compute_offpolicy_metrics on that batch."""
+    perplexity figures of trainer.update.mismatch_metrics against verl's compute_offpolicy_metrics on that batch."""
     from dler_kernels.reference import LOSS_AGGS
 
     out = {"modes": {}, "icepop_loss": {}, "example_loss": {}, "sequence_clamp": {}, "perplexity": {}}
@@ -375,8 +375,8 @@ def rollout_correction_cases():
     # the perplexity figures: per response (every one non-empty: verl counts an empty one as ratio 1), then averaged
     from verl.trainer.ppo.rollout_corr_helper import compute_offpolicy_metrics
 
-    from trainer.mismatch_metrics import MismatchSums
-    from trainer.packing import UpdateRow
+    from trainer.update.mismatch_metrics import MismatchSums
+    from trainer.update.packing import UpdateRow
 
     lengths = mask.sum(-1).long().tolist()
     rows = [UpdateRow([1], list(range(n)), 0.0, old_logprobs=old[i, :n], sampler_logprobs=sampler[i, :n])

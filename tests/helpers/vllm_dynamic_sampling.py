@@ -10,12 +10,12 @@ import warnings
 
 from transformers import AutoTokenizer
 
-from trainer.answers import AnswerChecker
-from trainer.budgets import DifficultyBudgets
 from trainer.data import PromptStream, build_prompts, load_examples
-from trainer.rewards import LengthPenaltyConfig
-from trainer.sampling import DynamicSampler, SamplingConfig
-from trainer.vllm_engine import VLLMEngine
+from trainer.reward.answers import AnswerChecker
+from trainer.reward.budgets import DifficultyBudgets
+from trainer.reward.rewards import LengthPenaltyConfig
+from trainer.rollout.sampling import DynamicSampler, SamplingConfig
+from trainer.rollout.vllm_engine import VLLMEngine
 
 if __name__ == "__main__":
     model_dir, spec = sys.argv[1], json.loads(sys.argv[2])

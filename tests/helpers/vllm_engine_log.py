@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from trainer.vllm_engine import VLLMEngine
+from trainer.rollout.vllm_engine import VLLMEngine
 
 if __name__ == "__main__":
     model_dir, log_file = sys.argv[1], sys.argv[2]

@@ -9,8 +9,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from trainer.rollout import chat_prompts
-from trainer.vllm_engine import VLLMEngine
+from trainer.rollout.contract import chat_prompts
+from trainer.rollout.vllm_engine import VLLMEngine
 
 
 def run(engine, model_dir, spec):

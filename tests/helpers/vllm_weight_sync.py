@@ -16,8 +16,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.rollout import chat_prompts
-from trainer.vllm_engine import VLLMEngine
+from trainer.rollout.contract import chat_prompts
+from trainer.rollout.vllm_engine import VLLMEngine
 
 
 def sampled_logprobs(model, prompt_ids, samples, temperature):

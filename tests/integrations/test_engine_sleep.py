@@ -17,9 +17,9 @@ import torch
 import trainer.train as train_mod
 from trainer.config import load_config
 from trainer.fsutil import UserError
-from trainer.rollout import SLEEP_TAGS
+from trainer.rollout.contract import SLEEP_TAGS
+from trainer.rollout.vllm_engine import VLLMEngine
 from trainer.train import train
-from trainer.vllm_engine import VLLMEngine
 
 _spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parents[1] / "helpers" / "fake_vllm.py")
 fake_vllm = importlib.util.module_from_spec(_spec)

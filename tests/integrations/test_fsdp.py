@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trainer import models
 from trainer.config import FSDPConfig, ModelConfig
-from trainer.distributed_env import DistEnv, destroy_distributed, init_distributed
-from trainer.fsdp import decoder_layers, load_policy
+from trainer.dist.distributed_env import DistEnv, destroy_distributed, init_distributed
+from trainer.dist.fsdp import decoder_layers, load_policy
 from trainer.fsutil import UserError
-from trainer.packing import Packed, plan_micro_batches
+from trainer.models import resolve as models
+from trainer.update.packing import Packed, plan_micro_batches
 
 HELPERS = Path(__file__).parents[1] / "helpers"
 REPO = Path(__file__).parents[2]
@@ -165,7 +165,7 @@ def test_two_rank_update_equals_the_single_process_update(two_ranks, single, cas
 
 def test_accumulation_loss_and_gradients_equal_one_big_batch(two_ranks, single, case):
     """Also with a different number of micro-batches per rank: every FSDP2 forward is collective, so
-    the rank with fewer must run dummy ones (``trainer.packing`` pads the plans to the longest), or
+    the rank with fewer must run dummy ones (``trainer.update.packing`` pads the plans to the longest), or
     both would wait for each other for ever."""
     lengths = [len(r["prompt"]) + len(r["response"]) for r in case["rows"]]
     counts = [len(plan_micro_batches(lengths[rank::2], case["uneven_budget"])) for rank in (0, 1)]

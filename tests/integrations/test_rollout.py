@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.engines import make_engine
-from trainer.hf_engine import HFEngine
+from trainer.rollout.engines import make_engine
+from trainer.rollout.hf_engine import HFEngine
 
 HELPERS = Path(__file__).parents[1] / "helpers"
 

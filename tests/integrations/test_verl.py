@@ -178,7 +178,7 @@ def test_bad_input_is_named(results, name, message):
 
 @pytest.mark.parametrize("mode", ["token_tis", "seq_tis", "token_mis", "seq_mis", "icepop"])
 def test_each_rollout_correction_mode_gives_verls_weights_and_mask(correction, mode):
-    """trainer.rollout_correction against verl's preset for the mode (rollout_corr_helper's
+    """trainer.rollout.correction against verl's preset for the mode (rollout_corr_helper's
     compute_rollout_correction_and_rejection_mask) on one batch of wide pi_old / pi_sampler ratios."""
     c = correction["modes"][mode]
     assert c["masks_equal"], c

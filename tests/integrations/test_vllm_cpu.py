@@ -99,13 +99,14 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     if result["reloaded"]:
         assert "Reloading weights inplace" in text and "Successfully reset prefix cache" in text
         # vLLM's reload warns about the rotary embedding's computed cache on every reload; the engine drops
-        # exactly that record (trainer.vllm_engine.RotaryCacheReloadWarning), so the log carries no false alarm either.
+        # exactly that record (trainer.rollout.vllm_engine.RotaryCacheReloadWarning), so the log carries no
+        # false alarm either.
         assert "Failed to load weights" not in text
 
 
 HEAD_PROBE = """
 import json, sys
-from trainer.vllm_engine import VLLMEngine
+from trainer.rollout.vllm_engine import VLLMEngine
 engine = VLLMEngine(sys.argv[1], max_model_len=128, dtype="bfloat16", seed=0, lm_head_fp32=sys.argv[2] == "1")
 groups = engine.generate([[1, 2, 3, 4]], n=2, max_tokens=6, temperature=1.0, seed=1)
 head = engine.llm.llm_engine.model_config.head_dtype  # what vLLM's LogitsProcessor computes its head in

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.devices import can_pin_host_memory, has_caching_allocator, release_cached_memory, synchronize
-from trainer.distributed_env import process_group_backend
+from trainer.dist.distributed_env import process_group_backend
 from trainer.fsutil import UserError
 
 

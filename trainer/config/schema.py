@@ -22,12 +22,12 @@ from dler_kernels.loss_inputs import LossSettings
 from dler_kernels.reference import ADVANTAGE_METHODS, KL_TYPES, LOSS_AGGS, WEIGHTINGS
 from dler_kernels.validate import check_choice, check_number
 
-from ..budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
 from ..data import TEMPLATES, FieldMap
-from ..engines import ENGINES
-from ..rewards import LengthPenaltyConfig
-from ..rollout_correction import RolloutCorrectionConfig
-from ..sampling import SamplingConfig
+from ..reward.budgets import BudgetSchedule, DifficultyBudgets, ScheduledBudgets
+from ..reward.rewards import LengthPenaltyConfig
+from ..rollout.correction import RolloutCorrectionConfig
+from ..rollout.engines import ENGINES
+from ..rollout.sampling import SamplingConfig
 
 # Choices the config owns are written here; the others are the owning module's list, made a Literal.
 PolicyDtype = Literal["float32", "bfloat16"]
@@ -35,7 +35,7 @@ EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]  # what both rol
 AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
 Schedule = Literal["constant", "cosine", "linear"]
 Device = Literal["auto", "cpu", "cuda"]
-CheckerMode = Literal["math", "exact"]  # trainer.answers.AnswerChecker's modes
+CheckerMode = Literal["math", "exact"]  # trainer.reward.answers.AnswerChecker's modes
 OnBadRow = Literal["skip", "error"]
 SleepLevel = Literal[1, 2]
 TemplateName = Literal[tuple(TEMPLATES)]
@@ -73,7 +73,7 @@ class ModelConfig:
     """The policy to train."""
 
     path: str = "smollm2"
-    """What ``trainer.models.resolve_model`` accepts: an alias (``smollm2``), a local folder, or a hub id."""
+    """What ``trainer.models.resolve.resolve_model`` accepts: an alias (``smollm2``), a local folder, or a hub id."""
     dtype: PolicyDtype = "float32"
     """The trainer's own (master) parameters; FSDP's ``param_dtype`` is what the forward computes in."""
     attn_implementation: AttnImplementation = "sdpa"
@@ -123,7 +123,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    """The rollout engine (``trainer.engines.make_engine``) and how it samples (``SamplingConfig``)."""
+    """The rollout engine (``trainer.rollout.engines.make_engine``) and how it samples (``SamplingConfig``)."""
 
     engine: EngineName = "vllm"
     """vLLM, or transformers ``generate`` (``hf``)."""
@@ -187,7 +187,7 @@ class DADLERConfig:
 
 @dataclass
 class BudgetScheduleConfig:
-    """A length budget that shrinks during training (``trainer.budgets.BudgetSchedule``: ThinkPrune, "Train Long,
+    """A length budget that shrinks during training (``trainer.reward.budgets.BudgetSchedule``: ThinkPrune, "Train Long,
     Think Short"): from step t the budget is max(min_budget, round(B * decay^floor((t-1)/every))), where B is the
     prompt's budget without a schedule (``reward.penalty.length_budget``, or its DA-DLER or DRQA budget)."""
 
@@ -213,7 +213,7 @@ class BudgetScheduleConfig:
 
 @dataclass
 class RewardConfig:
-    """Correctness (``trainer.answers.AnswerChecker``) times a length penalty, with optional DA-DLER budgets."""
+    """Correctness (``trainer.reward.answers.AnswerChecker``) times a length penalty, with optional DA-DLER budgets."""
 
     checker: CheckerMode = "math"
     """``math`` (math-verify equivalence) or ``exact`` (the normalised strings)."""
@@ -226,7 +226,7 @@ class RewardConfig:
     workers: int = 1
     """Processes checking answers in parallel."""
     penalty: LengthPenaltyConfig = field(default_factory=LengthPenaltyConfig)
-    """The length penalty (``trainer.rewards.LENGTH_PENALTIES``) and its parameters."""
+    """The length penalty (``trainer.reward.rewards.LENGTH_PENALTIES``) and its parameters."""
     da_dler: DADLERConfig = field(default_factory=DADLERConfig)
     """Difficulty-aware budgets."""
     budget_schedule: BudgetScheduleConfig = field(default_factory=BudgetScheduleConfig)
@@ -299,7 +299,7 @@ class AlgorithmConfig(LossSettings):
     logits are not the plain head's output (soft-capped, scaled) warn and take the logits path."""
     lm_head_fp32: bool = False
     """The LM head's matmul in float32 (upcast hidden states and weight) in the log-prob passes and the update."""
-    # -- the trainer-sampler mismatch (trainer.rollout_correction, trainer.mismatch_metrics) --
+    # -- the trainer-sampler mismatch (trainer.rollout.correction, trainer.update.mismatch_metrics) --
     rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     """Weights / masks from the ratio pi_old(trainer) / pi_sampler per token (TIS, MIS, IcePop; ``none``)."""
     old_logprobs: OldLogprobs = "recompute"
@@ -546,7 +546,7 @@ class TrainConfig:
         return self.data.max_prompt_tokens + longest
 
     def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``trainer.engines.make_engine`` (after its ``kind`` and model folder)."""
+        """Keyword arguments of ``trainer.rollout.engines.make_engine`` (after its ``kind`` and model folder)."""
         options: dict[str, Any] = dict(dtype=self.rollout.dtype, seed=self.run.seed)
         if self.rollout.engine == "hf":
             options["device"] = None if self.run.device == "auto" else self.run.device

@@ -1,0 +1,11 @@
+"""Who generates: the rollout engines behind one contract, and what the loop and ``dler eval`` ask of them.
+
+contract.py        the engine contract: Sample, the RolloutEngine protocol, the input checks every engine shares
+engines.py         the choice of engine by name (make_engine: "vllm" | "hf")
+vllm_engine.py     VLLMEngine: vLLM colocated with the trainer, weights synced between steps
+hf_engine.py       HFEngine: transformers' generate, for machines without vLLM and as the tests' oracle
+engine_log.py      where an engine's own output goes (engine.log; errors on the console)
+sampling.py        dynamic sampling: generate, score and filter groups until the step's batch is full
+correction.py      rollout correction: loss weights and masks for the sampler/trainer gap (algorithm.rollout_correction)
+budget_forcing.py  generation under a thinking budget (dler eval --think-budget)
+"""
