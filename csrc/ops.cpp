@@ -148,7 +148,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool write_grad, int64_t objective, double ratio_cap, double tau_pos, double tau_neg) {
   RowTask t = make_task(logits, targets, valid, old_logprobs, advantages, ref_logprobs, weights, temperature, eps_low,
                         eps_high, clip_c, beta, kl_type, entropy_coef, objective, ratio_cap, tau_pos, tau_neg);
-  if (write_grad) t.grad = at::empty(logits.sizes(), logits.options());
+  if (write_grad) {
+    // On the CPU a fresh buffer's pages fault in at their first write; zero-filling it first (one fast pass) costs
+    // less than taking those faults inside the row loop (fwd+bwd, N=2048 V=32000 fp32 on 2 cores: 211 against
+    // 271 ms; bench/RESULTS.md). CUDA memory comes from the caching allocator, already mapped.
+    t.grad = logits.is_cuda() ? at::empty(logits.sizes(), logits.options())
+                              : at::zeros(logits.sizes(), logits.options());
+  }
   run_rows(t);
   at::Tensor grad = write_grad ? t.grad : at::empty({0}, logits.options());
   at::Tensor loss = (t.loss * t.weights).sum();
