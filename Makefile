@@ -111,6 +111,17 @@ study: setup
 test: setup verl-env triton-oldest cuda-toolchain
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The edit loop's lane, under 3 minutes: the import layers, the policy loss, objectives and input rules of the
+# kernels on the reference and C++ backends, advantages, config, rewards, data, optimizer and packing. `make test` (what CI runs)
+# is the whole suite.
+FAST_TESTS := tests/test_import_graph.py tests/kernels/test_policy_loss.py tests/kernels/test_objectives.py \
+	tests/kernels/test_kernel_inputs.py \
+	tests/kernels/test_advantages.py tests/trainer/config tests/trainer/reward tests/trainer/data \
+	tests/trainer/update/test_optim.py tests/trainer/test_cli.py
+.PHONY: test-fast
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow and not vllm and not gpu" -k "not triton" $(FAST_TESTS)
+
 bench: setup verl-env
 	$(BIN)/python -m pytest bench/ --benchmark-only -p no:cacheprovider
 	$(BIN)/python bench/bench_policy_loss.py $(if $(CUDA),,--n 512 --vocab 49152 --dtype fp32 --repeats 3)

@@ -292,6 +292,49 @@ def _split_train_args(items: list[str]) -> tuple[str | None, list[str]]:
     return preset, overrides
 
 
+# The flags several commands share, each declared once (generate, eval and drqa-data sample from an engine).
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, *, max_tokens: int) -> None:
+    """How responses are sampled; ``max_tokens``: the command's default length limit."""
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per response (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_engine_flags(p: argparse.ArgumentParser, *, engines=("auto", "vllm", "hf"), engine="auto", dtype="auto",
+                     max_model_len: int | None | bool = None) -> None:  # fmt: skip
+    """Which engine generates and with what memory; ``max_model_len`` False: a command that sizes it itself."""
+    p.add_argument(
+        "--engine",
+        choices=list(engines),
+        default=engine,
+        help="vLLM, or transformers generate" + ("; auto: vLLM when installed" if "auto" in engines else ""),
+    )
+    p.add_argument("--dtype", default=dtype, help="vllm: auto (default) or float32/bfloat16; hf: float32 (default)")
+    if max_model_len is not False:
+        default = "" if max_model_len is None else f" (default {max_model_len})"
+        p.add_argument(
+            "--max-model-len",
+            type=int,
+            default=max_model_len,
+            help="vllm: the context length" + (default or "; default: longest prompt + max tokens"),
+        )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vllm: fraction of GPU memory (CPU: of host memory, default 0.15) for weights and KV cache",
+    )
+
+
+def add_answer_flags(p: argparse.ArgumentParser, *, template_help: str) -> None:
+    """How a question is put and its answer checked."""
+    p.add_argument("--template", default="r1", help=template_help)
+    p.add_argument("--checker", choices=["math", "exact"], default="math")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dler",
@@ -322,19 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="model folder or alias: smollm2, tiny-llama, tiny-qwen2")
     p.add_argument("--prompt", action="append", help="a question (repeatable)")
     p.add_argument("-n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engine", choices=["vllm", "hf"], default="vllm", help="vLLM, or transformers generate")
-    p.add_argument("--dtype", default=None, help="vllm: auto (default) or float32/bfloat16; hf: float32 (default)")
-    p.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=None,
-        help="vllm: fraction of GPU memory (CPU: of host memory, default 0.15) for weights and KV cache",
-    )
+    add_sampling_flags(p, max_tokens=256)
+    add_engine_flags(p, engines=("vllm", "hf"), engine="vllm", dtype=None, max_model_len=2048)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
@@ -380,22 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--samples", type=int, default=16, help="responses per question (default 16)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=32768)
+    add_sampling_flags(p, max_tokens=32768)
     p.add_argument("--k", type=_int_list, default=None, help="pass@k list, e.g. 1,2,4,8,16 (default: powers of 2)")
     p.add_argument("--scaling-k", type=_int_list, default=None, help="K of the timed runs (default: --k; none: off)")
     p.add_argument("--think-budget", type=int, default=None, help="budget forcing: at most N thinking tokens")
     p.add_argument("--answer-tokens", type=int, default=64, help="budget forcing: tokens for the forced answer")
     p.add_argument("--think-end", default="</think>", help="budget forcing: the end-of-thinking string")
     p.add_argument("--answer-cue", default="\n\nFinal answer: \\boxed{", help="budget forcing: text after it")
-    p.add_argument("--template", default="r1", help="prompt template (trainer.data.TEMPLATES)")
-    p.add_argument("--checker", choices=["math", "exact"], default="math")
-    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto", help="auto: vLLM when installed")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-model-len", type=int, default=None, help="vllm: default longest prompt + max tokens")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_answer_flags(p, template_help="prompt template (trainer.data.TEMPLATES)")
+    add_engine_flags(p, max_model_len=None)
     p.add_argument("--limit", type=int, default=None, help="first N questions of each data set")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
@@ -431,15 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .jsonl file")
     p.add_argument("-k", type=int, default=2, help="questions per batched prompt (default 2)")
     p.add_argument("--samples", type=int, default=4, help="responses per prompt")
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--template", default="r1", help="template of the single-question prompts")
-    p.add_argument("--checker", choices=["math", "exact"], default="math")
-    p.add_argument("--engine", choices=["auto", "vllm", "hf"], default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(p, max_tokens=1024)
+    add_answer_flags(p, template_help="template of the single-question prompts")
+    add_engine_flags(p, max_model_len=False)
     p.add_argument("--limit", type=int, default=None, help="first N questions")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_drqa_data)

@@ -121,7 +121,7 @@ def compare(backend, loss_type, seed=1, **kw):
     assert rel(grad, grad_ref) <= 1e-4, rel(grad, grad_ref)
 
 
-# The four loss types of the issue, each where its own clip, gate or weight acts: cispo with Liger's (TRL's)
+# Liger's loss types beyond PPO-clip, each where its own clip, gate or weight acts: cispo with Liger's (TRL's)
 # absolute cap 1.2, binding on the ratios above it; sapo and vespo at their defaults.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [1, 2])

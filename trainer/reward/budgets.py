@@ -130,7 +130,7 @@ class BudgetSchedule:
 
     ThinkPrune (Hou et al. 2025, arXiv 2504.01296, "iterative length pruning") trains in rounds, each with a
     tighter token limit; "Train Long, Think Short" (Hammoud et al. 2025, arXiv 2508.08940, its exponential decay
-    schedule, as the issue writes it) uses B(t) = max(1, B0 gamma^floor(t/T)). Trainer steps count from 1, so
+    schedule) uses B(t) = max(1, B0 gamma^floor(t/T)). Trainer steps count from 1, so
     t - 1 takes the place of t: the first T steps keep B0. ``B`` is the budget the prompt
     has without a schedule (the penalty's ``length_budget``, or its DA-DLER / DRQA budget), so a schedule
     scales every per-prompt budget by the same factor and keeps their ratios; ``min_budget`` is the floor.
