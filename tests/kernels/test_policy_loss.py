@@ -462,6 +462,25 @@ def test_no_recompilation_for_a_new_number_of_tokens():
 
 # Compiled for sm_90 without a GPU (the kernel's own warmup under dler_kernels.aot_check's stand-in driver fills
 # the same JITFunction cache a launch does), in a subprocess: this suite's TRITON_INTERPRET=1 would interpret.
+
+
+def compiled_variant_counts(script: str, cache_dir) -> str:
+    """The last line ``script`` prints (its list of compiled-variant counts), run without TRITON_INTERPRET and with
+    a fresh Triton cache in ``cache_dir``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(cache_dir))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split("\n")[-2]
+
+
 RECOMPILATION_SCRIPT = """
 import torch
 from dler_kernels import aot_check
@@ -486,19 +505,8 @@ print(counts)
 
 @pytest.mark.skipif(not dler_kernels.HAS_TRITON, reason="triton is not installed")
 def test_no_recompilation_for_a_new_number_of_tokens_compiled_for_sm90_without_a_gpu(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", RECOMPILATION_SCRIPT], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
     # One variant for every number of tokens; a new dtype is a second (the counter counts compiled kernels).
-    assert proc.stdout.split("\n")[-2] == "[1, 1, 1, 2]", proc.stdout
+    assert compiled_variant_counts(RECOMPILATION_SCRIPT, tmp_path) == "[1, 1, 1, 2]"
 
 
 FLOAT_OPTIONS_SCRIPT = """
@@ -536,18 +544,7 @@ def test_no_recompilation_for_new_float_options_compiled_for_sm90_without_a_gpu(
     are runtime arguments of the fused kernel, not constexprs (Liger's GRPO kernel recompiles for each new value):
     one compiled variant per objective (its OBJECTIVE constexpr) for three sets of them. The sequence-level
     objectives' parameters never reach a kernel (they run on [N] vectors in torch)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", FLOAT_OPTIONS_SCRIPT], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[-2] == "[1, 1, 1, 2, 2, 2, 3, 3, 3]", proc.stdout
+    assert compiled_variant_counts(FLOAT_OPTIONS_SCRIPT, tmp_path) == "[1, 1, 1, 2, 2, 2, 3, 3, 3]"
 
 
 def test_compiled_variants_reads_the_cache_layouts_of_triton_3_and_older():
