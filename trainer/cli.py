@@ -242,6 +242,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
 
     from .commands import study
     from .commands.study_report import BASELINE, write_report
+    from .devices import host_line
 
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
@@ -271,6 +272,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
         "seeds": ", ".join(map(str, args.seeds)),
         "runs": len(runs),
         "wall time of the runs": f"{wall / 60:.1f} min ({wall / len(runs):.0f} s per run)",
+        "machine": host_line(),
     }
     for note in write_report(out, summaries, header, args.baseline or BASELINE):
         print(note)

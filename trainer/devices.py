@@ -7,7 +7,44 @@ in for a device that has it.
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what ``platform`` knows)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def host() -> dict[str, object]:
+    """The machine a result was measured on, for the records that keep it (summary.json, study.json). The same seed
+    gives other numbers on another CPU model: torch's CPU kernels take other code paths per instruction set
+    (``isa``), so the warm start of the demo, and every run from it, differ in their last bits and then more."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def host_line() -> str:
+    """``host()`` in one line, for a report's header."""
+    h = host()
+    gpu = f", GPU {h['gpu']}" if h["gpu"] else ", no GPU"
+    return f"{h['cpu']}, {h['cores']} cores ({h['isa']}){gpu}; torch {h['torch']}, Python {h['python']}"
 
 
 def has_caching_allocator(device: torch.device) -> bool:

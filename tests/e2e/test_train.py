@@ -13,6 +13,7 @@ import torch
 
 from trainer import cli
 from trainer.config import load_config
+from trainer.devices import host
 from trainer.fsutil import UserError
 from trainer.run.run_log import METRICS_FILE, before_after_table
 from trainer.train import Trainer, load_run_config, train
@@ -103,6 +104,7 @@ def test_stop_and_resume_equals_straight_run(demo_model, tmp_path, monkeypatch):
     # the before/after evaluation survives the stop: the resumed run reports both
     assert summary["before"] == json.loads((straight / "summary.json").read_text())["before"]
     assert "after" in summary
+    assert summary["machine"] == host()  # summary.json names the machine (its CPU model, ISA, torch)
 
 
 def test_budget_schedule_resumes_where_it_was(demo_model, tmp_path, monkeypatch):

@@ -4,9 +4,24 @@ backends. Each is checked for the CPU and for a CUDA device (the decisions need 
 import pytest
 import torch
 
-from trainer.devices import can_pin_host_memory, has_caching_allocator, release_cached_memory, synchronize
+from trainer.devices import (
+    can_pin_host_memory,
+    cpu_model,
+    has_caching_allocator,
+    host,
+    host_line,
+    release_cached_memory,
+    synchronize,
+)
 from trainer.dist.distributed_env import process_group_backend
 from trainer.fsutil import UserError
+
+
+def test_the_host_names_its_cpu_model_isa_and_torch():
+    h = host()
+    assert h["cpu"] == cpu_model() and h["cpu"].strip() and h["cores"] >= 1
+    assert h["isa"] == torch.backends.cpu.get_cpu_capability() and h["torch"] == torch.__version__
+    assert h["cpu"] in host_line() and h["torch"] in host_line()
 
 
 def test_the_cpu_has_no_caching_allocator_to_release():

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..config import TrainConfig
+from ..devices import host
 from ..fsutil import UserError, atomic_file, save_figure
 
 CONFIG_FILE = "config.yaml"
@@ -117,7 +118,8 @@ class RunLog:
     def finish(self, step: int, finished: bool, history: dict[str, Any]) -> dict[str, Any]:
         """The run's summary (written to summary.json with the curves, and printed as a table)."""
         records = read_metrics(self.out / METRICS_FILE) if self.is_main else []
-        summary: dict[str, Any] = {"out": str(self.out), "steps": step, "finished": finished, **history}
+        summary: dict[str, Any] = {"out": str(self.out), "steps": step, "finished": finished, "machine": host(),
+                                   **history}  # fmt: skip
         if records:
             first, last = records[0], records[-1]
             summary["training"] = {

@@ -33,6 +33,7 @@ from trainer.commands.study_report import (
     sign_test,
     warm_start,
 )
+from trainer.devices import host_line
 from trainer.fsutil import UserError
 
 REPO = Path(__file__).parents[3]
@@ -242,6 +243,7 @@ def test_smoke_study_writes_its_tables_and_a_rerun_skips_finished_runs(demo_mode
         ("dler", "truncation", 1),
     ]
     assert data["warm_start"]["runs"] == 2 and data["header"]["steps per run"] == 2
+    assert data["header"]["machine"] == host_line()  # the CPU model: another one gives another warm start
     assert [(p["recipe"], p["penalty"], p["pairs"]) for p in data["paired"]] == [("dler", "truncation", 1)]
     table = (out / "study.md").read_text()
     assert "| grpo | truncation | 1 |" in table and "| dler | truncation | 1 |" in table
