@@ -36,7 +36,17 @@ TRAINER_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("trainer.config",)),
     ("rollout", ("trainer.rollout",)),
     ("reward | data | model files", ("trainer.reward", "trainer.data", "trainer.model_files")),
-    ("leaves", ("trainer.seeds", "trainer.progress", "trainer.devices", "trainer.chunking", "trainer.storage_errors")),
+    (
+        "leaves",
+        (
+            "trainer.seeds",
+            "trainer.progress",
+            "trainer.devices",
+            "trainer.chunking",
+            "trainer.storage_errors",
+            "trainer.signals",
+        ),
+    ),
     ("fsutil", ("trainer.fsutil", "trainer")),
     ("kernels", ("dler_kernels",)),
 )

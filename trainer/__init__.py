@@ -21,5 +21,6 @@ progress.py          progress bars of long phases (one summary line off a termin
 devices.py           what the compute device can do, asked of torch
 chunking.py          grouping items in order under a size limit (micro-batches, weight buckets, shards)
 storage_errors.py    file-system failures translated into one-line UserErrors
+signals.py           catching SIGINT / SIGTERM for a while (a run's and a study's stop requests)
 fsutil.py            writing outputs safely (whole or not at all), the output-folder check, UserError
 """

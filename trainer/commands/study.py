@@ -33,13 +33,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..fsutil import FolderLock, UserError, atomic_file, check_output, mark_owner, owner
+from ..signals import CatchStopSignals
 
 OVERRIDES_FILE = "overrides.json"  # the --set overrides every run of the study was made with
 SUMMARY_FILE = "summary.json"  # trainer.run.run_log's, not imported: `dler --help` builds this command's parser
@@ -172,27 +172,17 @@ class Interrupted(Exception):
     """The study stopped on SIGINT or SIGTERM; the message says where the run it was running stands."""
 
 
-class StopSignals:
+class StopSignals(CatchStopSignals):
     """While active (a context manager, in the main thread), SIGINT and SIGTERM are counted instead of ending
     the study: the study passes each one on to its running child (:func:`run_one`) and stops before starting
     another run."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.requested = 0
-        self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested += 1  # all a handler does: the study's wait loop passes it on
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run_one(

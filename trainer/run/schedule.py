@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 
 from ..config import TrainConfig
 from ..dist import collective
+from ..signals import CatchStopSignals
 from ..update.optim import weight_norm
 
 # How far (as a factor, either way) the weights' norm may move from the start's before a step counts as diverged
@@ -41,12 +41,12 @@ from ..update.optim import weight_norm
 WEIGHT_NORM_FACTOR = 10.0
 
 
-class StopRequest:
+class StopRequest(CatchStopSignals):
     """SIGINT / SIGTERM set a flag checked after each step; a second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.requested = False
-        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -57,16 +57,6 @@ class StopRequest:
             "press Ctrl-C again to interrupt at once",
             flush=True,
         )
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
