@@ -27,15 +27,11 @@ def objective_terms(logp, entropy, data: TokenData, options: LossOptions, weight
     with torch.enable_grad():
         lp = logp.detach().requires_grad_(want_grad)
         ent = entropy.detach().requires_grad_(want_grad)
-        per_token, kl = ref.per_token_loss_from_logprobs(
-            lp, ent, data.old_logprobs, data.advantages, data.valid, ref_logprobs=data.ref_logprobs,
-            seq_ids=data.seq_ids, **options.per_token(),
-        )  # fmt: skip
+        loss, per_token, _, _, kl = objective_loss(lp, ent, data, options, weights)
         dlogp = dent = None
         if want_grad:
-            loss = (per_token * weights.to(per_token.dtype)).sum()
             dlogp, dent = torch.autograd.grad(loss, (lp, ent), allow_unused=True, materialize_grads=True)
-    return per_token.detach(), None if kl is None else kl.detach(), dlogp, dent
+    return per_token, kl, dlogp, dent
 
 
 def row_statistics(backend, z, targets, valid, temperature, dtype):
@@ -75,9 +71,9 @@ class RowLogprobs(torch.autograd.Function):
 
 def objective_loss(logp, entropy, data: TokenData, options: LossOptions, weights):
     """``(loss, per_token, logp, entropy, kl)`` of the objective on differentiable log-probs and entropies, all but
-    the loss detached: the two-pass paths while torch.compile traces, whose graph cannot hold the eager paths'
-    torch.autograd.grad inside a forward, so autograd chains the objective's backward into the log-probs' own
-    (``RowLogprobs``; ``linear_policy_loss``'s differentiable log-probs)."""
+    the loss detached. The eager two-pass paths differentiate the loss inside their forward (``objective_terms``);
+    while torch.compile traces, whose graph cannot hold that torch.autograd.grad, autograd chains the objective's
+    backward into the log-probs' own (``RowLogprobs``; ``linear_policy_loss``'s differentiable log-probs)."""
     per_token, kl = ref.per_token_loss_from_logprobs(
         logp, entropy, data.old_logprobs, data.advantages, data.valid, ref_logprobs=data.ref_logprobs,
         seq_ids=data.seq_ids, **options.per_token(),
