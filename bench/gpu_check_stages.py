@@ -453,7 +453,8 @@ def train_smoke(ctx: StageContext, cuda: bool, timeout: float) -> None:
     machine), the fused LM-head path (the default), FSDP2 on one process; the loop calls the engine's
     sleep / wake_up around every update. The transformers engine reports that it cannot sleep (its calls are
     no-ops that check their tags): the report's note says so, from the engine's own ``can_sleep``."""
-    from trainer.models.demo import WarmStartConfig, warm_start
+    from trainer.models.demo import WarmStartConfig
+    from trainer.models.warm_start import warm_start
 
     start = time.perf_counter()
     model = warm_start(WarmStartConfig(**DEMO_MODEL), out=ctx.out / "work" / "demo-model", progress=False)

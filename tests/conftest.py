@@ -56,7 +56,8 @@ def tiny_qwen2_dir(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
     """The demo's policy at toy size: a few SFT batches on verbose chains (seconds, not minutes)."""
-    from trainer.models.demo import WarmStartConfig, warm_start
+    from trainer.models.demo import WarmStartConfig
+    from trainer.models.warm_start import warm_start
 
     cfg = WarmStartConfig(
         examples=96,

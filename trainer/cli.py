@@ -220,14 +220,16 @@ def _cmd_study(args: argparse.Namespace) -> int:
     bad = [item for item in args.set if "=" not in item]
     if bad:
         raise UserError(f"--set takes key=value (a dler train override), got {bad[0]!r}")
-    runs = study.plan(args.recipes, args.penalties, args.seeds, args.steps)
+    runs = study.plan(args.recipes, args.penalties, args.seeds, args.steps, args.warm_starts, args.set)
     if args.baseline is not None and args.baseline not in args.recipes:
         raise UserError(f"--baseline {args.baseline} is not one of --recipes ({', '.join(args.recipes)})")
     out = args.out.expanduser().absolute()
     with study.claim_folder(out):
         print(f"dler study: {len(runs)} runs into {out} (one at a time; logs in {out / 'logs'})", flush=True)
+        say = lambda line: print(line, flush=True)  # noqa: E731
+        study.build_warm_starts(study.warm_starts_to_build(out, runs, args.set), say=say)  # before the runs' clocks
         try:
-            timings = study.run_study(out, runs, args.set, say=lambda line: print(line, flush=True))
+            timings = study.run_study(out, runs, args.set, say=say)
         except study.Interrupted as e:
             print(f"dler study: interrupted: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -247,7 +249,10 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
     summaries: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
         summary = study.finished_summary(out / "runs" / run.name)
-        summaries.setdefault((run.recipe, run.penalty), []).append({**summary, "seed": run.seed})  # pairs by seed
+        # the pairs with the baseline are made by (warm start, seed)
+        summaries.setdefault((run.recipe, run.penalty), []).append(
+            {**summary, "seed": run.seed, "warm_start": run.warm_start}
+        )
     wall = sum(timings.get(run.name, 0.0) for run in runs)
     header = {
         "command": shlex.join(
@@ -262,6 +267,8 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
                 ",".join(args.penalties),
                 "--seeds",
                 ",".join(map(str, args.seeds)),
+                "--warm-starts",
+                ",".join(map(str, args.warm_starts)),
                 "--steps",
                 str(args.steps),
             ]
@@ -270,6 +277,7 @@ def _study_report(args: argparse.Namespace, out: Path, runs: list, timings: dict
         ),  # fmt: skip
         "steps per run": args.steps,
         "seeds": ", ".join(map(str, args.seeds)),
+        "warm starts": ", ".join(map(str, args.warm_starts)) + " (SFT seeds: demo-verbose-arith?seed=W)",
         "runs": len(runs),
         "wall time of the runs": f"{wall / 60:.1f} min ({wall / len(runs):.0f} s per run)",
         "machine": host_line(),
@@ -465,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_drqa_data)
 
-    from .commands.study import DEFAULT_SEEDS, DEFAULT_STEPS, PENALTIES, RECIPES
+    from .commands.study import DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_WARM_STARTS, PENALTIES, RECIPES
 
     p = sub.add_parser(
         "study",
@@ -490,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--penalties", type=_name_list, default=list(PENALTIES), help=f"comma-separated of {','.join(PENALTIES)}"
     )
     p.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS), help="comma-separated run seeds (0,1,2)")
+    p.add_argument(
+        "--warm-starts", type=_int_list, default=list(DEFAULT_WARM_STARTS),
+        help="comma-separated SFT seeds of the warm starts the runs start from (default 0, the demo's); each is "
+        "built once and cached",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps per run ({DEFAULT_STEPS})")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a dler train override for every run"

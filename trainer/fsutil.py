@@ -12,7 +12,8 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -110,6 +111,48 @@ class FolderLock:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: Path, *, timeout_s: float, what: str, say: Callable[[str], None] | None = None, poll_s: float = 0.5
+) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on the file ``path`` while the block runs, waiting for another process
+    that holds it for up to ``timeout_s`` seconds (then a UserError naming the holder). The kernel drops a lock
+    when its process ends, however it ends, so only a live holder is waited for. ``what``: what the lock guards,
+    for the messages; ``say`` is told once that this process waits, and for whom. On a file system without locks
+    the block runs unlocked. The file stays behind, unlinked never (a removal would race a waiter's open)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        deadline, told, locked = time.monotonic() + timeout_s, False, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except OSError as e:
+                if e.errno in _NO_LOCKS:
+                    break
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "its pid not written yet"
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"{what}: another process ({holder}) still holds {path} after {timeout_s:.0f} s; wait for it "
+                    "to end or stop it"
+                )
+            if not told and say is not None:
+                say(f"{what}: another process ({holder}) is on it; waiting for it (up to {timeout_s:.0f} s)")
+                told = True
+            time.sleep(poll_s)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ output folders

@@ -21,6 +21,18 @@ def test_off_a_terminal_a_phase_prints_one_summary_line_with_its_count_and_last_
     assert lines[0].startswith("warm start (SFT): 400 batches in ") and lines[0].endswith(" s, loss 0.003")
 
 
+def test_a_heartbeat_prints_where_a_long_phase_stands_off_a_terminal_with_its_eta():
+    log = io.StringIO()
+    bar = progress(range(4), desc="warm start (SFT)", unit="batch", stream=log, heartbeat_s=0.0)
+    for _ in bar:
+        bar.set_postfix(loss="0.500")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 5  # one per batch (a heartbeat of 0 s), then the summary
+    assert lines[0].startswith("warm start (SFT): 1/4 batches, ") and ", ETA " in lines[0]
+    assert lines[3].startswith("warm start (SFT): 4/4 batches, ") and lines[3].endswith(", ETA 0 s, loss 0.500")
+    assert lines[4].startswith("warm start (SFT): 4 batches in ")
+
+
 def test_a_counted_phase_reports_the_work_done_since_its_start_and_closes_once():
     log = io.StringIO()
     bar = progress(total=10, initial=4, desc="dler train", unit="step", stream=log)

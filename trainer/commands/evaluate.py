@@ -112,12 +112,12 @@ class ModelSpec:
 def parse_model(spec: str) -> ModelSpec:
     """``NAME=DIR``, a folder, a ``dler train`` checkpoint (its ``model/`` folder, named after the checkpoint),
     or an alias (``smollm2``, ``tiny-llama``); checked before any work starts."""
-    from ..models.resolve import MODEL_ALIASES, resolve_model
+    from ..models.resolve import is_alias, resolve_model
 
     name, eq, rest = spec.partition("=")
     if not (eq and name and "/" not in name):
         name, rest = "", spec
-    if rest not in MODEL_ALIASES:
+    if not is_alias(rest):
         path = Path(rest).expanduser()
         if not path.is_dir():
             raise UserError(f"model folder {path} not found (from --model {spec!r})")
@@ -132,7 +132,7 @@ def parse_model(spec: str) -> ModelSpec:
         check_safetensors_folder(path)  # safetensors only, whole: refused here, not in the engine's process
         check_tokenizer(path)
     path = resolve_model(rest)
-    return ModelSpec(name or (rest if rest in MODEL_ALIASES else path.name), path)
+    return ModelSpec(name or (rest if is_alias(rest) else path.name), path)
 
 
 # ------------------------------------------------------------------------------------------ the command

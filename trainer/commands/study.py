@@ -1,13 +1,19 @@
 """``dler study``: a seeded comparison of length penalties under the GRPO and DLER recipes on the CPU demo.
 
 Every run is one ``dler train`` of the demo (``toy-cpu`` for DLER, ``toy-cpu-grpo`` for GRPO) with one
-penalty's overrides, a seed and a step count, in its own run folder ``OUT/runs/RECIPE-PENALTY-seedS-Nsteps``;
-its held-out before/after evaluation is the measurement. Runs go one at a time (the machine has two cores),
-seed by seed, so an interrupted study already covers every cell at the first seeds. A run whose
-``summary.json`` is whole and finished is not run again; one that stopped part-way is resumed from its
-checkpoint (or, before its first checkpoint, started over by ``dler train`` itself). The engine's and the
-trainer's output go to ``OUT/logs/NAME.log``; the console gets one line per run. The tables and the plot
-are :mod:`trainer.commands.study_report`'s.
+penalty's overrides, a warm start, a seed and a step count, in its own run folder
+``OUT/runs/RECIPE-PENALTY[-warmW]-seedS-Nsteps``; its held-out before/after evaluation is the measurement.
+Runs go one at a time (the machine has two cores), seed by seed, so an interrupted study already covers every
+cell at the first seeds. A run whose ``summary.json`` is whole and finished is not run again; one that stopped
+part-way is resumed from its checkpoint (or, before its first checkpoint, started over by ``dler train``
+itself). The engine's and the trainer's output go to ``OUT/logs/NAME.log``; the console gets one line per run.
+The tables and the plots are :mod:`trainer.commands.study_report`'s.
+
+**Warm starts.** The seed varies the RL run; the warm start it starts from is another source of spread, and the
+one a machine varies (another CPU model builds another warm start from the same seed). ``--warm-starts`` names
+the SFT seeds of the warm starts the runs start from (``demo-verbose-arith?seed=W``,
+:mod:`trainer.models.warm_start`; default 0 alone, the demo's). Each is built once, before the runs that need it,
+and cached; warm start 0's runs keep the names they had before the axis existed, so earlier studies continue.
 
 **The folder.** ``--out`` follows the output rule of every dler command (``fsutil.check_output``): a new or
 empty folder becomes a study (its ``.dler-run`` marker says ``study``), a study's folder is continued, and any
@@ -102,24 +108,38 @@ DEFAULT_STEPS = 30
 DEFAULT_SEEDS = (0, 1, 2)
 
 
+DEFAULT_WARM_STARTS = (0,)
+DEMO_MODEL = "demo-verbose-arith"  # the demo presets' model.path; DEMO_MODEL?seed=W is warm start W
+
+
 @dataclass(frozen=True)
 class Run:
-    """One cell at one seed."""
+    """One cell at one warm start and one seed."""
 
     recipe: str
     penalty: str
     seed: int
     steps: int
+    warm_start: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.recipe}-{self.penalty}-seed{self.seed}-{self.steps}steps"
+        warm = f"-warm{self.warm_start}" if self.warm_start else ""  # warm start 0: the names from before the axis
+        return f"{self.recipe}-{self.penalty}{warm}-seed{self.seed}-{self.steps}steps"
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """What a run shares with the other recipes' runs it is paired with: its warm start and seed (the same
+        policy before training, the same evaluation questions and sampling seed)."""
+        return self.warm_start, self.seed
 
     def command(self, out: Path, extra: Sequence[str], train: Sequence[str] | None = None) -> list[str]:
         """The ``dler train`` command line of a fresh start (``extra``: the user's overrides, last; ``train``: the
         command that is ``dler train``, default :data:`TRAIN_COMMAND`)."""
         preset, recipe_overrides = recipe_preset(self.recipe)
         overrides = [f"run.out={out}", f"run.seed={self.seed}", f"run.steps={self.steps}", *recipe_overrides]
+        if self.warm_start:
+            overrides.append(f"model.path={DEMO_MODEL}?seed={self.warm_start}")
         overrides += penalty_overrides(self.penalty, self.steps) + list(extra)
         return [*(train or TRAIN_COMMAND), preset, *overrides, "--no-progress"]
 
@@ -144,18 +164,36 @@ def recipe_preset(recipe: str) -> tuple[str, list[str]]:
     return RECIPES[base], [f"algorithm.objective={objective}", "algorithm.eps_low=null", "algorithm.eps_high=null"]
 
 
-def plan(recipes: Sequence[str], penalties: Sequence[str], seeds: Sequence[int], steps: int) -> list[Run]:
-    """Every run of the study, seed by seed (all cells at the first seed first)."""
+def plan(
+    recipes: Sequence[str], penalties: Sequence[str], seeds: Sequence[int], steps: int,
+    warm_starts: Sequence[int] = DEFAULT_WARM_STARTS, extra: Sequence[str] = (),
+) -> list[Run]:  # fmt: skip
+    """Every run of the study, seed by seed and within a seed warm start by warm start (all cells at the first
+    seed first). ``extra``: the user's overrides, which may not set the model of a study over warm starts."""
+    if any(w < 0 for w in warm_starts):
+        raise UserError(f"--warm-starts are SFT seeds, >= 0; got {', '.join(map(str, warm_starts))}")
+    model_set = _sets_model(extra)
+    if model_set and list(warm_starts) != [0]:
+        raise UserError(
+            f"--warm-starts sets each run's model.path ({DEMO_MODEL}?seed=W); it cannot be combined with --set "
+            f"{model_set[0]}"
+        )
     for recipe in recipes:
         recipe_preset(recipe)  # names an unknown recipe or objective
     for penalty in penalties:
         penalty_overrides(penalty, steps)  # names the unknown one
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-    if not (recipes and penalties and seeds):
-        raise UserError("the study needs at least one recipe, one penalty and one seed")
+    if not (recipes and penalties and seeds and warm_starts):
+        raise UserError("the study needs at least one recipe, one penalty, one seed and one warm start")
     once = dict.fromkeys  # a name given twice would be averaged twice: each counts once, in its first place
-    return [Run(r, p, s, steps) for s in once(seeds) for r in once(recipes) for p in once(penalties)]
+    return [
+        Run(r, p, s, steps, w)
+        for s in once(seeds)
+        for w in once(warm_starts)
+        for r in once(recipes)
+        for p in once(penalties)
+    ]
 
 
 def finished_summary(run_dir: Path) -> dict | None:
@@ -279,6 +317,29 @@ def _interrupted(run: Run, run_dir: Path, code: int, killed: bool, timeout: floa
     return f"{how}; run the same command again to resume the study ({where})"
 
 
+def _sets_model(extra: Sequence[str]) -> list[str]:
+    return [item for item in extra if item.split("=", 1)[0].strip() == "model.path"]
+
+
+def warm_starts_to_build(out: Path, runs: Sequence[Run], extra: Sequence[str] = ()) -> list[int]:
+    """The warm starts that the unfinished runs of ``runs`` start from, in their order; none when ``extra`` sets
+    the model (the runs start from the user's)."""
+    if _sets_model(extra):
+        return []
+    return list(dict.fromkeys(r.warm_start for r in runs if finished_summary(out / "runs" / r.name) is None))
+
+
+def build_warm_starts(warm_starts: Sequence[int], say: Callable[[str], None] = print) -> None:
+    """Build (or find in the cache) each warm start, before the runs, so that a run's time is its own. A stop
+    (SIGINT, SIGTERM) saves the build's state and raises KeyboardInterrupt; the next study resumes the build."""
+    from ..models.demo import WarmStartConfig
+    from ..models.warm_start import warm_start
+
+    for w in warm_starts:
+        folder = warm_start(WarmStartConfig(seed=w), progress=True, say=say)
+        say(f"warm start {w}: {folder.name}")
+
+
 def check_overrides(out: Path, extra: Sequence[str]) -> None:
     """Record the study's ``--set`` overrides in OUT/overrides.json, or refuse ones that differ from those its
     runs were made with: run names do not carry them, so a finished run would be reused under a setting it
@@ -297,7 +358,7 @@ def check_overrides(out: Path, extra: Sequence[str]) -> None:
 
 
 # The name of a run's log and run folder (Run.name), by which a study from before the marker is recognised.
-_RUN_NAME = re.compile(r"[a-z]+-[a-z0-9_]+-seed-?\d+-\d+steps")
+_RUN_NAME = re.compile(r"[a-z]+-[a-z0-9_]+(-warm\d+)?-seed-?\d+-\d+steps")
 
 
 @contextlib.contextmanager
@@ -347,9 +408,11 @@ def run_study(
     check_overrides(out, extra)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text(encoding="utf-8")) if timings_file.is_file() else {}
+    show_warm = any(run.warm_start for run in runs)
     with StopSignals() as stop:
         for i, run in enumerate(runs, start=1):
-            prefix = f"[{i}/{len(runs)}] {run.recipe} {run.penalty} seed {run.seed}"
+            warm = f" warm start {run.warm_start}" if show_warm else ""
+            prefix = f"[{i}/{len(runs)}] {run.recipe} {run.penalty}{warm} seed {run.seed}"
             summary = finished_summary(out / "runs" / run.name)
             if summary is None:
                 if stop.requested:

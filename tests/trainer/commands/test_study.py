@@ -92,8 +92,13 @@ def test_bad_study_arguments_are_named():
         plan(["dler"], ["short"], [0], 5)
     with pytest.raises(UserError, match="--steps must be >= 1"):
         plan(["dler"], ["truncation"], [0], 0)
-    with pytest.raises(UserError, match="at least one recipe, one penalty and one seed"):
+    with pytest.raises(UserError, match="at least one recipe, one penalty, one seed and one warm start"):
         plan(["dler"], ["truncation"], [], 5)
+    with pytest.raises(UserError, match="--warm-starts are SFT seeds, >= 0"):
+        plan(["dler"], ["truncation"], [0], 5, warm_starts=[-1])
+    with pytest.raises(UserError, match=r"--warm-starts sets each run's model.path .* --set model.path=m"):
+        plan(["dler"], ["truncation"], [0], 5, warm_starts=[0, 1], extra=["model.path=m"])
+    assert len(plan(["dler"], ["truncation"], [0], 5, extra=["model.path=m"])) == 1  # warm start 0: the user's
 
 
 def test_cell_statistics_are_mean_and_sample_std_over_seeds():
@@ -186,8 +191,8 @@ def test_the_pooled_difference_is_also_tested_with_the_seed_as_the_unit():
     table = markdown([], None, {}, paired_table(_study([[4, 6, 2], [1, 2, 3], [1, -5, -2]])))
     assert "| dler | 3 | +4.0 (seed 0), +2.0 (seed 1), -2.0 (seed 2) | 2 / 1 | 1.00 | 0.75 |" in table
     assert "- pooled sign test (the table above): every (penalty, seed) pair independent" in table
-    assert "- sign test over seeds: the seeds independent" in table
-    assert "- seed-blocked permutation test (of the pooled mean difference): the seeds independent" in table
+    assert "- sign test over blocks: the blocks (seed) independent" in table
+    assert "- permutation test blocked by seed (of the pooled mean difference): the blocks independent" in table
     # the per-penalty rows are unchanged and carry no seed tests (one pair per seed there)
     assert all("by_seed" not in r for r in paired_table(_study([[4, 6, 2]])) if r["penalty"] is not None)
 
@@ -301,6 +306,8 @@ import json, sys
 from trainer import cli
 from trainer.commands import study
 study.TRAIN_COMMAND = tuple(json.loads(sys.argv[1]))
+# the stand-in needs no warm start: say which the study would build (seconds to minutes each) instead
+study.build_warm_starts = lambda warm_starts, say=print: say(f"warm starts to build: {list(warm_starts)}")
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -450,3 +457,96 @@ def test_the_objective_axis_is_a_recipe_with_another_objective_paired_with_its_o
     assert (row["recipe"], row["pairs"]) == ("dler+gspo", 2)
     assert row["accuracy_difference"]["mean"] == pytest.approx(0.015, abs=1e-12)
     assert "## Paired with dler at the same penalty and seed" in markdown([], None, {}, [row], baseline="dler")
+
+
+# ------------------------------------------------------------------------------------------- the warm-start axis
+
+
+def test_warm_starts_are_an_axis_of_the_plan_with_their_own_model_and_names():
+    runs = plan(["grpo", "dler"], ["truncation"], [0, 1], steps=80, warm_starts=[0, 2])
+    assert [(r.seed, r.warm_start, r.recipe) for r in runs] == [
+        (s, w, r) for s in (0, 1) for w in (0, 2) for r in ("grpo", "dler")
+    ]  # seed by seed, and within a seed every warm start
+    assert runs[0].name == "grpo-truncation-seed0-80steps"  # warm start 0 keeps the names from before the axis
+    assert runs[2].name == "grpo-truncation-warm2-seed0-80steps" and runs[2].block == (2, 0)
+    assert not any(a.startswith("model.path=") for a in runs[0].command(Path("OUT"), []))
+    command = runs[2].command(Path("OUT"), ["eval.limit=4"], train=["dler", "train"])
+    assert "model.path=demo-verbose-arith?seed=2" in command and command.index("eval.limit=4") > command.index(
+        "model.path=demo-verbose-arith?seed=2"
+    )
+    from trainer.config import load_config
+
+    assert load_config("toy-cpu", command[3:-1]).model.path == "demo-verbose-arith?seed=2"
+
+
+def _warm_study(before, after):
+    """{(recipe, "truncation"): runs} over warm starts 0, 1 and seeds 0, 1: before[w] and after[recipe][w][s]."""
+    return {
+        (recipe, "truncation"): [
+            {**summary(before[w], after[recipe][w][s], 130, 30, seed=s), "warm_start": w}
+            for w in (0, 1)
+            for s in (0, 1)
+        ]
+        for recipe in ("grpo", "dler")
+    }
+
+
+def test_with_warm_starts_runs_pair_by_warm_start_and_seed_and_the_report_has_each_warm_start(tmp_path):
+    from trainer.commands.study_report import write_report
+
+    # warm start 1 starts lower (70%) and both recipes gain there; warm start 0 starts at 80% and both lose
+    summaries = _warm_study(
+        before=[0.8, 0.7],
+        after={"grpo": [[0.72, 0.70], [0.74, 0.76]], "dler": [[0.78, 0.75], [0.73, 0.80]]},
+    )
+    (pair,) = paired_table(summaries)
+    # pairs by (warm start, seed): +6, +5, -1, +4 pt; paired across warm starts they would differ
+    assert pair["pairs"] == 4 and (pair["ahead"], pair["behind"]) == (3, 1)
+    assert pair["accuracy_difference"]["mean"] == pytest.approx(0.035, abs=1e-12)
+    notes = write_report(tmp_path, summaries, {"warm starts": "0, 1"})
+    assert notes == []
+    data = json.loads((tmp_path / "study.json").read_text())
+    rows = {(r["recipe"], r["warm_start"]): r for r in data["per_warm_start"]}
+    assert rows["dler", 1]["accuracy_change"]["mean"] == pytest.approx(0.065, abs=1e-12)  # (0.03 + 0.10) / 2
+    assert rows["grpo", 0]["accuracy_change"]["mean"] == pytest.approx(-0.09, abs=1e-12)
+    assert data["cells"][0]["per_run"]["warm_start"] == [0, 0, 1, 1]
+    table = (tmp_path / "study.md").read_text()
+    assert (
+        "## Per warm start" in table
+        and "| dler | truncation | 1 | 2 | 70.0% | 76.5% | +6.5 ± 4.9 | 130.0 -> 30.0 |" in table
+    )
+    assert "## Paired with grpo at the same penalty and warm start and seed" in table
+    assert (tmp_path / "warm_starts.png").stat().st_size > 0 and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_one_warm_start_leaves_the_report_as_it_was(tmp_path):
+    from trainer.commands.study_report import write_report
+
+    runs = {
+        ("dler", "alp"): [summary(0.8, 0.7, 100, 30, seed=0)],
+        ("grpo", "alp"): [summary(0.8, 0.6, 100, 30, seed=0)],
+    }
+    write_report(tmp_path, runs, {})
+    table = (tmp_path / "study.md").read_text()
+    assert "Per warm start" not in table and "## Paired with grpo at the same penalty and seed" in table
+    assert not (tmp_path / "warm_starts.png").exists()
+
+
+def test_a_study_over_warm_starts_builds_each_once_and_runs_from_it(tmp_path):
+    out = tmp_path / "study"
+    args = ["study", "--out", str(out), "--recipes", "grpo,dler", "--penalties", "truncation", "--seeds", "0"]
+    args += ["--warm-starts", "0,1", "--steps", "1"]
+    command = [sys.executable, "-c", STUDY_WITH_FAKE_TRAIN, json.dumps(FAKE_TRAIN), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_TRAIN": "finish"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "warm starts to build: [0, 1]" in first.stdout
+    assert "[3/4] grpo truncation warm start 1 seed 0" in first.stdout
+    (fresh,) = _argv(out / "runs" / "dler-truncation-warm1-seed0-1steps")
+    assert "model.path=demo-verbose-arith?seed=1" in fresh
+    data = json.loads((out / "study.json").read_text())
+    assert [r["warm_start"] for r in data["per_warm_start"]] == [0, 1, 0, 1]
+    assert data["header"]["warm starts"].startswith("0, 1")
+    assert "--warm-starts 0,1" in data["header"]["command"]
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "warm starts to build: []" in again.stdout  # every run finished
