@@ -12,10 +12,16 @@ Build with ``--no-build-isolation`` so the extension links against the installed
 fresh copy in an isolated build environment:
 
     pip install --no-build-isolation -e .        # or: pip wheel --no-build-isolation .
+
+A build with the extension is for one torch: its version carries a local tag that names it, as
+flash-attention's wheels do (``0.1.0+cu130torch2.11``, ``0.1.0+cputorch2.13``), and it writes
+``dler_kernels/_build_info.py`` (the torch, CUDA and arch list it was built for), which the package reads
+before it loads ``_C``: under another torch it says so in one line instead of an undefined symbol.
 """
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from setuptools import setup
@@ -36,11 +42,37 @@ def _load(name: str):
     return module
 
 
+BUILD_INFO = ROOT / "dler_kernels" / "_build_info.py"
+
+
+def _base_version() -> str:
+    text = (ROOT / "dler_kernels" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M)[1]
+
+
+def local_tag(torch_version: str, cuda_version: str | None) -> str:
+    """``cu130torch2.11`` / ``cputorch2.13``: the CUDA (major and minor, as torch's wheels name it) and the torch
+    (major.minor) a build of the extension is for."""
+    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    device = "cu" + cuda_version.replace(".", "") if cuda_version else "cpu"
+    return f"{device}torch{major_minor}"
+
+
+def _write_build_info(torch_version: str, cuda_version: str | None, arch_list: str | None) -> None:
+    text = (
+        "# Written by setup.py with the extension dler_kernels._C: what it was built for (read before loading it).\n"
+        f"TORCH_VERSION = {torch_version!r}\nCUDA_VERSION = {cuda_version!r}\nCUDA_ARCH_LIST = {arch_list!r}\n"
+    )
+    if not BUILD_INFO.is_file() or BUILD_INFO.read_text(encoding="utf-8") != text:
+        BUILD_INFO.write_text(text, encoding="utf-8")
+
+
 def _extensions():
+    """(ext_modules, cmdclass, the version's local tag or None)."""
     cpu_sources = _sources("*.cpp") + _sources("cpu/*.cpp")
     cuda_sources = _sources("cuda/*.cu")
     if not cpu_sources or os.environ.get("DLER_BUILD_EXT", "1") == "0":
-        return [], {}
+        return [], {}, None
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -74,8 +106,10 @@ def _extensions():
     else:
         cxx_flags = flags.cxx_flags(torch.__version__, sources_hash, with_cuda=False)
         ext = CppExtension("dler_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cuda_version = torch.version.cuda if build_cuda else None
+    _write_build_info(torch.__version__, cuda_version, os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, local_tag(torch.__version__, cuda_version)
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+ext_modules, cmdclass, tag = _extensions()
+setup(version=_base_version() + (f"+{tag}" if tag else ""), ext_modules=ext_modules, cmdclass=cmdclass)

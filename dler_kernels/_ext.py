@@ -13,6 +13,7 @@ the autograd formula of the functional ``dler::policy_loss``.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import warnings
 from pathlib import Path
@@ -36,8 +37,33 @@ def _csrc_dir() -> Path | None:
     return path if (path / "ops.cpp").is_file() else None
 
 
+def _build_info():
+    """What the extension was built for (``_build_info.py``, written by setup.py with it), or None: an extension
+    built before setup.py wrote it, or none at all."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return _build_info
+
+
+def rebuild_hint() -> str:
+    if _csrc_dir() is not None:
+        return REBUILD_HINT
+    return (
+        "install the dler wheel built for this torch, or build one against it with `pip wheel --no-build-isolation "
+        "--no-deps .` from the dler sources (see README, 'Building wheels')"
+    )
+
+
 def _try_load():
     """(module, None) or (None, why not)."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, "not built"
+    info = _build_info()
+    if info is not None and info.TORCH_VERSION != torch.__version__:
+        # Checked before loading: under another torch the library's symbols do not resolve, or worse.
+        return None, f"built for torch {info.TORCH_VERSION}, not this torch {torch.__version__}: not loaded"
     try:
         from . import _C
     except ModuleNotFoundError:
@@ -86,7 +112,7 @@ def warn_fallback(device_type: str) -> None:
     fallback = "the plain-torch reference" if device_type == "cpu" else "Triton / the plain-torch reference"
     warnings.warn(
         f"dler_kernels._C is {_state['why']}; {device_type.upper()} tensors use {fallback}. To use the C++ "
-        f"kernels, {REBUILD_HINT}.",
+        f"kernels, {rebuild_hint()}.",
         RuntimeWarning,
         stacklevel=5,  # the line that called the op: warn_fallback <- dispatch (2) <- the public op <- its caller
     )

@@ -107,12 +107,17 @@ def _check_forced(name: str, tensor: torch.Tensor, source: str, supported) -> No
         elif not tensor.is_cuda and not triton_interpret():
             why = f"{source}=triton with CPU tensors needs TRITON_INTERPRET=1"
     elif name in ("cpu", "cuda"):
-        if tensor.device.type != name:
+        if name == "cuda" and not torch.cuda.is_available():
+            why = (
+                f"{source}=cuda but this machine has no CUDA device (torch {torch.__version__}: "
+                "torch.cuda.is_available() is False)"
+            )
+        elif tensor.device.type != name:
             why = f"{source}={name} runs the extension's {name.upper()} kernels, got {tensor.device} tensors"
         elif _ext.load() is None:
-            why = f"{source}={name} but dler_kernels._C is {_ext.why_not()}; {_ext.REBUILD_HINT}"
+            why = f"{source}={name} but dler_kernels._C is {_ext.why_not()}; {_ext.rebuild_hint()}"
         elif name == "cuda" and not _ext.has_cuda():
-            why = f"{source}=cuda but dler_kernels._C was built without CUDA; {_ext.REBUILD_HINT}"
+            why = f"{source}=cuda but dler_kernels._C was built without CUDA; {_ext.rebuild_hint()}"
     if why is not None:
         raise ValueError(f"{why} ({_backends_here(supported)})")
 
