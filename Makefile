@@ -96,6 +96,48 @@ $(CUDA_TOOLCHAIN_STAMP): | $(STAMP)
 	mv $(CUDA_TOOLCHAIN).tmp $(CUDA_TOOLCHAIN)
 	touch $(CUDA_TOOLCHAIN_STAMP)
 
+# The wheel GPU users install (README "Building wheels"): dler_kernels._C with its CUDA kernels for A100, H100/H200
+# and B200 and compute_100 PTX, built against torch $(WHEEL_TORCH), the registry's CUDA build (CUDA 13.0 and its
+# nvidia-* libraries), with the CUDA 13.0 toolchain of `make cuda-toolchain`. That torch goes once into a venv in the
+# cache outside the repository (4.7 GB); later runs download nothing. The wheel is built from a clean export of the
+# tree (git's files: no in-tree build/ or .so of the CPU build can leak in) into $(WHEEL_CUDA_DIR)/, with ptxas -v in
+# its build.log; tests/kernels/test_wheel_cuda.py inspects and installs it.
+WHEEL_TORCH ?= 2.11.0
+WHEEL_ARCH_LIST ?= 8.0;9.0;10.0+PTX
+CUDA_TORCH_VENV ?= $(HOME)/.cache/dler/venv-torch-$(WHEEL_TORCH)
+CUDA_TORCH_STAMP := $(CUDA_TORCH_VENV)/.dler-installed
+WHEEL_CUDA_DIR ?= dist/cuda
+# torch links the extension with -lcudart from CUDA_HOME/lib64; the registry's runtime wheel ships only the
+# versioned libcudart.so.13. This CUDA_HOME is the toolchain's, plus that one link.
+WHEEL_CUDA_HOME ?= $(HOME)/.cache/dler/cuda-home-$(CUDA_TOOLCHAIN_VERSION)
+.PHONY: cuda-torch wheel-cuda
+cuda-torch: $(CUDA_TORCH_STAMP)
+
+$(CUDA_TORCH_STAMP):
+	@echo "== installing torch $(WHEEL_TORCH) (the registry's CUDA build) into $(CUDA_TORCH_VENV)"
+	rm -rf $(CUDA_TORCH_VENV)
+	$(PYTHON) -m venv $(CUDA_TORCH_VENV)
+	$(CUDA_TORCH_VENV)/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=69" wheel 2>&1 | $(QUIET_PIP)
+	$(CUDA_TORCH_VENV)/bin/python -m pip install -q "torch==$(WHEEL_TORCH)" ninja numpy 2>&1 | $(QUIET_PIP)
+	$(CUDA_TORCH_VENV)/bin/python -c "import torch; assert torch.version.cuda, torch.__version__; print('torch', torch.__version__, '| CUDA', torch.version.cuda)"
+	touch $@
+
+wheel-cuda: cuda-toolchain cuda-torch
+	rm -rf $(WHEEL_CUDA_HOME) && mkdir -p $(WHEEL_CUDA_HOME)/lib64
+	for d in bin include nvvm lib; do ln -s $(CUDA_TOOLCHAIN)/nvidia/cu13/$$d $(WHEEL_CUDA_HOME)/$$d; done
+	ln -s $(CUDA_TOOLCHAIN)/nvidia/cu13/lib/libcudart.so.13 $(WHEEL_CUDA_HOME)/lib64/libcudart.so
+	rm -rf $(WHEEL_CUDA_DIR) && mkdir -p $(WHEEL_CUDA_DIR)/src
+	git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do \
+		if [ -f "$$f" ]; then mkdir -p "$(WHEEL_CUDA_DIR)/src/$$(dirname "$$f")" && cp -p "$$f" "$(WHEEL_CUDA_DIR)/src/$$f"; fi; done
+	@echo "== building the CUDA wheel (TORCH_CUDA_ARCH_LIST=$(WHEEL_ARCH_LIST)) against $$($(CUDA_TORCH_VENV)/bin/python -c 'import torch; print(torch.__version__)')"
+	start=$$(date +%s); cd $(WHEEL_CUDA_DIR)/src && DLER_BUILD_CUDA=1 CUDA_HOME=$(WHEEL_CUDA_HOME) \
+		TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCH_LIST)" NVCC_APPEND_FLAGS="-Xptxas=-v" \
+		$(CUDA_TORCH_VENV)/bin/python -m pip wheel -v --no-deps --no-build-isolation -w .. . > ../build.log 2>&1 \
+		|| { tail -n 40 ../build.log; exit 1; }; \
+		echo "{\"seconds\": $$(( $$(date +%s) - start ))}" > ../build.json
+	rm -rf $(WHEEL_CUDA_DIR)/src
+	ls -l $(WHEEL_CUDA_DIR)/*.whl && cat $(WHEEL_CUDA_DIR)/build.json
+
 # The CPU demo: DLER on the warm-started verbose-arithmetic policy, then plain GRPO on the same policy
 # for comparison. Each run prints its before/after table; runs/demo/ is replaced on every call.
 demo: setup
@@ -129,21 +171,21 @@ bench: setup verl-env
 	$(BIN)/python bench/bench_train_step.py $(if $(CUDA),--fsdp,--model-config tiny)
 	$(BIN)/python bench/bench_objectives.py
 
-# One command that answers every GPU question (bench/gpu_check.py; README "GPU check"). It depends on no
+# One command that answers every GPU question (python -m bench.gpu_check; README "GPU check"). It depends on no
 # setup step: the GPU machine has no package index, so it runs with whatever Python has torch there
 # (the repository's .venv when present, else python3). WHEELS=DIR: carried pure-Python wheels (liger-kernel).
 GPU_CHECK_OUT ?= gpu-check
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 .PHONY: gpu-check gpu-check-smoke
 # One NVIDIA GPU, <= 8 minutes: make gpu-check [WHEELS=dir/] [GPU_CHECK_TOTAL=seconds] [GPU_CHECK_OUT=dir]
-# (python bench/gpu_check.py --help lists every option: --stages, --budget STAGE=S, --total-budget S).
+# (python -m bench.gpu_check --help lists every option: --stages, --budget STAGE=S, --total-budget S).
 gpu-check:
-	$(GPU_CHECK_PYTHON) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS)) \
+	$(GPU_CHECK_PYTHON) -m bench.gpu_check --out $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS)) \
 		$(if $(GPU_CHECK_TOTAL),--total-budget $(GPU_CHECK_TOTAL))
 
-# The same script with tiny shapes, on any machine (tests/integrations/test_gpu_check.py runs it too).
+# The same check with tiny shapes, on any machine (tests/integrations/test_gpu_check.py runs it too).
 gpu-check-smoke: setup
-	$(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT)-smoke --smoke
+	$(BIN)/python -m bench.gpu_check --out $(GPU_CHECK_OUT)-smoke --smoke
 
 lint: setup
 	$(BIN)/ruff check dler_kernels trainer tests bench

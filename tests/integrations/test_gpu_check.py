@@ -1,8 +1,9 @@
-"""``make gpu-check`` on the CPU: ``bench/gpu_check.py --smoke`` in a subprocess, as the CI runs it, with the
-packages the GPU machine lacks hidden (helpers/gpu_machine_site), so that its imports are the ones that
+"""``make gpu-check`` on the CPU: ``python -m bench.gpu_check --smoke`` in a subprocess, as the CI runs it, with
+the packages the GPU machine lacks hidden (helpers/gpu_machine_site), so that its imports are the ones that
 machine can satisfy. Checks the report's keys, each stage's outcome on a machine without CUDA, and that a
 failing or hanging stage is reported as failed while the next stage still runs; and, as pure functions on any
-machine, the budget arithmetic under the whole check's deadline."""
+machine, the budget arithmetic under the whole check's deadline and the build stage's tree export, ptxas spill
+report and wheel tag."""
 
 import json
 import os
@@ -14,13 +15,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))  # the check's modules import each other by their bare names
+sys.path.insert(0, str(ROOT))  # the package bench.gpu_check (bench: a namespace package)
+sys.path.insert(1, str(ROOT / "bench"))  # the benchmark scripts, which import each other by their bare names
 from cuda_timing import MIN_TIMED_CALLS, repetition_ms  # noqa: E402
-from gpu_check_runner import MIN_STAGE_S, stage_budget  # noqa: E402
-from gpu_check_stages import counts_from_verbose_output, gpu_test_files, outcomes_by_file  # noqa: E402
+
+from bench.gpu_check.correctness import gpu_test_files  # noqa: E402
+from bench.gpu_check.pytest_results import counts_from_verbose_output, outcomes_by_file  # noqa: E402
+from bench.gpu_check.runner import MIN_STAGE_S, stage_budget  # noqa: E402
+from bench.gpu_check.stages import STAGES, TOTAL_BUDGET_S, stage_function  # noqa: E402
+from bench.gpu_check.wheel import (  # noqa: E402
+    WHEEL_ARCH_LIST,
+    expected_local_tag,
+    export_tree,
+    local_tag,
+    ptxas_problems,
+    ptxas_report,
+    source_files,
+    wheel_archs,
+)
 
 GPU_MACHINE_SITE = Path(__file__).parents[1] / "helpers" / "gpu_machine_site"
-STAGES = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
+STAGES_IN_ORDER = ["environment", "build", "correctness", "kernel_bench", "linear_bench", "train_step"]
 without_cuda = pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="asserts the outcomes on a machine without CUDA"
 )
@@ -29,7 +44,7 @@ without_cuda = pytest.mark.skipif(
 def gpu_check(out: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # this suite's conftest sets it
     env["PYTHONPATH"] = os.pathsep.join([str(GPU_MACHINE_SITE), str(ROOT)])
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), "--smoke", *args],
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--smoke", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     report = json.loads((out / "gpu_report.json").read_text())
     return proc, report
@@ -53,7 +68,7 @@ def test_the_smoke_run_reports_every_stage_in_the_issues_order_with_its_time_and
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(report) == {"command", "smoke", "machine", "total_s", "total_budget_s", "stages"}
     assert report["smoke"] is True and report["total_budget_s"] <= 480  # 8 minutes on a GPU
-    assert [s["name"] for s in report["stages"]] == STAGES
+    assert [s["name"] for s in report["stages"]] == STAGES_IN_ORDER
     for stage in report["stages"]:
         assert {"name", "title", "status", "reason", "elapsed_s", "budget_s"} <= set(stage), stage["name"]
         assert stage["status"] in ("passed", "failed", "skipped", "not run")
@@ -188,8 +203,8 @@ def alive(pid: int) -> bool:
 
 @without_cuda
 def test_unknown_stage_names_are_refused_with_the_list_of_stages(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path),
-                           "--stages", "environment,kernels"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path),
+                           "--stages", "environment,kernels"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown stage(s) kernels; the stages are environment, build, correctness" in proc.stderr
 
@@ -212,19 +227,19 @@ def test_a_carried_wheel_is_installed_into_the_runs_own_site_within_the_stages_b
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    dist = "gpu_check_probe-0.1.dist-info"
-    with zipfile.ZipFile(wheels / "gpu_check_probe-0.1-py3-none-any.whl", "w") as whl:
-        whl.writestr("gpu_check_probe/__init__.py", "")
-        whl.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: gpu-check-probe\nVersion: 0.1\n")
+    dist = "carried_probe-0.1.dist-info"
+    with zipfile.ZipFile(wheels / "carried_probe-0.1-py3-none-any.whl", "w") as whl:
+        whl.writestr("carried_probe/__init__.py", "")
+        whl.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: carried-probe\nVersion: 0.1\n")
         whl.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         whl.writestr(f"{dist}/RECORD", "")
     proc, report = gpu_check(tmp_path / "out", "--stages", "environment", "--wheels", str(wheels))
     env = by_name(report)["environment"]
     assert env["status"] == "passed", env
     (part,) = env["parts"]
-    assert part["status"] == "passed" and part["wheels"] == ["gpu_check_probe-0.1-py3-none-any.whl"]
+    assert part["status"] == "passed" and part["wheels"] == ["carried_probe-0.1-py3-none-any.whl"]
     assert 0 < part["seconds"] < env["budget_s"]
-    assert (tmp_path / "out" / "wheels-site" / "gpu_check_probe" / "__init__.py").exists()
+    assert (tmp_path / "out" / "wheels-site" / "carried_probe" / "__init__.py").exists()
 
 
 # ---------------------------------------------------------------- the budget arithmetic (any machine)
@@ -320,3 +335,84 @@ def test_per_file_outcomes_come_from_the_junit_report_or_from_a_killed_pytests_l
     output = "tests/kernels/test_a.py::test_one PASSED   [ 50%]\ntests/kernels/test_b.py::test_three "
     grouped, seconds = outcomes_by_file(files, killed=True, output=output, junit=tmp_path / "none.xml")
     assert grouped == {"tests/kernels/test_a.py": {"tests/kernels/test_a.py::test_one": "passed"}} and seconds == {}
+
+
+def test_the_gpu_budgets_sum_to_the_whole_checks_deadline_and_an_unknown_stage_is_named_with_the_choices():
+    assert sum(s.budget_s for s in STAGES) == TOTAL_BUDGET_S == 480
+    assert [s.name for s in STAGES] == STAGES_IN_ORDER
+    with pytest.raises(ValueError, match="unknown stage 'kernels'; the stages are environment, build, correctness"):
+        stage_function("kernels")
+
+
+# ---------------------------------------------------------------- the build stage's pure parts (any machine)
+
+
+def test_the_wheels_source_export_leaves_out_build_outputs_and_the_runs_own_folder(tmp_path):
+    root = tmp_path / "tree"
+    kept = ["pyproject.toml", "setup.py", "csrc/cuda/policy_loss.cu", "dler_kernels/__init__.py",
+            "trainer/dist/fsdp.py", "tests/kernels/test_cuda_oracles.py", "bench/gpu_check/build.py"]  # fmt: skip
+    left_out = ["dler_kernels/_C.cpython-312-x86_64-linux-gnu.so", "dler_kernels/_build_info.py", "build/lib/x.py",
+                "dist/cuda/dler-0.1.0+cu130torch2.11-cp312-cp312-linux_x86_64.whl", "runs/demo/summary.json",
+                "gpu-check/gpu_report.md", "gpu-check-smoke/gpu_report.md", "dler.egg-info/PKG-INFO",
+                "trainer/__pycache__/cli.cpython-312.pyc", ".venv/bin/python", ".venv-verl/bin/python", ".git/HEAD",
+                ".pytest_cache/README.md", "out/wheel/src/setup.py"]  # fmt: skip
+    for name in kept + left_out:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    files, how = source_files(root, exclude=root / "out", use_git=False)
+    assert how == "walk (no git)" and files == sorted(kept)
+    exported = export_tree(root, tmp_path / "src", exclude=root / "out", use_git=False)
+    assert exported["files"] == len(kept)
+    assert sorted(p.relative_to(tmp_path / "src").as_posix() for p in (tmp_path / "src").rglob("*") if p.is_file()) \
+        == sorted(kept)  # fmt: skip
+    assert (tmp_path / "src" / "setup.py").read_text() == "setup.py"
+
+
+def test_the_export_of_this_checkout_holds_its_sources_and_no_build_output():
+    files, how = source_files(ROOT)  # git's list where there is git, else the walk
+    assert {"setup.py", "pyproject.toml", "csrc/cuda/policy_loss.cu", "bench/gpu_check/build.py"} <= set(files), how
+    assert not [f for f in files if f.endswith(".so") or f.startswith(("build/", "dist/", ".venv"))
+                or f == "dler_kernels/_build_info.py" or "__pycache__" in f]  # fmt: skip
+
+
+# The build log's ptxas -v lines as pip -v shows them (indented), one kernel per arch, the sm_90 one spilling.
+PTXAS_LOG = """\
+  [6/6] /usr/local/cuda/bin/nvcc -c policy_loss.cu -gencode=arch=compute_100,code=compute_100 ...
+  ptxas info    : 200 bytes gmem
+  ptxas info    : Compiling entry function '_ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE' for 'sm_100'
+  ptxas info    : Function properties for _ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE
+      0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+  ptxas info    : Used 28 registers, used 0 barriers
+  ptxas info    : Compiling entry function '_ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE' for 'sm_80'
+  ptxas info    : Function properties for _ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE
+      0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+  ptxas info    : Compiling entry function '_ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE' for 'sm_90'
+  ptxas info    : Function properties for _ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE
+      16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+  ptxas info    : Used 255 registers, used 0 barriers
+"""
+
+
+def test_the_ptxas_report_counts_each_archs_kernels_and_names_a_spilling_one():
+    assert WHEEL_ARCH_LIST == "8.0;9.0;10.0+PTX" and wheel_archs() == ["sm_80", "sm_90", "sm_100"]
+    reports = ptxas_report(PTXAS_LOG)
+    spill = "_ZN4dler11slab_kernelIffLi1EEEvNS_8SlabArgsIT_T0_EE: 12 bytes spill stores, 8 bytes spill loads"
+    assert reports == {"sm_100": dict(kernels=1, spilling=[]), "sm_80": dict(kernels=1, spilling=[]),
+                       "sm_90": dict(kernels=1, spilling=[spill])}  # fmt: skip
+    assert ptxas_problems(reports, wheel_archs()) == [f"sm_90: {spill}"]
+    clean = PTXAS_LOG.replace("12 bytes spill stores, 8 bytes spill loads", "0 bytes spill stores, 0 bytes spill loads")
+    assert ptxas_problems(ptxas_report(clean), wheel_archs()) == []
+    # A log without -Xptxas=-v (or without an arch) is not a clean report.
+    without_sm80 = ptxas_report(clean.replace("'sm_80'", "'sm_90'"))
+    assert ptxas_problems(without_sm80, wheel_archs()) == [
+        "no ptxas report for sm_80 (built without -Xptxas=-v, or not for sm_80)",
+        "the archs compiled different numbers of kernels: {'sm_100': 1, 'sm_90': 2}",
+    ]
+
+
+def test_the_local_tag_is_read_from_the_wheels_name_and_names_the_cuda_and_torch_of_the_build():
+    assert local_tag("dler-0.1.0+cu130torch2.11-cp312-cp312-linux_x86_64.whl") == "cu130torch2.11"
+    assert local_tag("dler-0.1.0+cputorch2.13-cp311-cp311-linux_x86_64.whl") == "cputorch2.13"
+    assert local_tag("dler-0.1.0-py3-none-any.whl") is None
+    assert expected_local_tag("2.11.0+cu130", "13.0") == "cu130torch2.11"
+    assert expected_local_tag("2.13.0+cpu", None) == "cputorch2.13"

@@ -1,4 +1,4 @@
-"""The stage runner of ``gpu_check.py``: each stage in a fresh process, killed at its time budget.
+"""The stage runner of ``python -m bench.gpu_check``: each stage in a fresh process, killed at its time budget.
 
 A stage runs in its own process so that one that hangs can be killed (with everything it started: the
 process group), and one that breaks the CUDA context (an illegal address, an out-of-memory that leaves
@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# The repository root: the stage processes run there (``python -m bench.gpu_check`` finds the package from it).
+ROOT = Path(__file__).resolve().parents[2]
 STATUSES = ("passed", "failed", "skipped", "not run")
 ERROR_TAIL_LINES = 25
 TERM_GRACE_S = 5  # between SIGTERM (a stage kills the commands it started) and SIGKILL
@@ -111,8 +113,8 @@ def tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
 
 def run_stage(stage: Stage, index: int, total: int, child_args: list[str], out: Path, budget: float, env: dict,
               own_budget: float) -> dict:  # fmt: skip
-    """Runs ``gpu_check.py --stage-child NAME`` for ``budget`` seconds (``own_budget``: the stage's own, before
-    the time carried over or cut by the deadline); returns the stage's record for the report."""
+    """Runs ``python -m bench.gpu_check --stage-child NAME`` in ROOT for ``budget`` seconds (``own_budget``: the
+    stage's own, before the time carried over or cut by the deadline); returns the stage's record for the report."""
     result_file = out / "stages" / f"{stage.name}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.unlink(missing_ok=True)
@@ -122,8 +124,8 @@ def run_stage(stage: Stage, index: int, total: int, child_args: list[str], out: 
     how = f"{own_budget:.0f} s {'+' if carried >= 0 else '-'} {abs(carried):.0f} s" if abs(carried) >= 0.5 else ""
     print(f"[{index}/{total}] {stage.name}: {stage.title} (budget {budget:.0f} s{' = ' + how if how else ''}) ...",
           flush=True)  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--stage-child", stage.name, *child_args]
-    done = run_command(cmd, budget, env=env, log=log)
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--stage-child", stage.name, *child_args]
+    done = run_command(cmd, budget, env=env, cwd=ROOT, log=log)
     record = json.loads(result_file.read_text()) if result_file.exists() else {}
     record.update(name=stage.name, title=stage.title, budget_s=round(budget, 1), own_budget_s=own_budget,
                   elapsed_s=round(done.seconds, 2), log=str(log.relative_to(out)))  # fmt: skip

@@ -1,8 +1,8 @@
-"""One command that answers every GPU question: ``make gpu-check`` (or this script).
+"""One command that answers every GPU question: ``make gpu-check`` (or this module, from the repository root).
 
-    python bench/gpu_check.py --out gpu-check                  # one NVIDIA GPU: the full check, <= 8 minutes
-    python bench/gpu_check.py --out gpu-check --wheels wheels/ # with carried liger-kernel / math-verify wheels
-    python bench/gpu_check.py --out /tmp/gc --smoke            # tiny shapes, any machine (the CI runs this)
+    python -m bench.gpu_check --out gpu-check                  # one NVIDIA GPU: the full check, <= 8 minutes
+    python -m bench.gpu_check --out gpu-check --wheels wheels/ # with carried liger-kernel / math-verify wheels
+    python -m bench.gpu_check --out /tmp/gc --smoke            # tiny shapes, any machine (the CI runs this)
 
 Stages, in order, each in its own process with its own time budget (killed there); a failed stage
 records its error and the next one runs. The whole check has a deadline (--total-budget, 480 s): a stage
@@ -10,7 +10,9 @@ gets its own budget plus what earlier stages left unused, never past the deadlin
 time) when under 10 s would be left:
 
   1 environment   GPU, driver, versions; device copy bandwidth and matmul rate measured in this run
-  2 build         dler_kernels._C built in place for the local GPU, CUDA kernels included (time-boxed)
+  2 build         the CUDA wheel, built with `make wheel-cuda`'s recipe (8.0;9.0;10.0+PTX) against this
+                  machine's torch (time-boxed), and ptxas' spill report; installed into a fresh venv, where
+                  the CUDA backend's oracle tests run; its dler_kernels._C then put into the checkout
   3 correctness   pytest -m gpu (counts per file, kept by a kill), and a 3-step `dler train` of the tiny demo model
   4 kernel_bench  bench_policy_loss: bf16, V=151936, N in {4096, 16384}, against eager, compile, Liger
   5 linear_bench  bench_linear_policy_loss: N=16384, the target (H, V) shapes, against the 3 matmuls, Liger
@@ -34,8 +36,10 @@ import time
 import traceback
 from pathlib import Path
 
-from gpu_check_report import machine, write_json, write_markdown
-from gpu_check_runner import (
+from .context import StageContext
+from .report import machine, write_json, write_markdown
+from .runner import (
+    ROOT,
     STATUSES,
     Stage,
     kill_started_groups_on_sigterm,
@@ -44,26 +48,14 @@ from gpu_check_runner import (
     run_stage,
     stage_budget,
 )
+from .stages import STAGE_NAMES, STAGES, TOTAL_BUDGET_S, stage_function
 
-ROOT = Path(__file__).resolve().parent.parent
-# The whole check's deadline: 8 minutes on an H200. Each stage gets its own budget plus what the
-# stages before it left unused, never past the deadline (gpu_check_runner.stage_budget).
-TOTAL_BUDGET_S = 480.0
-# The stages in order. GPU budgets sum to 480 s, the 8 minutes the whole check must fit in on an H200.
-STAGES = (
-    Stage("environment", "versions, copy bandwidth, matmul rate", 20, 60),
-    Stage("build", "the extension for the local GPU", 100, 30),
-    Stage("correctness", "kernel tests on CUDA, 3-step dler train", 130, 150),
-    Stage("kernel_bench", "logits-path policy loss benchmark", 100, 90),
-    Stage("linear_bench", "fused-linear policy loss benchmark", 70, 90),
-    Stage("train_step", "policy update throughput (FSDP2)", 60, 90),
-)
-STAGE_NAMES = [s.name for s in STAGES]
 FAULTS = ("raise", "hang")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="folder for gpu_report.json, gpu_report.md and logs/")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself on any machine")
     p.add_argument("--wheels", type=Path, default=None,
@@ -111,11 +103,9 @@ def _pairs(p, flag: str, items: list[str], cast) -> dict:
 
 def child_main(args) -> int:
     """One stage, inside its own process: the parent kills it at its budget and reads OUT/stages/NAME.json."""
-    import gpu_check_stages
-
     kill_started_groups_on_sigterm()
     budget = float(os.environ.get("GPU_CHECK_BUDGET_S", "600"))
-    ctx = gpu_check_stages.StageContext(args.stage_child, args.out, args.smoke, args.wheels, budget)
+    ctx = StageContext(args.stage_child, args.out, args.smoke, args.wheels, budget)
     ctx.save()
     fault = args.faults.get(args.stage_child)
     try:
@@ -125,7 +115,7 @@ def child_main(args) -> int:
             pid_file = args.out / "logs" / f"{args.stage_child}-hang.pid"
             sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(10**6)"
             run_command([sys.executable, "-c", sleeper, str(pid_file)], 10**6)
-        gpu_check_stages.STAGE_FUNCTIONS[args.stage_child](ctx)
+        stage_function(args.stage_child)(ctx)
     except Exception as e:
         traceback.print_exc()
         ctx.record.update(status="failed", reason=f"{type(e).__name__}: {e}"[:300],
@@ -142,7 +132,8 @@ def main(argv=None) -> int:
         return child_main(args)
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.out / "stages", ignore_errors=True)  # a stage reads earlier ones': never a previous run's
-    # Every stage imports the checkout's dler_kernels, trainer and the bench scripts (and carried wheels).
+    # Every stage imports the checkout's dler_kernels, trainer and this package (ROOT), the carried wheels, and the
+    # benchmark scripts of bench/ (bench_policy_loss, ...), which import each other by bare name: ROOT/bench.
     paths = [str(ROOT), str(ROOT / "bench")]
     if args.wheels is not None:
         # Made now, filled by the environment stage: a path entry that exists at start-up is searched afresh.
@@ -185,7 +176,7 @@ def main(argv=None) -> int:
     if about["date"].startswith("unknown"):  # the environment stage did not record it: when this run started
         about["date"] = started_at
     report = dict(
-        command=shlex.join(["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]),
+        command=shlex.join(["python", "-m", "bench.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
         smoke=args.smoke,
         machine=about,
         total_s=round(total, 1),
