@@ -37,8 +37,40 @@ def _run(args, env, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _check_passes(tmp_path, triton_dir, version):
-    proc = _run(["-W", "ignore", "-m", "dler_kernels.aot_check"], _env(tmp_path, triton_dir))
+@pytest.fixture(scope="module")
+def aot_checks(tmp_path_factory):
+    """The check on the pinned and on the oldest Triton, started together: each compile is one thread (Triton's
+    LLVM and ptxas), so on two cores the pair takes the time of the longer one. Waited for by the test that
+    reads it."""
+    oldest = (OLDEST_DIR / ".dler-installed").is_file()
+    started = {}
+    for name, triton_dir in (("pinned", None), *([("oldest", OLDEST_DIR)] if oldest else [])):
+        env = _env(tmp_path_factory.mktemp(f"aot-{name}"), triton_dir)
+        started[name] = subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-m", "dler_kernels.aot_check"], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    yield {name: _Finished(proc) for name, proc in started.items()}
+    for proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+class _Finished:
+    """A started check, waited for (up to 600 s) on first use, as a CompletedProcess-like result."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self._out = proc, None
+
+    def result(self):
+        if self._out is None:
+            stdout, stderr = self.proc.communicate(timeout=600)
+            self._out = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+        return self._out
+
+
+def _check_passes(proc, version):
     print(proc.stdout)  # the table (pytest -s, or the report of a failure)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = proc.stdout.strip().splitlines()[-1]
@@ -51,12 +83,12 @@ def _check_passes(tmp_path, triton_dir, version):
             )
 
 
-def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_pinned_triton(tmp_path):
-    _check_passes(tmp_path, None, triton.__version__)
+def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_pinned_triton(aot_checks):
+    _check_passes(aot_checks["pinned"].result(), triton.__version__)
 
 
-def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_oldest_supported_triton(tmp_path):
-    if not (OLDEST_DIR / ".dler-installed").is_file():
+def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_oldest_supported_triton(aot_checks, tmp_path):
+    if "oldest" not in aot_checks:
         reason = f"triton {TRITON_OLDEST} is not installed in {OLDEST_DIR} (make triton-oldest)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason + ": CI must run the check on the oldest supported Triton")
@@ -64,7 +96,7 @@ def test_every_kernel_compiles_for_sm80_sm90_sm100_on_the_oldest_supported_trito
     proc = _run(["-c", "import triton; print(triton.__version__, triton.__file__)"], _env(tmp_path, OLDEST_DIR))
     version, path = proc.stdout.split()
     assert version == TRITON_OLDEST and path.startswith(str(OLDEST_DIR)), proc.stdout + proc.stderr
-    _check_passes(tmp_path, OLDEST_DIR, TRITON_OLDEST)
+    _check_passes(aot_checks["oldest"].result(), TRITON_OLDEST)
 
 
 # The program_id rule on real sm_90 compiles of a row copy with a 32-bit and a 64-bit row offset, in a
