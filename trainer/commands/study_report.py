@@ -200,6 +200,11 @@ def warm_start_table(summaries: Mapping[tuple[str, str], Sequence[dict]]) -> lis
     return rows
 
 
+def _p(p: float) -> str:
+    """A p-value: two decimals, or two significant digits below 0.01 (9 pairs all one way: 0.0039, not 0.00)."""
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.2g}"
+
+
 def _pm(spread: Mapping[str, float | None], scale: float, digits: int) -> str:
     mean = f"{spread['mean'] * scale:+.{digits}f}"
     return mean if spread["std"] is None else f"{mean} ± {spread['std'] * scale:.{digits}f}"
@@ -271,7 +276,7 @@ def markdown(
             penalty = r["penalty"] if r["penalty"] is not None else "**all penalties**"
             lines.append(
                 f"| {r['recipe']} | {penalty} | {r['pairs']} | {_pm(r['accuracy_difference'], 100, 1)} | "
-                f"{_pm(r['length_after_difference'], 1, 1)} | {r['ahead']} / {r['behind']} | {r['sign_test_p']:.2f} |"
+                f"{_pm(r['length_after_difference'], 1, 1)} | {r['ahead']} / {r['behind']} | {_p(r['sign_test_p'])} |"
             )
     pooled = [r for r in pairs if "by_seed" in r]
     if pooled:
@@ -296,7 +301,7 @@ def markdown(
             exact = "" if t["permutation_exact"] else f" ({PERMUTATION_DRAWS} random sign assignments)"
             lines.append(
                 f"| {r['recipe']} | {t['seeds']} | {per_seed} | {t['seeds_ahead']} / {t['seeds_behind']} | "
-                f"{t['seed_sign_test_p']:.2f} | {t['permutation_p']:.2f}{exact} |"
+                f"{_p(t['seed_sign_test_p'])} | {_p(t['permutation_p'])}{exact} |"
             )
         lines += [
             "",

@@ -502,6 +502,8 @@ def test_with_warm_starts_runs_pair_by_warm_start_and_seed_and_the_report_has_ea
     (pair,) = paired_table(summaries)
     # pairs by (warm start, seed): +6, +5, -1, +4 pt; paired across warm starts they would differ
     assert pair["pairs"] == 4 and (pair["ahead"], pair["behind"]) == (3, 1)
+    nine = _study([[4, 6, 2], [1, 2, 3], [1, 5, 2]])  # 9 pairs, all ahead: p = 2 / 2^9, shown as such, not 0.00
+    assert "| 9 / 0 | 0.0039 |" in markdown(cell_table(nine), None, {}, paired_table(nine))
     assert pair["accuracy_difference"]["mean"] == pytest.approx(0.035, abs=1e-12)
     notes = write_report(tmp_path, summaries, {"warm starts": "0, 1"})
     assert notes == []
