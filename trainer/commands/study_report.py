@@ -381,7 +381,7 @@ def plot_warm_starts(warm_rows: Sequence[dict], path: Path) -> None:
     ax.set_xticks(range(len(warms)), [f"warm start {w}" for w in warms])
     ax.set(ylabel="held-out accuracy", title="before -> after training, per warm start (mean over seeds)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
