@@ -55,6 +55,29 @@ def mark_owner(path: Path, command: str) -> None:
     (Path(path) / OWNER_MARKER).write_text(command + "\n", encoding="utf-8")
 
 
+def _try_flock(fd: int) -> bool | None:
+    """An exclusive flock on ``fd`` without waiting: True (taken), False (another process holds it), None (the file
+    system has no locks)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno in _NO_LOCKS:
+            return None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "its pid not written yet"
+
+
+def _write_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+
+
 class FolderLock:
     """The claim of one process on a folder it writes: an exclusive ``fcntl.flock`` on ``LOCK_FILE`` inside it,
     whose text names the holder (its pid and host). The kernel drops the lock when the holder's process ends,
@@ -78,18 +101,20 @@ class FolderLock:
             # O_CLOEXEC: the processes this one starts (eval workers, engines) must not carry the claim on.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "its pid not written yet"
+                locked = _try_flock(fd)
+            except OSError:
                 os.close(fd)
-                if e.errno in _NO_LOCKS:
-                    return False
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+                raise
+            if locked is None:  # a file system without locks
+                os.close(fd)
+                return False
+            if not locked:
+                holder = _holder(fd)
+                os.close(fd)
                 raise UserError(
                     f"{self.name} {self.folder} is in use by another `dler {self.command}` ({holder}): wait for it to "
                     f"end or stop it, or choose another {self.name}"
-                ) from None
+                )
             try:
                 # The file this lock is on must still be the one at the path (not one a release just removed).
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -98,9 +123,7 @@ class FolderLock:
             if not same:
                 os.close(fd)
                 continue
-            text = f"pid {os.getpid()} on host {socket.gethostname()}\n".encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, text, 0)
+            _write_holder(fd)
             self._fd = fd
         return True
 
@@ -124,18 +147,9 @@ def exclusive_lock(
     the block runs unlocked. The file stays behind, unlinked never (a removal would race a waiter's open)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        deadline, told, locked = time.monotonic() + timeout_s, False, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-                break
-            except OSError as e:
-                if e.errno in _NO_LOCKS:
-                    break
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "its pid not written yet"
+        deadline, told = time.monotonic() + timeout_s, False
+        while (locked := _try_flock(fd)) is False:
+            holder = _holder(fd)
             if time.monotonic() > deadline:
                 raise UserError(
                     f"{what}: another process ({holder}) still holds {path} after {timeout_s:.0f} s; wait for it "
@@ -146,8 +160,7 @@ def exclusive_lock(
                 told = True
             time.sleep(poll_s)
         if locked:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+            _write_holder(fd)
         yield
     finally:
         with contextlib.suppress(OSError):
