@@ -126,9 +126,10 @@ wheel-cuda: cuda-toolchain cuda-torch
 	rm -rf $(WHEEL_CUDA_HOME) && mkdir -p $(WHEEL_CUDA_HOME)/lib64
 	for d in bin include nvvm lib; do ln -s $(CUDA_TOOLCHAIN)/nvidia/cu13/$$d $(WHEEL_CUDA_HOME)/$$d; done
 	ln -s $(CUDA_TOOLCHAIN)/nvidia/cu13/lib/libcudart.so.13 $(WHEEL_CUDA_HOME)/lib64/libcudart.so
-	rm -rf $(WHEEL_CUDA_DIR) && mkdir -p $(WHEEL_CUDA_DIR)/src
-	git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do \
-		if [ -f "$$f" ]; then mkdir -p "$(WHEEL_CUDA_DIR)/src/$$(dirname "$$f")" && cp -p "$$f" "$(WHEEL_CUDA_DIR)/src/$$f"; fi; done
+	rm -rf $(WHEEL_CUDA_DIR) && mkdir -p $(WHEEL_CUDA_DIR)
+	@# the export the GPU check's build stage makes too (bench/gpu_check/wheel.py): git's files, no build outputs
+	$(BIN)/python -c "from pathlib import Path; from bench.gpu_check.wheel import export_tree; \
+		print('exported', export_tree(Path('.'), Path('$(WHEEL_CUDA_DIR)/src')))"
 	@echo "== building the CUDA wheel (TORCH_CUDA_ARCH_LIST=$(WHEEL_ARCH_LIST)) against $$($(CUDA_TORCH_VENV)/bin/python -c 'import torch; print(torch.__version__)')"
 	start=$$(date +%s); cd $(WHEEL_CUDA_DIR)/src && DLER_BUILD_CUDA=1 CUDA_HOME=$(WHEEL_CUDA_HOME) \
 		TORCH_CUDA_ARCH_LIST="$(WHEEL_ARCH_LIST)" NVCC_APPEND_FLAGS="-Xptxas=-v" \

@@ -50,14 +50,6 @@ def _base_version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M)[1]
 
 
-def local_tag(torch_version: str, cuda_version: str | None) -> str:
-    """``cu130torch2.11`` / ``cputorch2.13``: the CUDA (major and minor, as torch's wheels name it) and the torch
-    (major.minor) a build of the extension is for."""
-    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
-    device = "cu" + cuda_version.replace(".", "") if cuda_version else "cpu"
-    return f"{device}torch{major_minor}"
-
-
 def _write_build_info(torch_version: str, cuda_version: str | None, arch_list: str | None) -> None:
     text = (
         "# Written by setup.py with the extension dler_kernels._C: what it was built for (read before loading it).\n"
@@ -108,7 +100,8 @@ def _extensions():
         ext = CppExtension("dler_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
     cuda_version = torch.version.cuda if build_cuda else None
     _write_build_info(torch.__version__, cuda_version, os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, local_tag(torch.__version__, cuda_version)
+    tag = flags.local_tag(torch.__version__, cuda_version)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, tag
 
 
 ext_modules, cmdclass, tag = _extensions()

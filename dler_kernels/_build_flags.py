@@ -32,6 +32,15 @@ def cuda_arch_list(requested: str | None, gpu_visible: bool) -> str | None:
     return None if gpu_visible else DEFAULT_CUDA_ARCH_LIST
 
 
+def local_tag(torch_version: str, cuda_version: str | None) -> str:
+    """The local version tag of a build of the extension: the CUDA (major and minor, as torch's wheels name it, or
+    ``cpu``) and the torch (major.minor) it is for, as flash-attention's wheels carry them: ``cu130torch2.11``,
+    ``cputorch2.13``."""
+    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    device = "cu" + cuda_version.replace(".", "") if cuda_version else "cpu"
+    return f"{device}torch{major_minor}"
+
+
 def defines(torch_version: str, sources_hash: str) -> list[str]:
     """What the extension reports about its build (``_C.TORCH_VERSION``, ``_C.SOURCES_HASH``)."""
     return [f'-DDLER_TORCH_VERSION="{torch_version}"', f'-DDLER_SOURCES_HASH="{sources_hash}"']

@@ -4,6 +4,7 @@ as ``make wheel-cuda`` exports it, the ptxas spill report read from a build log,
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
+ROOT = Path(__file__).resolve().parents[2]
 # The Makefile's WHEEL_ARCH_LIST (`make wheel-cuda`): machine code for A100-class, H100/H200 and B200, and
 # compute_100 PTX for newer GPUs.
 WHEEL_ARCH_LIST = "8.0;9.0;10.0+PTX"
@@ -132,6 +134,9 @@ def local_tag(wheel_name: str) -> str | None:
 
 
 def expected_local_tag(torch_version: str, cuda_version: str | None) -> str:
-    """The tag setup.py gives a build against this torch (its ``local_tag``): ``cu130torch2.11``, ``cputorch2.13``."""
-    major_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
-    return ("cu" + cuda_version.replace(".", "") if cuda_version else "cpu") + f"torch{major_minor}"
+    """The tag setup.py gives a build against this torch: ``dler_kernels/_build_flags.py``'s ``local_tag``, loaded by
+    path as setup.py loads it (standard library only, so no torch is imported): ``cu130torch2.11``."""
+    spec = importlib.util.spec_from_file_location("_build_flags", ROOT / "dler_kernels" / "_build_flags.py")
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
+    return flags.local_tag(torch_version, cuda_version)
