@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -54,8 +55,10 @@ from .fsutil import UserError
 from .model_files.hf_folder import load_tokenizer
 from .models.resolve import resolve_model
 from .reward.answers import AnswerChecker
+from .rollout.async_rollout import AsyncRollout, StepBatch, decode_batch
 from .rollout.correction import correct_rows
 from .rollout.engine_log import ENGINE_LOG
+from .rollout.engine_process import EngineProcess
 from .rollout.engines import make_engine
 from .rollout.sampling import DynamicSampler, RankSlice, SamplingStats, SamplingWarning, ScoredGroup
 from .run.heldout import HeldOutEval
@@ -101,16 +104,22 @@ class Trainer:
     def _start(self, resume: bool, from_step: int | None, replaces_failed_start: bool) -> None:
         """Where the run starts (a checkpoint, or the model), its rollout engine and what samples with it."""
         cfg, env = self.cfg, self.env
-        self.start_step, self.history, engine_dir = 0, {}, self.model_dir
+        self.start_step, self.history, engine_dir, pending = 0, {}, self.model_dir, []
         if resume:
             restored = self.checkpointer.restore(from_step)
             self.start_step, self.history, engine_dir = restored.step, restored.history, restored.model_dir
+            pending = restored.pending
         else:
             self.log.start_fresh(replaces_failed_start)
             self.checkpointer.measure_start()
 
-        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume).
-        self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
+        # The rollout engine starts from the weights the policy has now (the checkpoint's after a resume):
+        # colocated (k = 0), or in its own process sampling ahead of the trainer (k >= 1).
+        k = cfg.rollout.async_staleness
+        if k == 0:
+            self.engine = make_engine(cfg.rollout.engine, engine_dir, **self._engine_kwargs())
+        else:
+            self.engine = EngineProcess(cfg.rollout.engine, engine_dir, **self._engine_process_kwargs())
         self.sampler = DynamicSampler(
             self.engine,
             RankSlice(self.stream, env.rank, env.world_size),
@@ -119,14 +128,36 @@ class Trainer:
             cfg.reward.penalty,
             cfg.rollout.sampling,
             self.budgets,
-            another_round=collective.any_rank,
+            # Colocated engines may step in lockstep across ranks (vLLM's data parallelism); engine processes
+            # are each their own, and the producer thread must not take part in the trainer's collectives.
+            another_round=collective.any_rank if k == 0 else bool,
         )
+        self.rollout: AsyncRollout | None = None
+        if k:
+            self.rollout = AsyncRollout(
+                self.sampler,
+                self.engine,
+                staleness=k,
+                start_step=self.start_step,
+                last_step=cfg.run.steps,
+                seed_of=lambda b: rank_seed(step_seed(cfg.run.seed, b), env.rank),
+                state_of=self._sampler_state,
+                timeout_s=cfg.rollout.engine_timeout_s,
+                pending=[decode_batch(p) for p in pending],
+            )
+            self.rollout.publish(self.start_step, self._weights_snapshot())  # the engine's own, kept for its batches
+        elif pending:
+            self.log.say(f"{sum(len(p['groups']) for p in pending)} groups the asynchronous loop had sampled ahead are "
+                         "dropped (rollout.async_staleness is 0 now); their prompts are not trained on")  # fmt: skip
+        self.async_stats: dict[str, float] = {}
         share = dict(rank=env.rank, world_size=env.world_size)
         self.heldout = HeldOutEval(cfg, self.eval_prompts, self.checker, self.engine, **share, say=self.log.say)
 
     def close(self) -> None:
         """The end of the run: the engine shut down, then the run folder's lock let go."""
         try:
+            if self.rollout is not None:
+                self.rollout.close()  # the producer first: it ends after the call it is in
             # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
             self.engine.close()
         finally:
@@ -136,6 +167,8 @@ class Trainer:
         """Everything a run needs before its first step, cheap checks first; the folder is claimed already."""
         cfg, env = self.cfg, self.env
         self.log.open_loggers()
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
 
         # Cheap checks first: model folder, tokenizer, data.
@@ -181,6 +214,8 @@ class Trainer:
         """Train to ``run.steps``; returns the run's summary (also written to OUT/summary.json)."""
         if "before" not in self.history and self.heldout:
             self.history["before"] = self.heldout.run("before training").as_dict()
+        if self.rollout is not None:
+            self.rollout.start()  # after the evaluation before training, which had the engine to itself
         self.log.open_bar()
         step, verdict = self.start_step, Verdict(stop=False, diverged=None)
         with RunControl(self.cfg, has_eval=bool(self.heldout)) as control:
@@ -190,7 +225,7 @@ class Trainer:
                 rows, advantages = self.advantages(groups)  # batch-normalised advantages
                 rows = self.log_probs(rows)  # old (and reference) log-probs
                 update = self.update(rows, step)  # the policy update
-                self.sync_weights()  # weights to the rollout engine
+                self.sync_weights(step)  # weights to the rollout engine
                 record = self.record(step, sampling, advantages, update, rows)
                 # a stop request or divergence, on every rank alike
                 verdict = control.vote(update, self.policy, self.checkpointer.start_weight_norm)
@@ -204,12 +239,13 @@ class Trainer:
         """After the step: the evaluation if due, the record, then a diverged run's error (nothing of the
         step saved) or the checkpoint if due."""
         if control.eval_due(step, verdict):
-            record["eval"] = self.heldout.run(f"step {step}").as_dict()
+            record["eval"] = self.evaluate(step, f"step {step}")
         self.log.record(record)
         if verdict.diverged is not None:
             raise self.checkpointer.divergence_error(step, verdict.diverged)
         if self.checkpointer.due(step, stopping=verdict.stop):
-            self.checkpointer.save(step, self.history, record)
+            in_flight = self.rollout.checkpoint_state(step) if self.rollout is not None else None
+            self.checkpointer.save(step, self.history, record, rollout_state=in_flight)
         if verdict.stop:
             self.log.say(f"stopped after step {step}; resume with: dler train --resume {self.out}")
 
@@ -221,16 +257,26 @@ class Trainer:
                 command = self.heldout.command(step, self.checkpointer.model_dir(step), self.out / f"eval-step-{step}")
                 self.log.say(f"the final evaluation was skipped (stop requested); run it with: {command}")
             else:
-                self.history["after"] = self.heldout.run(f"after step {step}").as_dict()
+                self.history["after"] = self.evaluate(step, f"after step {step}")
         summary = self.log.finish(step, finished, self.history)
         if stopped:
             summary["stopped"] = True
         return summary
 
+    def evaluate(self, step: int, label: str) -> dict[str, Any]:
+        """The held-out evaluation of the weights of ``step`` (the asynchronous engine's between two batches)."""
+        if self.rollout is None:
+            return self.heldout.run(label).as_dict()
+        with self.rollout.engine_at(step):
+            return self.heldout.run(label).as_dict()
+
     # -- one step, in data-flow order ----------------------------------------------------------
 
     def collect(self, step: int) -> tuple[list[ScoredGroup], SamplingStats]:
-        """``prompts_per_step`` scored groups with spread (dynamic sampling) from this rank's engine."""
+        """``prompts_per_step`` scored groups with spread (dynamic sampling) from this rank's engine; from the
+        asynchronous loop's queue when it runs (sampled ahead, with the weights of step - 1 - k)."""
+        if self.rollout is not None:
+            return self._take(step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SamplingWarning)
             seed = rank_seed(step_seed(self.cfg.run.seed, step), self.env.rank)
@@ -241,6 +287,22 @@ class Trainer:
         self.timer.add("score_s", stats.score_seconds)
         self.engine.sleep()  # its device memory goes to the update (where the engine can sleep at all)
         return groups, stats
+
+    def _take(self, step: int) -> tuple[list[ScoredGroup], SamplingStats]:
+        batch: StepBatch
+        batch, waited = self.rollout.take(step)
+        for message in batch.warnings:
+            self.log.say(f"step {step}: {message}")
+        self.timer.add("rollout_s", batch.stats.generate_seconds)
+        self.timer.add("score_s", batch.stats.score_seconds)
+        self.timer.add("rollout_wait_s", waited)
+        self.async_stats = {
+            "staleness": batch.staleness,
+            "sampled_with_step": batch.version,
+            "stale_dropped_groups": self.rollout.dropped_groups if step == self.start_step + 1 else 0,
+        }
+        self._compute_start = time.perf_counter()  # the trainer's work that generation can overlap starts here
+        return batch.groups, batch.stats
 
     def advantages(self, groups: Sequence[ScoredGroup]) -> tuple[list[UpdateRow], dict[str, float]]:
         """Advantages over the global batch (gathered from every rank), one row per local response."""
@@ -317,12 +379,17 @@ class Trainer:
             self.scheduler.step()
         return totals.means(lr)
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, step: int) -> None:
         """The full weights, gathered from the shards one tensor at a time, into the rollout engine.
 
         A sleeping engine wakes in two parts around the load, and the update's cached device memory
         (activations, gradient buckets, gather buffers) is handed back before each part takes its
-        share: the weights first (the KV cache is not needed to load them), the KV cache last."""
+        share: the weights first (the KV cache is not needed to load them), the KV cache last.
+        The asynchronous loop instead publishes a CPU copy, which the engine loads when a batch needs it."""
+        if self.rollout is not None:
+            with self.timer.phase("sync_s"):
+                self.rollout.publish(step, self._weights_snapshot())
+            return
         with self.timer.phase("sync_s"):
             release_cached_memory(self.env.device)
             self.engine.wake_up(["weights"])
@@ -333,6 +400,12 @@ class Trainer:
     def record(self, step, sampling: SamplingStats, advantages, update, rows) -> dict[str, Any]:
         """One line of OUT/metrics.jsonl: rollout statistics over every generated response of every rank."""
         timings = {**self.timer.seconds, "step_s": self.timer.step_seconds()}
+        if self.rollout is not None:
+            # The fraction of the step in which the engine generated while the trainer worked (after its wait).
+            overlap = self.rollout.overlap_seconds(self._compute_start, time.perf_counter())
+            timings["overlap"] = overlap / timings["step_s"] if timings["step_s"] > 0 else 0.0
+            timings.update(self.async_stats)
+            timings["stale_dropped_groups"] = sum(collective.gather(self.async_stats["stale_dropped_groups"]))
         a = self.cfg.algorithm
         # In the bypass the old log-probs are the sampler's: there is no trainer-side figure to compare.
         measured = a.old_logprobs == "recompute"
@@ -377,6 +450,31 @@ class Trainer:
         # The engine lives where this rank computes: weight updates go there, and an HF engine runs there.
         # Its own output goes to the run folder's engine.log, not between the rows of the step table.
         return dict(self.cfg.engine_kwargs(), device=str(self.env.device), log_file=self.out / ENGINE_LOG)
+
+    def _engine_process_kwargs(self) -> dict[str, Any]:
+        """The engine process's: on its own GPU (``rollout.engine_devices``, one per local rank) or the trainer's
+        device; with its own thread count and the timeout every call is bounded by."""
+        r, device, devices = self.cfg.rollout, self.env.device, None
+        if r.engine_devices is not None:
+            entries = [d.strip() for d in r.engine_devices.split(",") if d.strip()]
+            if len(entries) <= self.env.local_rank:
+                raise UserError(f"rollout.engine_devices names {len(entries)} devices, none for local rank "
+                                f"{self.env.local_rank}: give one per local rank")  # fmt: skip
+            devices, device = entries[self.env.local_rank], torch.device("cuda", 0)  # the one the child sees
+        return dict(
+            self.cfg.engine_kwargs(), device=str(device), log_file=self.out / ENGINE_LOG, devices=devices,
+            threads=r.engine_threads, timeout_s=r.engine_timeout_s,
+        )  # fmt: skip
+
+    def _weights_snapshot(self) -> list[tuple[str, torch.Tensor]]:
+        """A CPU copy of the full weights (collective under FSDP), safe to hand to the engine process while the
+        optimizer goes on changing the live ones."""
+        return [(name, t.detach().to("cpu", copy=True)) for name, t in full_weights(self.policy, self._engine_dtype())]
+
+    def _sampler_state(self) -> dict[str, Any]:
+        """The data cursor and DA-DLER record as a checkpoint saves them (read by the producer after a batch)."""
+        return {"stream": self.stream.state_dict(),
+                "budgets": self.budgets.state_dict() if self.budgets is not None else None}  # fmt: skip
 
     def _engine_dtype(self) -> torch.dtype | None:
         dtype = self.cfg.rollout.dtype

@@ -62,8 +62,8 @@ def main(record_dir: str, *args: str) -> None:
 
     sync = Trainer.sync_weights
 
-    def sync_and_check(self):
-        seconds = sync(self)
+    def sync_and_check(self, step):
+        seconds = sync(self, step)
         digest = hashlib.sha256()
         for name, tensor in full_weights(self.policy):  # collective under FSDP: every rank iterates
             digest.update(name.encode())

@@ -85,8 +85,8 @@ def test_fit_with_a_sleeping_engine_runs_the_gpu_sequence_and_samples_with_the_s
     monkeypatch.setattr(train_mod, "release_cached_memory", release)
     sync = train_mod.Trainer.sync_weights
 
-    def sync_and_remember(self):
-        seconds = sync(self)
+    def sync_and_remember(self, step):
+        seconds = sync(self, step)
         synced.append({n: p.detach().clone() for n, p in self.policy.named_parameters()})
         return seconds
 

@@ -36,6 +36,7 @@ class Restored:
     step: int
     history: dict[str, Any]
     model_dir: Path
+    pending: list[dict[str, Any]]  # the asynchronous loop's batches made for later steps (encoded), this rank's
 
 
 class Checkpointer:
@@ -65,21 +66,33 @@ class Checkpointer:
         save_every = self.cfg.run.save_every
         return stopping or step == self.cfg.run.steps or bool(save_every and step % save_every == 0)
 
-    def save(self, step: int, history: dict[str, Any], record: dict[str, Any]) -> None:
-        """Checkpoint ``step`` (collective), with the health figures of its step's ``record``."""
+    def save(
+        self, step: int, history: dict[str, Any], record: dict[str, Any], rollout_state: dict | None = None
+    ) -> None:
+        """Checkpoint ``step`` (collective), with the health figures of its step's ``record``. The asynchronous
+        loop gives ``rollout_state`` (``AsyncRollout.checkpoint_state``): its batches for later steps, and the
+        stream and DA-DLER state after them, which are saved in place of the live ones."""
         health = {
             "loss": record.get("loss"),
             "grad_norm": record.get("grad_norm"),
             "weight_norm": weight_norm(self.policy),
             "start_weight_norm": self.start_weight_norm,
         }
+        if rollout_state is None:
+            sampler_state = {"stream": self.stream.state_dict(), "budgets": None}
+            if self.budgets is not None:
+                sampler_state["budgets"] = self.budgets.state_dict()
+        else:
+            sampler_state = rollout_state["state"]
         state = {
             "step": step,
-            "streams": collective.gather(self.stream.state_dict()),
-            "budgets": collective.gather(self.budgets.state_dict()) if self.budgets is not None else None,
+            "streams": collective.gather(sampler_state["stream"]),
+            "budgets": collective.gather(sampler_state["budgets"]) if self.budgets is not None else None,
             "history": history,
             "health": health,
         }
+        if rollout_state is not None:
+            state["pending"] = collective.gather(rollout_state["pending"])
         path = self.manager.save(step, self.policy, self.optimizer, self.scheduler, state)
         if path is not None:
             self.log.say(f"checkpoint {path}")
@@ -130,7 +143,8 @@ class Checkpointer:
         if self.budgets is not None and budgets is not None:
             self.budgets.load_state_dict(budgets[rank])
         self.start_weight_norm = (state.get("health") or {}).get("start_weight_norm")
-        restored = Restored(int(state["step"]), dict(state.get("history", {})), path / MODEL_DIR)
+        pending = state["pending"][rank] if state.get("pending") else []
+        restored = Restored(int(state["step"]), dict(state.get("history", {})), path / MODEL_DIR, pending)
         self.log.resume_at(restored.step)
         self.log.say(f"resumed from {path} at step {restored.step}")
         return restored

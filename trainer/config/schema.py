@@ -141,6 +141,16 @@ class RolloutConfig:
     """vLLM computes its LM head (and so the sampling log-probs) in float32 (its ``head_dtype`` override)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Prompts and samples per step, max tokens, temperature, top-p, dynamic sampling."""
+    async_staleness: int = 0
+    """k: 0 samples each step with the newest weights, the engine colocated (sleeping during the update where it
+    can); k >= 1 runs the engine in its own process, sampling the batch of step b with the weights of step b-1-k
+    while the trainer updates (``trainer.rollout.async_rollout``)."""
+    engine_timeout_s: float = 1800.0
+    """k >= 1: the longest wait on one call of the engine process before the run fails naming its log."""
+    engine_devices: str | None = None
+    """k >= 1 on GPUs: the engines' devices, one entry per local rank (``"4,5,6,7"``); None: the trainer's own."""
+    engine_threads: int | None = None
+    """k >= 1: the engine process's torch threads (None: torch's default), to split a CPU's cores."""
 
     def __post_init__(self):
         check_choices(self)
@@ -151,6 +161,14 @@ class RolloutConfig:
         check_number("sampling.temperature", self.sampling.temperature, low=0.0, low_open=True, allow_none=True)
         if not 0 < self.sampling.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1]; got {self.sampling.top_p}")
+        if isinstance(self.async_staleness, bool) or not isinstance(self.async_staleness, int):
+            raise ValueError(f"async_staleness must be a whole number of steps, got {self.async_staleness!r}")
+        check_number("async_staleness", self.async_staleness, low=0)
+        check_number("engine_timeout_s", self.engine_timeout_s, low=0.0, low_open=True, allow_none=True)
+        check_number("engine_threads", self.engine_threads, low=1, allow_none=True)
+        if self.engine_devices is not None and not self.async_staleness:
+            raise ValueError("engine_devices places the engine process of async_staleness >= 1; with 0 the engine "
+                             "is colocated with the trainer: set async_staleness or drop engine_devices")  # fmt: skip
         if self.lm_head_fp32 and self.engine != "vllm":
             raise ValueError(
                 f"lm_head_fp32 needs engine 'vllm' (its head_dtype override); the {self.engine!r} engine computes "
@@ -433,8 +451,11 @@ class RunConfig:
     """Also log to this Weights & Biases project."""
     device: Device = "auto"
     """Where the policy trains (``auto``: CUDA when available)."""
+    threads: int | None = None
+    """The trainer's torch threads (None: torch's default); with ``rollout.engine_threads``, a CPU's cores split."""
 
     def __post_init__(self):
+        check_number("threads", self.threads, low=1, allow_none=True)
         if not self.out:
             raise ValueError("out must name the run's output folder")
         check_number("steps", self.steps, low=1, allow_none=True)
@@ -467,6 +488,8 @@ class TrainConfig:
         self._check_batches()
         self._check_lengths()
         self._check_device()
+        if self.rollout.engine_devices is not None and self.run.device == "cpu":
+            raise ValueError("rollout.engine_devices names the engine process's GPUs; run.device is 'cpu'")
         if self.run.eval_every > 0 and self.eval.data is None:
             raise ValueError(f"run.eval_every={self.run.eval_every} needs eval.data (the held-out prompts)")
 

@@ -1,0 +1,81 @@
+"""The engine in its own process (trainer/rollout/engine_process.py): it samples as the same engine in this
+process does, takes weights through shared memory, and every way it can fail is one clear error, bounded in
+time: an error inside it, a crash (SIGKILL), no answer within the timeout, a model it cannot load."""
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from trainer.fsutil import UserError
+from trainer.rollout.engine_process import EngineDied, EngineProcess, EngineTimeout
+from trainer.rollout.hf_engine import HFEngine
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
+
+
+@pytest.fixture
+def engine(demo_model, tmp_path):
+    e = EngineProcess("hf", demo_model, log_file=tmp_path / "engine.log", timeout_s=60, dtype="float32", device="cpu")
+    yield e
+    e.close()
+
+
+def _tokens(groups):
+    return [[(s.token_ids, s.finish_reason) for s in g] for g in groups]
+
+
+def test_it_samples_and_takes_weights_as_the_engine_in_this_process(engine, demo_model):
+    local = HFEngine(demo_model, dtype="float32", device="cpu")
+    sampling = dict(n=3, max_tokens=24, temperature=1.0, seed=5)
+    theirs, ours = engine.generate(PROMPTS, **sampling), local.generate(PROMPTS, **sampling)
+    assert _tokens(theirs) == _tokens(ours)
+    for a, b in zip(theirs, ours):
+        for s, t in zip(a, b):
+            torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(t.logprobs), rtol=0, atol=1e-5)
+    # New weights (a copy, as the trainer's snapshot is) change both alike.
+    g = torch.Generator().manual_seed(0)
+    new = [(n, (p + 0.05 * torch.randn(p.shape, generator=g)).detach()) for n, p in local.model.named_parameters()]
+    stats = engine.update_weights(new)
+    local.update_weights([(n, t.clone()) for n, t in new])
+    assert stats.tensors == len(new)
+    theirs, ours = engine.generate(PROMPTS, **sampling), local.generate(PROMPTS, **sampling)
+    assert _tokens(theirs) == _tokens(ours)
+
+
+def test_an_error_inside_the_engine_comes_back_as_its_own_class_and_the_engine_goes_on(engine):
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        engine.generate(PROMPTS, n=0, max_tokens=4)
+    assert len(engine.generate(PROMPTS, n=1, max_tokens=4, seed=0)) == 2
+
+
+def test_a_killed_engine_is_one_clear_error_naming_its_log(engine, tmp_path):
+    os.kill(engine.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDied, match=r"was killed by signal 9 during generate; its log: .*engine\.log"):
+        engine.generate(PROMPTS, n=1, max_tokens=4)
+    assert time.monotonic() - start < 10
+    engine.close()  # and closing it after is harmless
+
+
+def test_an_engine_that_does_not_answer_in_time_is_stopped_with_an_error(demo_model, tmp_path):
+    e = EngineProcess("hf", demo_model, log_file=tmp_path / "engine.log", timeout_s=0.5, dtype="float32",
+                      device="cpu", batch_size=8)  # fmt: skip
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineTimeout, match=r"did not answer generate within 0.5 s .*and was stopped"):
+            e.generate([[5, 6, 7]] * 64, n=16, max_tokens=300, temperature=1.0, seed=0)  # far beyond 1 s
+        assert time.monotonic() - start < 15
+        with pytest.raises(EngineDied):
+            e.generate(PROMPTS, n=1, max_tokens=4)
+    finally:
+        e.close()
+
+
+def test_an_engine_that_cannot_start_fails_the_constructor_and_leaves_no_process(tmp_path):
+    with pytest.raises(UserError, match="has no weights"):
+        EngineProcess("hf", tmp_path, log_file=tmp_path / "engine.log", timeout_s=60)
+    assert not multiprocessing.active_children()
