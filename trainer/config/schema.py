@@ -150,7 +150,7 @@ class RolloutConfig:
     engine_devices: str | None = None
     """k >= 1 on GPUs: the engines' devices, one entry per local rank (``"4,5,6,7"``); None: the trainer's own."""
     engine_threads: int | None = None
-    """k >= 1: the engine process's torch threads (None: torch's default), to split a CPU's cores."""
+    """k >= 1: the engine process's torch threads (None: half the cores on a CPU, as the trainer's; else torch's)."""
 
     def __post_init__(self):
         check_choices(self)
@@ -452,7 +452,7 @@ class RunConfig:
     device: Device = "auto"
     """Where the policy trains (``auto``: CUDA when available)."""
     threads: int | None = None
-    """The trainer's torch threads (None: torch's default); with ``rollout.engine_threads``, a CPU's cores split."""
+    """The trainer's torch threads (None: torch's default; half the cores on a CPU with ``rollout.async_staleness``)."""
 
     def __post_init__(self):
         check_number("threads", self.threads, low=1, allow_none=True)
