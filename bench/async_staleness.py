@@ -6,7 +6,8 @@
 Each run is ``dler train`` on the demo preset (``toy-cpu``) with ``run.seed`` and ``rollout.async_staleness``;
 a finished run (its summary.json) is not run again, so a second call continues. ``--split 2+2`` runs k >= 1 with
 2 torch threads in each of the trainer and the engine process, instead of the default 1 + 1 on 2 cores
-(``trainer.train.cpu_share``); its runs go to their own folders. The report gives per k: the mean step time
+(``trainer.train.cpu_share``); its runs go to their own folders, as do those of ``--set KEY=VALUE --tag NAME``
+(overrides of the k >= 1 runs, paired with the plain k = 0 runs). The report gives per k: the mean step time
 (step 1 left out: nothing is sampled ahead yet), the wall time of the 80 steps, the fraction of the step in which
 generation overlapped the trainer's work, the trainer's wait for its batch, the staleness histogram, the groups
 dropped as stale, the held-out accuracy and length after training (mean +- std over seeds, and the difference
@@ -29,18 +30,21 @@ from pathlib import Path
 MISMATCH = ("mismatch_kl_k3", "mismatch_logp_abs_mean")
 
 
-def run_name(k: int, seed: int, split: str) -> str:
-    return f"k{k}-seed{seed}" + ("" if split == "1+1" or k == 0 else f"-split{split.replace('+', 'x')}")
+def run_name(k: int, seed: int, split: str, tag: str = "") -> str:
+    name = f"k{k}-seed{seed}" + ("" if split == "1+1" or k == 0 else f"-split{split.replace('+', 'x')}")
+    return name + (f"-{tag}" if tag and k else "")
 
 
-def run(out: Path, k: int, seed: int, steps: int, split: str) -> Path:
-    folder = out / run_name(k, seed, split)
+def run(out: Path, k: int, seed: int, steps: int, split: str, tag: str = "", extra: list[str] = ()) -> Path:
+    folder = out / run_name(k, seed, split, tag)
     if (folder / "summary.json").is_file():
         return folder
     overrides = [f"run.out={folder}", f"run.seed={seed}", f"run.steps={steps}", f"rollout.async_staleness={k}"]
     if split != "1+1" and k:
         trainer, engine = split.split("+")
         overrides += [f"run.threads={trainer}", f"rollout.engine_threads={engine}"]
+    if k:
+        overrides += list(extra)  # the k = 0 runs stay the plain ones, the pairs' reference
     if folder.exists():
         shutil.rmtree(folder)  # an unfinished run of this script's own: started over, not resumed (its timing)
     command = [sys.executable, "-m", "trainer", "train", "--no-progress", *overrides]
@@ -91,11 +95,12 @@ def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(out: Path, ks: list[int], seeds: list[int], split: str) -> str:
-    runs = {(k, s): facts(out / run_name(k, s, split)) for k in ks for s in seeds
-            if (out / run_name(k, s, split) / "summary.json").is_file()}  # fmt: skip
+def report(out: Path, ks: list[int], seeds: list[int], split: str, tag: str = "") -> str:
+    runs = {(k, s): facts(out / run_name(k, s, split, tag)) for k in ks for s in seeds
+            if (out / run_name(k, s, split, tag) / "summary.json").is_file()}  # fmt: skip
     lines = [
-        f"split {split} (trainer + engine threads for k >= 1), seeds {seeds}, mean ± std over seeds",
+        f"split {split} (trainer + engine threads for k >= 1), seeds {seeds}, mean ± std over seeds"
+        + (f", runs of k >= 1 tagged {tag!r}" if tag else ""),
         "",
         "| k | step s | 80 steps s | wall s | overlap | wait s | rollout s | update s | staleness (steps) | dropped "
         "| accuracy after | Δ acc vs k=0 (pt) | length after | Δ length vs k=0 |",
@@ -132,10 +137,9 @@ def report(out: Path, ks: list[int], seeds: list[int], split: str) -> str:
         cells = [f"{statistics.fmean(by_staleness[s][key]):.2e}" if key in by_staleness[s] else "-" for key in MISMATCH]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out / f"report-split{split.replace('+', 'x')}.md").write_text(text)
-    (out / f"report-split{split.replace('+', 'x')}.json").write_text(
-        json.dumps({f"k{k}-seed{s}": v for (k, s), v in runs.items()}, indent=1)
-    )
+    name = f"report-split{split.replace('+', 'x')}" + (f"-{tag}" if tag else "")
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({f"k{k}-seed{s}": v for (k, s), v in runs.items()}, indent=1))
     return text
 
 
@@ -147,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--split", default="1+1", help="trainer+engine torch threads for k >= 1 (default 1+1)")
     p.add_argument("--report", action="store_true", help="only the table of the runs already in --out")
+    p.add_argument("--set", action="append", default=[], help="an override of the k >= 1 runs (repeatable)")
+    p.add_argument("--tag", default="", help="the suffix of the k >= 1 runs' folders (with --set)")
     args = p.parse_args(argv)
     ks, seeds = [int(x) for x in args.ks.split(",")], [int(x) for x in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         for seed in seeds:  # by seed: a stopped call leaves whole pairs
             for k in ks:
-                run(args.out, k, seed, args.steps, args.split)
-    print(report(args.out, ks, seeds, args.split))
+                run(args.out, k, seed, args.steps, args.split, args.tag, args.set)
+    print(report(args.out, ks, seeds, args.split, args.tag))
     return 0
 
 

@@ -496,7 +496,6 @@ def cpu_share() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
-
 def require_sampler_logprobs(rows: Sequence[UpdateRow], cfg: TrainConfig) -> None:
     """Refuse, on every rank alike, a batch without the engine's log-prob of every sampled token (the
     bypass and the rollout corrections need them): a rank that raised alone would leave the others waiting

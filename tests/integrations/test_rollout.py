@@ -217,15 +217,17 @@ def test_hf_engine_stop_strings_end_samples_like_vllm(hf_engine):
 @pytest.mark.vllm
 def test_vllm_stop_strings_and_equal_prompts_are_independent_draws(tiny_llama_dir):
     prompt = "Tell me about the sea."
-    spec = dict(prompts=[prompt, prompt], n=2, max_tokens=12, temperature=1.0, seed=3, dtype="float32")
-    res = _vllm("vllm_generate.py", tiny_llama_dir, **spec)
-    texts = [s["text"] for g in res["groups"] for s in g]
+    spec = dict(prompts=[prompt, prompt], n=2, max_tokens=12, temperature=1.0, seed=3)
+    # One engine: the second call stops at characters 4-7 of the first call's first sample.
+    first, res_cut = _vllm("vllm_generate.py", tiny_llama_dir, dtype="float32",
+                           calls=[spec, dict(spec, stop_from_previous=[4, 7])])  # fmt: skip
+    texts = [s["text"] for g in first["groups"] for s in g]
     # Four samples of one prompt in one call: four seeds, not two copies of two.
     assert len(set(texts)) == 4, texts
-    sample = res["groups"][0][0]
+    sample = first["groups"][0][0]
     stop = sample["text"][4:7]
-    res = _vllm("vllm_generate.py", tiny_llama_dir, **dict(spec, stop=[stop]))
-    cut = res["groups"][0][0]
+    assert res_cut["stop"] == [stop]
+    cut = res_cut["groups"][0][0]
     end = sample["text"].index(stop) + len(stop)
     assert cut["finish_reason"] == "stop" and cut["text"] == sample["text"][:end]
     assert cut["token_ids"] == sample["token_ids"][: len(cut["token_ids"])]

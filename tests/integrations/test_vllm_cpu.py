@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,28 +48,49 @@ def test_tiny_model_generates_and_logprobs_match_transformers(arch, tiny_llama_d
         torch.testing.assert_close(torch.tensor(sample["logprobs"]), expected, atol=1e-4, rtol=0)
 
 
-def test_smollm2_generates_with_vllm(smollm2_dir):
-    res = _generate(smollm2_dir, prompts=["What is 3 + 4?"], chat=True, n=1, max_tokens=24, temperature=0.0)
+SEEDED = dict(prompts=["Name a colour."], chat=True, n=2, max_tokens=12, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def smollm2_calls(smollm2_dir):
+    """One SmolLM2 engine, several calls (an engine start costs more than the calls): greedy, then the same
+    seeded request twice, then with another seed."""
+    return _generate(smollm2_dir, calls=[
+        dict(prompts=["What is 3 + 4?"], chat=True, n=1, max_tokens=24, temperature=0.0),
+        dict(SEEDED, seed=7), dict(SEEDED, seed=7), dict(SEEDED, seed=8),
+    ])  # fmt: skip
+
+
+def test_smollm2_generates_with_vllm(smollm2_calls):
+    res = smollm2_calls[0]
     sample = res["groups"][0][0]
     assert "<|im_start|>assistant" in res["prompts"][0]
     assert "7" in sample["text"], sample["text"]
     assert all(lp <= 1e-6 for lp in sample["logprobs"]) and len(sample["logprobs"]) == len(sample["token_ids"])
 
 
-def test_smollm2_sampling_is_seeded(smollm2_dir):
-    spec = dict(prompts=["Name a colour."], chat=True, n=2, max_tokens=12, temperature=1.0, seed=7)
-    first, second = _generate(smollm2_dir, **spec), _generate(smollm2_dir, **spec)
-    assert [s["token_ids"] for s in first["groups"][0]] == [s["token_ids"] for s in second["groups"][0]]
+def test_smollm2_sampling_is_seeded(smollm2_calls):
+    """A request's seed fixes its samples, whatever the engine sampled before (the trainer's engine serves
+    every step with that step's seeds); another seed draws others."""
+    first, second, other = ([s["token_ids"] for s in res["groups"][0]] for res in smollm2_calls[1:])
+    assert first == second
+    assert first != other
 
 
 @pytest.mark.parametrize("engine_process", ["in-process", "engine-core-process"])
-def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engine_process, tiny_llama_dir, tmp_path):
+def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(
+    engine_process, tiny_llama_dir, tmp_path, request
+):
     pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     log = tmp_path / "run" / "engine.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if engine_process == "in-process" else "1")
     env.pop("VLLM_LOGGING_LEVEL", None)
-    env["TMPDIR"] = str(tmp_path / "tmp")  # where the engine's logging config file is written, then removed
-    (tmp_path / "tmp").mkdir()
+    # Where the engine's logging config file is written, then removed. A short path of its own: the engine
+    # core's IPC socket goes there too, and a socket path has at most 107 bytes (an xdist worker's tmp_path
+    # is longer).
+    short_tmp = Path(tempfile.mkdtemp(prefix="dler-"))
+    request.addfinalizer(lambda: shutil.rmtree(short_tmp, ignore_errors=True))
+    env["TMPDIR"] = str(short_tmp)
     helper = Path(__file__).parents[1] / "helpers" / "vllm_engine_log.py"
     out = subprocess.run(
         [sys.executable, str(helper), str(tiny_llama_dir), str(log)],
@@ -84,7 +107,7 @@ def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(engi
     assert out.stdout.strip().splitlines() == [json.dumps(result)]
     assert out.stderr.strip().splitlines() == [f"vllm ERROR: a real engine error (engine log: {log})"]
 
-    assert not list((tmp_path / "tmp").glob("dler-vllm-logging-*"))
+    assert not list(short_tmp.glob("dler-vllm-logging-*"))
     text = log.read_text()
     assert "non-default args" in text  # vLLM's start-up lines, in this process
     assert "init engine (profile, create kv cache, warmup model)" in text  # the engine core's, wherever it runs

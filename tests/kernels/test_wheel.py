@@ -21,6 +21,8 @@ import torch
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from bench.gpu_check.wheel import export_tree
+
 ROOT = Path(__file__).resolve().parents[2]
 # Environment variables that would change what is built or imported, or where from.
 BUILD_KNOBS = ("DLER_BUILD_CUDA", "DLER_BUILD_EXT", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH", "DLER_BACKEND")
@@ -40,16 +42,8 @@ def exported_tree(tmp_path_factory) -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail(why)
         pytest.skip(why)
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
     dest = tmp_path_factory.mktemp("export") / "dler"
-    for name in filter(None, listed):
-        src = ROOT / name
-        if src.is_file():  # a tracked file deleted in the work tree is not shipped
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+    export_tree(ROOT, dest, use_git=True)  # make wheel-cuda's export: git's list, less SKIP_FILES / SKIP_PATHS
     assert (dest / "setup.py").is_file() and not (dest / "build").exists()
     return dest
 

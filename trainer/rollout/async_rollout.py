@@ -166,13 +166,14 @@ class AsyncRollout:
             spans = [(a, min(b, now)) for a, b in self._busy]
         return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans)
 
-    def close(self) -> None:
-        """Stop the producer (it ends after the batch it is making, bounded by the engine's timeout)."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the producer: it ends before its next batch. One still sampling after ``wait_s`` is left to end
+        when the engine is closed (its call then fails; the thread is a daemon and its error is not raised)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.timeout_s)
+            self._thread.join(timeout=wait_s)
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         """Wait (holding the condition) until ``done``; the producer's error, or a producer that waits for

@@ -40,6 +40,7 @@ LAUNCHER_VARIABLES = (
 )  # fmt: skip
 START_TIMEOUT_S = 600.0  # building an engine: vLLM's import, model load and warm-up take minutes on a large model
 LIVENESS_POLL_S = 1.0  # how often a wait checks that the child still lives
+CLOSE_WAIT_S = 10.0  # closing: how long the engine may take to finish another thread's call, then to shut down
 
 
 class EngineDied(UserError):
@@ -109,12 +110,16 @@ class EngineProcess:
         return self._call("update_weights", list(named_tensors))
 
     def close(self) -> None:
-        """Shut the engine down (bounded by the timeout), then end the process; safe to call twice."""
-        if self._proc.is_alive() and not self._conn.closed:
+        """Shut the engine down, then end the process; safe to call twice. An engine busy with another thread's
+        call for more than ``CLOSE_WAIT_S`` is killed instead (the call then fails with EngineDied)."""
+        if self._lock.acquire(timeout=CLOSE_WAIT_S):
             try:
-                self._call("close")
+                if self._proc.is_alive() and not self._conn.closed:
+                    self._exchange("close", (), {}, CLOSE_WAIT_S)
             except UserError:
                 pass
+            finally:
+                self._lock.release()
         self._kill()
 
     def _kill(self) -> None:
@@ -128,30 +133,33 @@ class EngineProcess:
 
     def _call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         with self._lock:
-            if self._conn.closed:
-                raise EngineDied(f"the rollout engine process was closed; its log: {self.log_file}")
-            try:
-                self._conn.send((method, args, kwargs))
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                raise self._died(method) from None
-            limit = self.timeout_s if timeout_s is None else timeout_s
-            deadline = time.monotonic() + limit
-            while not self._conn.poll(LIVENESS_POLL_S):
-                if not self._proc.is_alive() and not self._conn.poll(0):
-                    raise self._died(method)
-                if time.monotonic() > deadline:
-                    # Its late answer would be taken for the next call's: the engine is done for.
-                    self._proc.kill()
-                    self._kill()
-                    raise EngineTimeout(
-                        f"the rollout engine process (pid {self._proc.pid}) did not answer {method} within "
-                        f"{limit:g} s (rollout.engine_timeout_s) and was stopped; its log: "
-                        f"{self.log_file}"
-                    )
-            try:
-                status, value = self._conn.recv()
-            except (EOFError, ConnectionResetError):
-                raise self._died(method) from None
+            return self._exchange(method, args, kwargs, self.timeout_s if timeout_s is None else timeout_s)
+
+    def _exchange(self, method: str, args: tuple, kwargs: dict, limit: float) -> Any:
+        """One request and its reply (the caller holds the lock)."""
+        if self._conn.closed:
+            raise EngineDied(f"the rollout engine process was closed; its log: {self.log_file}")
+        try:
+            self._conn.send((method, args, kwargs))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            raise self._died(method) from None
+        deadline = time.monotonic() + limit
+        while not self._conn.poll(LIVENESS_POLL_S):
+            if not self._proc.is_alive() and not self._conn.poll(0):
+                raise self._died(method)
+            if time.monotonic() > deadline:
+                # Its late answer would be taken for the next call's: the engine is done for.
+                self._proc.kill()
+                self._kill()
+                raise EngineTimeout(
+                    f"the rollout engine process (pid {self._proc.pid}) did not answer {method} within "
+                    f"{limit:g} s (rollout.engine_timeout_s) and was stopped; its log: "
+                    f"{self.log_file}"
+                )
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, ConnectionResetError):
+            raise self._died(method) from None
         if status == "ok":
             return value
         raise _rebuild(value)
