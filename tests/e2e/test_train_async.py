@@ -9,6 +9,8 @@
 * Two ranks under torchrun, each with its own vLLM engine process.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -72,10 +74,19 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def test_kill_9_then_resume_equals_the_run_never_interrupted(demo_model, tmp_path, capsys):
-    straight = tmp_path / "straight"
-    summary = train(load_config("toy-cpu", [*_overrides(demo_model, straight, 4, k=2), "run.eval_every=2"]),
-                    progress=False)  # fmt: skip
+@pytest.fixture(scope="module")
+def straight(demo_model, tmp_path_factory):
+    """4 steps with k = 2, evaluated at step 2, checkpoints at 2 and 4: the run the others are compared with."""
+    out = tmp_path_factory.mktemp("async") / "straight"
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        summary = train(load_config("toy-cpu", [*_overrides(demo_model, out, 4, k=2), "run.eval_every=2"]),
+                        progress=False)  # fmt: skip
+    return out, summary, capture.getvalue()
+
+
+def test_kill_9_then_resume_equals_the_run_never_interrupted(straight, demo_model, tmp_path):
+    straight, summary, console = straight
     assert summary["finished"]
     records = _metrics(straight)
     assert [r["sampled_with_step"] for r in records] == [0, 0, 0, 1]  # max(0, b - 1 - k), k = 2
@@ -83,7 +94,7 @@ def test_kill_9_then_resume_equals_the_run_never_interrupted(demo_model, tmp_pat
     assert all(r["groups_with_spread"] >= 2 and not r["sampling_capped"] for r in records)
     assert all(0.0 <= r["overlap"] <= 1.0 and r["rollout_wait_s"] >= 0 for r in records)
     assert all(r["stale_dropped_groups"] == 0 for r in records)
-    assert "eval step 2: accuracy" in capsys.readouterr().out  # the engine between two batches, with step 2's weights
+    assert "eval step 2: accuracy" in console  # the engine between two batches, with step 2's weights
     assert any(r["grad_norm"] > 0 for r in records), "the run must actually train"
 
     killed = tmp_path / "killed"
@@ -126,19 +137,21 @@ def test_an_engine_process_that_dies_is_one_clear_error_naming_its_log(demo_mode
     assert time.monotonic() - start < 120
 
 
-def test_a_resume_with_a_smaller_k_drops_what_was_sampled_ahead_too_long_ago(demo_model, tmp_path, capsys):
-    out = tmp_path / "run"
-    train(load_config("toy-cpu", [*_overrides(demo_model, out, 3, k=2), "eval.data=null"]), progress=False)
-    # Checkpoint 2 holds batch 3, sampled with step 0's weights: 2 versions before its update.
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    train(load_run_config(out, ["rollout.async_staleness=1"]), resume=True, from_step=2, progress=False)
-    step3 = _metrics(out)[-1]
-    assert step3["step"] == 3 and step3["stale_dropped_groups"] == 2
+def test_a_resume_with_a_smaller_k_drops_what_was_sampled_ahead_too_long_ago(straight, tmp_path, capsys):
+    # Checkpoint 2 of the k = 2 run holds batches 3 and 4, sampled with step 0's and step 1's weights: 2
+    # versions before their updates.
+    smaller, synchronous = tmp_path / "k1", tmp_path / "k0"
+    for folder in (smaller, synchronous):
+        shutil.copytree(straight[0], folder)
+    late = ["run.steps=3", "run.eval_every=0", "eval.data=null"]
+    train(load_run_config(smaller, ["rollout.async_staleness=1", *late]), resume=True, from_step=2, progress=False)
+    step3 = _metrics(smaller)[-1]
+    assert step3["step"] == 3 and step3["stale_dropped_groups"] == 4  # both batches (2 groups each): too old
     assert step3["sampled_with_step"] == 2 and step3["staleness"] == 0  # sampled again with the resumed weights
-    summary = train(load_run_config(copy, ["rollout.async_staleness=0"]), resume=True, from_step=2, progress=False)
+    summary = train(load_run_config(synchronous, ["rollout.async_staleness=0", *late]), resume=True, from_step=2,
+                    progress=False)  # fmt: skip
     assert summary["finished"] and summary["steps"] == 3
-    assert "2 groups the asynchronous loop had sampled ahead are dropped" in capsys.readouterr().out
+    assert "4 groups the asynchronous loop had sampled ahead are dropped" in capsys.readouterr().out
 
 
 @pytest.mark.vllm

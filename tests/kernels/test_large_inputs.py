@@ -2,7 +2,7 @@
 elements, on the C++ backend in bf16 (the 4.3 GB logits fit this machine's memory; ``inplace_grad`` adds no
 second buffer), for the fused PPO-clip kernel and a sequence-level two-pass objective (GSPO).
 
-What is checked: the log-probs and per-token losses of the first and the last 8,192 rows (whole sequences) against
+What is checked: the log-probs and per-token losses of the first and the last 2,048 rows (whole sequences) against
 the reference on float32 copies of those rows, every row's loss finite, and the gradient of the first and of the last
 two sequences (the last one lies wholly past element 2**31) against the reference on those sequences alone (a global
 ``normalizer`` makes a row's gradient independent of the other sequences). The Triton kernels' 64-bit row offsets
@@ -20,13 +20,14 @@ import pytest
 import torch
 from oracle_checks import BACKENDS, STORE_ROUNDING
 
-from dler_kernels import policy_loss, token_logprobs
+from dler_kernels import policy_loss
 from dler_kernels.reference import policy_loss_ref
 
 SEQ = 512
 N = 129 * SEQ  # 66,048 rows: past 65,536
 V = 32_768  # N x V = 2,164,260,864 > 2**31: every row from 65,536 on, the whole last sequence, lies past it
-CHUNK = 16 * SEQ
+CHUNK = 4 * SEQ  # the last 4 sequences: the one wholly past element 2**31, the one across it, two before
+PERIOD = 8191  # rows; prime (see ``batch``)
 
 pytestmark = [
     pytest.mark.slow,
@@ -36,14 +37,24 @@ pytestmark = [
 
 @pytest.fixture
 def batch():
-    """Fresh logits for each test (``inplace_grad`` overwrites them): one 4.3 GB tensor at a time."""
+    """Fresh logits for each test (``inplace_grad`` overwrites them): one 4.3 GB tensor at a time.
+
+    Its rows repeat with a period of PERIOD random rows: drawing 2.2e9 normal values took most of the test's
+    time. The period is prime, so a read displaced by any power of two of rows, as a 32-bit offset that wrapped
+    at 2**31 or 2**32 elements displaces it (65,536 or 131,072 rows), lands on a row of other values."""
     assert N * V > 2**31 and N >= 65_536 and (N - SEQ) * V >= 2**31
+    assert all((2**b // V) % PERIOD for b in (31, 32))
     g = torch.Generator().manual_seed(0)
-    logits = torch.empty(N, V, dtype=torch.bfloat16).normal_(0.0, 2.0, generator=g)
+    block = torch.empty(PERIOD, V, dtype=torch.bfloat16).normal_(0.0, 2.0, generator=g)
+    logits = torch.empty(N, V, dtype=torch.bfloat16)
+    for start in range(0, N, PERIOD):
+        logits[start : start + PERIOD] = block[: N - start]
     targets = torch.randint(0, V, (N,), generator=g)
     mask = torch.ones(N, dtype=torch.bool)
     mask[-SEQ // 2 :: 7] = False  # masked rows in the last sequence too
-    current = token_logprobs(logits, targets, backend="cpu")
+    period, values = torch.arange(N) % PERIOD, block.float()
+    current = values[period, targets] - torch.logsumexp(values, -1)[period]  # each row's log-prob of its target
+    del values
     old = current + 0.05 * torch.randn(N, generator=g)
     advantages = torch.randn(N // SEQ, generator=g).repeat_interleave(SEQ)
     seq_ids = torch.arange(N) // SEQ
