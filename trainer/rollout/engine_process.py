@@ -225,7 +225,12 @@ def serve(conn, kind: str, model_dir: str, options: dict, setup: dict) -> None:
             break
         try:
             if method == "info":
-                value = {"device_name": getattr(engine, "device_name", "?"), "pid": os.getpid()}
+                value = {
+                    "device_name": getattr(engine, "device_name", "?"),
+                    "pid": os.getpid(),
+                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                    "launcher_variables": [name for name in LAUNCHER_VARIABLES if name in os.environ],
+                }
             elif method == "generate":
                 value = engine.generate(*args, **kwargs)
             elif method == "update_weights":

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,38 @@ def test_an_engine_that_cannot_start_fails_the_constructor_and_leaves_no_process
     with pytest.raises(UserError, match="has no weights"):
         EngineProcess("hf", tmp_path, log_file=tmp_path / "engine.log", timeout_s=60)
     assert not multiprocessing.active_children()
+
+
+def test_the_engine_process_is_outside_the_job_and_on_the_devices_it_is_given(demo_model, tmp_path, monkeypatch):
+    """Under torchrun the child must not see the job's variables (vLLM would join the job); ``devices`` becomes
+    its CUDA_VISIBLE_DEVICES (``rollout.engine_devices``; the HF engine on the CPU ignores it here)."""
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    e = EngineProcess("hf", demo_model, log_file=tmp_path / "engine.log", timeout_s=60, devices="3", dtype="float32",
+                      device="cpu")  # fmt: skip
+    try:
+        assert e.info["cuda_visible_devices"] == "3" and e.info["launcher_variables"] == []
+        assert e.info["pid"] == e.pid != os.getpid()
+    finally:
+        e.close()
+
+
+def test_the_trainer_gives_each_local_rank_its_own_engine_gpu():
+    """``rollout.engine_devices`` on a GPU node: local rank r's engine process sees entry r alone, as cuda:0."""
+    from types import SimpleNamespace
+
+    from trainer.config import load_config
+    from trainer.dist.distributed_env import DistEnv
+    from trainer.train import Trainer
+
+    cfg = load_config("toy-cpu", ["run.device=cuda", "rollout.async_staleness=1", "rollout.engine_devices=4,5,6,7"])
+    env = DistEnv(rank=2, world_size=4, local_rank=2, device=torch.device("cuda", 2))
+    got = Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+    assert got["devices"] == "6" and got["device"] == "cuda:0" and got["threads"] is None
+    env = DistEnv(rank=5, world_size=8, local_rank=5, device=torch.device("cuda", 5))
+    with pytest.raises(UserError, match="names 4 devices, none for local rank 5"):
+        Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+    cfg = load_config("toy-cpu", ["rollout.async_staleness=1"])  # on a CPU: half the cores each
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    got = Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+    assert got["devices"] is None and got["device"] == "cpu" and got["threads"] == max(1, (os.cpu_count() or 2) // 2)
