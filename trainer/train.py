@@ -22,6 +22,11 @@ the gathered global batch (:mod:`trainer.update.global_batch`), so DLER's batch 
 whole batch; the update runs on each rank's share with the global token normaliser
 (``policy.accumulate_gradients``).
 
+**Asynchronous rollouts** (``rollout.async_staleness`` k >= 1, :mod:`trainer.rollout.async_rollout`): the engine
+runs in its own process and samples the batch of step b with the weights of step b - 1 - k while the trainer
+updates; ``collect`` takes the batch from its queue, ``sync_weights`` publishes a CPU copy of the weights, and a
+checkpoint saves the batches sampled ahead. k = 0 is the loop above, unchanged.
+
 **Stopping and divergence** (the rules are :mod:`trainer.run.schedule`'s): a stop request writes a
 checkpoint after the current step and returns at once, without any evaluation still due (it prints the
 ``dler eval`` command that runs it later); ``dler train --resume OUT`` continues from it. A diverged
@@ -158,7 +163,7 @@ class Trainer:
         """The end of the run: the engine shut down, then the run folder's lock let go."""
         try:
             if self.rollout is not None:
-                self.rollout.close()  # the producer first: it ends after the call it is in
+                self.rollout.close()  # the producer first: it stops before its next batch
             # The engine first: vLLM tears down its process groups (built on the job's) at shutdown.
             self.engine.close()
         finally:
