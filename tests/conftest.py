@@ -18,9 +18,6 @@ from filelock import FileLock  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    # The slow modules first: `pytest -n 2 --dist loadfile` hands out whole files in this order, and a
-    # long file taken last would run alone at the end while the other worker idles.
-    items.sort(key=lambda item: not ({"slow", "vllm"} & set(item.keywords)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")

@@ -10,27 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_files import metrics, newest_weights, without_timings
 
 from trainer import cli
 from trainer.config import load_config
 from trainer.devices import host
 from trainer.fsutil import UserError
-from trainer.run.run_log import METRICS_FILE, before_after_table
+from trainer.run.run_log import before_after_table
 from trainer.train import Trainer, load_run_config, train
 
 HELPERS = Path(__file__).parents[1] / "helpers"
-
-# Wall-clock figures differ between two runs of the same computation; everything else must not.
-TIMING_KEYS = {
-    "rollout_s",
-    "score_s",
-    "logprob_s",
-    "update_s",
-    "sync_s",
-    "step_s",
-    "rollout_tokens_per_s",
-    "update_tokens_per_s",
-}
 
 
 def _overrides(model: Path, out: Path, steps: int) -> list[str]:
@@ -55,21 +44,6 @@ def _overrides(model: Path, out: Path, steps: int) -> list[str]:
     ]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-
-
-def _without_timings(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    (step_dir,) = sorted((out / "checkpoints").glob("step-*"))[-1:]
-    return load_file(str(step_dir / "model" / "model.safetensors"))
-
-
 def test_stop_and_resume_equals_straight_run(demo_model, tmp_path, monkeypatch):
     """4 steps straight vs 2 steps, Ctrl-C, resume, 2 more: identical metrics and weights."""
     straight = tmp_path / "straight"
@@ -88,16 +62,16 @@ def test_stop_and_resume_equals_straight_run(demo_model, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "record", record_then_interrupt)
     summary = train(load_config("toy-cpu", _overrides(demo_model, stopped, 4)), progress=False)
     assert not summary["finished"] and summary["steps"] == 2
-    assert [r["step"] for r in _metrics(stopped)] == [1, 2]
+    assert [r["step"] for r in metrics(stopped)] == [1, 2]
     monkeypatch.setattr(Trainer, "record", record)
 
     summary = train(load_run_config(stopped), resume=True, progress=False)
     assert summary["finished"] and summary["steps"] == 4
-    a, b = _metrics(straight), _metrics(stopped)
+    a, b = metrics(straight), metrics(stopped)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [_without_timings(r) for r in a] == [_without_timings(r) for r in b]
+    assert [without_timings(r) for r in a] == [without_timings(r) for r in b]
     assert any(r["grad_norm"] > 0 for r in a), "the run must actually train"
-    wa, wb = _weights(straight), _weights(stopped)
+    wa, wb = newest_weights(straight), newest_weights(stopped)
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
@@ -138,10 +112,10 @@ def test_budget_schedule_resumes_where_it_was(demo_model, tmp_path, monkeypatch)
     monkeypatch.setattr(Trainer, "record", record)
     summary = train(load_run_config(stopped), resume=True, progress=False)
     assert summary["finished"] and summary["steps"] == 4
-    a, b = _metrics(straight), _metrics(stopped)
+    a, b = metrics(straight), metrics(stopped)
     # 2 prompts per step; budget 48 * 0.5^(t-1), floored at 6
     assert [r["budgets"] for r in b] == [{"48": 2}, {"24": 2}, {"12": 2}, {"6": 2}]
-    assert [_without_timings(r) for r in a] == [_without_timings(r) for r in b]
+    assert [without_timings(r) for r in a] == [without_timings(r) for r in b]
 
 
 def test_fresh_run_refuses_an_existing_run_folder(demo_model, tmp_path):
@@ -210,7 +184,7 @@ def test_end_to_end_with_vllm(demo_model, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    records = _metrics(out)
+    records = metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         for key in ("accuracy", "mean_response_length", "truncation_rate", "grad_norm", "sync_s"):

@@ -11,7 +11,6 @@
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_files import metrics, newest_weights, without_timings
 
 from trainer.config import load_config
 from trainer.fsutil import UserError
@@ -30,9 +30,6 @@ from trainer.run.run_log import METRICS_FILE
 from trainer.train import Trainer, load_run_config, train
 
 REPO = Path(__file__).parents[2]
-# Wall-clock figures differ between two runs of the same computation; everything else must not.
-TIMING_KEYS = {"rollout_s", "score_s", "logprob_s", "update_s", "sync_s", "step_s", "rollout_tokens_per_s",
-               "update_tokens_per_s", "rollout_wait_s", "overlap"}  # fmt: skip
 
 
 def _overrides(model: Path, out: Path, steps: int, k: int = 1, engine: str = "hf") -> list[str]:
@@ -59,17 +56,6 @@ def _overrides(model: Path, out: Path, steps: int, k: int = 1, engine: str = "hf
     ]
 
 
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-
-
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    (step_dir,) = sorted((out / "checkpoints").glob("step-*"))[-1:]
-    return load_file(str(step_dir / "model" / "model.safetensors"))
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -88,7 +74,7 @@ def straight(demo_model, tmp_path_factory):
 def test_kill_9_then_resume_equals_the_run_never_interrupted(straight, demo_model, tmp_path):
     straight, summary, console = straight
     assert summary["finished"]
-    records = _metrics(straight)
+    records = metrics(straight)
     assert [r["sampled_with_step"] for r in records] == [0, 0, 0, 1]  # max(0, b - 1 - k), k = 2
     assert [r["staleness"] for r in records] == [0, 1, 2, 2]
     assert all(r["groups_with_spread"] >= 2 and not r["sampling_capped"] for r in records)
@@ -103,7 +89,7 @@ def test_kill_9_then_resume_equals_the_run_never_interrupted(straight, demo_mode
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not ((killed / METRICS_FILE).exists() and len(_metrics(killed)) >= 3):  # checkpoint 2 is saved
+        while not ((killed / METRICS_FILE).exists() and len(metrics(killed)) >= 3):  # checkpoint 2 is saved
             assert proc.poll() is None, proc.stderr.read()[-4000:]
             assert time.monotonic() < deadline, "the run did not reach step 3"
             time.sleep(0.2)
@@ -114,10 +100,9 @@ def test_kill_9_then_resume_equals_the_run_never_interrupted(straight, demo_mode
             proc.kill()
     summary = train(load_run_config(killed), resume=True, progress=False)
     assert summary["finished"] and summary["steps"] == 4
-    resumed = {r["step"]: r for r in _metrics(killed)}  # step 3 ran twice: before the kill and after the resume
-    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_KEYS}  # noqa: E731
-    assert [strip(resumed[s]) for s in (1, 2, 3, 4)] == [strip(r) for r in records]
-    wa, wb = _weights(straight), _weights(killed)
+    resumed = {r["step"]: r for r in metrics(killed)}  # step 3 ran twice: before the kill and after the resume
+    assert [without_timings(resumed[s]) for s in (1, 2, 3, 4)] == [without_timings(r) for r in records]
+    wa, wb = newest_weights(straight), newest_weights(killed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
@@ -145,7 +130,7 @@ def test_a_resume_with_a_smaller_k_drops_what_was_sampled_ahead_too_long_ago(str
         shutil.copytree(straight[0], folder)
     late = ["run.steps=3", "run.eval_every=0", "eval.data=null"]
     train(load_run_config(smaller, ["rollout.async_staleness=1", *late]), resume=True, from_step=2, progress=False)
-    step3 = _metrics(smaller)[-1]
+    step3 = metrics(smaller)[-1]
     assert step3["step"] == 3 and step3["stale_dropped_groups"] == 4  # both batches (2 groups each): too old
     assert step3["sampled_with_step"] == 2 and step3["staleness"] == 0  # sampled again with the resumed weights
     summary = train(load_run_config(synchronous, ["rollout.async_staleness=0", *late]), resume=True, from_step=2,
@@ -173,7 +158,7 @@ def test_two_ranks_each_with_its_own_vllm_engine_process(demo_model, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-6000:]
     assert "Traceback" not in done.stderr, done.stderr[-6000:]
-    records = _metrics(out)
+    records = metrics(out)
     assert [r["sampled_with_step"] for r in records] == [0, 0, 1]
     assert all(r["groups_with_spread"] >= 4 for r in records)  # both ranks' batches, full
     assert any(r["grad_norm"] > 0 for r in records)
