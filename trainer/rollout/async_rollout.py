@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ import numpy as np
 
 from ..data import Example
 from .contract import RolloutEngine, Sample
-from .sampling import DynamicSampler, SamplingStats, SamplingWarning, ScoredGroup
+from .sampling import DynamicSampler, SamplingStats, ScoredGroup
 
 Snapshot = list  # [(name, CPU tensor)]: one version of the policy's weights, copied out of the trainer
 
@@ -176,9 +175,11 @@ class AsyncRollout:
             self._thread.join(timeout=wait_s)
 
     def _wait(self, done: Callable[[], bool], what: str) -> None:
-        """Wait (holding the condition) until ``done``; the producer's error, or a producer that waits for
-        weights the trainer has given already, ends the wait instead of hanging it."""
-        deadline = time.monotonic() + self.timeout_s * (self.sampler.config.max_rounds + 1)
+        """Wait (holding the condition) until ``done``; the producer's error, a producer that has ended, or one
+        that waits for weights the trainer has not published, ends the wait instead of hanging it. The bound:
+        the engine's timeout for each round a batch may take, and one more."""
+        limit = self.timeout_s * (self.sampler.config.max_rounds + 1)
+        deadline = time.monotonic() + limit
         while not done():
             if self._error is not None:
                 raise self._error
@@ -192,7 +193,7 @@ class AsyncRollout:
                     f"{self._waiting_for}, which are not published yet (published: step {self._published})"
                 )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} were not made within {deadline:.0f} s")
+                raise TimeoutError(f"{what} were not made within {limit:.0f} s")
             self._cond.wait(1.0)
 
     # -- the producer's side -------------------------------------------------------------------
@@ -229,13 +230,13 @@ class AsyncRollout:
             span = [time.perf_counter(), float("inf")]
             with self._cond:
                 self._busy = [s for s in self._busy if s[1] > span[0] - 600.0] + [span]  # the last 10 minutes
+            messages: list[str] = []
+            self.sampler.report_short = messages.append  # this thread's own, printed by the step that trains it
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", SamplingWarning)
-                    groups, stats = self.sampler.collect(step, seed=self.seed_of(step))
+                groups, stats = self.sampler.collect(step, seed=self.seed_of(step))
             finally:
                 span[1] = time.perf_counter()
-        return StepBatch(step, version, groups, stats, [str(w.message) for w in caught], self.state_of())
+        return StepBatch(step, version, groups, stats, messages, self.state_of())
 
     def _load(self, version: int) -> None:
         """The engine holding weights ``version`` (called with the engine lock held)."""

@@ -242,6 +242,9 @@ class DynamicSampler:
     ):
         self.engine, self.stream, self.prompt_ids, self.scorer = engine, stream, prompt_ids, scorer
         self.another_round = another_round
+        # Where a short batch's message goes instead of a SamplingWarning: the asynchronous loop's producer thread
+        # collects its own (warnings.catch_warnings is process-wide, and would take the trainer's warnings too).
+        self.report_short: Callable[[str], None] | None = None
         self.penalty, self.config, self.budgets = penalty, config, budgets
         largest = budgets.max_budget if budgets is not None else penalty.length_budget
         self.max_tokens = config.max_tokens if config.max_tokens is not None else largest
@@ -267,16 +270,18 @@ class DynamicSampler:
         self._summarise(generated, batch, stats)
         if len(kept) < target:
             stats.capped = True
-            warnings.warn(
+            message = (
                 f"dynamic sampling: only {len(kept)} of {target} prompts have a {cfg.dynamic_sampling_on} spread after "
                 f"{stats.rounds} rounds ({stats.prompts_generated} prompts generated: "
                 f"{stats.groups_all_correct} all correct, {stats.groups_all_wrong} all wrong"
                 + (f", {stats.groups_same_reward} of equal rewards" if stats.groups_same_reward else "")
                 + f"); training on "
-                f"{len(kept)}. Raise max_rounds or oversample, or use data of a difficulty that suits the model.",
-                SamplingWarning,
-                stacklevel=2,
+                f"{len(kept)}. Raise max_rounds or oversample, or use data of a difficulty that suits the model."
             )
+            if self.report_short is not None:
+                self.report_short(message)
+            else:
+                warnings.warn(message, SamplingWarning, stacklevel=2)
         return batch, stats
 
     def _round_size(self, missing: int, stats: SamplingStats) -> int:

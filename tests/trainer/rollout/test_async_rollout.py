@@ -174,3 +174,19 @@ def test_a_wait_for_weights_never_published_fails_instead_of_hanging(checker):
 def test_staleness_must_be_at_least_one(checker):
     with pytest.raises(ValueError, match="staleness must be >= 1"):
         make_rollout(checker, VersionedEngine(), 0)
+
+
+class WrongEngine(VersionedEngine):
+    """Every answer wrong: no group has spread, every batch is short."""
+
+    def generate(self, prompts, **sampling):
+        groups = super().generate(prompts, **sampling)
+        return [[Sample(s.token_ids, "so \\boxed{-1}", s.finish_reason, s.logprobs) for s in g] for g in groups]
+
+
+def test_a_short_batch_carries_its_message_to_the_step_and_warns_no_other_thread(checker, recwarn):
+    batches, _ = train(make_rollout(checker, WrongEngine(), 1), range(1, 3))
+    for b in batches:
+        assert b.stats.capped and len(b.warnings) == 1
+        assert b.warnings[0].startswith("dynamic sampling: only 0 of 3 prompts have a reward spread after 3 rounds")
+    assert not [w for w in recwarn if "dynamic sampling" in str(w.message)]
