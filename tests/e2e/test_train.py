@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_files import metrics, newest_weights, without_timings
+from run_files import metrics, newest_weights, small_run, without_timings
 
 from trainer import cli
 from trainer.config import load_config
@@ -23,25 +23,7 @@ HELPERS = Path(__file__).parents[1] / "helpers"
 
 
 def _overrides(model: Path, out: Path, steps: int) -> list[str]:
-    return [
-        f"model.path={model}",
-        f"run.out={out}",
-        f"run.steps={steps}",
-        "run.save_every=2",
-        "rollout.engine=hf",
-        "rollout.dtype=float32",
-        "rollout.sampling.prompts_per_step=2",
-        "rollout.sampling.samples_per_prompt=4",
-        "rollout.sampling.dynamic_sampling=false",
-        "rollout.sampling.max_tokens=48",
-        "reward.penalty.name=kimi",
-        "reward.penalty.length_budget=48",
-        "algorithm.mini_batch_prompts=1",
-        "optim.lr=1e-2",
-        "eval.limit=4",
-        "eval.samples_per_prompt=1",
-        "eval.max_tokens=48",
-    ]
+    return [*small_run(model, out, steps), "rollout.engine=hf", "rollout.sampling.dynamic_sampling=false"]
 
 
 def test_stop_and_resume_equals_straight_run(demo_model, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_files import metrics, newest_weights, without_timings
+from run_files import metrics, newest_weights, small_run, without_timings
 
 from trainer.config import load_config
 from trainer.fsutil import UserError
@@ -33,27 +33,8 @@ REPO = Path(__file__).parents[2]
 
 
 def _overrides(model: Path, out: Path, steps: int, k: int = 1, engine: str = "hf") -> list[str]:
-    return [
-        f"model.path={model}",
-        f"run.out={out}",
-        f"run.steps={steps}",
-        "run.save_every=2",
-        f"rollout.engine={engine}",
-        "rollout.dtype=float32",
-        f"rollout.async_staleness={k}",
-        "rollout.engine_timeout_s=120",
-        "rollout.sampling.prompts_per_step=2",
-        "rollout.sampling.samples_per_prompt=4",
-        "rollout.sampling.max_tokens=48",
-        "rollout.sampling.max_rounds=4",
-        "reward.penalty.name=kimi",  # graded by length: most groups have spread even where all are wrong
-        "reward.penalty.length_budget=48",
-        "algorithm.mini_batch_prompts=1",
-        "optim.lr=1e-2",
-        "eval.limit=4",
-        "eval.samples_per_prompt=1",
-        "eval.max_tokens=48",
-    ]
+    return [*small_run(model, out, steps), f"rollout.engine={engine}", f"rollout.async_staleness={k}",
+            "rollout.engine_timeout_s=120", "rollout.sampling.max_rounds=4"]  # fmt: skip
 
 
 def _env() -> dict[str, str]:
