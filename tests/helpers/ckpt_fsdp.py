@@ -98,6 +98,9 @@ def rank0_failures(manager, path, model, optimizer, scheduler, rank: int, out: P
 
 
 def worker(rank: int, model_dir: str, out: str) -> None:
+    import spawned_rank  # beside this script; imported here as test_fsdp.py loads this file as a module
+
+    spawned_rank.start()
     torch.set_num_threads(1)
     model_dir, out = Path(model_dir), Path(out)
     dist.init_process_group("gloo", init_method=f"file://{out / 'pg-init'}", rank=rank, world_size=WORLD)
@@ -133,10 +136,7 @@ def worker(rank: int, model_dir: str, out: str) -> None:
             errors=errors,
         )
         (out / "result.json").write_text(json.dumps(result))
-    # Both ranks leave together: once, under load, rank 0 aborted in gloo's teardown
-    # ("terminate called without an active exception") while rank 1 was still finishing.
-    dist.barrier()
-    dist.destroy_process_group()
+    spawned_rank.leave()
 
 
 if __name__ == "__main__":

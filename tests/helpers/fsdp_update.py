@@ -90,6 +90,9 @@ def layer_calls(model) -> list[int]:
 
 
 def worker(rank: int, model_dir: str, out: str, port: str) -> None:
+    import spawned_rank  # beside this script; imported here as test_fsdp.py loads this file as a module
+
+    spawned_rank.start()
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -151,10 +154,7 @@ def worker(rank: int, model_dir: str, out: str, port: str) -> None:
     if rank == 0:
         torch.save(result, out / "result.pt")
         (out / "facts.json").write_text(json.dumps(everyone))
-    # Both ranks leave together: under load, the rank that left first once aborted in gloo's
-    # teardown ("terminate called without an active exception"), as in ckpt_fsdp.py.
-    dist.barrier()
-    destroy_distributed()
+    spawned_rank.leave(destroy_distributed)
 
 
 if __name__ == "__main__":
