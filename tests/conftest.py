@@ -26,6 +26,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# The trainer's tests (and the processes they start) run the kernels a CPU user's trainer runs: the C++
+# extension (csrc/cpu), the CPU default when TRITON_INTERPRET is unset, or the reference where it is not
+# built. Under this suite's TRITON_INTERPRET=1 the default would be Triton's interpreter, 20-50x slower
+# per step (a 2-rank step: 9 s against 0.6 s). The kernels' own tests compare every backend with the
+# reference; tests/e2e/test_train_backends.py trains on the Triton kernels and on the extension alike.
+# Elsewhere a module opts in with ``pytestmark = pytest.mark.trainer_kernels``.
+TESTS = Path(__file__).parent
+TRAINER_TESTS = ("e2e", "trainer")
+
+
+def trainer_kernels() -> str:
+    """The backend a CPU user's trainer runs its kernels on: the extension, else the reference."""
+    from dler_kernels.dispatch import usable_backends
+
+    return "cpu" if "cpu" in usable_backends("cpu") else "reference"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _trainer_tests_run_the_users_kernels(request):
+    """DLER_BACKEND=trainer_kernels() for a trainer test module: module scope, so that its module
+    fixtures (a shared run) see it too."""
+    folder = request.node.path.relative_to(TESTS).parts[0]
+    if folder not in TRAINER_TESTS and request.node.get_closest_marker("trainer_kernels") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DLER_BACKEND", trainer_kernels())
+        yield
+
+
 def shared_dir(tmp_path_factory, name: str) -> Path:
     """A folder of the session that every xdist worker sees (their common parent), or the session's own."""
     base = tmp_path_factory.getbasetemp()

@@ -78,7 +78,7 @@ from .update.global_batch import global_advantages
 from .update.mismatch_metrics import MismatchSums
 from .update.optim import build_optimizer, build_scheduler, clip_gradients
 from .update.packing import UpdateRow
-from .update.policy import accumulate_gradients, compute_logprobs
+from .update.policy import accumulate_gradients, compute_logprobs, loss_backend
 
 
 class Trainer:
@@ -267,7 +267,7 @@ class Trainer:
                 self.log.say(f"the final evaluation was skipped (stop requested); run it with: {command}")
             else:
                 self.history["after"] = self.evaluate(step, f"after step {step}")
-        summary = self.log.finish(step, finished, self.history)
+        summary = self.log.finish(step, finished, self.history, kernels=loss_backend(self.env.device))
         if stopped:
             summary["stopped"] = True
         return summary

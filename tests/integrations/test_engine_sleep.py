@@ -21,6 +21,8 @@ from trainer.rollout.contract import SLEEP_TAGS
 from trainer.rollout.vllm_engine import VLLMEngine
 from trainer.train import train
 
+pytestmark = pytest.mark.trainer_kernels  # the trainer's update, as a CPU user runs it (tests/conftest.py)
+
 _spec = importlib.util.spec_from_file_location("fake_vllm", Path(__file__).parents[1] / "helpers" / "fake_vllm.py")
 fake_vllm = importlib.util.module_from_spec(_spec)
 sys.modules["fake_vllm"] = fake_vllm  # its dataclasses look their module up there

@@ -26,6 +26,8 @@ from trainer.fsutil import UserError
 from trainer.models import resolve as models
 from trainer.update.packing import Packed, plan_micro_batches
 
+pytestmark = pytest.mark.trainer_kernels  # the trainer's update, as a CPU user runs it (tests/conftest.py)
+
 HELPERS = Path(__file__).parents[1] / "helpers"
 REPO = Path(__file__).parents[2]
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -115,11 +115,12 @@ class RunLog:
 
     # -- the end of the run ----------------------------------------------------------------------
 
-    def finish(self, step: int, finished: bool, history: dict[str, Any]) -> dict[str, Any]:
-        """The run's summary (written to summary.json with the curves, and printed as a table)."""
+    def finish(self, step: int, finished: bool, history: dict[str, Any], kernels: str) -> dict[str, Any]:
+        """The run's summary (written to summary.json with the curves, and printed as a table). ``kernels``:
+        the backend that computed the loss (triton, cpu, cuda or reference)."""
         records = read_metrics(self.out / METRICS_FILE) if self.is_main else []
         summary: dict[str, Any] = {"out": str(self.out), "steps": step, "finished": finished, "machine": host(),
-                                   **history}  # fmt: skip
+                                   "kernels": kernels, **history}  # fmt: skip
         if records:
             first, last = records[0], records[-1]
             summary["training"] = {

@@ -25,6 +25,13 @@ from .loss_metrics import MiniBatchMetrics
 from .packing import DUMMY_ROW, Packed, UpdateRow, synced_plan
 
 
+def loss_backend(device: torch.device) -> str:
+    """The name of the kernel backend that computes the loss and log-probs on ``device`` (dler_kernels'
+    dispatch: ``DLER_BACKEND``, else Triton on a GPU and the C++ extension on the CPU), for the run's
+    summary."""
+    return dk.backend_for(torch.empty(0, device=device))
+
+
 @torch.no_grad()
 def compute_logprobs(
     model,
