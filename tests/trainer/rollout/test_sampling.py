@@ -262,53 +262,6 @@ def test_gfpo_settings_are_checked():
         SamplingConfig(gfpo_metric="reward")
 
 
-@pytest.mark.vllm
-def test_dynamic_sampling_on_the_real_engine(smollm2_dir):
-    """SmolLM2 on single-digit sums (right ~6% of the time at T=1, so most groups have no spread):
-    the sampler must draw several rounds and still return exactly the target."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from trainer.reward.rewards import apply_length_penalty
-
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
-    spec = {
-        "difficulty": 1,
-        "budgets": [32, 16],
-        "sampling": {"prompts_per_step": 2, "samples_per_prompt": 4, "temperature": 1.0, "max_rounds": 6},
-    }
-    helper = Path(__file__).parents[2] / "helpers" / "vllm_dynamic_sampling.py"
-    out = subprocess.run(
-        [sys.executable, str(helper), str(smollm2_dir), json.dumps(spec)], capture_output=True, text=True, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    stats, groups = res["stats"], res["groups"]
-    assert len(groups) == 2 and not stats["capped"] and res["warnings"] == []
-    assert stats["rounds"] >= 2  # one round of 2 prompts is not enough at this accuracy
-    assert stats["samples"] == 4 * stats["prompts_generated"] == 4 * res["stream_position"]
-    assert (
-        stats["groups_with_spread"]
-        + stats["groups_all_correct"]
-        + stats["groups_all_wrong"]
-        + stats["groups_same_reward"]
-        == stats["prompts_generated"]
-    )
-    assert res["rescored"] == [c for g in groups for c in g["correct"]]
-    for g in groups:
-        assert 0 < sum(g["correct"]) < 4  # spread
-        assert g["lengths"] == g["token_counts"] and all(n <= 32 for n in g["lengths"])
-        assert g["truncated"] == [f == "length" for f in g["finish"]]
-        assert g["budget"] == (16 if np.mean(g["correct"]) >= 0.5 else 32)
-        assert res["record"][g["id"]] == [np.mean(g["correct"]), 0]
-        expected = apply_length_penalty(
-            LengthPenaltyConfig(name="truncation"), g["correct"], g["lengths"], g["truncated"], g["budget"]
-        )
-        np.testing.assert_allclose(g["rewards"], expected)
-
-
 # ------------------------------------------------------------------ what dynamic sampling judges: reward or correctness
 
 # Groups whose responses are all correct but whose rewards the length penalty separates: each the first prompt of
