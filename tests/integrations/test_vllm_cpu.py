@@ -36,9 +36,12 @@ def engines(tmp_path_factory):
         key = (str(model_dir), dtype)
         if key not in started:
             log = logs / f"{Path(model_dir).name}-{dtype}.log"
+            # 8% of host memory (the engine's default is 15%): several stay up at once, beside the other worker's
+            # tests; the KV cache left (~0.9 GB) holds ~38k tokens of SmolLM2, more than any call here needs.
             started[key] = EngineProcess(
-                "vllm", model_dir, log_file=log, timeout_s=600, dtype=dtype, max_model_len=512, seed=0
-            )
+                "vllm", model_dir, log_file=log, timeout_s=600, dtype=dtype, max_model_len=512, seed=0,
+                gpu_memory_utilization=0.08,
+            )  # fmt: skip
         return started[key]
 
     yield engine
