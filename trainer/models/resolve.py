@@ -14,6 +14,7 @@ They write atomically and cache under ``$DLER_CACHE`` (default ``~/.cache/dler``
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -56,10 +57,10 @@ def _check_gguf(path: Path) -> None:
 def _load_gguf(gguf: Path):
     """Tokenizer and float32 model from a GGUF; any failure of the reader means a bad file."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    tokenizer = _load_gguf_tokenizer(gguf)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # the GGUF reader raises many kinds (ValueError, KeyError, struct.error, ...)
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -70,8 +71,17 @@ def _load_gguf(gguf: Path):
 
 
 def _load_gguf_tokenizer(gguf: Path):
+    """SmolLM2's tokenizer, read from the GGUF once per process and file version: reading it costs ~3 s (its
+    vocabulary is converted to a fast tokenizer), most of a tiny model's build. Shared: callers only read it."""
+    stat = gguf.stat()
+    return _gguf_tokenizer(str(gguf), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_tokenizer(path: str, size: int, mtime_ns: int):  # size and mtime: a replaced file is read again
     from transformers import AutoTokenizer
 
+    gguf = Path(path)
     try:
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
