@@ -25,7 +25,8 @@ from bench.gpu_check.wheel import export_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 # Environment variables that would change what is built or imported, or where from.
-BUILD_KNOBS = ("DLER_BUILD_CUDA", "DLER_BUILD_EXT", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH", "DLER_BACKEND")
+BUILD_KNOBS = ("DLER_BUILD_CUDA", "DLER_BUILD_EXT", "DLER_BUILD_DEBUG", "TORCH_CUDA_ARCH_LIST", "PYTHONPATH",
+               "DLER_BACKEND")  # fmt: skip
 
 
 def clean_env(**extra) -> dict:
@@ -126,6 +127,11 @@ def test_wheel_built_from_a_clean_export_runs_its_extension_from_a_fresh_venv(ex
     extension = [n for n in names if n.startswith("dler_kernels/_C.") and n.endswith(".so")]
     assert len(extension) == 1, names
     assert not [n for n in names if n.startswith(("csrc/", "tests/", "build/"))]
+    if shutil.which("readelf"):  # built with -g0 (dler_kernels/_build_flags.py): no DWARF sections shipped
+        so = tmp_path / "_C.so"
+        so.write_bytes(zipfile.ZipFile(wheel).read(extension[0]))
+        sections = subprocess.run(["readelf", "-S", "-W", so], capture_output=True, text=True, check=True).stdout
+        assert ".debug_info" not in sections, sections
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
