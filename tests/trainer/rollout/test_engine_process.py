@@ -18,9 +18,12 @@ from trainer.rollout.hf_engine import HFEngine
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
 
 
-@pytest.fixture
-def engine(demo_model, tmp_path):
-    e = EngineProcess("hf", demo_model, log_file=tmp_path / "engine.log", timeout_s=60, dtype="float32", device="cpu")
+@pytest.fixture(scope="module")
+def engine(demo_model, tmp_path_factory):
+    """One engine process for the tests below, in file order; the last of them kills it (a start costs ~4 s of
+    CPU: torch and transformers imported again)."""
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    e = EngineProcess("hf", demo_model, log_file=log, timeout_s=60, dtype="float32", device="cpu")
     yield e
     e.close()
 
@@ -53,7 +56,7 @@ def test_an_error_inside_the_engine_comes_back_as_its_own_class_and_the_engine_g
     assert len(engine.generate(PROMPTS, n=1, max_tokens=4, seed=0)) == 2
 
 
-def test_a_killed_engine_is_one_clear_error_naming_its_log(engine, tmp_path):
+def test_a_killed_engine_is_one_clear_error_naming_its_log(engine):
     os.kill(engine.pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(EngineDied, match=r"was killed by signal 9 during generate; its log: .*engine\.log"):
