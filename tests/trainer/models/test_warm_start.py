@@ -61,17 +61,26 @@ def test_the_same_config_on_one_machine_builds_the_same_weights_bit_for_bit(tmp_
     assert weights(other)["model.embed_tokens.weight"].ne(weights(a)["model.embed_tokens.weight"]).any()
 
 
-def _build_script(out: Path, heartbeat: bool, batch_s: float = 0.0) -> str:
-    """A build of TOY into ``out``: a heartbeat line per batch, or none; ``batch_s`` more seconds per batch."""
+def _build_script(out: Path, heartbeat: bool, hold_until: Path | None = None) -> str:
+    """A build of TOY into ``out``: a heartbeat line per batch, or none; with ``hold_until``, its batches wait until
+    that file exists (60 s at most)."""
     return textwrap.dedent(
         f"""
         import time
+        from pathlib import Path
         from trainer.models import warm_start as w
         from trainer.models.demo import WarmStartConfig
         w.HEARTBEAT_S = 0.0 if {heartbeat} else 3600.0
         w.SAVE_EVERY = 5
         step = w._Sft.step
-        w._Sft.step = lambda self: (time.sleep({batch_s}), step(self))[1]
+
+        def held_step(self):
+            hold, deadline = {str(hold_until) if hold_until else None!r}, time.monotonic() + 60
+            while hold and not Path(hold).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return step(self)
+
+        w._Sft.step = held_step
         cfg = WarmStartConfig(**{asdict(TOY)!r})
         w.warm_start(cfg, {str(out)!r}, progress=True, say=lambda line: print(line, flush=True))
         print("DONE", flush=True)
@@ -113,12 +122,18 @@ def test_sigterm_saves_the_state_and_the_next_build_resumes_to_the_uninterrupted
 
 
 def test_concurrent_builds_of_one_warm_start_build_it_once_and_both_use_it(tmp_path):
-    out = tmp_path / "shared" / "model"
-    first = _start(_build_script(out, heartbeat=False, batch_s=0.25))  # 6 s of building: the second comes meanwhile
+    out, release = tmp_path / "shared" / "model", tmp_path / "release"
+    first = _start(_build_script(out, heartbeat=False, hold_until=release))  # holds the lock, building, until released
     head = first.stdout.readline()
     assert "demo warm start: building" in head, head
     second = _start(_build_script(out, heartbeat=False))
-    outputs = [head + first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]]
+    said = []
+    for line in second.stdout:  # the first build is released once the second waits for it
+        said.append(line)
+        if "is on it; waiting for it" in line:
+            break
+    release.touch()
+    outputs = [head + first.communicate(timeout=300)[0], "".join(said) + second.communicate(timeout=300)[0]]
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert all("DONE" in o for o in outputs)
     assert "is on it; waiting for it" in outputs[1] and f"pid {first.pid} " in outputs[1], outputs[1]
