@@ -82,6 +82,7 @@ def _extensions():
     want_debug = os.environ.get("DLER_BUILD_DEBUG", "0")
     if want_debug not in ("0", "1"):
         raise SystemExit(f"DLER_BUILD_DEBUG must be 0 or 1, got {want_debug!r}")
+    debug_info = want_debug == "1"
     flags = _load("_build_flags")
     sources_hash = _load("_sources_hash").sources_hash(CSRC)
     if build_cuda:
@@ -94,12 +95,12 @@ def _extensions():
             "dler_kernels._C",
             cpu_sources + cuda_sources,
             extra_compile_args={
-                "cxx": flags.cxx_flags(torch.__version__, sources_hash, with_cuda=True, debug_info=want_debug == "1"),
+                "cxx": flags.cxx_flags(torch.__version__, sources_hash, with_cuda=True, debug_info=debug_info),
                 "nvcc": flags.nvcc_flags(torch.__version__, sources_hash),
             },
         )
     else:
-        cxx_flags = flags.cxx_flags(torch.__version__, sources_hash, with_cuda=False, debug_info=want_debug == "1")
+        cxx_flags = flags.cxx_flags(torch.__version__, sources_hash, with_cuda=False, debug_info=debug_info)
         ext = CppExtension("dler_kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
     cuda_version = torch.version.cuda if build_cuda else None
     _write_build_info(torch.__version__, cuda_version, os.environ.get("TORCH_CUDA_ARCH_LIST") if build_cuda else None)
