@@ -287,14 +287,14 @@ class AlgorithmConfig(LossSettings):
     how one step's batch is cut into optimizer steps: ``prompts_per_step`` prompts are split into mini-batches
     of ``mini_batch_prompts``, one optimizer step each, for ``epochs_per_step`` passes. The policy loss's settings
     (``objective`` and its parameters, ``beta``, ``kl_type``, ``entropy_coef``, ``temperature``, ``loss_agg``,
-    ``norm_length``) are ``dler_kernels.loss_inputs.LossSettings``' fields, declared and documented there once."""
+    ``norm_length``) are ``dler_kernels.loss_inputs.LossSettings``' fields, declared and documented there once.
+    Two are only re-annotated here: ``kl_type`` and ``loss_agg`` as Literals of the kernels' own lists, so that the
+    config checks them and its help lists the choices (``kl_type`` named by verl's ``low_var_kl``, k3's other name)."""
 
     kl_type: KLType = "low_var_kl"
     """The KL estimator (``low_var_kl`` is ``k3``)."""
     loss_agg: LossAgg = "token-mean"
     """How token losses are aggregated (DLER, DAPO: ``token-mean``)."""
-    norm_length: float | None = None
-    """The constant divisor of ``seq-mean-token-sum-norm`` (None: the max response length)."""
     advantage: AdvantageMethod = "dler"
     """``grpo``, ``dr_grpo``, or ``dler`` (batch-normalised)."""
     weighting: Weighting = "token"
