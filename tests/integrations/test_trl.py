@@ -9,16 +9,25 @@ kernels), about 1e-7 relative per sum.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import warnings
 
 import pytest
 import torch
 
 trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
+if importlib.util.find_spec("datasets") is None:
+    pytest.skip("datasets is not installed (the trl extra)", allow_module_level=True)
 
-from dler_kernels.integrations import trl as dler_trl  # noqa: E402
 from dler_kernels.integrations import warn_if_untested  # noqa: E402
+
+
+def drop_in():
+    """``dler_kernels.integrations.trl``, imported at first use, not at collection: pytest imports this file in every
+    xdist worker, and the drop-in imports TRL's GRPOTrainer, which imports vLLM (~3 s of CPU). Not a module-level
+    name: pytest reads attributes of every module-level object while it collects."""
+    return importlib.import_module("dler_kernels.integrations.trl")
+
 
 V, HIDDEN, B, P, C = 301, 32, 4, 6, 10
 
@@ -58,6 +67,8 @@ def make_trainer(cls, model_dir, out_dir, **config):
         report_to="none", use_cpu=True, bf16=False, gradient_accumulation_steps=2,
         **{"epsilon": 0.2, "epsilon_high": 0.28, **config},
     )  # fmt: skip
+    import datasets
+
     dataset = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7"] * 8})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -83,7 +94,7 @@ def trainers(model_dir, tmp_path_factory):
             out = tmp_path_factory.mktemp("out")
             _TRAINERS[temperature] = tuple(
                 make_trainer(cls, model_dir, out, temperature=temperature, beta=0.04)
-                for cls in (trl.GRPOTrainer, dler_trl.DLERGRPOTrainer)
+                for cls in (trl.GRPOTrainer, drop_in().DLERGRPOTrainer)
             )
         return _TRAINERS[temperature]
 
@@ -249,7 +260,7 @@ OTHER_LOSS_TYPES = {
 
 
 def test_every_supported_loss_type_is_compared_with_trl():
-    assert sorted(PPO_LOSS_TYPES + tuple(OTHER_LOSS_TYPES)) == sorted(dler_trl.SUPPORTED_LOSS_TYPES)
+    assert sorted(PPO_LOSS_TYPES + tuple(OTHER_LOSS_TYPES)) == sorted(drop_in().SUPPORTED_LOSS_TYPES)
 
 
 @pytest.mark.parametrize("loss_type", OTHER_LOSS_TYPES)
@@ -314,8 +325,8 @@ def test_the_loss_runs_through_the_fused_kernel(trainers, monkeypatch):
     _, ours = trainers(1.0)
     configure(ours, loss_type="dapo", beta=0.0, use_vllm=False)
     calls = []
-    real = dler_trl.linear_policy_loss
-    monkeypatch.setattr(dler_trl, "linear_policy_loss", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = drop_in().linear_policy_loss
+    monkeypatch.setattr(drop_in(), "linear_policy_loss", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     inputs = _fill_logps(ours, make_inputs(seed=3), 3)
     hook = ours.model.lm_head.register_forward_hook(lambda *a: pytest.fail("lm_head forward ran"))
     try:
@@ -346,7 +357,7 @@ def test_the_loss_runs_through_the_fused_kernel(trainers, monkeypatch):
 )  # fmt: skip
 def test_unsupported_option_is_named(model_dir, tmp_path, config, message):
     with pytest.raises(ValueError, match=message) as info:
-        make_trainer(dler_trl.DLERGRPOTrainer, model_dir, tmp_path, **config)
+        make_trainer(drop_in().DLERGRPOTrainer, model_dir, tmp_path, **config)
     assert "\n" not in str(info.value)
 
 
@@ -385,12 +396,12 @@ def test_vision_inputs_are_refused(trainers):
 
 def test_untested_trl_version_warns_with_the_tested_range(monkeypatch):
     with pytest.warns(UserWarning, match=r"trl 1\.12\.0 is outside the tested versions \(>=1\.16\.0, <1\.17\.0\)"):
-        assert not warn_if_untested("trl", "1.12.0", dler_trl.TESTED_TRL)
+        assert not warn_if_untested("trl", "1.12.0", drop_in().TESTED_TRL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert warn_if_untested("trl", trl.__version__, dler_trl.TESTED_TRL)  # the installed one is tested
+        assert warn_if_untested("trl", trl.__version__, drop_in().TESTED_TRL)  # the installed one is tested
     monkeypatch.setattr(trl, "__version__", "2.0.0")
     with pytest.warns(UserWarning, match="trl 2.0.0 is outside"):
-        importlib.reload(dler_trl)
+        importlib.reload(drop_in())
     monkeypatch.undo()
-    importlib.reload(dler_trl)
+    importlib.reload(drop_in())
