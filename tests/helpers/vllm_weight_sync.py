@@ -7,7 +7,10 @@ engine's weights. Prints one JSON object on the last line.
 3. Score the new samples with a transformers forward of the new and of the old weights.
 4. Send a bad update (unknown tensor name); the engine must refuse it and still generate.
 
-usage: python vllm_weight_sync.py MODEL_DIR '{"dtype": "bfloat16", "noise": 0.02, ...}'
+Several models may be checked in one process, one engine after the other: the process's start (vLLM's imports,
+~8 s of CPU) is paid once. Prints a JSON list, one object per MODEL_DIR SPEC pair.
+
+usage: python vllm_weight_sync.py MODEL_DIR '{"dtype": "bfloat16", "noise": 0.02, ...}' [MODEL_DIR SPEC ...]
 """
 
 import json
@@ -31,8 +34,8 @@ def sampled_logprobs(model, prompt_ids, samples, temperature):
     return torch.cat(out)
 
 
-if __name__ == "__main__":
-    model_dir, spec = sys.argv[1], json.loads(sys.argv[2])
+def weight_sync(model_dir: str, spec: dict) -> dict:
+    """Steps 1-4 on one model, its engine closed at the end; the figures the test checks."""
     dtype = getattr(torch, spec["dtype"])
     engine = VLLMEngine(model_dir, dtype=spec["dtype"], max_model_len=512, gpu_memory_utilization=spec["mem"])
     prompts = chat_prompts(model_dir, spec["questions"])
@@ -79,19 +82,19 @@ if __name__ == "__main__":
     reset_lp = torch.cat([torch.tensor([lp for s in g for lp in s.logprobs]) for g in reset])
     reset_old = torch.cat([sampled_logprobs(old, ids, g, 1.0) for ids, g in zip(prompt_ids, reset)])
 
-    print(
-        json.dumps(
-            {
-                "tokens": int(engine_lp.numel()),
-                "changed_samples": sum(
-                    a.token_ids != b.token_ids for ga, gb in zip(before, after) for a, b in zip(ga, gb)
-                ),
-                "mean_abs_diff_new": (engine_lp - new_lp).abs().mean().item(),
-                "mean_abs_diff_old": (engine_lp - old_lp).abs().mean().item(),
-                "sync": {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds},
-                "errors": errors,
-                "mean_abs_diff_new_after_refused": (kept_lp - kept_new).abs().mean().item(),
-                "mean_abs_diff_old_after_reset": (reset_lp - reset_old).abs().mean().item(),
-            }
-        )
-    )
+    engine.close()
+    return {
+        "tokens": int(engine_lp.numel()),
+        "changed_samples": sum(a.token_ids != b.token_ids for ga, gb in zip(before, after) for a, b in zip(ga, gb)),
+        "mean_abs_diff_new": (engine_lp - new_lp).abs().mean().item(),
+        "mean_abs_diff_old": (engine_lp - old_lp).abs().mean().item(),
+        "sync": {"tensors": stats.tensors, "bytes": stats.bytes, "seconds": stats.seconds},
+        "errors": errors,
+        "mean_abs_diff_new_after_refused": (kept_lp - kept_new).abs().mean().item(),
+        "mean_abs_diff_old_after_reset": (reset_lp - reset_old).abs().mean().item(),
+    }
+
+
+if __name__ == "__main__":
+    pairs = sys.argv[1:]
+    print(json.dumps([weight_sync(model, json.loads(spec)) for model, spec in zip(pairs[::2], pairs[1::2])]))

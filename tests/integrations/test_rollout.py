@@ -15,14 +15,10 @@ from trainer.rollout.hf_engine import HFEngine
 HELPERS = Path(__file__).parents[1] / "helpers"
 
 
-def _vllm(helper, model_dir, **spec):
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
-    out = subprocess.run(
-        [sys.executable, str(HELPERS / helper), str(model_dir), json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def _vllm(helper, *jobs: tuple[Path, dict]):
+    """``helper`` run on each (model folder, spec) of ``jobs``, in one process; what it printed last, as JSON."""
+    args = [arg for model_dir, spec in jobs for arg in (str(model_dir), json.dumps(spec))]
+    out = subprocess.run([sys.executable, str(HELPERS / helper), *args], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -132,7 +128,9 @@ def test_engine_arguments_are_checked(hf_engine, lively_tiny_dir):
 
 @pytest.mark.vllm
 def test_vllm_and_hf_engines_agree_under_greedy_decoding(hf_engine, lively_tiny_dir):
-    res = _vllm("vllm_generate.py", lively_tiny_dir, dtype="float32", prompts=PROMPTS, max_tokens=24, temperature=0.0)
+    res = _vllm(
+        "vllm_generate.py", (lively_tiny_dir, dict(dtype="float32", prompts=PROMPTS, max_tokens=24, temperature=0.0))
+    )
     hf = hf_engine.generate(PROMPTS, max_tokens=24, temperature=0.0)
     for vllm_group, hf_group in zip(res["groups"], hf):
         v, h = vllm_group[0], hf_group[0]
@@ -155,22 +153,28 @@ def _check_weight_sync(res, bound):
     assert res["mean_abs_diff_old_after_reset"] <= bound, res
 
 
+@pytest.fixture(scope="module")
+def weight_syncs(tiny_llama_dir, smollm2_dir):
+    """Both models' weight syncs in one process, one engine after the other (one start of vLLM: ~8 s of CPU less)."""
+    tiny = dict(dtype="bfloat16", mem=0.1, noise=0.5, questions=PROMPTS[:2], n=2, max_tokens=32)
+    # float32 engine: measured 5e-6. In bf16 this 30-layer model's sampled-token log-probs differ
+    # by ~0.04 between any two bf16 implementations (transformers bf16 vs float32: 0.038), so the
+    # bf16 bound is checked on the tiny model and SmolLM2 checks the real layout tightly.
+    smollm2 = dict(dtype="float32", mem=0.2, noise=0.02, questions=PROMPTS[:2], n=2, max_tokens=32)
+    return _vllm("vllm_weight_sync.py", (tiny_llama_dir, tiny), (smollm2_dir, smollm2))
+
+
 @pytest.mark.vllm
-def test_vllm_weight_sync_is_real_bf16_tiny(tiny_llama_dir):
-    spec = dict(dtype="bfloat16", mem=0.1, noise=0.5, questions=PROMPTS[:2], n=2, max_tokens=32)
-    res = _vllm("vllm_weight_sync.py", tiny_llama_dir, **spec)
+def test_vllm_weight_sync_is_real_bf16_tiny(weight_syncs):
+    res = weight_syncs[0]
     _check_weight_sync(res, bound=0.02)  # the bf16 bound of a weight sync; measured 7e-4
     assert res["sync"]["tensors"] == 20 + 1  # the checkpoint's tensors plus the tied head
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_weight_sync_is_real_smollm2(smollm2_dir):
-    # float32 engine: measured 5e-6. In bf16 this 30-layer model's sampled-token log-probs differ
-    # by ~0.04 between any two bf16 implementations (transformers bf16 vs float32: 0.038), so the
-    # bf16 bound is checked on the tiny model above and this one checks the real layout tightly.
-    spec = dict(dtype="float32", mem=0.2, noise=0.02, questions=PROMPTS[:2], n=2, max_tokens=32)
-    res = _vllm("vllm_weight_sync.py", smollm2_dir, **spec)
+def test_vllm_weight_sync_is_real_smollm2(weight_syncs):
+    res = weight_syncs[1]
     _check_weight_sync(res, bound=1e-3)
     assert res["sync"]["tensors"] == 273
 

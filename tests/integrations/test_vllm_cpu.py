@@ -27,7 +27,6 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """``engines(model_dir, dtype)``: the module's engine for that model and dtype, started at first use."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     from trainer.rollout.engine_process import EngineProcess
 
     logs, started = tmp_path_factory.mktemp("engines"), {}
@@ -200,7 +199,6 @@ def test_dynamic_sampling_on_the_real_engine(smollm2, smollm2_dir):
 def test_vllm_logs_land_in_engine_log_and_the_console_shows_only_its_errors(
     engine_process, tiny_llama_dir, tmp_path, request
 ):
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     log = tmp_path / "run" / "engine.log"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0" if engine_process == "in-process" else "1")
     env.pop("VLLM_LOGGING_LEVEL", None)
@@ -265,7 +263,6 @@ print(json.dumps(res))
 @pytest.fixture(scope="module")
 def head_probe(tiny_llama_dir):
     """The tiny model in a bf16 engine, with its head in bf16 and with ``lm_head_fp32``: what each sampled."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     out = subprocess.run(
         [sys.executable, "-c", HEAD_PROBE, str(tiny_llama_dir)], capture_output=True, text=True, timeout=600
     )

@@ -289,7 +289,6 @@ def test_fsdp2_on_gloo_saves_full_state_that_a_plain_model_loads(tiny_llama_dir,
 def test_vllm_serves_the_model_folder(tiny_llama_dir, tmp_path):
     """vLLM loads a checkpoint's model/ as is (tied head stored once) and computes what the trainer's
     weights compute. Large random weights, so that greedy decoding is not one repeated token."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
     model, optimizer, scheduler = make_run(tiny_llama_dir)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

@@ -290,7 +290,6 @@ def test_eval_refuses_an_existing_output_folder(tmp_path, capsys, tiny_llama_dir
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_eval_end_to_end_with_vllm_writes_consistent_results(tmp_path, tiny_llama_dir, capfd, monkeypatch):
-    pytest.importorskip("vllm", reason="vLLM is not installed")
     # vLLM's default level (INFO) in the log; importing trl sets VLLM_LOGGING_LEVEL=ERROR for the whole process.
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     out = tmp_path / "eval"
