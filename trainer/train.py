@@ -455,10 +455,10 @@ class Trainer:
             on_bad_row=d.on_bad_row,  # a prompt too long for max_prompt_tokens is a bad row too
         )
 
-    def _engine_kwargs(self) -> dict[str, Any]:
-        # The engine lives where this rank computes: weight updates go there, and an HF engine runs there.
-        # Its own output goes to the run folder's engine.log, not between the rows of the step table.
-        return dict(self.cfg.engine_kwargs(), device=str(self.env.device), log_file=self.out / ENGINE_LOG)
+    def _engine_kwargs(self, device: torch.device | None = None) -> dict[str, Any]:
+        # The engine lives where this rank computes (unless given its own device): weight updates go there, and an
+        # HF engine runs there. Its own output goes to the run folder's engine.log, not between the step table's rows.
+        return dict(self.cfg.engine_kwargs(), device=str(device or self.env.device), log_file=self.out / ENGINE_LOG)
 
     def _engine_process_kwargs(self) -> dict[str, Any]:
         """The engine process's: on its own GPU (``rollout.engine_devices``, one per local rank) or the trainer's
@@ -471,9 +471,8 @@ class Trainer:
                                 f"{self.env.local_rank}: give one per local rank")  # fmt: skip
             devices, device = entries[self.env.local_rank], torch.device("cuda", 0)  # the one the child sees
         return dict(
-            self.cfg.engine_kwargs(), device=str(device), log_file=self.out / ENGINE_LOG, devices=devices,
+            self._engine_kwargs(device), devices=devices, timeout_s=r.engine_timeout_s,
             threads=r.engine_threads if r.engine_threads is not None or device.type != "cpu" else cpu_share(),
-            timeout_s=r.engine_timeout_s,
         )  # fmt: skip
 
     def _weights_snapshot(self) -> list[tuple[str, torch.Tensor]]:
