@@ -13,6 +13,7 @@
 // direct callers of torch.ops.dler.*, and refuse what a conversion would silently change (float
 // targets, a non-bool valid) or what has no meaning (a vocab of 0 columns).
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "ops.h"

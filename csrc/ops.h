@@ -2,7 +2,9 @@
 // loss options. The op wrappers in ops.cpp build these; cpu/ and cuda/ implement the kernels.
 #pragma once
 
-#include <ATen/ATen.h>
+// The core tensor type only: this header reaches the CUDA sources, where <ATen/ATen.h> (every ATen op) would
+// be parsed once per GPU arch by nvcc's device front end. The .cpp files that call ATen ops include it themselves.
+#include <ATen/core/Tensor.h>
 
 #include "policy_loss_math.h"
 

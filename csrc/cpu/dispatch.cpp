@@ -1,5 +1,6 @@
 // Picks the build of cpu/kernels.h for this CPU: the instruction set ATen itself uses
 // (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY=default|avx2|avx512).
+#include <ATen/Context.h>
 #include <ATen/Version.h>
 
 #include <string>
