@@ -101,20 +101,25 @@ def test_the_engine_process_is_outside_the_job_and_on_the_devices_it_is_given(de
 
 def test_the_trainer_gives_each_local_rank_its_own_engine_gpu():
     """``rollout.engine_devices`` on a GPU node: local rank r's engine process sees entry r alone, as cuda:0."""
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     from trainer.config import load_config
     from trainer.dist.distributed_env import DistEnv
     from trainer.train import Trainer
 
+    def engine_process_kwargs(cfg, env):  # the trainer's, without building a trainer (no CUDA device here)
+        trainer = SimpleNamespace(cfg=cfg, env=env, out=Path("run"))
+        trainer._engine_kwargs = MethodType(Trainer._engine_kwargs, trainer)
+        return Trainer._engine_process_kwargs(trainer)
+
     cfg = load_config("toy-cpu", ["run.device=cuda", "rollout.async_staleness=1", "rollout.engine_devices=4,5,6,7"])
     env = DistEnv(rank=2, world_size=4, local_rank=2, device=torch.device("cuda", 2))
-    got = Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+    got = engine_process_kwargs(cfg, env)
     assert got["devices"] == "6" and got["device"] == "cuda:0" and got["threads"] is None
     env = DistEnv(rank=5, world_size=8, local_rank=5, device=torch.device("cuda", 5))
     with pytest.raises(UserError, match="names 4 devices, none for local rank 5"):
-        Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+        engine_process_kwargs(cfg, env)
     cfg = load_config("toy-cpu", ["rollout.async_staleness=1"])  # on a CPU: half the cores each
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    got = Trainer._engine_process_kwargs(SimpleNamespace(cfg=cfg, env=env, out=Path("run")))
+    got = engine_process_kwargs(cfg, env)
     assert got["devices"] is None and got["device"] == "cpu" and got["threads"] == max(1, (os.cpu_count() or 2) // 2)
