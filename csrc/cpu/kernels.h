@@ -9,17 +9,10 @@
 // makes the in-place case (grad is the logits) safe.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <cmath>
-#include <limits>
-#include <memory>
-#include <type_traits>
-
-#include "../ops.h"
+#include "shared_headers.h"
 
 namespace dler {
 namespace CPU_CAPABILITY {

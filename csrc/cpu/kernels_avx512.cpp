@@ -2,7 +2,7 @@
 // A target pragma instead of a compiler flag, so that the rest of the extension (and anything run
 // at load time) stays baseline x86-64: loading the extension never executes a AVX512 instruction.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <ATen/ATen.h>  // compiled for the baseline before the pragma: shared inline code stays portable
+#include "shared_headers.h"  // compiled for the baseline, before the pragma (see there)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 // GCC's target pragma enables the instructions but not the feature macros that sleef.h and

@@ -7,6 +7,7 @@ and arch list are compiled in test_extension.py, through setup.py itself).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,29 @@ INSTALLED_CHECK = """
 """
 
 
+ISA_NAMESPACE = re.compile(r"\b(AVX2|AVX512)::")  # dler::AVX512 (csrc/cpu/kernels.h), at::vec::AVX512 (CPU_CAPABILITY)
+VECTOR_INSTRUCTION = re.compile(r"^\s*[0-9a-f]+:\s+(v[a-z0-9]+\b|.*%[yz]mm)")  # VEX/EVEX: v-prefixed, ymm or zmm
+
+
+def shared_code_with_vector_instructions(obj: Path) -> list[str]:
+    """The functions of an instruction-set build's object file (csrc/cpu/kernels_avx*.cpp, compiled under a target
+    pragma) that hold VEX or EVEX instructions and that the linker may share with the other objects: weak symbols
+    (inline functions, templates) of no instruction-set namespace. The linker keeps one copy of each for every
+    caller, so such a copy would run AVX code in the baseline build, and crash a CPU without AVX. (Measured: without
+    csrc/cpu/shared_headers.h before the pragma, two of c10's TORCH_CHECK message builders are such functions.)"""
+    symbols = subprocess.run(["nm", "-C", "--defined-only", obj], capture_output=True, text=True, check=True).stdout
+    weak = {parts[2] for parts in (line.split(" ", 2) for line in symbols.splitlines()) if parts[1:2] in (["W"], ["V"])}
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", obj], capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    found, function = set(), None
+    for line in listing.splitlines():
+        if m := re.match(r"^[0-9a-f]+ <(.*)>:$", line):
+            function = m[1]
+        elif function in weak and not ISA_NAMESPACE.search(function) and VECTOR_INSTRUCTION.match(line):
+            found.add(function)
+    return sorted(found)
+
+
 @pytest.mark.slow
 def test_wheel_built_from_a_clean_export_runs_its_extension_from_a_fresh_venv(exported_tree, tmp_path, capsys):
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -132,6 +156,10 @@ def test_wheel_built_from_a_clean_export_runs_its_extension_from_a_fresh_venv(ex
         so.write_bytes(zipfile.ZipFile(wheel).read(extension[0]))
         sections = subprocess.run(["readelf", "-S", "-W", so], capture_output=True, text=True, check=True).stdout
         assert ".debug_info" not in sections, sections
+    if shutil.which("objdump") and shutil.which("nm"):  # the instruction-set builds leak no vector code
+        objects = sorted(src.glob("build/**/cpu/kernels_avx*.o"))
+        assert len(objects) == 2, sorted(p.relative_to(src) for p in src.glob("build/**/*.o"))
+        assert {obj.name: shared_code_with_vector_instructions(obj) for obj in objects} == {o.name: [] for o in objects}
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
