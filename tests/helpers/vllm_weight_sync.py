@@ -1,5 +1,5 @@
 """Run in a subprocess by the tests: prove that ``VLLMEngine.update_weights`` really changes the
-engine's weights. Prints one JSON object on the last line.
+engine's weights. Prints, on the last line, a JSON list: one object per model checked.
 
 1. Sample from the engine with the folder's weights.
 2. Perturb every weight of a transformers copy (a stand-in for a policy update), push them with
@@ -7,8 +7,8 @@ engine's weights. Prints one JSON object on the last line.
 3. Score the new samples with a transformers forward of the new and of the old weights.
 4. Send a bad update (unknown tensor name); the engine must refuse it and still generate.
 
-Several models may be checked in one process, one engine after the other: the process's start (vLLM's imports,
-~8 s of CPU) is paid once. Prints a JSON list, one object per MODEL_DIR SPEC pair.
+Several models may be checked in one process, one engine after the other, so that the process's start (vLLM's
+imports) is paid once: the tiny model and SmolLM2 took 30 s together, against 16 s + 28 s in a process each.
 
 usage: python vllm_weight_sync.py MODEL_DIR '{"dtype": "bfloat16", "noise": 0.02, ...}' [MODEL_DIR SPEC ...]
 """
